@@ -1,0 +1,844 @@
+r"""SASSHA and M-SASSHA as ``torch.optim.Optimizer`` classes.
+
+The classes validate arguments, keep state, run autograd (both backward passes and
+the Hessian-vector products) and hand every numeric phase to a backend
+(``sassha_fused.backends``); the algorithm itself is written once, in
+``backends/eager.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from .backends import (
+    Backend,
+    BackendUnavailable,
+    GroupTensors,
+    ProbeSpec,
+    check_backend_name,
+    math_dtype,
+    resolve_backend,
+)
+from .probes import MAX_PROBE_NUMEL
+from .schedules import is_schedule
+
+__all__ = ["SASSHA", "MSASSHA"]
+
+_STATE_KEYS_MATH_DTYPE = ("exp_avg", "exp_hessian_diag")
+_EXTRA_KEY = "sassha_fused"
+
+_SHARED_ARGS_DOC = r"""
+    Args:
+        params: iterable of parameters or dicts defining parameter groups. Groups
+            may set their own ``lr``, ``betas``, ``weight_decay``, ``rho``, ``eps``
+            and ``perturb_eps``.
+        lr: learning rate :math:`\eta` (default 0.15).
+        betas: :math:`(\beta_1, \beta_2)`, decays of the momentum and of the
+            absolute Hessian-diagonal EMA (default (0.9, 0.999)).
+        weight_decay: decoupled weight decay :math:`\lambda` (default 0).
+        rho: perturbation radius :math:`\rho`, a number or a schedule object with
+            ``step() -> float`` called once per optimizer step (``schedules.py``).
+        lazy_hessian: refresh the Hessian estimate every ``k`` steps: at steps
+            1, k+1, 2k+1, ... (default 10).
+        n_samples: Rademacher probes per refresh (default 1).
+        eps: added to the preconditioner after the power (default 1e-4).
+        hessian_power: exponent :math:`p` of the preconditioner, a number or a
+            schedule object (default 0.5, the square root).
+        seed: seed of the counter-based probes (``sassha_fused.probes``); the
+            same seed gives the same probes on every backend, device and rank.
+        backend: ``"auto"``, ``"eager"``, ``"foreach"``, ``"triton"``, ``"cuda"``,
+            ``"cpp"``, or a ``Backend`` instance. ``"auto"`` picks the fastest
+            available for each device; an explicit choice that cannot run raises
+            and says why (``available_backends()`` lists them).
+"""
+
+
+def _validate_group_hparams(group: Dict[str, Any]) -> None:
+    lr, betas = group["lr"], group["betas"]
+    if not isinstance(lr, (int, float)) or not 0.0 <= lr:
+        raise ValueError(f"lr: invalid learning rate {lr!r}, it must be a number >= 0")
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise ValueError(f"betas: expected a pair (beta1, beta2), got {betas!r}")
+    for i, b in enumerate(betas):
+        if not 0.0 <= b < 1.0:
+            raise ValueError(f"betas: beta{i + 1} = {b!r} is outside [0, 1)")
+    for name in ("weight_decay", "eps", "perturb_eps"):
+        if not group[name] >= 0.0:
+            raise ValueError(f"{name}: invalid value {group[name]!r}, it must be >= 0")
+    rho = group["rho"]
+    if not is_schedule(rho) and not rho >= 0.0:
+        raise ValueError(f"rho: invalid perturbation radius {rho!r}, it must be >= 0")
+
+
+class _SasshaBase(torch.optim.Optimizer):
+    """What SASSHA and M-SASSHA share: arguments, state, schedules, HVPs, dispatch."""
+
+    def __init__(
+        self,
+        params: Iterable,
+        *,
+        lr: float,
+        betas: Tuple[float, float],
+        weight_decay: float,
+        rho: Union[float, Any],
+        lazy_hessian: int,
+        n_samples: int,
+        eps: float,
+        perturb_eps: float,
+        hessian_power: Union[float, Any],
+        seed: int,
+        backend: Union[str, Backend],
+    ) -> None:
+        if not isinstance(lazy_hessian, int) or lazy_hessian < 1:
+            raise ValueError(f"lazy_hessian: must be an integer >= 1, got {lazy_hessian!r}")
+        if not isinstance(n_samples, int) or n_samples < 1:
+            raise ValueError(f"n_samples: must be an integer >= 1, got {n_samples!r}")
+        if not is_schedule(hessian_power) and not isinstance(hessian_power, (int, float)):
+            raise ValueError(f"hessian_power: expected a number or a schedule, got {hessian_power!r}")
+        if not isinstance(seed, int) or not 0 <= seed < 1 << 64:
+            raise ValueError(f"seed: must be an integer in [0, 2**64), got {seed!r}")
+        check_backend_name(backend)
+
+        self.lazy_hessian = lazy_hessian
+        self.n_samples = n_samples
+        self.seed = seed
+        self.hessian_power = hessian_power
+        self.rho_schedule = rho if is_schedule(rho) else None
+        self.backend = backend
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas) if isinstance(betas, (list, tuple)) else betas,
+            weight_decay=weight_decay,
+            rho=0.0 if self.rho_schedule is not None else rho,
+            eps=eps,
+            perturb_eps=perturb_eps,
+        )
+        _validate_group_hparams(defaults)
+        super().__init__(params, defaults)
+
+        # Optimizer-wide counters (saved by state_dict under _EXTRA_KEY).
+        self._global_step = 0  # optimizer steps taken
+        self._refreshes = 0  # Hessian refreshes taken: the probes' counter
+        self._power_t: Optional[float] = None  # hessian_power of the current step
+        self._step_begun = False
+        self._backend_cache: Dict[Tuple[torch.device, torch.dtype], Backend] = {}
+        # An explicit backend that cannot run the params it was given fails now,
+        # not at the first step.
+        for p in self._all_params():
+            self._backend_for(p.device, p.dtype)
+
+    # ------------------------------------------------------------------ groups
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        _validate_group_hparams(group)
+        for p in group["params"]:
+            if p.is_complex():
+                raise TypeError(
+                    "SASSHA does not support complex parameters; optimise "
+                    "torch.view_as_real(p) as a real parameter instead"
+                )
+            if not p.is_floating_point():
+                raise TypeError(f"SASSHA optimises floating-point parameters, got {p.dtype}")
+            if p.numel() > MAX_PROBE_NUMEL:
+                raise ValueError(f"a parameter has {p.numel()} elements; the probes address at most 2**37")
+        if hasattr(self, "_backend_cache"):
+            for p in group["params"]:
+                self._backend_for(p.device, p.dtype)
+
+    def _all_params(self) -> Iterator[Tensor]:
+        for group in self.param_groups:
+            yield from group["params"]
+
+    def _param_indices(self) -> Dict[Tensor, int]:
+        return {p: i for i, p in enumerate(self._all_params())}
+
+    def _backend_for(self, device: torch.device, dtype: torch.dtype) -> Backend:
+        key = (device, dtype)
+        if key not in self._backend_cache:
+            self._backend_cache[key] = resolve_backend(self.backend, device, dtype)
+        return self._backend_cache[key]
+
+    # --------------------------------------------------------------- schedules
+    @property
+    def hessian_due(self) -> bool:
+        """True when the coming step refreshes the Hessian estimate.
+
+        The second backward pass of such a step needs ``create_graph=True``; on
+        every other step no double-backward graph is built.
+        """
+        return self._global_step % self.lazy_hessian == 0
+
+    @property
+    def global_step(self) -> int:
+        """Optimizer steps taken so far."""
+        return self._global_step
+
+    def _begin_step(self) -> None:
+        """Advance the schedules once per optimizer step."""
+        if self._step_begun:
+            return
+        power = self.hessian_power
+        self._power_t = float(power.step()) if is_schedule(power) else float(power)
+        if self.rho_schedule is not None:
+            rho = float(self.rho_schedule.step())
+            if rho < 0:
+                raise ValueError(f"rho: the schedule returned {rho}, it must be >= 0")
+            for group in self.param_groups:
+                group["rho"] = rho
+        self._step_begun = True
+
+    # ------------------------------------------------------------ tensor lists
+    def _group_tensors(
+        self,
+        params_of: Callable[[Dict[str, Any]], List[Tensor]],
+        backups_of: Callable[[Tensor], Tensor],
+        refresh: bool = False,
+        with_state: bool = True,
+    ) -> Dict[torch.device, List[GroupTensors]]:
+        """GroupTensors per device for the params ``params_of(group)`` selects.
+
+        With ``with_state`` the per-param step and c2 are those of the coming step
+        (computed, not yet written: state is committed only after the backend ran).
+        """
+        index = self._param_indices()
+        power = self._power_t if self._power_t is not None else 0.5
+        out: Dict[torch.device, List[GroupTensors]] = {}
+        for group in self.param_groups:
+            by_device: Dict[torch.device, GroupTensors] = {}
+            beta1, beta2 = group["betas"]
+            for p in params_of(group):
+                gt = by_device.get(p.device)
+                if gt is None:
+                    gt = GroupTensors(
+                        params=[], grads=[], exp_avgs=[], exp_hessian_diags=[], backups=[],
+                        steps=[], bias_correction2=[], param_indices=[],
+                        lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2),
+                        weight_decay=float(group["weight_decay"]), eps=float(group["eps"]),
+                        rho=float(group["rho"]), perturb_eps=float(group["perturb_eps"]),
+                        hessian_power=power,
+                    )
+                    by_device[p.device] = gt
+                gt.params.append(p)
+                gt.grads.append(p.grad.detach() if p.grad is not None else None)
+                gt.backups.append(backups_of(p))
+                gt.param_indices.append(index[p])
+                if with_state:
+                    state = self.state[p]
+                    step = state["step"] + 1
+                    c2 = (1 - beta2**step) ** power if refresh else state["bias_correction2"]
+                    gt.exp_avgs.append(state["exp_avg"])
+                    gt.exp_hessian_diags.append(state["exp_hessian_diag"])
+                    gt.steps.append(step)
+                    gt.bias_correction2.append(c2)
+            for device, gt in by_device.items():
+                out.setdefault(device, []).append(gt)
+        return out
+
+    def _backend_groups(
+        self, per_device: Dict[torch.device, List[GroupTensors]]
+    ) -> List[Tuple[Backend, List[GroupTensors]]]:
+        """Split each device's groups by the backend that runs their dtype.
+
+        Each sub-group records in ``extras["origin"]`` the ``(device, group, j)``
+        of each of its tensors, so per-tensor results map back.
+        """
+        jobs: List[Tuple[Backend, List[GroupTensors]]] = []
+        for device, groups in per_device.items():
+            by_backend: Dict[int, Tuple[Backend, List[GroupTensors]]] = {}
+            for gi, g in enumerate(groups):
+                split: Dict[int, GroupTensors] = {}
+                for j, p in enumerate(g.params):
+                    backend = self._backend_for(device, p.dtype)
+                    sub = split.get(id(backend))
+                    if sub is None:
+                        sub = GroupTensors(
+                            params=[], grads=[], exp_avgs=[], exp_hessian_diags=[], backups=[],
+                            steps=[], bias_correction2=[], param_indices=[],
+                            lr=g.lr, beta1=g.beta1, beta2=g.beta2, weight_decay=g.weight_decay,
+                            eps=g.eps, rho=g.rho, perturb_eps=g.perturb_eps,
+                            hessian_power=g.hessian_power, extras={"origin": []},
+                        )
+                        split[id(backend)] = sub
+                        by_backend.setdefault(id(backend), (backend, []))[1].append(sub)
+                    sub.extras["origin"].append((device, gi, j))
+                    for name in ("params", "grads", "backups", "param_indices"):
+                        getattr(sub, name).append(getattr(g, name)[j])
+                    if g.exp_avgs:
+                        for name in ("exp_avgs", "exp_hessian_diags", "steps", "bias_correction2"):
+                            getattr(sub, name).append(getattr(g, name)[j])
+            jobs.extend(by_backend.values())
+        return jobs
+
+    def _global_sq_norm(self, jobs: List[Tuple[Backend, List[GroupTensors]]], source: str, adaptive: bool) -> Tensor:
+        """One global squared norm over all jobs, reduced on the first job's device."""
+        total: Optional[Tensor] = None
+        for backend, groups in jobs:
+            part = backend.sq_norm(groups, source, adaptive)
+            total = part if total is None else total + part.to(total.device, total.dtype)
+        assert total is not None
+        return total
+
+    @staticmethod
+    def _check_grad(p: Tensor) -> None:
+        if p.grad is not None and p.grad.is_sparse:
+            raise RuntimeError(
+                "SASSHA does not support sparse gradients; use a dense embedding "
+                "(sparse=False) for parameters this optimizer updates"
+            )
+
+    def _ensure_state(self, p: Tensor) -> None:
+        state = self.state[p]
+        if "exp_avg" not in state:
+            mdt = math_dtype(p.dtype)
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p, dtype=mdt, memory_format=torch.preserve_format)
+            state["exp_hessian_diag"] = torch.zeros_like(p, dtype=mdt, memory_format=torch.preserve_format)
+            state["bias_correction2"] = 0.0
+
+    def _update_params(self, group: Dict[str, Any], refresh: bool) -> List[Tensor]:
+        """The params of ``group`` this step updates.
+
+        A param with a gradient takes part once it has state; it gets state at a
+        Hessian refresh, so its first update always has a Hessian estimate (a param
+        that starts receiving gradients between refreshes waits for the next one).
+        """
+        selected = []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            self._check_grad(p)
+            if "exp_avg" in self.state[p] or refresh:
+                selected.append(p)
+        return selected
+
+    # ------------------------------------------------------------------- HVPs
+    def _hessian_vector_products(
+        self, per_device: Dict[torch.device, List[GroupTensors]]
+    ) -> Tuple[Dict[torch.device, List[List[List[Optional[Tensor]]]]], bool]:
+        """``H z_s`` for every param and sample, at the params' current values.
+
+        Returns ``(hvps, has_graph)``; ``hvps[device][g][s][j]`` mirrors the groups.
+        Gradients that carry a graph are detached afterwards (no reference cycle).
+        """
+        spec = ProbeSpec(self.seed, self._refreshes, self.n_samples)
+        flat: List[Tuple[torch.device, int, int]] = []
+        for device, groups in per_device.items():
+            for gi, g in enumerate(groups):
+                for j, grad in enumerate(g.grads):
+                    if g.params[j].grad is not None and g.params[j].grad.requires_grad:
+                        flat.append((device, gi, j))
+        hvps = {
+            device: [[[None] * len(g.params) for _ in range(self.n_samples)] for g in groups]
+            for device, groups in per_device.items()
+        }
+        if not flat:
+            return hvps, False
+        outputs = [per_device[d][gi].params[j].grad for d, gi, j in flat]
+        inputs = [per_device[d][gi].params[j] for d, gi, j in flat]
+        jobs = self._backend_groups(per_device)
+        try:
+            for s in range(self.n_samples):
+                zs: Dict[Tuple[torch.device, int, int], Tensor] = {}
+                for backend, sub in jobs:
+                    for g_sub, z_sub in zip(sub, backend.probes(sub, spec, s)):
+                        zs.update(zip(g_sub.extras["origin"], z_sub))
+                grad_outputs = [zs[key] for key in flat]
+                with torch.enable_grad():
+                    hz = torch.autograd.grad(
+                        outputs, inputs, grad_outputs=grad_outputs,
+                        retain_graph=s < self.n_samples - 1, allow_unused=True,
+                    )
+                for (d, gi, j), h in zip(flat, hz):
+                    hvps[d][gi][s][j] = None if h is None else h.detach()
+        finally:
+            for p in inputs:
+                p.grad = p.grad.detach()
+        return hvps, True
+
+    def _missing_graph_error(self) -> RuntimeError:
+        return RuntimeError(
+            f"{type(self).__name__}: step {self._global_step + 1} refreshes the Hessian "
+            "estimate, but the gradients carry no autograd graph. Run that backward "
+            "pass as loss.backward(create_graph=opt.hessian_due). (If the loss has no "
+            "curvature in any parameter, the Hessian is zero and this step cannot "
+            "estimate it.)"
+        )
+
+    def _commit_state(self, per_device: Dict[torch.device, List[GroupTensors]], refresh: bool) -> None:
+        for groups in per_device.values():
+            for g in groups:
+                for j, p in enumerate(g.params):
+                    state = self.state[p]
+                    state["step"] = g.steps[j]
+                    state["bias_correction2"] = g.bias_correction2[j]
+        self._global_step += 1
+        if refresh:
+            self._refreshes += 1
+        self._step_begun = False
+
+    # -------------------------------------------------------------- state dict
+    def _extra_state(self) -> Dict[str, Any]:
+        extra: Dict[str, Any] = {
+            "global_step": self._global_step,
+            "refreshes": self._refreshes,
+            "seed": self.seed,
+        }
+        if is_schedule(self.hessian_power) and hasattr(self.hessian_power, "state_dict"):
+            extra["hessian_power_schedule"] = self.hessian_power.state_dict()
+        if self.rho_schedule is not None and hasattr(self.rho_schedule, "state_dict"):
+            extra["rho_schedule"] = self.rho_schedule.state_dict()
+        return extra
+
+    def state_dict(self) -> Dict[str, Any]:
+        """torch's state dict plus the optimizer-wide counters and schedules.
+
+        Take it between steps (for M-SASSHA the saved model holds the perturbed
+        point and this state holds the unperturbed one; both resume exactly).
+        """
+        sd = super().state_dict()
+        sd[_EXTRA_KEY] = self._extra_state()
+        return sd
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Resume exactly: steps, refresh phase, probe counter and schedules included."""
+        state_dict = dict(state_dict)
+        extra = state_dict.pop(_EXTRA_KEY, None)
+        saved_state = state_dict["state"]
+        super().load_state_dict(state_dict)
+        # torch casts floating state to the param dtype; 16-bit params keep fp32 state.
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        for p, i in zip(self._all_params(), ids):
+            if i in saved_state:
+                for key in _STATE_KEYS_MATH_DTYPE:
+                    if key in saved_state[i]:
+                        self.state[p][key] = saved_state[i][key].to(
+                            device=p.device, dtype=math_dtype(p.dtype), copy=True
+                        )
+        if extra is not None:
+            self._global_step = int(extra["global_step"])
+            self._refreshes = int(extra["refreshes"])
+            self.seed = int(extra.get("seed", self.seed))
+            if "hessian_power_schedule" in extra and hasattr(self.hessian_power, "load_state_dict"):
+                self.hessian_power.load_state_dict(extra["hessian_power_schedule"])
+            if "rho_schedule" in extra and hasattr(self.rho_schedule, "load_state_dict"):
+                self.rho_schedule.load_state_dict(extra["rho_schedule"])
+            self._load_extra_state(extra)
+        self._step_begun = False
+
+    def _load_extra_state(self, extra: Dict[str, Any]) -> None:
+        pass
+
+
+class SASSHA(_SasshaBase):
+    r"""SASSHA: Sharpness-aware Adaptive Second-order optimisation with Stable Hessian
+    Approximation (Shin, Lee, Chung, Lee, ICML 2025, arXiv:2502.18153).
+
+    .. math::
+        \begin{aligned}
+        g_t &= \nabla f_B(x_t), \qquad
+            e_t = \rho\, g_t / (\lVert g_t \rVert_2 + \epsilon_p) \\
+        \tilde g_t &= \nabla f_B(x_t + e_t) \\
+        h_t &= \tfrac1S \textstyle\sum_s z_s \odot H(x_t + e_t) z_s
+            \quad\text{(every } k \text{ steps, else } D_t = D_{t-1}) \\
+        D_t &= \beta_2 D_{t-1} + (1-\beta_2) |h_t|, \qquad
+            c_2 = (1 - \beta_2^{t})^{p} \\
+        m_t &= \beta_1 m_{t-1} + (1-\beta_1) \tilde g_t \\
+        x_{t+1} &= x_t (1 - \eta\lambda)
+            - \frac{\eta}{1-\beta_1^t} \, \frac{m_t}{D_t^{p} / c_2 + \epsilon}
+        \end{aligned}
+
+    The norm is one global norm over all params of all groups; ``z_s`` are the
+    counter-based Rademacher probes of ``sassha_fused.probes``; the HVP is taken at
+    the perturbed point, as in the paper.
+
+    Two ways to drive it::
+
+        # (a) one call per step; the closure returns the loss and does not call backward
+        loss = opt.step(lambda: loss_fn(model(x), y))
+
+        # (b) the official code's protocol, unchanged
+        loss_fn(model(x), y).backward()
+        opt.perturb_weights(zero_grad=True)
+        loss_fn(model(x), y).backward(create_graph=opt.hessian_due)
+        opt.unperturb()
+        opt.step()
+        opt.zero_grad()
+    """ + _SHARED_ARGS_DOC + r"""
+        perturb_eps: added to the gradient norm of the perturbation (default 1e-12).
+        adaptive: element-wise adaptive perturbation (ASAM): the norm is taken over
+            :math:`|x| \odot g` and :math:`e = \rho\, x^2 \odot g / (n + \epsilon_p)`.
+
+    State per parameter (names as in the official code): ``step``, ``exp_avg``
+    (:math:`m`), ``exp_hessian_diag`` (:math:`D`), ``bias_correction2``
+    (:math:`c_2`); fp32 for bf16/fp16 parameters.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 0.15,
+        betas: Tuple[float, float] = (0.9, 0.999),
+        weight_decay: float = 0.0,
+        rho: Union[float, Any] = 0.2,
+        lazy_hessian: int = 10,
+        n_samples: int = 1,
+        eps: float = 1e-4,
+        perturb_eps: float = 1e-12,
+        hessian_power: Union[float, Any] = 0.5,
+        adaptive: bool = False,
+        seed: int = 0,
+        backend: Union[str, Backend] = "auto",
+    ) -> None:
+        super().__init__(
+            params, lr=lr, betas=betas, weight_decay=weight_decay, rho=rho,
+            lazy_hessian=lazy_hessian, n_samples=n_samples, eps=eps,
+            perturb_eps=perturb_eps, hessian_power=hessian_power, seed=seed, backend=backend,
+        )
+        self.adaptive = bool(adaptive)
+        # x_t while the params hold x_t + e_t. Not part of state_dict: it only lives
+        # between perturb_weights() and the end of the step.
+        self._backups: Dict[Tensor, Tensor] = {}
+        self._perturbed: List[Tensor] = []
+        self._pending_hvps: Optional[Dict[Tensor, List[Optional[Tensor]]]] = None
+        self._pending_graph = True
+
+    @property
+    def is_perturbed(self) -> bool:
+        """True between ``perturb_weights()`` and ``unperturb()`` / the end of the step."""
+        return bool(self._perturbed)
+
+    def _backup(self, p: Tensor) -> Tensor:
+        buf = self._backups.get(p)
+        if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
+            buf = torch.empty_like(p, memory_format=torch.preserve_format)
+            self._backups[p] = buf
+        return buf
+
+    @torch.no_grad()
+    def perturb_weights(self, zero_grad: bool = True) -> None:
+        """Climb to ``x + rho * g / ||g||`` along the current gradients.
+
+        ``||g||`` is one norm over all params of all groups, computed on the device.
+        The unperturbed point is kept (not recomputed), so ``unperturb()`` restores
+        every parameter bit for bit.
+        """
+        if self._perturbed:
+            raise RuntimeError("perturb_weights() called twice without unperturb() or step() in between")
+        self._begin_step()
+        for p in self._all_params():
+            self._check_grad(p)
+        per_device = self._group_tensors(
+            lambda g: [p for p in g["params"] if p.grad is not None],
+            self._backup, with_state=False,
+        )
+        jobs = self._backend_groups(per_device)
+        if jobs:
+            sq_norm = self._global_sq_norm(jobs, "grads", self.adaptive)
+            for backend, groups in jobs:
+                backend.perturb(groups, sq_norm, "grads", 1.0, self.adaptive)
+            self._perturbed = [p for groups in per_device.values() for g in groups for p in g.params]
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def unperturb(self) -> None:
+        """Return every parameter to the unperturbed point, bit for bit.
+
+        On a Hessian-refresh step the Hessian-vector products are taken first, at
+        the perturbed point, while the graph of the second backward pass still
+        describes it; ``step()`` then uses them.
+        """
+        if not self._perturbed:
+            return
+        if self.hessian_due and self._pending_hvps is None:
+            refresh = True
+            per_device = self._group_tensors(
+                lambda g: self._update_params(g, refresh), lambda p: p, with_state=False,
+            )
+            hvps, has_graph = self._hessian_vector_products(per_device)
+            self._pending_graph = has_graph
+            self._pending_hvps = {
+                p: [hvps[d][gi][s][j] for s in range(self.n_samples)]
+                for d, groups in per_device.items() for gi, g in enumerate(groups)
+                for j, p in enumerate(g.params)
+            }
+        self._restore(self._perturbed)
+        self._perturbed = []
+
+    def _restore(self, params: Sequence[Tensor]) -> None:
+        if params:
+            torch._foreach_copy_(list(params), [self._backups[p] for p in params])
+
+    @contextlib.contextmanager
+    def unperturbed(self) -> Iterator[None]:
+        """Only meaningful for M-SASSHA; for SASSHA the params are unperturbed between steps."""
+        yield
+
+    def step(self, closure: Optional[Callable[[], Tensor]] = None) -> Optional[Tensor]:
+        """One SASSHA step.
+
+        With a ``closure`` (returns the loss, does not call backward) the optimizer
+        runs both passes itself and returns the first loss. Without one, it finishes
+        the official protocol after ``perturb_weights``/``backward``/``unperturb``.
+        """
+        if closure is None:
+            with torch.no_grad():
+                self._finish_step()
+            return None
+        for p in self._all_params():
+            p.grad = None
+        params = [p for p in self._all_params() if p.requires_grad]
+        with torch.enable_grad():
+            loss = closure()
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        for p, g in zip(params, grads):
+            p.grad = g
+        self.perturb_weights(zero_grad=True)
+        refresh = self.hessian_due
+        with torch.enable_grad():
+            loss2 = closure()
+            grads = torch.autograd.grad(loss2, params, create_graph=refresh, allow_unused=True)
+        for p, g in zip(params, grads):
+            p.grad = g
+        with torch.no_grad():
+            self._finish_step()
+        return loss.detach()
+
+    def _finish_step(self) -> None:
+        self._begin_step()
+        refresh = self.hessian_due
+        perturbed = set(self._perturbed)
+        try:
+            update = {id(g): self._update_params(g, refresh) for g in self.param_groups}
+        except Exception:
+            self._abort_step()
+            raise
+        hvps_by_param: Optional[Dict[Tensor, List[Optional[Tensor]]]] = None
+        if refresh:
+            if self._pending_hvps is not None:
+                hvps_by_param, has_graph = self._pending_hvps, self._pending_graph
+            else:
+                per_device = self._group_tensors(lambda g: update[id(g)], lambda p: p, with_state=False)
+                hvps, has_graph = self._hessian_vector_products(per_device)
+                hvps_by_param = {
+                    p: [hvps[d][gi][s][j] for s in range(self.n_samples)]
+                    for d, groups in per_device.items() for gi, g in enumerate(groups)
+                    for j, p in enumerate(g.params)
+                }
+            if not has_graph and any(update.values()):
+                self._abort_step()
+                raise self._missing_graph_error()
+            for ps in update.values():
+                for p in ps:
+                    self._ensure_state(p)
+        # Params perturbed but not updated (no state yet) go back to x_t here.
+        updated = {p for ps in update.values() for p in ps}
+        self._restore([p for p in self._perturbed if p not in updated])
+        per_device = self._group_tensors(
+            lambda g: update[id(g)],
+            lambda p: self._backups[p] if p in perturbed else p,
+            refresh=refresh,
+        )
+        spec = ProbeSpec(self.seed, self._refreshes, self.n_samples) if refresh else None
+        for device, groups in per_device.items():
+            for backend, sub in self._backend_groups({device: groups}):
+                hv = None
+                if hvps_by_param is not None:
+                    hv = [[[hvps_by_param[p][s] for p in g.params] for s in range(self.n_samples)] for g in sub]
+                backend.update(sub, hv, spec)
+        self._perturbed = []
+        self._pending_hvps = None
+        self._pending_graph = True
+        self._commit_state(per_device, refresh)
+
+    def _abort_step(self) -> None:
+        """Leave params and state as they were before the step began."""
+        self._restore(self._perturbed)
+        self._perturbed = []
+        self._pending_hvps = None
+        self._pending_graph = True
+        for p in self._all_params():
+            if p.grad is not None and p.grad.requires_grad:
+                p.grad = p.grad.detach()
+
+
+class MSASSHA(_SasshaBase):
+    r"""M-SASSHA (paper appendix B): SASSHA with one gradient per step.
+
+    The perturbation follows the momentum instead of a fresh gradient:
+
+    .. math::
+        \tilde x_t = x_t - \nu_{t-1} m_{t-1}, \qquad
+        \nu_{t-1} = \rho / (\lVert m_{t-1} \rVert_2 + 10^{-12}), \quad \nu_0 = 0
+
+    and the only gradient of the step is taken at :math:`\tilde x_t` (with a graph on
+    Hessian-refresh steps); the update is SASSHA's, applied to the restored
+    :math:`x_t`. The parameters stay perturbed between steps, as in the official
+    code: ``unperturb()`` / ``perturb_weights()`` move them, and
+    ``with opt.unperturbed():`` does both around an evaluation or a checkpoint.
+
+    Usage::
+
+        loss = opt.step(lambda: loss_fn(model(x), y))         # closure: no backward
+        # or
+        loss_fn(model(x), y).backward(create_graph=opt.hessian_due)
+        opt.step(); opt.zero_grad()
+    """ + _SHARED_ARGS_DOC + r"""
+        perturb_eps: added to the momentum norm (default 1e-12, as in the paper).
+
+    State per parameter: ``step``, ``exp_avg``, ``exp_hessian_diag``,
+    ``bias_correction2`` and ``unperturbed_param`` (the point :math:`x_t` while the
+    parameter holds :math:`\tilde x_t`).
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 0.15,
+        betas: Tuple[float, float] = (0.9, 0.999),
+        weight_decay: float = 0.0,
+        rho: Union[float, Any] = 0.2,
+        lazy_hessian: int = 10,
+        n_samples: int = 1,
+        eps: float = 1e-4,
+        perturb_eps: float = 1e-12,
+        hessian_power: Union[float, Any] = 0.5,
+        seed: int = 0,
+        backend: Union[str, Backend] = "auto",
+    ) -> None:
+        super().__init__(
+            params, lr=lr, betas=betas, weight_decay=weight_decay, rho=rho,
+            lazy_hessian=lazy_hessian, n_samples=n_samples, eps=eps,
+            perturb_eps=perturb_eps, hessian_power=hessian_power, seed=seed, backend=backend,
+        )
+        self._is_perturbed = False
+
+    @property
+    def is_perturbed(self) -> bool:
+        """True while the parameters hold the perturbed point :math:`\\tilde x`."""
+        return self._is_perturbed
+
+    def _with_state(self, group: Dict[str, Any]) -> List[Tensor]:
+        return [p for p in group["params"] if "exp_avg" in self.state[p]]
+
+    def _backup(self, p: Tensor) -> Tensor:
+        state = self.state[p]
+        buf = state.get("unperturbed_param")
+        if buf is None:
+            buf = torch.empty_like(p, memory_format=torch.preserve_format)
+            state["unperturbed_param"] = buf
+        return buf
+
+    @torch.no_grad()
+    def unperturb(self) -> None:
+        """Move the parameters to the unperturbed point :math:`x_t`, bit for bit."""
+        if not self._is_perturbed:
+            return
+        params = [p for g in self.param_groups for p in self._with_state(g)]
+        if params:
+            torch._foreach_copy_(params, [self.state[p]["unperturbed_param"] for p in params])
+        self._is_perturbed = False
+
+    @torch.no_grad()
+    def perturb_weights(self, zero_grad: bool = False) -> None:
+        """Move the parameters to :math:`x_t - \\nu m` (where ``step()`` leaves them)."""
+        if self._is_perturbed:
+            return
+        per_device = self._group_tensors(self._with_state, self._backup, with_state=True)
+        jobs = self._backend_groups(per_device)
+        if jobs:
+            sq_norm = self._global_sq_norm(jobs, "exp_avgs", False)
+            for backend, groups in jobs:
+                backend.perturb(groups, sq_norm, "exp_avgs", -1.0, False)
+            self._is_perturbed = True
+        if zero_grad:
+            self.zero_grad()
+
+    # The official class's names for the same two moves.
+    move_back_from_momentumAscent = unperturb
+    move_up_to_momentumAscent = perturb_weights
+
+    @contextlib.contextmanager
+    def unperturbed(self) -> Iterator[None]:
+        """Parameters at :math:`x_t` inside the block (evaluation, checkpoints), perturbed after."""
+        was = self._is_perturbed
+        self.unperturb()
+        try:
+            yield
+        finally:
+            if was:
+                self.perturb_weights()
+
+    def step(self, closure: Optional[Callable[[], Tensor]] = None) -> Optional[Tensor]:
+        """One M-SASSHA step; with a closure (no backward inside) it runs the backward pass."""
+        loss = None
+        if closure is not None:
+            refresh = self.hessian_due
+            params = [p for p in self._all_params() if p.requires_grad]
+            for p in params:
+                p.grad = None
+            with torch.enable_grad():
+                loss = closure()
+                grads = torch.autograd.grad(loss, params, create_graph=refresh, allow_unused=True)
+            for p, g in zip(params, grads):
+                p.grad = g
+            loss = loss.detach()
+        with torch.no_grad():
+            self._finish_step()
+        return loss
+
+    def _finish_step(self) -> None:
+        self._begin_step()
+        refresh = self.hessian_due
+        update = {id(g): self._update_params(g, refresh) for g in self.param_groups}
+        hvps_by_param = None
+        if refresh:
+            per_device = self._group_tensors(lambda g: update[id(g)], lambda p: p, with_state=False)
+            hvps, has_graph = self._hessian_vector_products(per_device)
+            if not has_graph and any(update.values()):
+                raise self._missing_graph_error()
+            hvps_by_param = {
+                p: [hvps[d][gi][s][j] for s in range(self.n_samples)]
+                for d, groups in per_device.items() for gi, g in enumerate(groups)
+                for j, p in enumerate(g.params)
+            }
+        perturbed = self._is_perturbed
+        had_state = {p for g in self.param_groups for p in self._with_state(g)}
+        for ps in update.values():
+            for p in ps:
+                self._ensure_state(p)
+        per_device = self._group_tensors(
+            lambda g: update[id(g)],
+            lambda p: self.state[p]["unperturbed_param"] if perturbed and p in had_state else p,
+            refresh=refresh,
+        )
+        spec = ProbeSpec(self.seed, self._refreshes, self.n_samples) if refresh else None
+        for device, groups in per_device.items():
+            for backend, sub in self._backend_groups({device: groups}):
+                hv = None
+                if hvps_by_param is not None:
+                    hv = [[[hvps_by_param[p][s] for p in g.params] for s in range(self.n_samples)] for g in sub]
+                backend.update(sub, hv, spec)
+        # Params with state that did not take part still hold x~_t: bring them back.
+        updated = {p for ps in update.values() for p in ps}
+        if perturbed:
+            idle = [p for p in had_state if p not in updated]
+            if idle:
+                torch._foreach_copy_(idle, [self.state[p]["unperturbed_param"] for p in idle])
+        self._commit_state(per_device, refresh)
+        self._is_perturbed = False
+        self.perturb_weights()
+
+    def _extra_state(self) -> Dict[str, Any]:
+        extra = super()._extra_state()
+        extra["is_perturbed"] = self._is_perturbed
+        return extra
+
+    def _load_extra_state(self, extra: Dict[str, Any]) -> None:
+        self._is_perturbed = bool(extra.get("is_perturbed", False))

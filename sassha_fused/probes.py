@@ -1,0 +1,144 @@
+"""Counter-based Rademacher probes: the one definition every backend implements.
+
+Hutchinson's estimator needs random sign vectors ``z``. Stored random state would
+differ between backends, devices and ranks, and storing ``z`` costs a full pass of
+memory, so ``z`` is a pure function of integer counters instead:
+
+    z = z(seed, refresh, sample, param, element)
+
+* ``seed``    -- the optimizer's ``seed`` argument (0 <= seed < 2**64).
+* ``refresh`` -- 0-based count of Hessian refreshes before this one (0 at step 1,
+  1 at step k+1, ...).
+* ``sample``  -- 0-based Hutchinson sample index, ``0 <= sample < n_samples``.
+* ``param``   -- 0-based position of the parameter in the optimizer's ordered list
+  of all parameters, across param groups, including parameters without a gradient.
+* ``element`` -- 0-based index of the element in the parameter's logical row-major
+  order (``p.reshape(-1)[element]``).
+
+The mapping, with all arithmetic on unsigned 32-bit integers (wrapping)::
+
+    fmix32(x):                       # MurmurHash3's finaliser, a bijection
+        x ^= x >> 16;  x *= 0x85EBCA6B
+        x ^= x >> 13;  x *= 0xC2B2AE35
+        x ^= x >> 16;  return x
+
+    c  = 0x243F6A88                  # stream key, computed once per tensor on the host
+    c  = fmix32(c ^ (seed & 0xFFFFFFFF))
+    c  = fmix32(c ^ (seed >> 32))
+    c  = fmix32(c ^ refresh)
+    c  = fmix32(c ^ sample)
+    c  = fmix32(c ^ param)
+    k0 = c
+    k1 = fmix32(c ^ 0x9E3779B9)
+
+    word = element >> 5;  bit = element & 31
+    h    = fmix32(fmix32(word ^ k0) ^ k1)
+    z    = +1 if (h >> bit) & 1 else -1
+
+Why this shape:
+
+* For a fixed (seed, refresh, sample) the last ``fmix32(c ^ param)`` is a bijection
+  of ``param``, so two parameters of the same probe vector never share a key.
+* The key enters twice, once inside each finaliser, so two keys give unrelated
+  streams, not one stream shifted or permuted by the other (with a single
+  ``fmix32(word ^ k)`` two parameters would see the same signs at indices that
+  differ by ``k0 ^ k0'``, a correlation Hutchinson's estimator would turn into bias).
+* One hash yields 32 signs: the eager reference hashes ``numel / 32`` words, and a
+  kernel that needs ``z[i]`` computes one hash of ``i >> 5``, never reading memory.
+
+``tests/test_probes.py`` pins golden values of this function, so a change to it is a
+deliberate, visible break of bitwise compatibility.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+__all__ = [
+    "fmix32",
+    "probe_key",
+    "rademacher",
+    "rademacher_element",
+    "MAX_PROBE_NUMEL",
+]
+
+MASK32 = 0xFFFFFFFF
+_FMIX_C1 = 0x85EBCA6B
+_FMIX_C2 = 0xC2B2AE35
+_KEY_INIT = 0x243F6A88
+_KEY1_SALT = 0x9E3779B9
+
+#: Largest tensor the probes address: ``word = element >> 5`` must fit in 32 bits.
+MAX_PROBE_NUMEL = 1 << 37
+
+
+def fmix32(x: int) -> int:
+    """MurmurHash3's 32-bit finaliser on a Python int (the host-side half)."""
+    x &= MASK32
+    x ^= x >> 16
+    x = (x * _FMIX_C1) & MASK32
+    x ^= x >> 13
+    x = (x * _FMIX_C2) & MASK32
+    x ^= x >> 16
+    return x
+
+
+def probe_key(seed: int, refresh: int, sample: int, param: int) -> Tuple[int, int]:
+    """The stream key ``(k0, k1)`` of one parameter's probe, as unsigned 32-bit ints."""
+    if seed < 0 or seed >= 1 << 64:
+        raise ValueError(f"probe seed must be in [0, 2**64), got {seed}")
+    c = _KEY_INIT
+    c = fmix32(c ^ (seed & MASK32))
+    c = fmix32(c ^ (seed >> 32))
+    c = fmix32(c ^ (refresh & MASK32))
+    c = fmix32(c ^ (sample & MASK32))
+    c = fmix32(c ^ (param & MASK32))
+    return c, fmix32(c ^ _KEY1_SALT)
+
+
+def rademacher_element(key: Tuple[int, int], element: int) -> int:
+    """``z[element]`` (+1 or -1) for a stream key: the scalar statement of the mapping."""
+    k0, k1 = key
+    h = fmix32(fmix32((element >> 5) ^ k0) ^ k1)
+    return 1 if (h >> (element & 31)) & 1 else -1
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    # (x * c) mod 2**32 on int64 tensors holding values < 2**32, without ever
+    # overflowing int64: split c into 16-bit halves so each product stays < 2**48.
+    lo = x * (c & 0xFFFF)
+    hi = (x * (c >> 16)) & 0xFFFF
+    return (lo + (hi << 16)) & MASK32
+
+
+def _fmix32_tensor(x: torch.Tensor) -> torch.Tensor:
+    x = x ^ (x >> 16)
+    x = _mul32(x, _FMIX_C1)
+    x = x ^ (x >> 13)
+    x = _mul32(x, _FMIX_C2)
+    return x ^ (x >> 16)
+
+
+def rademacher(
+    numel: int,
+    key: Tuple[int, int],
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """The probe ``z`` of one tensor (flat, ``numel`` entries of +1/-1) in ``dtype``.
+
+    This is the reference implementation in plain torch ops (int64 arithmetic,
+    masked to 32 bits); fused kernels implement the same function natively.
+    """
+    if numel < 0 or numel > MAX_PROBE_NUMEL:
+        raise ValueError(f"probes address tensors of at most 2**37 elements, got {numel}")
+    k0, k1 = key
+    n_words = (numel + 31) >> 5
+    words = torch.arange(n_words, dtype=torch.int64, device=device)
+    h = _fmix32_tensor(_fmix32_tensor(words ^ k0) ^ k1)
+    shifts = torch.arange(32, dtype=torch.int64, device=device)
+    bits = ((h.unsqueeze(1) >> shifts) & 1).reshape(-1)[:numel]
+    return (bits * 2 - 1).to(dtype)
