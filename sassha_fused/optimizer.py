@@ -313,7 +313,7 @@ class _SasshaBase(torch.optim.Optimizer):
             if p.grad is None:
                 continue
             self._check_grad(p)
-            if "exp_avg" in self.state[p] or refresh:
+            if "exp_avg" in self.state.get(p, ()) or refresh:
                 selected.append(p)
         return selected
 
@@ -725,7 +725,7 @@ class MSASSHA(_SasshaBase):
         return self._is_perturbed
 
     def _with_state(self, group: Dict[str, Any]) -> List[Tensor]:
-        return [p for p in group["params"] if "exp_avg" in self.state[p]]
+        return [p for p in group["params"] if "exp_avg" in self.state.get(p, ())]
 
     def _backup(self, p: Tensor) -> Tensor:
         state = self.state[p]
