@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# One entry point for a fresh machine with only Python:
+#
+#   ./run.sh demo          set up, then train on real data: SASSHA vs AdamW, every backend's speed
+#   ./run.sh test [args]   set up, then run the whole test suite (extra args go to pytest)
+#   ./run.sh bench [args]  set up, then run the benchmark suite (pytest-benchmark)
+#   ./run.sh setup         only set up
+#
+# Setup makes a virtual environment in .venv (override: SASSHA_VENV) that can see the
+# system's packages, so a torch already installed there (a GPU machine's CUDA build)
+# is kept. Only when no torch is importable does it install one: $SASSHA_TORCH_SPEC,
+# default "torch==2.13.0". On a CPU machine make sure that resolves to a CPU build
+# (for example through pip's --index-url or --find-links configuration): installing
+# a CUDA build onto a machine without a GPU only wastes gigabytes.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PY=${PYTHON:-python3}
+VENV=${SASSHA_VENV:-.venv}
+VPY="$VENV/bin/python"
+
+setup() {
+    if [ ! -x "$VPY" ]; then
+        echo "[setup] creating $VENV"
+        "$PY" -m venv --system-site-packages "$VENV"
+    fi
+    # Redo the install only when what it depends on changed.
+    local want stamp="$VENV/.sassha-setup"
+    want=$(cat setup.py requirements-dev.txt $(find csrc -type f 2>/dev/null | sort) | sha256sum | cut -d' ' -f1)
+    if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+        return
+    fi
+    if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
+        echo "[setup] installing ${SASSHA_TORCH_SPEC:-torch==2.13.0}"
+        "$VPY" -m pip install -q "${SASSHA_TORCH_SPEC:-torch==2.13.0}"
+    fi
+    echo "[setup] installing test, demo and benchmark packages"
+    "$VPY" -m pip install -q -r requirements-dev.txt
+    echo "[setup] installing sassha_fused (builds the C++ extension; a failed build is recorded, not fatal)"
+    "$VPY" -m pip install -q --no-deps --no-build-isolation -e .
+    echo "$want" > "$stamp"
+}
+
+cmd=${1:-help}
+[ $# -gt 0 ] && shift
+case "$cmd" in
+    setup)
+        setup
+        ;;
+    demo)
+        setup
+        exec "$VPY" -m sassha_fused.demo "$@"
+        ;;
+    test)
+        setup
+        # Triton kernels run under Triton's CPU interpreter; it must be on before
+        # triton is imported (tests/conftest.py sets it too).
+        export TRITON_INTERPRET=1
+        set +e
+        "$VPY" -m pytest tests -q -p no:cacheprovider "$@"
+        rc=$?
+        set -e
+        if [ $rc -eq 5 ]; then
+            echo "run.sh: pytest collected no tests; failing on purpose" >&2
+            exit 1
+        fi
+        exit $rc
+        ;;
+    bench)
+        setup
+        exec "$VPY" -m pytest bench -q -p no:cacheprovider "$@"
+        ;;
+    *)
+        sed -n '2,8p' "$0"
+        exit 2
+        ;;
+esac
