@@ -9,7 +9,7 @@ the Hessian-vector products) and hand every numeric phase to a backend
 from __future__ import annotations
 
 import contextlib
-import math
+import warnings
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -24,6 +24,7 @@ from .backends import (
     math_dtype,
     resolve_backend,
 )
+from .distributed import BucketedAverager, is_distributed, reject_sharded_params
 from .probes import MAX_PROBE_NUMEL
 from .schedules import is_schedule
 
@@ -55,6 +56,20 @@ _SHARED_ARGS_DOC = r"""
             ``"cpp"``, or a ``Backend`` instance. ``"auto"`` picks the fastest
             available for each device; an explicit choice that cannot run raises
             and says why (``available_backends()`` lists them).
+        nonfinite: what a step whose gradients or Hessian estimate hold NaN/Inf
+            does. ``"skip"`` (default): parameters (unperturbed) and every state
+            entry stay as they were, a warning is issued and ``skipped_steps``
+            counts it. ``"raise"``: the same, then ``FloatingPointError``.
+            ``"ignore"``: no check (no extra pass, no host synchronisation).
+        distributed: when ``torch.distributed`` is initialised, average the
+            perturbed gradients and Hessian-vector products over ``process_group``
+            in flat buckets before the update (default True). Turn off when a
+            wrapper already averages them.
+        process_group: the group to average over (default: the default group).
+        grad_scaler: a ``torch.amp.GradScaler`` for fp16 training: the optimizer
+            unscales the first-pass gradients before perturbing and the
+            Hessian-vector products before the update (drive the step with
+            ``scaler.step(opt)``; see the README).
 """
 
 
@@ -93,7 +108,13 @@ class _SasshaBase(torch.optim.Optimizer):
         hessian_power: Union[float, Any],
         seed: int,
         backend: Union[str, Backend],
+        nonfinite: str = "skip",
+        distributed: bool = True,
+        process_group: Optional[Any] = None,
+        grad_scaler: Optional[Any] = None,
     ) -> None:
+        if nonfinite not in ("skip", "raise", "ignore"):
+            raise ValueError(f"nonfinite: expected 'skip', 'raise' or 'ignore', got {nonfinite!r}")
         if not isinstance(lazy_hessian, int) or lazy_hessian < 1:
             raise ValueError(f"lazy_hessian: must be an integer >= 1, got {lazy_hessian!r}")
         if not isinstance(n_samples, int) or n_samples < 1:
@@ -110,6 +131,13 @@ class _SasshaBase(torch.optim.Optimizer):
         self.hessian_power = hessian_power
         self.rho_schedule = rho if is_schedule(rho) else None
         self.backend = backend
+        self.nonfinite = nonfinite
+        self.distributed = bool(distributed)
+        self.process_group = process_group
+        self.grad_scaler = grad_scaler
+        self.skipped_steps = 0  # steps skipped for non-finite gradients or Hessian estimates
+        self._averager = BucketedAverager(process_group)
+        self.last_step_collectives = 0  # collectives the last step issued (data-parallel)
         defaults = dict(
             lr=lr,
             betas=tuple(betas) if isinstance(betas, (list, tuple)) else betas,
@@ -120,6 +148,7 @@ class _SasshaBase(torch.optim.Optimizer):
         )
         _validate_group_hparams(defaults)
         super().__init__(params, defaults)
+        reject_sharded_params(list(self._all_params()))
 
         # Optimizer-wide counters (saved by state_dict under _EXTRA_KEY).
         self._global_step = 0  # optimizer steps taken
@@ -292,6 +321,22 @@ class _SasshaBase(torch.optim.Optimizer):
                 "(sparse=False) for parameters this optimizer updates"
             )
 
+    @staticmethod
+    def _set_grads(loss: Tensor, params: List[Tensor], create_graph: bool = False) -> None:
+        """``p.grad = d loss / d p`` for the closure protocol, via autograd.grad.
+
+        autograd.grad (not backward) leaves no parameter/gradient reference cycle;
+        a loss that depends on no parameter leaves every gradient None.
+        """
+        if not isinstance(loss, Tensor):
+            raise TypeError(f"the closure must return the loss as a tensor, got {type(loss).__name__}")
+        if loss.requires_grad and params:
+            grads = torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True)
+        else:
+            grads = [None] * len(params)
+        for p, g in zip(params, grads):
+            p.grad = g
+
     def _ensure_state(self, p: Tensor) -> None:
         state = self.state[p]
         if "exp_avg" not in state:
@@ -382,12 +427,65 @@ class _SasshaBase(torch.optim.Optimizer):
             self._refreshes += 1
         self._step_begun = False
 
+    # ---------------------------------------------- averaging, scaling, faults
+    def _inv_scale(self, device: torch.device) -> Optional[Tensor]:
+        """1 / the grad scaler's current scale, as a device tensor (no host sync)."""
+        scaler = self.grad_scaler
+        if scaler is None or not scaler.is_enabled():
+            return None
+        return scaler.scale(torch.ones((), dtype=torch.float32, device=device)).reciprocal()
+
+    def _average_and_check(
+        self, params: List[Tensor], hvps_by_param: Optional[Dict[Tensor, List[Optional[Tensor]]]]
+    ) -> bool:
+        """Unscale and average the update's inputs; False when they are not all finite.
+
+        Inputs are the perturbed gradients of ``params`` and, on refresh steps, their
+        Hessian-vector products. Averaging comes first, so every rank takes the same
+        decision. The check costs one reduction pass and one host read per step.
+        """
+        grads = [p.grad for p in params]
+        hz = [h for p in params for h in (hvps_by_param or {}).get(p, ()) if h is not None]
+        if hz:
+            inv = self._inv_scale(hz[0].device)
+            if inv is not None:
+                torch._foreach_mul_(hz, inv.to(hz[0].dtype))
+        self.last_step_collectives = 0
+        if self.distributed and is_distributed(self.process_group):
+            self._averager.average(grads + hz)
+            self.last_step_collectives = self._averager.collectives
+        if self.nonfinite == "ignore" or not grads:
+            return True
+        by_device: Dict[torch.device, List[Tensor]] = {}
+        for t in grads + hz:
+            if t.numel() > 0:
+                by_device.setdefault(t.device, []).append(t)
+        flags = [
+            torch.stack(torch._foreach_norm(ts, float("inf"))).float().sum().isfinite()
+            for ts in by_device.values()
+        ]
+        return bool(torch.stack([f.cpu() for f in flags]).all()) if flags else True
+
+    def _skip_step(self) -> None:
+        """After a non-finite step was undone: count and warn, or raise."""
+        self._step_begun = False
+        msg = (
+            f"{type(self).__name__}: step {self._global_step + 1} skipped: the perturbed "
+            "gradients or the Hessian estimate contain NaN or Inf. Parameters and "
+            "optimizer state are unchanged."
+        )
+        if self.nonfinite == "raise":
+            raise FloatingPointError(msg + " (nonfinite='raise')")
+        self.skipped_steps += 1
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
     # -------------------------------------------------------------- state dict
     def _extra_state(self) -> Dict[str, Any]:
         extra: Dict[str, Any] = {
             "global_step": self._global_step,
             "refreshes": self._refreshes,
             "seed": self.seed,
+            "skipped_steps": self.skipped_steps,
         }
         if is_schedule(self.hessian_power) and hasattr(self.hessian_power, "state_dict"):
             extra["hessian_power_schedule"] = self.hessian_power.state_dict()
@@ -424,6 +522,7 @@ class _SasshaBase(torch.optim.Optimizer):
             self._global_step = int(extra["global_step"])
             self._refreshes = int(extra["refreshes"])
             self.seed = int(extra.get("seed", self.seed))
+            self.skipped_steps = int(extra.get("skipped_steps", 0))
             if "hessian_power_schedule" in extra and hasattr(self.hessian_power, "load_state_dict"):
                 self.hessian_power.load_state_dict(extra["hessian_power_schedule"])
             if "rho_schedule" in extra and hasattr(self.rho_schedule, "load_state_dict"):
@@ -494,11 +593,17 @@ class SASSHA(_SasshaBase):
         adaptive: bool = False,
         seed: int = 0,
         backend: Union[str, Backend] = "auto",
+        nonfinite: str = "skip",
+        distributed: bool = True,
+        process_group: Optional[Any] = None,
+        grad_scaler: Optional[Any] = None,
     ) -> None:
         super().__init__(
             params, lr=lr, betas=betas, weight_decay=weight_decay, rho=rho,
             lazy_hessian=lazy_hessian, n_samples=n_samples, eps=eps,
             perturb_eps=perturb_eps, hessian_power=hessian_power, seed=seed, backend=backend,
+            nonfinite=nonfinite, distributed=distributed, process_group=process_group,
+            grad_scaler=grad_scaler,
         )
         self.adaptive = bool(adaptive)
         # x_t while the params hold x_t + e_t. Not part of state_dict: it only lives
@@ -530,6 +635,10 @@ class SASSHA(_SasshaBase):
         """
         if self._perturbed:
             raise RuntimeError("perturb_weights() called twice without unperturb() or step() in between")
+        # A step that never reached step() (GradScaler skips it on inf/NaN) leaves
+        # nothing behind: this is a new step, with new Hessian-vector products.
+        self._pending_hvps = None
+        self._pending_graph = True
         self._begin_step()
         for p in self._all_params():
             self._check_grad(p)
@@ -539,6 +648,10 @@ class SASSHA(_SasshaBase):
         )
         jobs = self._backend_groups(per_device)
         if jobs:
+            grads = [p.grad for groups in per_device.values() for g in groups for p in g.params]
+            inv = self._inv_scale(grads[0].device)
+            if inv is not None:  # the perturbation follows the unscaled gradient
+                torch._foreach_mul_(grads, inv.to(grads[0].dtype))
             sq_norm = self._global_sq_norm(jobs, "grads", self.adaptive)
             for backend, groups in jobs:
                 backend.perturb(groups, sq_norm, "grads", 1.0, self.adaptive)
@@ -596,16 +709,11 @@ class SASSHA(_SasshaBase):
         params = [p for p in self._all_params() if p.requires_grad]
         with torch.enable_grad():
             loss = closure()
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-        for p, g in zip(params, grads):
-            p.grad = g
+            self._set_grads(loss, params)
         self.perturb_weights(zero_grad=True)
         refresh = self.hessian_due
         with torch.enable_grad():
-            loss2 = closure()
-            grads = torch.autograd.grad(loss2, params, create_graph=refresh, allow_unused=True)
-        for p, g in zip(params, grads):
-            p.grad = g
+            self._set_grads(closure(), params, create_graph=refresh)
         with torch.no_grad():
             self._finish_step()
         return loss.detach()
@@ -634,11 +742,15 @@ class SASSHA(_SasshaBase):
             if not has_graph and any(update.values()):
                 self._abort_step()
                 raise self._missing_graph_error()
-            for ps in update.values():
-                for p in ps:
-                    self._ensure_state(p)
+        updated_list = [p for ps in update.values() for p in ps]
+        if not self._average_and_check(updated_list, hvps_by_param):
+            self._abort_step()
+            self._skip_step()
+            return
+        for p in updated_list:
+            self._ensure_state(p)
         # Params perturbed but not updated (no state yet) go back to x_t here.
-        updated = {p for ps in update.values() for p in ps}
+        updated = set(updated_list)
         self._restore([p for p in self._perturbed if p not in updated])
         per_device = self._group_tensors(
             lambda g: update[id(g)],
@@ -711,11 +823,17 @@ class MSASSHA(_SasshaBase):
         hessian_power: Union[float, Any] = 0.5,
         seed: int = 0,
         backend: Union[str, Backend] = "auto",
+        nonfinite: str = "skip",
+        distributed: bool = True,
+        process_group: Optional[Any] = None,
+        grad_scaler: Optional[Any] = None,
     ) -> None:
         super().__init__(
             params, lr=lr, betas=betas, weight_decay=weight_decay, rho=rho,
             lazy_hessian=lazy_hessian, n_samples=n_samples, eps=eps,
             perturb_eps=perturb_eps, hessian_power=hessian_power, seed=seed, backend=backend,
+            nonfinite=nonfinite, distributed=distributed, process_group=process_group,
+            grad_scaler=grad_scaler,
         )
         self._is_perturbed = False
 
@@ -785,9 +903,7 @@ class MSASSHA(_SasshaBase):
                 p.grad = None
             with torch.enable_grad():
                 loss = closure()
-                grads = torch.autograd.grad(loss, params, create_graph=refresh, allow_unused=True)
-            for p, g in zip(params, grads):
-                p.grad = g
+                self._set_grads(loss, params, create_graph=refresh)
             loss = loss.detach()
         with torch.no_grad():
             self._finish_step()
@@ -808,6 +924,10 @@ class MSASSHA(_SasshaBase):
                 for d, groups in per_device.items() for gi, g in enumerate(groups)
                 for j, p in enumerate(g.params)
             }
+        if not self._average_and_check([p for ps in update.values() for p in ps], hvps_by_param):
+            # The parameters still hold x~_t, where the step found them.
+            self._skip_step()
+            return
         perturbed = self._is_perturbed
         had_state = {p for g in self.param_groups for p in self._with_state(g)}
         for ps in update.values():

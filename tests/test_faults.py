@@ -1,0 +1,154 @@
+"""SPEC section 7: non-finite steps are undone and counted, or raise; no memory growth."""
+
+import copy
+import gc
+import warnings
+
+import pytest
+import torch
+
+from sassha_fused import MSASSHA, SASSHA, available_backends
+
+CPU_BACKENDS = [n for n in ("eager", "foreach", "cpp") if available_backends()[n].available]
+
+
+def _snapshot(opt, params):
+    return [p.detach().clone() for p in params], copy.deepcopy({id(p): dict(opt.state[p]) for p in params if p in opt.state})
+
+
+def _assert_unchanged(opt, params, snap):
+    before_params, before_state = snap
+    for p, b in zip(params, before_params):
+        assert torch.equal(p, b)
+    after = {id(p): dict(opt.state[p]) for p in params if p in opt.state and opt.state[p]}
+    assert set(after) == set(before_state)
+    for key, state in before_state.items():
+        for name, value in state.items():
+            got = after[key][name]
+            assert torch.equal(torch.as_tensor(got), torch.as_tensor(value)), name
+
+
+def _loss(params, poison):
+    total = sum(((p - 0.3) ** 4).sum() + p.sin().sum() for p in params)
+    return total * poison
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize(
+    "cls,where",
+    # which gradient pass sees NaN; M-SASSHA has a single pass per step
+    [(SASSHA, "first"), (SASSHA, "second"), (SASSHA, "both"), (MSASSHA, "second")],
+)
+def test_nan_gradients_skip_the_step(backend, cls, where):
+    params = [torch.nn.Parameter(torch.randn(n)) for n in (7, 40)]
+    opt = cls(params, lr=0.01, lazy_hessian=2, backend=backend)
+    for _ in range(3):
+        opt.step(lambda: _loss(params, 1.0))
+    snap = _snapshot(opt, params)
+    step_before = opt.global_step
+    calls = []
+
+    def poisoned():
+        calls.append(1)
+        n = len(calls)
+        bad = (where == "both") or (where == "first" and n == 1) or (where == "second" and n == 2)
+        bad = bad or cls is MSASSHA
+        return _loss(params, float("nan") if bad else 1.0)
+
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        opt.step(poisoned)
+    _assert_unchanged(opt, params, snap)
+    assert opt.skipped_steps == 1 and opt.global_step == step_before
+    if cls is SASSHA:
+        assert not opt.is_perturbed
+    # training goes on normally afterwards
+    opt.step(lambda: _loss(params, 1.0))
+    assert opt.global_step == step_before + 1
+    assert all(torch.isfinite(p).all() for p in params)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_infinite_hessian_estimate_skips_the_refresh_step(backend):
+    # |x|^1.5 has a finite gradient at 0 but an infinite second derivative there.
+    p = torch.nn.Parameter(torch.tensor([0.0, 0.5, -1.0]))
+    opt = SASSHA([p], lr=0.01, rho=0.0, lazy_hessian=1, backend=backend)
+    snap = _snapshot(opt, [p])
+    with pytest.warns(RuntimeWarning, match="Hessian"):
+        opt.step(lambda: p.abs().pow(1.5).sum())
+    _assert_unchanged(opt, [p], snap)
+    assert opt.skipped_steps == 1
+
+
+def test_nonfinite_raise_leaves_everything_unchanged():
+    params = [torch.nn.Parameter(torch.randn(5))]
+    opt = SASSHA(params, nonfinite="raise", backend="eager")
+    opt.step(lambda: _loss(params, 1.0))
+    snap = _snapshot(opt, params)
+    with pytest.raises(FloatingPointError, match="NaN or Inf"):
+        opt.step(lambda: _loss(params, float("inf")))
+    _assert_unchanged(opt, params, snap)
+    assert opt.skipped_steps == 0 and not opt.is_perturbed
+
+
+def test_nonfinite_ignore_does_not_check():
+    params = [torch.nn.Parameter(torch.randn(5))]
+    opt = SASSHA(params, nonfinite="ignore", backend="eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step(lambda: _loss(params, float("nan")))
+    assert torch.isnan(params[0]).all()
+
+
+def test_skipped_steps_survive_state_dict():
+    params = [torch.nn.Parameter(torch.randn(5))]
+    opt = SASSHA(params, backend="eager")
+    with pytest.warns(RuntimeWarning):
+        opt.step(lambda: _loss(params, float("nan")))
+    fresh = SASSHA([torch.nn.Parameter(params[0].detach().clone())], backend="eager")
+    fresh.load_state_dict(opt.state_dict())
+    assert fresh.skipped_steps == 1
+
+
+@pytest.mark.parametrize("protocol", ["closure", "official"])
+@pytest.mark.parametrize("cls", [SASSHA, MSASSHA])
+def test_no_memory_growth_over_200_steps(protocol, cls):
+    # Refresh every 2 steps; live tensors and uncollectable cycles stay flat.
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
+    opt = cls(model.parameters(), lr=0.01, lazy_hessian=2, backend="foreach")
+    x = torch.randn(8, 6)
+
+    def f():
+        return model(x).pow(2).mean()
+
+    def step():
+        if protocol == "closure":
+            opt.step(f)
+        elif cls is MSASSHA:
+            f().backward(create_graph=opt.hessian_due)
+            opt.step()
+            opt.zero_grad()
+        else:
+            f().backward()
+            opt.perturb_weights()
+            f().backward(create_graph=opt.hessian_due)
+            opt.unperturb()
+            opt.step()
+            opt.zero_grad()
+
+    def live_tensors():
+        return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's create_graph notice in protocol (b)
+        for _ in range(20):
+            step()
+        gc.collect()
+        gc.disable()
+        try:
+            base = live_tensors()
+            for _ in range(180):
+                step()
+            assert gc.collect() == 0, "the steps left reference cycles behind"
+            assert live_tensors() == base
+        finally:
+            gc.enable()
