@@ -124,3 +124,18 @@ def test_two_gloo_ranks(backend):
         assert coll0 == [1] * STEPS
     assert r0["counts"][5] == r0["counts"][500] == 1
     assert torch.equal(r0["msassha"], r1["msassha"])
+
+
+def test_fsdp2_parameters_get_a_clear_error():
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dist.init_process_group("gloo", init_method=f"file://{tmp}/init", rank=0, world_size=1)
+        try:
+            model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+            fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+            with pytest.raises(NotImplementedError, match="DistributedDataParallel"):
+                SASSHA(model.parameters())
+        finally:
+            dist.destroy_process_group()
