@@ -72,7 +72,11 @@ class OfficialStyleSASSHA(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 if "e_w" in self.state[p]:
-                    p.sub_(self.state[p]["e_w"])
+                    # Through .data, as the official code does: the graph of the second
+                    # backward pass still references these params, and a tracked in-place
+                    # change would make its Hessian-vector product fail (it is also why
+                    # the official HVP reads the restored weights, not x + e).
+                    p.data.sub_(self.state[p]["e_w"])
 
     @torch.no_grad()
     def step(self, closure=None):
