@@ -9,6 +9,7 @@ the Hessian-vector products) and hand every numeric phase to a backend
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -436,15 +437,19 @@ class _SasshaBase(torch.optim.Optimizer):
         return scaler.scale(torch.ones((), dtype=torch.float32, device=device)).reciprocal()
 
     def _average_and_check(
-        self, params: List[Tensor], hvps_by_param: Optional[Dict[Tensor, List[Optional[Tensor]]]]
+        self,
+        per_device: Dict[torch.device, List[GroupTensors]],
+        hvps_by_param: Optional[Dict[Tensor, List[Optional[Tensor]]]],
     ) -> bool:
         """Unscale and average the update's inputs; False when they are not all finite.
 
-        Inputs are the perturbed gradients of ``params`` and, on refresh steps, their
-        Hessian-vector products. Averaging comes first, so every rank takes the same
-        decision. The check costs one reduction pass and one host read per step.
+        Inputs are the perturbed gradients of the params in ``per_device`` and, on
+        refresh steps, their Hessian-vector products. Averaging comes first, so every
+        rank takes the same decision. The check is the backend's own squared-norm
+        pass over them and one host read of the result per step (a squared norm
+        that overflows, |g| beyond ~1e19 in fp32, counts as non-finite too).
         """
-        grads = [p.grad for p in params]
+        params = [p for groups in per_device.values() for g in groups for p in g.params]
         hz = [h for p in params for h in (hvps_by_param or {}).get(p, ()) if h is not None]
         if hz:
             inv = self._inv_scale(hz[0].device)
@@ -452,19 +457,25 @@ class _SasshaBase(torch.optim.Optimizer):
                 torch._foreach_mul_(hz, inv.to(hz[0].dtype))
         self.last_step_collectives = 0
         if self.distributed and is_distributed(self.process_group):
-            self._averager.average(grads + hz)
+            self._averager.average([p.grad for p in params] + hz)
             self.last_step_collectives = self._averager.collectives
-        if self.nonfinite == "ignore" or not grads:
+        if self.nonfinite == "ignore" or not params:
             return True
-        by_device: Dict[torch.device, List[Tensor]] = {}
-        for t in grads + hz:
-            if t.numel() > 0:
-                by_device.setdefault(t.device, []).append(t)
-        flags = [
-            torch.stack(torch._foreach_norm(ts, float("inf"))).float().sum().isfinite()
-            for ts in by_device.values()
-        ]
-        return bool(torch.stack([f.cpu() for f in flags]).all()) if flags else True
+        checked: Dict[torch.device, List[GroupTensors]] = {}
+        for device, groups in per_device.items():
+            for g in groups:
+                checked.setdefault(device, []).append(g)
+                for s in range(self.n_samples if hvps_by_param else 0):
+                    live = [j for j, p in enumerate(g.params) if hvps_by_param[p][s] is not None]
+                    if live:
+                        checked[device].append(dataclasses.replace(
+                            g, params=[g.params[j] for j in live],
+                            grads=[hvps_by_param[g.params[j]][s] for j in live],
+                            backups=[g.backups[j] for j in live],
+                            param_indices=[g.param_indices[j] for j in live],
+                            exp_avgs=[], exp_hessian_diags=[], steps=[], bias_correction2=[]))
+        total = self._global_sq_norm(self._backend_groups(checked), "grads", False)
+        return bool(torch.isfinite(total))
 
     def _skip_step(self) -> None:
         """After a non-finite step was undone: count and warn, or raise."""
@@ -572,6 +583,12 @@ class SASSHA(_SasshaBase):
         perturb_eps: added to the gradient norm of the perturbation (default 1e-12).
         adaptive: element-wise adaptive perturbation (ASAM): the norm is taken over
             :math:`|x| \odot g` and :math:`e = \rho\, x^2 \odot g / (n + \epsilon_p)`.
+        defer_unperturb: in the official protocol, let ``unperturb()`` leave the
+            restore to the next ``step()``, which fuses it into the update (one read
+            and one write of every parameter less per step). Parameters read between
+            ``unperturb()`` and ``step()`` then still hold the perturbed point; any
+            other call (``perturb_weights``, ``state_dict``, ``unperturbed()``)
+            restores first. Default False: ``unperturb()`` restores at once.
 
     State per parameter (names as in the official code): ``step``, ``exp_avg``
     (:math:`m`), ``exp_hessian_diag`` (:math:`D`), ``bias_correction2``
@@ -597,6 +614,7 @@ class SASSHA(_SasshaBase):
         distributed: bool = True,
         process_group: Optional[Any] = None,
         grad_scaler: Optional[Any] = None,
+        defer_unperturb: bool = False,
     ) -> None:
         super().__init__(
             params, lr=lr, betas=betas, weight_decay=weight_decay, rho=rho,
@@ -606,12 +624,14 @@ class SASSHA(_SasshaBase):
             grad_scaler=grad_scaler,
         )
         self.adaptive = bool(adaptive)
+        self.defer_unperturb = bool(defer_unperturb)
         # x_t while the params hold x_t + e_t. Not part of state_dict: it only lives
         # between perturb_weights() and the end of the step.
         self._backups: Dict[Tensor, Tensor] = {}
         self._perturbed: List[Tensor] = []
         self._pending_hvps: Optional[Dict[Tensor, List[Optional[Tensor]]]] = None
         self._pending_graph = True
+        self._restore_pending = False
 
     @property
     def is_perturbed(self) -> bool:
@@ -633,6 +653,7 @@ class SASSHA(_SasshaBase):
         The unperturbed point is kept (not recomputed), so ``unperturb()`` restores
         every parameter bit for bit.
         """
+        self._materialize_restore()
         if self._perturbed:
             raise RuntimeError("perturb_weights() called twice without unperturb() or step() in between")
         # A step that never reached step() (GradScaler skips it on inf/NaN) leaves
@@ -667,7 +688,7 @@ class SASSHA(_SasshaBase):
         the perturbed point, while the graph of the second backward pass still
         describes it; ``step()`` then uses them.
         """
-        if not self._perturbed:
+        if not self._perturbed or self._restore_pending:
             return
         if self.hessian_due and self._pending_hvps is None:
             refresh = True
@@ -681,17 +702,34 @@ class SASSHA(_SasshaBase):
                 for d, groups in per_device.items() for gi, g in enumerate(groups)
                 for j, p in enumerate(g.params)
             }
+        if self.defer_unperturb:
+            self._restore_pending = True  # step() restores inside the fused update
+            return
         self._restore(self._perturbed)
         self._perturbed = []
 
+    @torch.no_grad()
     def _restore(self, params: Sequence[Tensor]) -> None:
         if params:
             torch._foreach_copy_(list(params), [self._backups[p] for p in params])
 
+    def _materialize_restore(self) -> None:
+        """Carry out a restore that ``defer_unperturb`` left for ``step()``."""
+        if self._restore_pending:
+            self._restore(self._perturbed)
+            self._perturbed = []
+            self._restore_pending = False
+
     @contextlib.contextmanager
     def unperturbed(self) -> Iterator[None]:
-        """Only meaningful for M-SASSHA; for SASSHA the params are unperturbed between steps."""
+        """Parameters at the unperturbed point inside the block (a deferred restore is
+        carried out). Between SASSHA steps they are there anyway."""
+        self._materialize_restore()
         yield
+
+    def state_dict(self) -> Dict[str, Any]:
+        self._materialize_restore()
+        return super().state_dict()
 
     def step(self, closure: Optional[Callable[[], Tensor]] = None) -> Optional[Tensor]:
         """One SASSHA step.
@@ -743,7 +781,8 @@ class SASSHA(_SasshaBase):
                 self._abort_step()
                 raise self._missing_graph_error()
         updated_list = [p for ps in update.values() for p in ps]
-        if not self._average_and_check(updated_list, hvps_by_param):
+        inputs = self._group_tensors(lambda g: update[id(g)], lambda p: p, with_state=False)
+        if not self._average_and_check(inputs, hvps_by_param):
             self._abort_step()
             self._skip_step()
             return
@@ -765,6 +804,7 @@ class SASSHA(_SasshaBase):
                     hv = [[[hvps_by_param[p][s] for p in g.params] for s in range(self.n_samples)] for g in sub]
                 backend.update(sub, hv, spec)
         self._perturbed = []
+        self._restore_pending = False
         self._pending_hvps = None
         self._pending_graph = True
         self._commit_state(per_device, refresh)
@@ -773,6 +813,7 @@ class SASSHA(_SasshaBase):
         """Leave params and state as they were before the step began."""
         self._restore(self._perturbed)
         self._perturbed = []
+        self._restore_pending = False
         self._pending_hvps = None
         self._pending_graph = True
         for p in self._all_params():
@@ -924,7 +965,8 @@ class MSASSHA(_SasshaBase):
                 for d, groups in per_device.items() for gi, g in enumerate(groups)
                 for j, p in enumerate(g.params)
             }
-        if not self._average_and_check([p for ps in update.values() for p in ps], hvps_by_param):
+        inputs = self._group_tensors(lambda g: update[id(g)], lambda p: p, with_state=False)
+        if not self._average_and_check(inputs, hvps_by_param):
             # The parameters still hold x~_t, where the step found them.
             self._skip_step()
             return

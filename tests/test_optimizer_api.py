@@ -260,3 +260,43 @@ def test_perturbed_closure_pass_can_preserve_bn_stats():
     opt.step(closure)
     assert passes == [False, True]
     assert model[1].num_batches_tracked.item() == 1
+
+
+@pytest.mark.parametrize("backend", ["eager", "foreach"])
+def test_defer_unperturb_gives_the_same_trajectory(backend):
+    p0 = make_params([7, 33, 1025], torch.float32)
+    a, b = clone_params(p0), clone_params(p0)
+    oa = run_trajectory(lambda q: SASSHA(q, lr=0.01, lazy_hessian=3, backend=backend), a, 10, "official")
+    ob = run_trajectory(lambda q: SASSHA(q, lr=0.01, lazy_hessian=3, backend=backend, defer_unperturb=True),
+                        b, 10, "official")
+    for p, q in zip(a, b):
+        assert torch.equal(p, q)
+        for key in ("exp_avg", "exp_hessian_diag"):
+            assert torch.equal(oa.state[p][key], ob.state[q][key])
+
+
+def test_deferred_restore_happens_before_anything_that_reads_params():
+    x = _param()
+    opt = SASSHA([x], backend="eager", defer_unperturb=True)
+    before = x.detach().clone()
+    for action in ("state_dict", "unperturbed", "perturb_weights"):
+        (x**4).sum().backward()
+        opt.perturb_weights()
+        (x**4).sum().backward(create_graph=opt.hessian_due)
+        opt.unperturb()
+        assert opt.is_perturbed and not torch.equal(x, before)  # restore left to step()
+        if action == "state_dict":
+            opt.state_dict()
+        elif action == "unperturbed":
+            with opt.unperturbed():
+                pass
+        else:
+            # A new step starts from the restored point, not from the perturbed one.
+            opt.zero_grad()
+            (x**4).sum().backward()
+            opt.perturb_weights()
+            opt.unperturb()
+            with opt.unperturbed():
+                pass
+        assert torch.equal(x, before) and not opt.is_perturbed
+        opt.zero_grad()

@@ -201,16 +201,17 @@ def test_launch_count_does_not_grow_with_tensor_count():
     few = _launches_per_step(5, SASSHA, 2, 2)
     many = _launches_per_step(500, SASSHA, 2, 2)
     assert few == many
-    # refresh: norm 2 + perturb 1 + probes S + update 1; plain: 4
-    assert few == [6, 4]
+    # refresh: norm 2 + perturb 1 + probes S + finite check 2 + update 1;
+    # plain: norm 2 + perturb 1 + finite check 2 + update 1
+    assert few == [8, 6]
     assert all(c <= 12 for c in few)
 
 
 def test_msassha_launch_count():
-    # step 1 has no momentum to perturb along yet: probes S + update 1, then the
-    # perturbation for the next step (norm 2 + perturb 1); step 2: update + 3
-    assert _launches_per_step(5, MSASSHA, 1, 2) == [6, 6]
-    assert _launches_per_step(5, MSASSHA, 2, 1) == [5, 4]
+    # every step: finite check 2 (g~ and H z in one norm) + update 1 + the next
+    # perturbation (norm 2 + perturb 1), plus probes S on refresh steps
+    assert _launches_per_step(5, MSASSHA, 1, 2) == [8, 8]
+    assert _launches_per_step(5, MSASSHA, 2, 1) == [7, 6]
 
 
 def test_many_small_tensors_match_eager():
@@ -265,8 +266,8 @@ def test_spy_sees_the_triton_backend_run():
     ref_opt = SASSHA(ref, lazy_hessian=1, backend="eager")
     opt.step(lambda: coupled_loss(params, 0))
     ref_opt.step(lambda: coupled_loss(ref, 0))
-    assert spy.calls == ["sq_norm", "perturb", "probes", "update"]
-    assert inner.launches == 5
+    assert spy.calls == ["sq_norm", "perturb", "probes", "sq_norm", "update"]
+    assert inner.launches == 7
     assert_same_trajectory(ref, ref_opt, params, opt)
 
 
