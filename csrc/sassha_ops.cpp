@@ -135,6 +135,16 @@ void check_companion(const char* op, const char* what, const at::Tensor& t, int6
               "] is not contiguous; pass contiguous tensors");
 }
 
+// The heavy loops are compiled twice, for AVX2 and for the baseline x86-64, and
+// the loader picks one per machine (GCC function multi-versioning): the update's
+// sqrt and division are compute-bound at SSE2 width on two cores. Never
+// -march=native: the library may be built on one machine and run on another.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+#define SASSHA_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define SASSHA_CPU_CLONES
+#endif
+
 // ---- phase 1: squared norm ---------------------------------------------------
 // Each chunk sums into its own slot (kLanes independent accumulators so the
 // loop vectorises without reassociation flags), then the slots are added in
@@ -142,15 +152,28 @@ void check_companion(const char* op, const char* what, const at::Tensor& t, int6
 constexpr int kLanes = 16;
 
 template <typename A, bool ADAPTIVE, typename V, typename X>
-double chunk_sq_norm(const V* v, const X* x, int64_t begin, int64_t end) {
+SASSHA_CPU_CLONES double chunk_sq_norm(const V* v, const X* x, int64_t begin, int64_t end) {
   A acc[kLanes] = {};
-  int64_t i = begin;
-  for (; i + kLanes <= end; i += kLanes) {
+  const V* vp = v + begin;
+  const X* xp = ADAPTIVE ? x + begin : nullptr;
+  const int64_t blocks = (end - begin) / kLanes;
+  // A walking pointer and an explicit simd loop over the lanes keep the partial
+  // sums in vector registers (indexing v[i + l] made GCC spill them lane by lane).
+  for (int64_t k = 0; k < blocks; ++k) {
+#pragma omp simd
     for (int l = 0; l < kLanes; ++l) {
-      acc[l] += sq_norm_term<A, ADAPTIVE>(static_cast<A>(v[i + l]), ADAPTIVE ? static_cast<A>(x[i + l]) : A(0));
+      if constexpr (ADAPTIVE) {
+        acc[l] += sq_norm_term<A, true>(static_cast<A>(vp[l]), static_cast<A>(xp[l]));
+      } else {
+        acc[l] += sq_norm_term<A, false>(static_cast<A>(vp[l]), A(0));
+      }
     }
+    vp += kLanes;
+    if constexpr (ADAPTIVE) xp += kLanes;
   }
-  for (; i < end; ++i) acc[0] += sq_norm_term<A, ADAPTIVE>(static_cast<A>(v[i]), ADAPTIVE ? static_cast<A>(x[i]) : A(0));
+  for (int64_t i = begin + blocks * kLanes; i < end; ++i) {
+    acc[0] += sq_norm_term<A, ADAPTIVE>(static_cast<A>(v[i]), ADAPTIVE ? static_cast<A>(x[i]) : A(0));
+  }
   double total = 0;
   for (int l = 0; l < kLanes; ++l) total += static_cast<double>(acc[l]);
   return total;
@@ -206,15 +229,6 @@ at::Tensor sq_norm_cpu(at::TensorList sources, at::TensorList params, bool adapt
   return out;
 }
 
-// The heavy loops are compiled twice, for AVX2 and for the baseline x86-64, and
-// the loader picks one per machine (GCC function multi-versioning): the update's
-// sqrt and division are compute-bound at SSE2 width on two cores. Never
-// -march=native: the library may be built on one machine and run on another.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
-#define SASSHA_CPU_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define SASSHA_CPU_CLONES
-#endif
 
 // ---- streaming stores -----------------------------------------------------------
 // The arrays a step writes (x, backup, m) are far larger than the last-level cache

@@ -185,8 +185,16 @@ class _SasshaBase(torch.optim.Optimizer):
         for group in self.param_groups:
             yield from group["params"]
 
-    def _param_indices(self) -> Dict[Tensor, int]:
-        return {p: i for i, p in enumerate(self._all_params())}
+    def _param_indices(self) -> Dict[int, int]:
+        """Each param's position in the optimizer's order (the probes' counter)."""
+        # Keyed by id(): Tensor.__hash__ is a Python-level call, and this map is
+        # read for every param of every phase.
+        cache = getattr(self, "_index_cache", None)
+        total = sum(len(g["params"]) for g in self.param_groups)
+        if cache is None or len(cache) != total:
+            cache = {id(p): i for i, p in enumerate(self._all_params())}
+            self._index_cache = cache
+        return cache
 
     def _backend_for(self, device: torch.device, dtype: torch.dtype) -> Backend:
         key = (device, dtype)
@@ -233,10 +241,12 @@ class _SasshaBase(torch.optim.Optimizer):
     ) -> Dict[torch.device, List[GroupTensors]]:
         """GroupTensors per device for the params ``params_of(group)`` selects.
 
-        With ``with_state`` the per-param step and c2 are those of the coming step
-        (computed, not yet written: state is committed only after the backend ran).
+        With ``with_state`` the state lists are filled too (``_attach_state``).
         """
         index = self._param_indices()
+        if any(id(p) not in index for g in self.param_groups for p in g["params"][:1]):
+            self._index_cache = None
+            index = self._param_indices()
         power = self._power_t if self._power_t is not None else 0.5
         out: Dict[torch.device, List[GroupTensors]] = {}
         for group in self.param_groups:
@@ -255,20 +265,32 @@ class _SasshaBase(torch.optim.Optimizer):
                     )
                     by_device[p.device] = gt
                 gt.params.append(p)
-                gt.grads.append(p.grad.detach() if p.grad is not None else None)
+                gt.grads.append(p.grad)
                 gt.backups.append(backups_of(p))
-                gt.param_indices.append(index[p])
-                if with_state:
+                gt.param_indices.append(index[id(p)])
+            for device, gt in by_device.items():
+                out.setdefault(device, []).append(gt)
+        if with_state:
+            self._attach_state(out, refresh)
+        return out
+
+    def _attach_state(self, per_device: Dict[torch.device, List[GroupTensors]], refresh: bool) -> None:
+        """Fill the state lists, with the step and c2 of the coming step.
+
+        They are computed, not written: state is committed only after the backend ran.
+        """
+        for groups in per_device.values():
+            for gt in groups:
+                gt.exp_avgs, gt.exp_hessian_diags, gt.steps, gt.bias_correction2 = [], [], [], []
+                for p in gt.params:
                     state = self.state[p]
                     step = state["step"] + 1
-                    c2 = (1 - beta2**step) ** power if refresh else state["bias_correction2"]
                     gt.exp_avgs.append(state["exp_avg"])
                     gt.exp_hessian_diags.append(state["exp_hessian_diag"])
                     gt.steps.append(step)
-                    gt.bias_correction2.append(c2)
-            for device, gt in by_device.items():
-                out.setdefault(device, []).append(gt)
-        return out
+                    gt.bias_correction2.append(
+                        (1 - gt.beta2**step) ** gt.hessian_power if refresh else state["bias_correction2"]
+                    )
 
     def _backend_groups(
         self, per_device: Dict[torch.device, List[GroupTensors]]
@@ -280,6 +302,13 @@ class _SasshaBase(torch.optim.Optimizer):
         """
         jobs: List[Tuple[Backend, List[GroupTensors]]] = []
         for device, groups in per_device.items():
+            dtypes = {p.dtype for g in groups for p in g.params}
+            backends = {id(b): b for b in (self._backend_for(device, dt) for dt in dtypes)}
+            if len(backends) == 1:  # the common case: one backend runs the whole device
+                for gi, g in enumerate(groups):
+                    g.extras["origin"] = [(device, gi, j) for j in range(len(g.params))]
+                jobs.append((next(iter(backends.values())), groups))
+                continue
             by_backend: Dict[int, Tuple[Backend, List[GroupTensors]]] = {}
             for gi, g in enumerate(groups):
                 split: Dict[int, GroupTensors] = {}
@@ -627,7 +656,7 @@ class SASSHA(_SasshaBase):
         self.defer_unperturb = bool(defer_unperturb)
         # x_t while the params hold x_t + e_t. Not part of state_dict: it only lives
         # between perturb_weights() and the end of the step.
-        self._backups: Dict[Tensor, Tensor] = {}
+        self._backups: Dict[int, Tensor] = {}  # keyed by id(param)
         self._perturbed: List[Tensor] = []
         self._pending_hvps: Optional[Dict[Tensor, List[Optional[Tensor]]]] = None
         self._pending_graph = True
@@ -639,10 +668,10 @@ class SASSHA(_SasshaBase):
         return bool(self._perturbed)
 
     def _backup(self, p: Tensor) -> Tensor:
-        buf = self._backups.get(p)
+        buf = self._backups.get(id(p))
         if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
             buf = torch.empty_like(p, memory_format=torch.preserve_format)
-            self._backups[p] = buf
+            self._backups[id(p)] = buf
         return buf
 
     @torch.no_grad()
@@ -711,7 +740,7 @@ class SASSHA(_SasshaBase):
     @torch.no_grad()
     def _restore(self, params: Sequence[Tensor]) -> None:
         if params:
-            torch._foreach_copy_(list(params), [self._backups[p] for p in params])
+            torch._foreach_copy_(list(params), [self._backups[id(p)] for p in params])
 
     def _materialize_restore(self) -> None:
         """Carry out a restore that ``defer_unperturb`` left for ``step()``."""
@@ -759,7 +788,7 @@ class SASSHA(_SasshaBase):
     def _finish_step(self) -> None:
         self._begin_step()
         refresh = self.hessian_due
-        perturbed = set(self._perturbed)
+        perturbed = {id(p) for p in self._perturbed}
         try:
             update = {id(g): self._update_params(g, refresh) for g in self.param_groups}
         except Exception:
@@ -781,8 +810,12 @@ class SASSHA(_SasshaBase):
                 self._abort_step()
                 raise self._missing_graph_error()
         updated_list = [p for ps in update.values() for p in ps]
-        inputs = self._group_tensors(lambda g: update[id(g)], lambda p: p, with_state=False)
-        if not self._average_and_check(inputs, hvps_by_param):
+        per_device = self._group_tensors(
+            lambda g: update[id(g)],
+            lambda p: self._backups[id(p)] if id(p) in perturbed else p,
+            with_state=False,
+        )
+        if not self._average_and_check(per_device, hvps_by_param):
             self._abort_step()
             self._skip_step()
             return
@@ -791,11 +824,7 @@ class SASSHA(_SasshaBase):
         # Params perturbed but not updated (no state yet) go back to x_t here.
         updated = set(updated_list)
         self._restore([p for p in self._perturbed if p not in updated])
-        per_device = self._group_tensors(
-            lambda g: update[id(g)],
-            lambda p: self._backups[p] if p in perturbed else p,
-            refresh=refresh,
-        )
+        self._attach_state(per_device, refresh)
         spec = ProbeSpec(self.seed, self._refreshes, self.n_samples) if refresh else None
         for device, groups in per_device.items():
             for backend, sub in self._backend_groups({device: groups}):
@@ -965,21 +994,21 @@ class MSASSHA(_SasshaBase):
                 for d, groups in per_device.items() for gi, g in enumerate(groups)
                 for j, p in enumerate(g.params)
             }
-        inputs = self._group_tensors(lambda g: update[id(g)], lambda p: p, with_state=False)
-        if not self._average_and_check(inputs, hvps_by_param):
-            # The parameters still hold x~_t, where the step found them.
-            self._skip_step()
-            return
         perturbed = self._is_perturbed
         had_state = {p for g in self.param_groups for p in self._with_state(g)}
-        for ps in update.values():
-            for p in ps:
-                self._ensure_state(p)
         per_device = self._group_tensors(
             lambda g: update[id(g)],
             lambda p: self.state[p]["unperturbed_param"] if perturbed and p in had_state else p,
-            refresh=refresh,
+            with_state=False,
         )
+        if not self._average_and_check(per_device, hvps_by_param):
+            # The parameters still hold x~_t, where the step found them.
+            self._skip_step()
+            return
+        for ps in update.values():
+            for p in ps:
+                self._ensure_state(p)
+        self._attach_state(per_device, refresh)
         spec = ProbeSpec(self.seed, self._refreshes, self.n_samples) if refresh else None
         for device, groups in per_device.items():
             for backend, sub in self._backend_groups({device: groups}):

@@ -51,10 +51,15 @@ def _subgroup(g: GroupTensors, idx: Sequence[int]) -> GroupTensors:
 def _split(g: GroupTensors, *extra: Sequence[Optional[Tensor]]) -> Tuple[List[int], List[int]]:
     """Indices the kernels take (every tensor of the param contiguous) and the rest."""
     fast, slow = [], []
-    lists = [g.params, g.grads, g.exp_avgs, g.exp_hessian_diags, g.backups, *extra]
-    for j in range(len(g.params)):
-        ok = all(t[j] is None or t[j].is_contiguous() for t in lists if t)
-        (fast if ok else slow).append(j)
+    lists = [t for t in (g.params, g.grads, g.exp_avgs, g.exp_hessian_diags, g.backups, *extra) if t]
+    for j in range(len(g.params)):  # a plain loop: this runs for every tensor of every phase
+        for ts in lists:
+            t = ts[j]
+            if t is not None and not t.is_contiguous():
+                slow.append(j)
+                break
+        else:
+            fast.append(j)
     return fast, slow
 
 
