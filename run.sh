@@ -59,6 +59,11 @@ case "$cmd" in
         set +e
         "$VPY" -m pytest tests -q -p no:cacheprovider "$@"
         rc=$?
+        if [ $rc -eq 0 ] && [ $# -eq 0 ]; then
+            # The benchmark suite in smoke mode (tiny sizes, each case once), so it cannot rot.
+            "$VPY" -m pytest bench -q -p no:cacheprovider --benchmark-disable
+            rc=$?
+        fi
         set -e
         if [ $rc -eq 5 ]; then
             echo "run.sh: pytest collected no tests; failing on purpose" >&2

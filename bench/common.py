@@ -1,0 +1,247 @@
+"""Shared pieces of the benchmarks: environment record, problems, implementations.
+
+Every implementation is driven through the same optimizer-side step so that their
+times compare: gradients are synthetic tensors assigned to ``.grad`` (no model), so
+what is timed is the optimizer's own work.
+
+* ``sassha-<backend>``: this project, official protocol (``perturb_weights``,
+  ``unperturb``, ``step``). On refresh steps the second gradient carries a graph
+  (the gradient of ``sum(c * x^2) / 2``), so the Hessian-vector product is a real,
+  cheap autograd pass and the probes and ``|z*Hz|`` EMA run as they do in training.
+* ``official-style``: ``official_style.py``, SASSHA written the way the official code
+  is (per-tensor loop; its training loop builds the graph on every step).
+* ``adamw-foreach``, ``adamw-fused``: ``torch.optim.AdamW``, for scale.
+* ``compiled-eager``: ``torch.compile`` of a plain eager non-refresh SASSHA step.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+
+from official_style import OfficialStyleSASSHA  # noqa: E402
+from sassha_fused import SASSHA, available_backends  # noqa: E402
+
+LAZY_NEVER = 10**9  # lazy_hessian that makes every step after the first a non-refresh step
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def env_info(device: torch.device) -> Dict[str, str]:
+    info = {
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu": f"{cpu_model()} ({os.cpu_count()} logical cores, torch threads {torch.get_num_threads()})",
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = "not installed"
+    if device.type == "cuda":
+        info["device"] = torch.cuda.get_device_name(device)
+    else:
+        info["device"] = info["cpu"]
+    return info
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Problem:
+    params: List[torch.nn.Parameter]
+    g1: List[torch.Tensor]
+    g2: List[torch.Tensor]
+    curvature: List[torch.Tensor]
+
+
+def make_problem(numel: int, n_tensors: int, device: torch.device, dtype=torch.float32, seed: int = 0) -> Problem:
+    """``numel`` parameters in ``n_tensors`` tensors of (nearly) equal size."""
+    gen = torch.Generator().manual_seed(seed)
+    base, extra = divmod(numel, n_tensors)
+    sizes = [base + (1 if i < extra else 0) for i in range(n_tensors)]
+
+    def rand(n, scale=1.0):
+        return (torch.randn(n, generator=gen) * scale).to(device=device, dtype=dtype)
+
+    params = [torch.nn.Parameter(rand(n, 0.5)) for n in sizes]
+    return Problem(params, [rand(n) for n in sizes], [rand(n) for n in sizes], [rand(n).abs_() + 0.1 for n in sizes])
+
+
+def _graph_grads(problem: Problem) -> List[torch.Tensor]:
+    # d/dx sum(c x^2 / 2) = c * x, with a graph: its HVP is c * z.
+    with torch.enable_grad():
+        return [c * p for c, p in zip(problem.curvature, problem.params)]
+
+
+class Impl:
+    """One implementation's optimizer-side step on a Problem."""
+
+    name = "impl"
+
+    def __init__(self, problem: Problem, refresh: bool):
+        self.problem = problem
+        self.refresh = refresh
+
+    def step(self) -> None:
+        raise NotImplementedError
+
+
+class SasshaImpl(Impl):
+    def __init__(self, problem: Problem, refresh: bool, backend: str):
+        super().__init__(problem, refresh)
+        self.name = f"sassha-{backend}"
+        self.opt = SASSHA(problem.params, lr=1e-3, rho=0.05, weight_decay=1e-4,
+                          lazy_hessian=1 if refresh else LAZY_NEVER, backend=backend,
+                          nonfinite="ignore")
+        self.step()  # the first step always refreshes; state exists from here on
+
+    def step(self) -> None:
+        pb = self.problem
+        for p, g in zip(pb.params, pb.g1):
+            p.grad = g
+        self.opt.perturb_weights(zero_grad=True)
+        grads = _graph_grads(pb) if self.opt.hessian_due else pb.g2
+        for p, g in zip(pb.params, grads):
+            p.grad = g
+        self.opt.unperturb()
+        self.opt.step()
+
+
+class OfficialStyleImpl(Impl):
+    name = "official-style"
+
+    def __init__(self, problem: Problem, refresh: bool):
+        super().__init__(problem, refresh)
+        self.opt = OfficialStyleSASSHA(problem.params, lr=1e-3, rho=0.05, weight_decay=1e-4,
+                                       lazy_hessian=1 if refresh else LAZY_NEVER)
+        self.step()
+
+    def step(self) -> None:
+        pb = self.problem
+        for p, g in zip(pb.params, pb.g1):
+            p.grad = g
+        self.opt.perturb_weights(zero_grad=True)
+        # The official loop builds the double-backward graph on every step.
+        for p, g in zip(pb.params, _graph_grads(pb)):
+            p.grad = g
+        self.opt.unperturb()
+        self.opt.step()
+
+
+class AdamWImpl(Impl):
+    def __init__(self, problem: Problem, refresh: bool, mode: str):
+        super().__init__(problem, refresh)
+        self.name = f"adamw-{mode}"
+        self.opt = torch.optim.AdamW(problem.params, lr=1e-3, weight_decay=1e-4, **{mode: True})
+        self.step()
+
+    def step(self) -> None:
+        for p, g in zip(self.problem.params, self.problem.g1):
+            p.grad = g
+        self.opt.step()
+
+
+def _eager_nonrefresh_step(params, g1, g2, backups, ms, ds, lr, beta1, wd, eps, rho, step_size, c2):
+    """A plain eager non-refresh SASSHA step (norm, perturb, restore, update)."""
+    sq = torch.stack([(g * g).sum() for g in g1]).sum()
+    scale = rho / (sq.sqrt() + 1e-12)
+    for p, g, b in zip(params, g1, backups):
+        b.copy_(p)
+        p.add_(g * scale)
+    for p, g, b, m, d in zip(params, g2, backups, ms, ds):
+        m.mul_(beta1).add_(g, alpha=1 - beta1)
+        denom = d.sqrt() / c2 + eps
+        p.copy_(b * (1 - lr * wd) - step_size * m / denom)
+
+
+class CompiledEagerImpl(Impl):
+    name = "compiled-eager"
+    max_tensors = 100  # compile time grows with the number of tensors
+
+    def __init__(self, problem: Problem, refresh: bool):
+        if refresh:
+            raise NotImplementedError("compiled-eager covers the non-refresh step only")
+        if len(problem.params) > self.max_tensors:
+            raise NotImplementedError(f"compiled-eager is benchmarked up to {self.max_tensors} tensors")
+        super().__init__(problem, refresh)
+        self.data = [p.detach() for p in problem.params]
+        self.backups = [torch.empty_like(p) for p in self.data]
+        self.ms = [torch.zeros_like(p) for p in self.data]
+        self.ds = [torch.rand_like(p) + 0.1 for p in self.data]
+        self.fn = torch.compile(_eager_nonrefresh_step)
+        self.step()
+
+    def step(self) -> None:
+        with torch.no_grad():
+            self.fn(self.data, self.problem.g1, self.problem.g2, self.backups, self.ms, self.ds,
+                    1e-3, 0.9, 1e-4, 1e-4, 0.05, 1e-3 / 0.1, 0.5)
+
+
+def sassha_backends(device: torch.device) -> List[str]:
+    """Backends that can run on ``device`` (the Triton interpreter is not a speed path)."""
+    status = available_backends()
+    names = ["eager", "foreach"]
+    if device.type == "cpu" and status["cpp"].available:
+        names.append("cpp")
+    if device.type == "cuda":
+        names += [n for n in ("triton", "cuda") if status[n].available]
+    return names
+
+
+def implementations(device: torch.device) -> Dict[str, Callable[[Problem, bool], Impl]]:
+    impls: Dict[str, Callable[[Problem, bool], Impl]] = {
+        f"sassha-{b}": (lambda pb, r, b=b: SasshaImpl(pb, r, b)) for b in sassha_backends(device)
+    }
+    impls["official-style"] = OfficialStyleImpl
+    impls["adamw-foreach"] = lambda pb, r: AdamWImpl(pb, r, "foreach")
+    impls["adamw-fused"] = lambda pb, r: AdamWImpl(pb, r, "fused")
+    impls["compiled-eager"] = CompiledEagerImpl
+    return impls
+
+
+def time_it(fn: Callable[[], None], device: torch.device, reps: int, warmup: int = 3) -> List[float]:
+    """Seconds per call, ``reps`` samples after ``warmup`` calls, synchronised inside."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    out = []
+    for _ in range(reps):
+        synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def summarize(samples: List[float]) -> Dict[str, float]:
+    q = statistics.quantiles(samples, n=4) if len(samples) >= 4 else [min(samples), statistics.median(samples), max(samples)]
+    return {"median_ms": 1e3 * statistics.median(samples), "q1_ms": 1e3 * q[0], "q3_ms": 1e3 * q[2],
+            "min_ms": 1e3 * min(samples), "reps": len(samples)}

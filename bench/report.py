@@ -1,0 +1,435 @@
+"""The benchmark report: bandwidth, per-pass GB/s, end-to-end training steps.
+
+    python bench/report.py [--device cuda|cpu] [--numel N] [--quick] [--out bench/results/report-<device>.json]
+
+1. The device's copy bandwidth (``dst.copy_(src)`` on a large buffer).
+2. Each fused pass's GB/s from the minimal bytes it must move, for every SASSHA
+   backend that runs on the device, at ``--numel`` parameters (default 50M on a GPU,
+   10M on a CPU), and the optimizer-side step against ``torch.optim.AdamW``.
+3. End-to-end training steps on synthetic batches: a GPT-2-small-shaped transformer
+   and a CIFAR-shaped ResNet, for AdamW, SAM, official-style eager SASSHA and fused
+   SASSHA (k = 10): ms per step (median over the steps, refresh steps included) and
+   peak memory. On a CPU the models are scaled down (same shapes of layers, fewer and
+   narrower) so a run finishes in minutes; the table says which shapes ran. Each
+   configuration runs in its own process, so peak memory is its own.
+
+Prints markdown tables and writes everything, with device, versions and date, as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+from typing import Dict, List
+
+import torch
+from torch import nn
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from common import (  # noqa: E402
+    OfficialStyleSASSHA,
+    env_info,
+    make_problem,
+    sassha_backends,
+    summarize,
+    synchronize,
+    time_it,
+)
+from sassha_fused import SASSHA  # noqa: E402
+from sassha_fused.backends import GroupTensors, ProbeSpec, get_backend  # noqa: E402
+
+# ----------------------------------------------------------------- bandwidth
+
+
+def copy_bandwidth(device: torch.device, numel: int) -> float:
+    src = torch.empty(numel, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    samples = time_it(lambda: dst.copy_(src), device, reps=20)
+    return 2 * 4 * numel / sorted(samples)[len(samples) // 2] / 1e9
+
+
+# Minimal bytes per fp32 element each pass must move (read + write).
+PASS_BYTES = {
+    "sq_norm": 4,            # read g
+    "perturb": 16,           # read x, g; write backup, x
+    "probes": 4,             # write z
+    "update": 24,            # read x_t, g~, m, D; write x, m
+    "update+refresh": 32,    # read x_t, g~, m, D, Hz; write x, m, D
+}
+
+
+def pass_bandwidth(device: torch.device, numel: int, n_tensors: int, backend_name: str) -> Dict[str, float]:
+    backend = get_backend(backend_name)
+    pb = make_problem(numel, n_tensors, device)
+    xs = [p.detach() for p in pb.params]
+    group = GroupTensors(
+        params=xs, grads=pb.g1, exp_avgs=[torch.zeros_like(x) for x in xs],
+        exp_hessian_diags=[torch.rand_like(x) + 0.1 for x in xs], backups=[torch.empty_like(x) for x in xs],
+        steps=[5] * len(xs), bias_correction2=[0.07] * len(xs), param_indices=list(range(len(xs))),
+        lr=1e-6, rho=1e-6,
+    )
+    spec = ProbeSpec(0, 3, 1)
+    sq = backend.sq_norm([group], "grads", False)
+    hvps = [[pb.g2]]
+    calls = {
+        "sq_norm": lambda: backend.sq_norm([group], "grads", False),
+        "perturb": lambda: backend.perturb([group], sq, "grads", 1.0, False),
+        "probes": lambda: backend.probes([group], spec, 0),
+        "update": lambda: backend.update([group], None, None),
+        "update+refresh": lambda: backend.update([group], hvps, spec),
+    }
+    out = {}
+    reps = 10 if device.type == "cuda" else 5
+    for name, fn in calls.items():
+        s = summarize(time_it(fn, device, reps=reps, warmup=2))
+        out[name] = {"ms": s["median_ms"], "GB/s": PASS_BYTES[name] * numel / (s["median_ms"] / 1e3) / 1e9}
+    return out
+
+
+def optimizer_step_vs_adamw(device: torch.device, numel: int, n_tensors: int, backend: str) -> Dict[str, float]:
+    """Non-refresh optimizer-side step (perturb, restore, update) against AdamW's step."""
+    from common import AdamWImpl, SasshaImpl
+
+    out = {}
+    for name, make in (("sassha", lambda pb: SasshaImpl(pb, False, backend)),
+                       ("adamw-fused", lambda pb: AdamWImpl(pb, False, "fused")),
+                       ("adamw-foreach", lambda pb: AdamWImpl(pb, False, "foreach"))):
+        impl = make(make_problem(numel, n_tensors, device))
+        out[name] = summarize(time_it(impl.step, device, reps=10 if device.type == "cuda" else 5))["median_ms"]
+        del impl
+    return out
+
+
+def scaling(device: torch.device, quick: bool) -> Dict[str, Dict[str, list]]:
+    """Non-refresh optimizer-side step time of every implementation vs parameter count."""
+    from common import implementations
+
+    sizes = [10**5, 10**6] if quick else ([10**6, 10**7, 5 * 10**7, 10**8] if device.type == "cuda"
+                                           else [10**5, 10**6, 10**7])
+    out: Dict[str, Dict[str, list]] = {}
+    for name, make in implementations(device).items():
+        if name == "compiled-eager":
+            continue  # compile time, not step time, dominates a sweep
+        for n in sizes:
+            impl = make(make_problem(n, 100, device), False)
+            ms = summarize(time_it(impl.step, device, reps=10 if device.type == "cuda" else 5))["median_ms"]
+            out.setdefault(name, {"numel": [], "ms": []})
+            out[name]["numel"].append(n)
+            out[name]["ms"].append(ms)
+            del impl
+    return out
+
+
+def plot_scaling(data: Dict[str, Dict[str, list]], path: str, title: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib not installed: no plot)")
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, d in data.items():
+        ax.loglog(d["numel"], d["ms"], marker="o", label=name)
+    ax.set_xlabel("parameters (fp32, 100 tensors)")
+    ax.set_ylabel("optimizer-side step, ms (median)")
+    ax.set_title(f"non-refresh step\n{title}", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# ------------------------------------------------------------------- models
+
+
+class Block(nn.Module):
+    """A GPT-2 block. Attention is written out (softmax(QK^T)V): fused attention
+    kernels have no double backward, which SASSHA's Hessian-vector product needs."""
+
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc, self.out = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(d, dim=2)
+        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
+        att = (q @ k.transpose(-2, -1)) / math.sqrt(d // self.heads)
+        mask = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+        att = att.masked_fill(~mask, float("-inf")).softmax(-1)
+        x = x + self.proj((att @ v).transpose(1, 2).reshape(b, t, d))
+        return x + self.out(nn.functional.gelu(self.fc(self.ln2(x))))
+
+
+class GPT(nn.Module):
+    def __init__(self, vocab: int, seq: int, d: int, layers: int, heads: int):
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(seq, d)
+        self.blocks = nn.ModuleList(Block(d, heads) for _ in range(layers))
+        self.ln = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, idx):
+        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
+        for blk in self.blocks:
+            x = blk(x)
+        return self.head(self.ln(x))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.c1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.b1 = nn.BatchNorm2d(cout)
+        self.c2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.b2 = nn.BatchNorm2d(cout)
+        self.short = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        y = nn.functional.relu(self.b1(self.c1(x)))
+        return nn.functional.relu(self.b2(self.c2(y)) + self.short(x))
+
+
+class ResNet(nn.Module):
+    """ResNet-18 layout for 32x32 inputs (CIFAR-shaped)."""
+
+    def __init__(self, width: int = 64, blocks=(2, 2, 2, 2), classes: int = 10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        layers, cin = [], width
+        for i, n in enumerate(blocks):
+            cout = width * 2**i
+            for j in range(n):
+                layers.append(BasicBlock(cin, cout, 2 if (j == 0 and i > 0) else 1))
+                cin = cout
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(cin, classes)
+
+    def forward(self, x):
+        return self.fc(self.layers(self.stem(x)).mean((2, 3)))
+
+
+MODEL_SHAPES = {
+    # name: (gpu shape, cpu shape)
+    "gpt2-small": (dict(vocab=50257, seq=1024, d=768, layers=12, heads=12, batch=8),
+                   dict(vocab=8192, seq=128, d=256, layers=4, heads=4, batch=8)),
+    "resnet18-cifar": (dict(width=64, blocks=(2, 2, 2, 2), batch=128),
+                       dict(width=16, blocks=(1, 1, 1, 1), batch=32)),
+}
+
+
+def build(model_name: str, device: torch.device, quick: bool):
+    shape = dict(MODEL_SHAPES[model_name][0 if device.type == "cuda" and not quick else 1])
+    batch = shape.pop("batch")
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    if model_name.startswith("gpt2"):
+        model = GPT(**shape).to(device)
+        idx = torch.randint(0, shape["vocab"], (batch, shape["seq"] + 1), generator=g).to(device)
+        inputs, targets = idx[:, :-1], idx[:, 1:]
+
+        def loss_fn():
+            logits = model(inputs)
+            return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    else:
+        model = ResNet(**shape).to(device)
+        x = torch.randn(batch, 3, 32, 32, generator=g).to(device)
+        y = torch.randint(0, 10, (batch,), generator=g).to(device)
+
+        def loss_fn():
+            return nn.functional.cross_entropy(model(x), y)
+    shape["batch"] = batch
+    return model, loss_fn, shape
+
+
+class SAM:
+    """SAM over AdamW: climb along g/||g||, gradient there, restore, base step."""
+
+    def __init__(self, params, rho=0.05, **adamw):
+        self.params = [p for p in params if p.requires_grad]
+        self.rho = rho
+        self.base = torch.optim.AdamW(self.params, **adamw)
+
+    def step(self, loss_fn):
+        self.base.zero_grad()
+        loss_fn().backward()
+        with torch.no_grad():
+            norm = torch.stack([p.grad.norm() for p in self.params if p.grad is not None]).norm()
+            es = [p.grad * (self.rho / (norm + 1e-12)) if p.grad is not None else None for p in self.params]
+            for p, e in zip(self.params, es):
+                if e is not None:
+                    p.add_(e)
+        self.base.zero_grad()
+        loss_fn().backward()
+        with torch.no_grad():
+            for p, e in zip(self.params, es):
+                if e is not None:
+                    p.sub_(e)
+        self.base.step()
+
+
+def training_step_fn(opt_name: str, model: nn.Module, loss_fn):
+    params = list(model.parameters())
+    if opt_name == "adamw":
+        opt = torch.optim.AdamW(params, lr=1e-4)
+
+        def step():
+            opt.zero_grad()
+            loss_fn().backward()
+            opt.step()
+    elif opt_name == "sam":
+        sam = SAM(params, rho=0.05, lr=1e-4)
+
+        def step():
+            sam.step(loss_fn)
+    elif opt_name == "official-style":
+        opt = OfficialStyleSASSHA(params, lr=1e-4, rho=0.05, lazy_hessian=10)
+
+        def step():
+            opt.zero_grad()
+            loss_fn().backward()
+            opt.perturb_weights(zero_grad=True)
+            loss_fn().backward(create_graph=True)  # the official loop: a graph every step
+            opt.unperturb()
+            opt.step()
+            for p in params:
+                p.grad = None  # break the parameter/gradient cycle it would otherwise leak
+    elif opt_name.startswith("sassha"):
+        backend = opt_name.split(":", 1)[1] if ":" in opt_name else "auto"
+        opt = SASSHA(params, lr=1e-4, rho=0.05, lazy_hessian=10, backend=backend)
+
+        def step():
+            opt.step(loss_fn)
+    else:
+        raise ValueError(opt_name)
+    return step
+
+
+def run_one(model_name: str, opt_name: str, device: torch.device, steps: int, quick: bool) -> Dict:
+    model, loss_fn, shape = build(model_name, device, quick)
+    step = training_step_fn(opt_name, model, loss_fn)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    samples = time_it(step, device, reps=steps, warmup=3)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB, whole process
+    return {"model": model_name, "optimizer": opt_name, "shape": shape,
+            "params": sum(p.numel() for p in model.parameters()), "peak_MiB": peak,
+            **summarize(samples)}
+
+
+# --------------------------------------------------------------------- main
+
+
+def main(argv: List[str] = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--numel", type=int, default=None)
+    ap.add_argument("--tensors", type=int, default=100)
+    ap.add_argument("--steps", type=int, default=20, help="timed training steps per configuration (k=10: 2 refreshes)")
+    ap.add_argument("--quick", action="store_true", help="small shapes and sizes everywhere (a smoke run)")
+    ap.add_argument("--only-end-to-end", dest="one", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+
+    if args.one:  # child process: one end-to-end configuration
+        model_name, opt_name = args.one.split("/")
+        print(json.dumps(run_one(model_name, opt_name, device, args.steps, args.quick)))
+        return
+
+    numel = args.numel or (50_000_000 if device.type == "cuda" else 10_000_000)
+    if args.quick:
+        numel = min(numel, 200_000)
+    env = env_info(device)
+    report: Dict = {"env": env, "numel": numel, "tensors": args.tensors}
+    print(f"# sassha_fused benchmark report\n\n{env['date']}, device: {env['device']}, "
+          f"torch {env['torch']}, triton {env['triton']}\n")
+
+    bw = copy_bandwidth(device, max(numel, 1 << 24))
+    report["copy_GBps"] = bw
+    print(f"Copy bandwidth (dst.copy_(src), fp32): **{bw:.1f} GB/s**\n")
+
+    backends = sassha_backends(device)
+    report["passes"] = {}
+    print(f"## Passes at {numel:,} fp32 params in {args.tensors} tensors\n")
+    print("| backend | pass | ms | GB/s (minimal bytes) | % of copy |")
+    print("|---|---|---:|---:|---:|")
+    for b in backends:
+        res = pass_bandwidth(device, numel, args.tensors, b)
+        report["passes"][b] = res
+        for name, r in res.items():
+            print(f"| {b} | {name} | {r['ms']:.3f} | {r['GB/s']:.1f} | {100 * r['GB/s'] / bw:.0f}% |")
+
+    print(f"\n## Optimizer-side non-refresh step vs AdamW ({numel:,} params, {args.tensors} tensors)\n")
+    print("| backend | SASSHA ms | AdamW fused ms | AdamW foreach ms | SASSHA / fused AdamW |")
+    print("|---|---:|---:|---:|---:|")
+    report["vs_adamw"] = {}
+    for b in backends:
+        r = optimizer_step_vs_adamw(device, numel, args.tensors, b)
+        report["vs_adamw"][b] = r
+        print(f"| {b} | {r['sassha']:.2f} | {r['adamw-fused']:.2f} | {r['adamw-foreach']:.2f} | "
+              f"{r['sassha'] / r['adamw-fused']:.2f}x |")
+
+    report["scaling"] = scaling(device, args.quick)
+    print("\n## Optimizer-side non-refresh step time vs parameter count (100 tensors)\n")
+    names = list(report["scaling"])
+    print("| params | " + " | ".join(names) + " |")
+    print("|---:|" + "---:|" * len(names))
+    for i, n in enumerate(report["scaling"][names[0]]["numel"]):
+        print(f"| {n:,} | " + " | ".join(f"{report['scaling'][k]['ms'][i]:.2f} ms" for k in names) + " |")
+    png = os.path.join(HERE, "results", f"scaling-{device.type}.png")
+    if plot_scaling(report["scaling"], png, f"{env['device']}, torch {env['torch']}, {env['date']}"):
+        print(f"\nplot: {png}")
+
+    fused = "sassha:" + ("triton" if "triton" in backends else "cuda" if "cuda" in backends else
+                         "cpp" if "cpp" in backends else "foreach")
+    optimizers = ["adamw", "sam", "official-style", fused]
+    report["end_to_end"] = []
+    print("\n## End-to-end training steps (synthetic batches, k = 10)\n")
+    print("| model | shape | params | optimizer | ms / step (median) | IQR | peak MiB |")
+    print("|---|---|---:|---|---:|---:|---:|")
+    for model_name in MODEL_SHAPES:
+        for opt_name in optimizers:
+            cmd = [sys.executable, os.path.abspath(__file__), "--device", args.device, "--steps", str(args.steps),
+                   "--only-end-to-end", f"{model_name}/{opt_name}"] + (["--quick"] if args.quick else [])
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(f"| {model_name} | | | {opt_name} | failed: {proc.stderr.strip().splitlines()[-1]} | | |")
+                continue
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            report["end_to_end"].append(r)
+            shape = ", ".join(f"{k}={v}" for k, v in r["shape"].items())
+            print(f"| {model_name} | {shape} | {r['params'] / 1e6:.1f}M | {opt_name} | {r['median_ms']:.1f} | "
+                  f"{r['q1_ms']:.1f}-{r['q3_ms']:.1f} | {r['peak_MiB']:.0f} |")
+    if device.type == "cpu":
+        print("\nCPU peak memory is the whole process's maximum resident set (torch included).")
+
+    out = args.out or os.path.join(HERE, "results", f"report-{device.type}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
