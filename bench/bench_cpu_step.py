@@ -30,6 +30,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
+from common import cpu_model  # noqa: E402
 from official_style import OfficialStyleSASSHA  # noqa: E402
 from sassha_fused import SASSHA, available_backends  # noqa: E402
 
@@ -38,17 +39,6 @@ from sassha_fused import SASSHA, available_backends  # noqa: E402
 # reads backup, writes x (8); update reads x, g~, m, D, writes x, m (24).
 # AdamW: reads p, g, m, v, writes p, m, v (28).
 BYTES_PER_ELEMENT = {"sassha": 52, "adamw": 28}
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def make_tensors(numel: int, n_tensors: int, seed: int):

@@ -395,11 +395,12 @@ class _SasshaBase(torch.optim.Optimizer):
     # ------------------------------------------------------------------- HVPs
     def _hessian_vector_products(
         self, per_device: Dict[torch.device, List[GroupTensors]]
-    ) -> Tuple[Dict[torch.device, List[List[List[Optional[Tensor]]]]], bool]:
+    ) -> Tuple[Dict[Tensor, List[Optional[Tensor]]], bool]:
         """``H z_s`` for every param and sample, at the params' current values.
 
-        Returns ``(hvps, has_graph)``; ``hvps[device][g][s][j]`` mirrors the groups.
-        Gradients that carry a graph are detached afterwards (no reference cycle).
+        Returns ``(hvps, has_graph)``: ``hvps[param][s]`` (None where the param is
+        absent from the second-order graph). Gradients that carry a graph are
+        detached afterwards (no reference cycle).
         """
         spec = ProbeSpec(self.seed, self._refreshes, self.n_samples)
         flat: List[Tuple[torch.device, int, int]] = []
@@ -408,9 +409,8 @@ class _SasshaBase(torch.optim.Optimizer):
                 for j, grad in enumerate(g.grads):
                     if g.params[j].grad is not None and g.params[j].grad.requires_grad:
                         flat.append((device, gi, j))
-        hvps = {
-            device: [[[None] * len(g.params) for _ in range(self.n_samples)] for g in groups]
-            for device, groups in per_device.items()
+        hvps: Dict[Tensor, List[Optional[Tensor]]] = {
+            p: [None] * self.n_samples for groups in per_device.values() for g in groups for p in g.params
         }
         if not flat:
             return hvps, False
@@ -429,12 +429,26 @@ class _SasshaBase(torch.optim.Optimizer):
                         outputs, inputs, grad_outputs=grad_outputs,
                         retain_graph=s < self.n_samples - 1, allow_unused=True,
                     )
-                for (d, gi, j), h in zip(flat, hz):
-                    hvps[d][gi][s][j] = None if h is None else h.detach()
+                for p, h in zip(inputs, hz):
+                    hvps[p][s] = None if h is None else h.detach()
         finally:
             for p in inputs:
                 p.grad = p.grad.detach()
         return hvps, True
+
+    def _run_update(
+        self,
+        per_device: Dict[torch.device, List[GroupTensors]],
+        hvps_by_param: Optional[Dict[Tensor, List[Optional[Tensor]]]],
+    ) -> None:
+        """The backends' update phase; ``hvps_by_param`` is None on non-refresh steps."""
+        refresh = hvps_by_param is not None
+        spec = ProbeSpec(self.seed, self._refreshes, self.n_samples) if refresh else None
+        for backend, groups in self._backend_groups(per_device):
+            hvps = None
+            if refresh:
+                hvps = [[[hvps_by_param[p][s] for p in g.params] for s in range(self.n_samples)] for g in groups]
+            backend.update(groups, hvps, spec)
 
     def _missing_graph_error(self) -> RuntimeError:
         return RuntimeError(
@@ -724,13 +738,7 @@ class SASSHA(_SasshaBase):
             per_device = self._group_tensors(
                 lambda g: self._update_params(g, refresh), lambda p: p, with_state=False,
             )
-            hvps, has_graph = self._hessian_vector_products(per_device)
-            self._pending_graph = has_graph
-            self._pending_hvps = {
-                p: [hvps[d][gi][s][j] for s in range(self.n_samples)]
-                for d, groups in per_device.items() for gi, g in enumerate(groups)
-                for j, p in enumerate(g.params)
-            }
+            self._pending_hvps, self._pending_graph = self._hessian_vector_products(per_device)
         if self.defer_unperturb:
             self._restore_pending = True  # step() restores inside the fused update
             return
@@ -800,12 +808,7 @@ class SASSHA(_SasshaBase):
                 hvps_by_param, has_graph = self._pending_hvps, self._pending_graph
             else:
                 per_device = self._group_tensors(lambda g: update[id(g)], lambda p: p, with_state=False)
-                hvps, has_graph = self._hessian_vector_products(per_device)
-                hvps_by_param = {
-                    p: [hvps[d][gi][s][j] for s in range(self.n_samples)]
-                    for d, groups in per_device.items() for gi, g in enumerate(groups)
-                    for j, p in enumerate(g.params)
-                }
+                hvps_by_param, has_graph = self._hessian_vector_products(per_device)
             if not has_graph and any(update.values()):
                 self._abort_step()
                 raise self._missing_graph_error()
@@ -825,13 +828,7 @@ class SASSHA(_SasshaBase):
         updated = set(updated_list)
         self._restore([p for p in self._perturbed if p not in updated])
         self._attach_state(per_device, refresh)
-        spec = ProbeSpec(self.seed, self._refreshes, self.n_samples) if refresh else None
-        for device, groups in per_device.items():
-            for backend, sub in self._backend_groups({device: groups}):
-                hv = None
-                if hvps_by_param is not None:
-                    hv = [[[hvps_by_param[p][s] for p in g.params] for s in range(self.n_samples)] for g in sub]
-                backend.update(sub, hv, spec)
+        self._run_update(per_device, hvps_by_param)
         self._perturbed = []
         self._restore_pending = False
         self._pending_hvps = None
@@ -986,14 +983,9 @@ class MSASSHA(_SasshaBase):
         hvps_by_param = None
         if refresh:
             per_device = self._group_tensors(lambda g: update[id(g)], lambda p: p, with_state=False)
-            hvps, has_graph = self._hessian_vector_products(per_device)
+            hvps_by_param, has_graph = self._hessian_vector_products(per_device)
             if not has_graph and any(update.values()):
                 raise self._missing_graph_error()
-            hvps_by_param = {
-                p: [hvps[d][gi][s][j] for s in range(self.n_samples)]
-                for d, groups in per_device.items() for gi, g in enumerate(groups)
-                for j, p in enumerate(g.params)
-            }
         perturbed = self._is_perturbed
         had_state = {p for g in self.param_groups for p in self._with_state(g)}
         per_device = self._group_tensors(
@@ -1009,13 +1001,7 @@ class MSASSHA(_SasshaBase):
             for p in ps:
                 self._ensure_state(p)
         self._attach_state(per_device, refresh)
-        spec = ProbeSpec(self.seed, self._refreshes, self.n_samples) if refresh else None
-        for device, groups in per_device.items():
-            for backend, sub in self._backend_groups({device: groups}):
-                hv = None
-                if hvps_by_param is not None:
-                    hv = [[[hvps_by_param[p][s] for p in g.params] for s in range(self.n_samples)] for g in sub]
-                backend.update(sub, hv, spec)
+        self._run_update(per_device, hvps_by_param)
         # Params with state that did not take part still hold x~_t: bring them back.
         updated = {p for ps in update.values() for p in ps}
         if perturbed:

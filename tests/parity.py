@@ -68,6 +68,27 @@ def coupled_loss(params: Sequence[torch.Tensor], step: int) -> torch.Tensor:
     return total + 0.1 * coupling * coupling
 
 
+def protocol_step(opt: torch.optim.Optimizer, loss_fn: Callable[[], torch.Tensor], protocol: str = "official"):
+    """One step driven the way users drive it; returns the (first) loss.
+
+    ``"closure"``: ``opt.step(loss_fn)``. ``"official"``: the official code's loop
+    (for M-SASSHA: backward with ``create_graph=opt.hessian_due``, then step).
+    """
+    if protocol == "closure":
+        return opt.step(loss_fn)
+    loss = loss_fn()
+    if type(opt).__name__ == "MSASSHA":
+        loss.backward(create_graph=opt.hessian_due)
+    else:
+        loss.backward()
+        opt.perturb_weights(zero_grad=True)
+        loss_fn().backward(create_graph=opt.hessian_due)
+        opt.unperturb()
+    opt.step()
+    opt.zero_grad()
+    return loss.detach()
+
+
 def run_trajectory(
     make_opt: Callable[[List[torch.nn.Parameter]], torch.optim.Optimizer],
     params: List[torch.nn.Parameter],
@@ -84,7 +105,6 @@ def run_trajectory(
     ``frozen(step, k)``: True makes param k receive no gradient at that step.
     """
     opt = make_opt(params)
-    is_msassha = type(opt).__name__ == "MSASSHA"
 
     def loss_at(t: int) -> torch.Tensor:
         if frozen is None:
@@ -93,19 +113,7 @@ def run_trajectory(
         return loss_fn(live, t)
 
     for t in range(steps):
-        if protocol == "closure":
-            opt.step(lambda: loss_at(t))
-        elif is_msassha:
-            loss_at(t).backward(create_graph=opt.hessian_due)
-            opt.step()
-            opt.zero_grad()
-        else:
-            loss_at(t).backward()
-            opt.perturb_weights(zero_grad=True)
-            loss_at(t).backward(create_graph=opt.hessian_due)
-            opt.unperturb()
-            opt.step()
-            opt.zero_grad()
+        protocol_step(opt, lambda: loss_at(t), protocol)
     return opt
 
 

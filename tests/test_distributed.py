@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from parity import protocol_step
 from sassha_fused import MSASSHA, SASSHA
 
 SIZES = [5, 0, 33, 2]
@@ -74,15 +75,7 @@ def _worker(rank, world, init_file, out_dir, backend):
 
             collectives = []
             for _ in range(STEPS):
-                if protocol == "closure":
-                    opt.step(loss)
-                else:
-                    loss().backward()
-                    opt.perturb_weights()
-                    loss().backward(create_graph=opt.hessian_due)
-                    opt.unperturb()
-                    opt.step()
-                    opt.zero_grad()
+                protocol_step(opt, loss, protocol)
                 collectives.append(opt.last_step_collectives)
             results[protocol] = (torch.cat([p.detach().reshape(-1) for p in params]), collectives)
 

@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 
+from parity import protocol_step
 from sassha_fused import MSASSHA, SASSHA, available_backends
 
 CPU_BACKENDS = [n for n in ("eager", "foreach", "cpp") if available_backends()[n].available]
@@ -121,19 +122,7 @@ def test_no_memory_growth_over_200_steps(protocol, cls):
         return model(x).pow(2).mean()
 
     def step():
-        if protocol == "closure":
-            opt.step(f)
-        elif cls is MSASSHA:
-            f().backward(create_graph=opt.hessian_due)
-            opt.step()
-            opt.zero_grad()
-        else:
-            f().backward()
-            opt.perturb_weights()
-            f().backward(create_graph=opt.hessian_due)
-            opt.unperturb()
-            opt.step()
-            opt.zero_grad()
+        protocol_step(opt, f, protocol)
 
     def live_tensors():
         return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))

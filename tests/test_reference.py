@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 
+from parity import protocol_step
 from sassha_fused import MSASSHA, SASSHA
 from sassha_fused.backends.eager import EagerBackend
 
@@ -104,15 +105,7 @@ def test_hvp_is_taken_at_the_perturbed_point():
     for protocol in ("closure", "official"):
         x = torch.nn.Parameter(x0.clone())
         opt = SASSHA([x], rho=rho, lazy_hessian=1, backend="eager")
-        f = lambda: (x**4).sum() / 4  # noqa: E731
-        if protocol == "closure":
-            opt.step(f)
-        else:
-            f().backward()
-            opt.perturb_weights()
-            f().backward(create_graph=opt.hessian_due)
-            opt.unperturb()
-            opt.step()
+        protocol_step(opt, lambda: (x**4).sum() / 4, protocol)
         g = x0**3
         xp = x0 + rho * g / (g.norm() + 1e-12)
         expected = (1 - b2) * 3 * xp**2
@@ -159,15 +152,7 @@ def test_double_backward_graph_only_on_refresh_steps(protocol):
     per_step = []
     for _ in range(9):
         _GradModeRecorder.log.clear()
-        if protocol == "closure":
-            opt.step(f)
-        else:
-            f().backward()
-            opt.perturb_weights()
-            f().backward(create_graph=opt.hessian_due)
-            opt.unperturb()
-            opt.step()
-            opt.zero_grad()
+        protocol_step(opt, f, protocol)
         per_step.append(list(_GradModeRecorder.log))
     # First pass never builds a graph; the second only on steps 1, 5, 9.
     for t, log in enumerate(per_step, start=1):
@@ -186,14 +171,7 @@ def test_no_parameter_gradient_reference_cycle(protocol):
         x = torch.randn(16, 4, dtype=DT)
         f = lambda: model(x).pow(2).mean()  # noqa: E731
         for _ in range(3):
-            if protocol == "closure":
-                opt.step(f)
-            else:
-                f().backward()
-                opt.perturb_weights()
-                f().backward(create_graph=opt.hessian_due)
-                opt.unperturb()
-                opt.step()
+            protocol_step(opt, f, protocol)
         for p in model.parameters():
             assert p.grad is None or p.grad.grad_fn is None
         return weakref.ref(model[0].weight)
@@ -208,16 +186,6 @@ def test_no_parameter_gradient_reference_cycle(protocol):
         gc.enable()
 
 
-def _official_loop(opt, f, steps):
-    for _ in range(steps):
-        f().backward()
-        opt.perturb_weights(zero_grad=True)
-        f().backward(create_graph=opt.hessian_due)
-        opt.unperturb()
-        opt.step()
-        opt.zero_grad()
-
-
 @pytest.mark.parametrize("adaptive", [False, True])
 def test_both_interfaces_give_identical_trajectories(adaptive):
     torch.manual_seed(1)
@@ -229,7 +197,8 @@ def test_both_interfaces_give_identical_trajectories(adaptive):
     a, b = SASSHA(model.parameters(), **kw), SASSHA(twin.parameters(), **kw)
     for _ in range(10):
         a.step(lambda: torch.nn.functional.cross_entropy(model(x), y))
-    _official_loop(b, lambda: torch.nn.functional.cross_entropy(twin(x), y), 10)
+    for _ in range(10):
+        protocol_step(b, lambda: torch.nn.functional.cross_entropy(twin(x), y), "official")
     for p, q in zip(model.parameters(), twin.parameters()):
         assert torch.equal(p, q)
         for key in ("exp_avg", "exp_hessian_diag"):
