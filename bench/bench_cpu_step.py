@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import inspect
 import json
 import os
 import platform
@@ -115,11 +114,14 @@ def main() -> None:
         "sassha cpp": ("sassha", lambda ps: SASSHA(ps, lr=lr, lazy_hessian=k, backend="cpp")),
         "sassha cpp, nonfinite='ignore'": (
             "sassha", lambda ps: SASSHA(ps, lr=lr, lazy_hessian=k, backend="cpp", nonfinite="ignore")),
+        "sassha cpp, defer_unperturb": (
+            "sassha", lambda ps: SASSHA(ps, lr=lr, lazy_hessian=k, backend="cpp", defer_unperturb=True)),
+        "sassha cpp, defer_unperturb, nonfinite='ignore'": (
+            "sassha", lambda ps: SASSHA(ps, lr=lr, lazy_hessian=k, backend="cpp", defer_unperturb=True,
+                                        nonfinite="ignore")),
         "AdamW(fused=True)": ("adamw", lambda ps: torch.optim.AdamW(ps, lr=lr, fused=True)),
         "AdamW(foreach=True)": ("adamw", lambda ps: torch.optim.AdamW(ps, lr=lr, foreach=True)),
     }
-    if "nonfinite" not in inspect.signature(SASSHA).parameters:
-        impls.pop("sassha cpp, nonfinite='ignore'")
     if not available_backends()["cpp"]:
         print(f"cpp backend unavailable: {available_backends()['cpp'].reason}", file=sys.stderr)
         impls = {n: v for n, v in impls.items() if "cpp" not in n}

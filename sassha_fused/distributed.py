@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["BucketedAverager", "is_distributed", "reject_sharded_params"]
+__all__ = ["BucketedAverager", "is_distributed", "reject_sharded_params", "sync_participation"]
 
 DEFAULT_BUCKET_BYTES = 64 * 1024 * 1024
 
@@ -40,6 +40,25 @@ def reject_sharded_params(params: Sequence[Tensor]) -> None:
                 "and let the optimizer average the perturbed gradients and Hessian "
                 "estimates (see the README)."
             )
+
+
+def sync_participation(params: Sequence[Tensor], process_group: Optional[object] = None) -> int:
+    """Give every rank the same set of parameters with a gradient; returns 1 (collective).
+
+    A parameter that received a gradient on any rank takes part everywhere: where it
+    has none, its gradient is zero (as DDP treats unused parameters). Without this,
+    ranks would bucket different tensor lists and their collectives would not match.
+    """
+    if not params:
+        return 0
+    backend = dist.get_backend(process_group)
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    mask = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=device)
+    dist.all_reduce(mask, op=dist.ReduceOp.MAX, group=process_group)
+    for p, present in zip(params, mask.tolist()):
+        if present and p.grad is None:
+            p.grad = torch.zeros_like(p)
+    return 1
 
 
 class BucketedAverager:

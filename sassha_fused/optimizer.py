@@ -25,7 +25,7 @@ from .backends import (
     math_dtype,
     resolve_backend,
 )
-from .distributed import BucketedAverager, is_distributed, reject_sharded_params
+from .distributed import BucketedAverager, is_distributed, reject_sharded_params, sync_participation
 from .probes import MAX_PROBE_NUMEL
 from .schedules import is_schedule
 
@@ -148,6 +148,7 @@ class _SasshaBase(torch.optim.Optimizer):
             perturb_eps=perturb_eps,
         )
         _validate_group_hparams(defaults)
+        self._own_rho: List[bool] = []  # per group: did it set its own rho?
         super().__init__(params, defaults)
         reject_sharded_params(list(self._all_params()))
 
@@ -164,22 +165,41 @@ class _SasshaBase(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        """torch's add_param_group, validated first: a rejected group is not kept."""
+        own_rho = isinstance(param_group, dict) and "rho" in param_group
+        if own_rho and is_schedule(param_group["rho"]):
+            raise ValueError(
+                "rho: a param group's rho must be a number; pass a schedule as the "
+                "optimizer's rho= to drive every group that does not set its own"
+            )
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        _validate_group_hparams(group)
-        for p in group["params"]:
-            if p.is_complex():
-                raise TypeError(
-                    "SASSHA does not support complex parameters; optimise "
-                    "torch.view_as_real(p) as a real parameter instead"
+        try:
+            _validate_group_hparams(group)
+            ids = [id(p) for p in group["params"]]
+            if len(set(ids)) != len(ids):
+                raise ValueError(
+                    "params: a parameter appears twice in one param group; pass each "
+                    "parameter once (its perturbation would otherwise be applied twice)"
                 )
-            if not p.is_floating_point():
-                raise TypeError(f"SASSHA optimises floating-point parameters, got {p.dtype}")
-            if p.numel() > MAX_PROBE_NUMEL:
-                raise ValueError(f"a parameter has {p.numel()} elements; the probes address at most 2**37")
-        if hasattr(self, "_backend_cache"):
             for p in group["params"]:
-                self._backend_for(p.device, p.dtype)
+                if p.is_complex():
+                    raise TypeError(
+                        "SASSHA does not support complex parameters; optimise "
+                        "torch.view_as_real(p) as a real parameter instead"
+                    )
+                if not p.is_floating_point():
+                    raise TypeError(f"SASSHA optimises floating-point parameters, got {p.dtype}")
+                if p.numel() > MAX_PROBE_NUMEL:
+                    raise ValueError(f"a parameter has {p.numel()} elements; the probes address at most 2**37")
+            if hasattr(self, "_backend_cache"):
+                for p in group["params"]:
+                    self._backend_for(p.device, p.dtype)
+        except Exception:
+            self.param_groups.pop()
+            raise
+        self._own_rho.append(own_rho)
+        self._index_cache = None
 
     def _all_params(self) -> Iterator[Tensor]:
         for group in self.param_groups:
@@ -227,8 +247,9 @@ class _SasshaBase(torch.optim.Optimizer):
             rho = float(self.rho_schedule.step())
             if rho < 0:
                 raise ValueError(f"rho: the schedule returned {rho}, it must be >= 0")
-            for group in self.param_groups:
-                group["rho"] = rho
+            for group, own in zip(self.param_groups, self._own_rho):
+                if not own:
+                    group["rho"] = rho
         self._step_begun = True
 
     # ------------------------------------------------------------ tensor lists
@@ -351,6 +372,14 @@ class _SasshaBase(torch.optim.Optimizer):
                 "(sparse=False) for parameters this optimizer updates"
             )
 
+    def _check_closure_allowed(self) -> None:
+        if self.grad_scaler is not None and self.grad_scaler.is_enabled():
+            raise ValueError(
+                "grad_scaler: with a GradScaler, drive the step with the official protocol "
+                "(scaler.scale(loss).backward(), perturb_weights, ..., scaler.step(opt)); "
+                "a closure's loss is never scaled, so step(closure) cannot use it"
+            )
+
     @staticmethod
     def _set_grads(loss: Tensor, params: List[Tensor], create_graph: bool = False) -> None:
         """``p.grad = d loss / d p`` for the closure protocol, via autograd.grad.
@@ -360,8 +389,19 @@ class _SasshaBase(torch.optim.Optimizer):
         """
         if not isinstance(loss, Tensor):
             raise TypeError(f"the closure must return the loss as a tensor, got {type(loss).__name__}")
+        hint = (
+            "the closure must return the loss without calling backward() on it: "
+            "the optimizer runs both backward passes itself"
+        )
+        if not loss.requires_grad and any(p.numel() > 0 for p in params):
+            raise ValueError(f"the closure's loss does not depend on any parameter ({hint})")
         if loss.requires_grad and params:
-            grads = torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True)
+            try:
+                grads = torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True)
+            except RuntimeError as exc:
+                if "second time" in str(exc):
+                    raise RuntimeError(f"{exc}\n\n{type(loss).__name__}: {hint}") from exc
+                raise
         else:
             grads = [None] * len(params)
         for p, g in zip(params, grads):
@@ -479,6 +519,13 @@ class _SasshaBase(torch.optim.Optimizer):
             return None
         return scaler.scale(torch.ones((), dtype=torch.float32, device=device)).reciprocal()
 
+    def _sync_participation(self) -> None:
+        """Data-parallel: the same params take part in the step on every rank."""
+        self.last_step_collectives = 0
+        if self.distributed and is_distributed(self.process_group):
+            params = [p for p in self._all_params() if p.requires_grad]
+            self.last_step_collectives = sync_participation(params, self.process_group)
+
     def _average_and_check(
         self,
         per_device: Dict[torch.device, List[GroupTensors]],
@@ -493,15 +540,23 @@ class _SasshaBase(torch.optim.Optimizer):
         that overflows, |g| beyond ~1e19 in fp32, counts as non-finite too).
         """
         params = [p for groups in per_device.values() for g in groups for p in g.params]
+        averaging = self.distributed and is_distributed(self.process_group)
+        if averaging and hvps_by_param is not None:
+            # Ranks must reduce the same tensor list: a param absent from this rank's
+            # second-order graph contributes H z = 0.
+            for p in params:
+                entry = hvps_by_param.setdefault(p, [None] * self.n_samples)
+                for s in range(self.n_samples):
+                    if entry[s] is None:
+                        entry[s] = torch.zeros_like(p)
         hz = [h for p in params for h in (hvps_by_param or {}).get(p, ()) if h is not None]
         if hz:
             inv = self._inv_scale(hz[0].device)
             if inv is not None:
                 torch._foreach_mul_(hz, inv.to(hz[0].dtype))
-        self.last_step_collectives = 0
-        if self.distributed and is_distributed(self.process_group):
+        if averaging:
             self._averager.average([p.grad for p in params] + hz)
-            self.last_step_collectives = self._averager.collectives
+            self.last_step_collectives += self._averager.collectives
         if self.nonfinite == "ignore" or not params:
             return True
         checked: Dict[torch.device, List[GroupTensors]] = {}
@@ -521,8 +576,11 @@ class _SasshaBase(torch.optim.Optimizer):
         return bool(torch.isfinite(total))
 
     def _skip_step(self) -> None:
-        """After a non-finite step was undone: count and warn, or raise."""
-        self._step_begun = False
+        """After a non-finite step was undone: count and warn, or raise.
+
+        The schedules stay where this step put them: the retried step reuses their
+        values, as after any other step that did not happen.
+        """
         msg = (
             f"{type(self).__name__}: step {self._global_step + 1} skipped: the perturbed "
             "gradients or the Hessian estimate contain NaN or Inf. Parameters and "
@@ -563,15 +621,15 @@ class _SasshaBase(torch.optim.Optimizer):
         extra = state_dict.pop(_EXTRA_KEY, None)
         saved_state = state_dict["state"]
         super().load_state_dict(state_dict)
-        # torch casts floating state to the param dtype; 16-bit params keep fp32 state.
+        # torch casts floating state to the param dtype (16-bit params keep fp32
+        # state here) and may alias the given tensors: every tensor is copied, so
+        # loading a live optimizer's state_dict shares no buffer with it.
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         for p, i in zip(self._all_params(), ids):
-            if i in saved_state:
-                for key in _STATE_KEYS_MATH_DTYPE:
-                    if key in saved_state[i]:
-                        self.state[p][key] = saved_state[i][key].to(
-                            device=p.device, dtype=math_dtype(p.dtype), copy=True
-                        )
+            for key, value in saved_state.get(i, {}).items():
+                if isinstance(value, Tensor):
+                    dtype = math_dtype(p.dtype) if key in _STATE_KEYS_MATH_DTYPE else p.dtype
+                    self.state[p][key] = value.to(device=p.device, dtype=dtype, copy=True)
         if extra is not None:
             self._global_step = int(extra["global_step"])
             self._refreshes = int(extra["refreshes"])
@@ -738,7 +796,11 @@ class SASSHA(_SasshaBase):
             per_device = self._group_tensors(
                 lambda g: self._update_params(g, refresh), lambda p: p, with_state=False,
             )
-            self._pending_hvps, self._pending_graph = self._hessian_vector_products(per_device)
+            try:
+                self._pending_hvps, self._pending_graph = self._hessian_vector_products(per_device)
+            except BaseException:
+                self._abort_step()
+                raise
         if self.defer_unperturb:
             self._restore_pending = True  # step() restores inside the fused update
             return
@@ -759,10 +821,24 @@ class SASSHA(_SasshaBase):
 
     @contextlib.contextmanager
     def unperturbed(self) -> Iterator[None]:
-        """Parameters at the unperturbed point inside the block (a deferred restore is
-        carried out). Between SASSHA steps they are there anyway."""
+        """Parameters at the unperturbed point inside the block.
+
+        Between SASSHA steps they are there anyway; a deferred restore is carried
+        out; mid-step (between ``perturb_weights()`` and ``unperturb()``) the
+        perturbed values are kept aside and put back after the block.
+        """
         self._materialize_restore()
-        yield
+        if not self._perturbed:
+            yield
+            return
+        with torch.no_grad():
+            aside = [p.detach().clone() for p in self._perturbed]
+            self._restore(self._perturbed)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(list(self._perturbed), aside)
 
     def state_dict(self) -> Dict[str, Any]:
         self._materialize_restore()
@@ -779,22 +855,30 @@ class SASSHA(_SasshaBase):
             with torch.no_grad():
                 self._finish_step()
             return None
+        self._check_closure_allowed()
         for p in self._all_params():
             p.grad = None
         params = [p for p in self._all_params() if p.requires_grad]
         with torch.enable_grad():
             loss = closure()
             self._set_grads(loss, params)
-        self.perturb_weights(zero_grad=True)
-        refresh = self.hessian_due
-        with torch.enable_grad():
-            self._set_grads(closure(), params, create_graph=refresh)
-        with torch.no_grad():
-            self._finish_step()
+        try:
+            self.perturb_weights(zero_grad=True)
+            refresh = self.hessian_due
+            with torch.enable_grad():
+                self._set_grads(closure(), params, create_graph=refresh)
+            with torch.no_grad():
+                self._finish_step()
+        except BaseException:
+            # Whatever failed (the closure, an out-of-memory error, a backend), the
+            # parameters go back to x_t and the optimizer can take the step again.
+            self._abort_step()
+            raise
         return loss.detach()
 
     def _finish_step(self) -> None:
         self._begin_step()
+        self._sync_participation()
         refresh = self.hessian_due
         perturbed = {id(p) for p in self._perturbed}
         try:
@@ -808,7 +892,11 @@ class SASSHA(_SasshaBase):
                 hvps_by_param, has_graph = self._pending_hvps, self._pending_graph
             else:
                 per_device = self._group_tensors(lambda g: update[id(g)], lambda p: p, with_state=False)
-                hvps_by_param, has_graph = self._hessian_vector_products(per_device)
+                try:
+                    hvps_by_param, has_graph = self._hessian_vector_products(per_device)
+                except BaseException:
+                    self._abort_step()
+                    raise
             if not has_graph and any(update.values()):
                 self._abort_step()
                 raise self._missing_graph_error()
@@ -954,9 +1042,11 @@ class MSASSHA(_SasshaBase):
         """Parameters at :math:`x_t` inside the block (evaluation, checkpoints), perturbed after."""
         was = self._is_perturbed
         self.unperturb()
+        self._perturbed_outside = was  # a state_dict taken in here records the outside
         try:
             yield
         finally:
+            self._perturbed_outside = False
             if was:
                 self.perturb_weights()
 
@@ -964,10 +1054,11 @@ class MSASSHA(_SasshaBase):
         """One M-SASSHA step; with a closure (no backward inside) it runs the backward pass."""
         loss = None
         if closure is not None:
+            self._check_closure_allowed()
             refresh = self.hessian_due
+            for p in self._all_params():
+                p.grad = None  # frozen params too: a stale gradient must not update them
             params = [p for p in self._all_params() if p.requires_grad]
-            for p in params:
-                p.grad = None
             with torch.enable_grad():
                 loss = closure()
                 self._set_grads(loss, params, create_graph=refresh)
@@ -978,6 +1069,7 @@ class MSASSHA(_SasshaBase):
 
     def _finish_step(self) -> None:
         self._begin_step()
+        self._sync_participation()
         refresh = self.hessian_due
         update = {id(g): self._update_params(g, refresh) for g in self.param_groups}
         hvps_by_param = None
@@ -1014,8 +1106,24 @@ class MSASSHA(_SasshaBase):
 
     def _extra_state(self) -> Dict[str, Any]:
         extra = super()._extra_state()
-        extra["is_perturbed"] = self._is_perturbed
+        extra["is_perturbed"] = self._is_perturbed or getattr(self, "_perturbed_outside", False)
         return extra
 
     def _load_extra_state(self, extra: Dict[str, Any]) -> None:
-        self._is_perturbed = bool(extra.get("is_perturbed", False))
+        """Put the parameters where the saved run had them between steps.
+
+        A checkpoint may be taken with the model at x~ (outside ``unperturbed()``)
+        or at x (inside it). Load the model first: if its parameters equal the saved
+        unperturbed point, the perturbation is applied again (bit for bit what it
+        was, computed from the saved momentum); otherwise they are taken to hold x~.
+        """
+        self._is_perturbed = False
+        if not extra.get("is_perturbed", False):
+            return
+        params = [p for g in self.param_groups for p in self._with_state(g)]
+        at_x = all(torch.equal(p, self.state[p]["unperturbed_param"]) for p in params
+                   if "unperturbed_param" in self.state[p])
+        if at_x:
+            self.perturb_weights()
+        else:
+            self._is_perturbed = True

@@ -87,6 +87,14 @@ def _worker(rank, world, init_file, out_dir, backend):
             opt.step(lambda: sum((p**4).sum() for p in ps))
             counts[n_tensors] = opt.last_step_collectives
 
+        # Rank 1 does not use param b on odd steps; rank 0 always does.
+        a_, b_ = torch.nn.Parameter(torch.ones(4, dtype=torch.float64)), torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+        uopt = SASSHA([a_, b_], lr=0.05, lazy_hessian=2, backend=backend)
+        for t in range(6):
+            use_b = rank == 0 or t % 2 == 0
+            protocol_step(uopt, lambda: (a_**4).sum() * (1 + rank) + ((b_**4).sum() if use_b else 0), "closure")
+        uneven = torch.cat([a_.detach(), b_.detach()])
+
         # M-SASSHA replicas stay bitwise equal too.
         ps = [torch.nn.Parameter(v.clone()) for v in _split(_x0())]
         mopt = MSASSHA(ps, lr=LR, rho=RHO, lazy_hessian=K, backend=backend)
@@ -94,7 +102,7 @@ def _worker(rank, world, init_file, out_dir, backend):
             mopt.step(lambda: sum(((1 + rank) * p**4).sum() for p in ps))
         with mopt.unperturbed():
             msassha = torch.cat([p.detach().reshape(-1) for p in ps])
-        torch.save({"results": results, "counts": counts, "msassha": msassha},
+        torch.save({"results": results, "counts": counts, "msassha": msassha, "uneven": uneven},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -113,9 +121,12 @@ def test_two_gloo_ranks(backend):
         x1, coll1 = r1["results"][protocol]
         assert torch.equal(x0, x1), f"{protocol}: replicas differ"
         torch.testing.assert_close(x0, expected, rtol=1e-11, atol=1e-13)
-        # g~ and, on refresh steps, H z share flat buckets: one for these small tensors
-        assert coll0 == [1] * STEPS
-    assert r0["counts"][5] == r0["counts"][500] == 1
+        # the participation mask, then g~ and (on refresh steps) H z in flat buckets:
+        # one bucket for these small tensors
+        assert coll0 == [2] * STEPS
+    assert r0["counts"][5] == r0["counts"][500] == 2
+    # ranks that differ in which params get a gradient still agree
+    assert torch.equal(r0["uneven"], r1["uneven"])
     assert torch.equal(r0["msassha"], r1["msassha"])
 
 

@@ -300,3 +300,139 @@ def test_deferred_restore_happens_before_anything_that_reads_params():
                 pass
         assert torch.equal(x, before) and not opt.is_perturbed
         opt.zero_grad()
+
+
+# ---- regressions found in review ---------------------------------------------------
+
+
+def test_msassha_closure_does_not_update_frozen_params_with_stale_grads():
+    a, b = _param(), _param()
+    opt = MSASSHA([a, b], backend="eager")
+    opt.step(lambda: (a**4).sum() + (b**4).sum())
+    b.requires_grad_(False)
+    b.grad = torch.ones_like(b)  # left over from before it was frozen
+    with opt.unperturbed():
+        before = b.detach().clone()
+    for _ in range(3):
+        opt.step(lambda: (a**4).sum() + (b**4).sum())
+    assert opt.state[b]["step"] == 1
+    with opt.unperturbed():
+        assert torch.equal(b, before)
+
+
+def test_exception_inside_closure_step_loses_nothing():
+    x = _param()
+    opt = SASSHA([x], backend="eager")
+    opt.step(lambda: (x**4).sum())
+    before, state = x.detach().clone(), copy.deepcopy(opt.state[x])
+    calls = []
+
+    def closure():
+        calls.append(1)
+        if len(calls) == 2:
+            raise MemoryError("out of memory in the perturbed pass")
+        return (x**4).sum()
+
+    with pytest.raises(MemoryError):
+        opt.step(closure)
+    assert torch.equal(x, before) and not opt.is_perturbed
+    assert torch.equal(opt.state[x]["exp_avg"], state["exp_avg"]) and opt.global_step == 1
+    opt.step(lambda: (x**4).sum())  # and the next step runs
+    assert opt.global_step == 2
+
+
+def test_grad_scaler_with_closure_is_refused():
+    scaler = torch.amp.GradScaler("cpu")
+    x = _param(dtype=torch.float32)
+    for cls in (SASSHA, MSASSHA):
+        opt = cls([x], grad_scaler=scaler, backend="eager")
+        with pytest.raises(ValueError, match="grad_scaler"):
+            opt.step(lambda: (x**4).sum())
+
+
+def test_rejected_param_group_is_not_kept():
+    opt = SASSHA([_param()])
+    for bad in ({"params": [_param()], "lr": -1.0},
+                {"params": [torch.nn.Parameter(torch.randn(2, dtype=torch.complex64))]}):
+        with pytest.raises((ValueError, TypeError)):
+            opt.add_param_group(bad)
+        assert len(opt.param_groups) == 1
+
+
+def test_duplicate_params_are_rejected():
+    a = _param()
+    with pytest.raises(ValueError, match="twice"):
+        SASSHA([a, a])
+
+
+def test_rho_schedule_leaves_groups_with_their_own_rho_alone():
+    a, b = _param(), _param()
+    opt = SASSHA([{"params": [a], "rho": 0.0}, {"params": [b]}], rho=LinearSchedule(0.1, 0.2, 5), backend="eager")
+    opt.step(lambda: (a**4).sum() + (b**4).sum())
+    assert opt.param_groups[0]["rho"] == 0.0 and opt.param_groups[1]["rho"] == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="rho"):
+        SASSHA([{"params": [_param()], "rho": LinearSchedule(0.1, 0.2, 5)}])
+
+
+def test_skipped_step_does_not_advance_the_schedules():
+    x = _param()
+    power, rho = LinearSchedule(0.5, 1.0, 10), LinearSchedule(0.05, 0.5, 10)
+    opt = SASSHA([x], hessian_power=power, rho=rho, backend="eager")
+    opt.step(lambda: (x**4).sum())
+    with pytest.warns(RuntimeWarning):
+        opt.step(lambda: (x**4).sum() * float("nan"))
+    opt.step(lambda: (x**4).sum())
+    assert power.t == 2 and rho.t == 2 and opt.global_step == 2
+
+
+@pytest.mark.parametrize("inside", [True, False])
+def test_msassha_checkpoint_inside_or_outside_unperturbed_resumes_exactly(inside):
+    p0 = make_params([9, 40], DT)
+    straight, first = clone_params(p0), clone_params(p0)
+    make = lambda q: MSASSHA(q, lr=0.02, lazy_hessian=3, backend="eager")  # noqa: E731
+    o = make(straight)
+    for t in range(10):
+        o.step(lambda: coupled_loss(straight, t))
+    o1 = make(first)
+    for t in range(5):
+        o1.step(lambda: coupled_loss(first, t))
+    if inside:
+        with o1.unperturbed():
+            model, opt_state = [p.detach().clone() for p in first], copy.deepcopy(o1.state_dict())
+    else:
+        model, opt_state = [p.detach().clone() for p in first], copy.deepcopy(o1.state_dict())
+    resumed = [torch.nn.Parameter(m) for m in model]  # the model is loaded first
+    o2 = make(resumed)
+    o2.load_state_dict(opt_state)
+    for t in range(5, 10):
+        o2.step(lambda: coupled_loss(resumed, t))
+    for p, q in zip(straight, resumed):
+        assert torch.equal(p, q)
+
+
+def test_closure_that_calls_backward_gets_a_clear_error():
+    x = _param()
+    opt = SASSHA([x], backend="eager")
+
+    def calls_backward():
+        loss = (x**4).sum()
+        loss.backward()
+        return loss
+
+    with pytest.raises(RuntimeError, match="without calling backward"):
+        opt.step(calls_backward)
+    with pytest.raises(ValueError, match="without calling backward"):
+        opt.step(lambda: (x**4).sum().detach())
+    assert not opt.is_perturbed and opt.global_step == 0
+
+
+def test_sassha_unperturbed_mid_step_shows_the_unperturbed_point():
+    x = _param()
+    opt = SASSHA([x], backend="eager")
+    before = x.detach().clone()
+    (x**4).sum().backward()
+    opt.perturb_weights()
+    perturbed = x.detach().clone()
+    with opt.unperturbed():
+        assert torch.equal(x, before)
+    assert torch.equal(x, perturbed) and opt.is_perturbed
