@@ -22,7 +22,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 from typing import Dict, List
@@ -322,6 +321,19 @@ def training_step_fn(opt_name: str, model: nn.Module, loss_fn):
     return step
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident set (VmHWM), MiB.
+
+    Not ``ru_maxrss``: Linux carries that across fork and exec, so a child started
+    by a large parent would report the parent's peak. VmHWM starts afresh at exec.
+    """
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def run_one(model_name: str, opt_name: str, device: torch.device, steps: int, quick: bool) -> Dict:
     model, loss_fn, shape = build(model_name, device, quick)
     step = training_step_fn(opt_name, model, loss_fn)
@@ -331,7 +343,7 @@ def run_one(model_name: str, opt_name: str, device: torch.device, steps: int, qu
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) / 2**20
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB, whole process
+        peak = peak_rss_mib()
     return {"model": model_name, "optimizer": opt_name, "shape": shape,
             "params": sum(p.numel() for p in model.parameters()), "peak_MiB": peak,
             **summarize(samples)}
@@ -422,7 +434,7 @@ def main(argv: List[str] = None) -> None:
             print(f"| {model_name} | {shape} | {r['params'] / 1e6:.1f}M | {opt_name} | {r['median_ms']:.1f} | "
                   f"{r['q1_ms']:.1f}-{r['q3_ms']:.1f} | {r['peak_MiB']:.0f} |")
     if device.type == "cpu":
-        print("\nCPU peak memory is the whole process's maximum resident set (torch included).")
+        print("\nCPU peak memory: the configuration's own process, peak resident set (VmHWM), torch included.")
 
     out = args.out or os.path.join(HERE, "results", f"report-{device.type}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
