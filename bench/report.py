@@ -22,6 +22,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 from typing import Dict, List
@@ -358,6 +359,7 @@ def main(argv: List[str] = None) -> None:
     ap.add_argument("--numel", type=int, default=None)
     ap.add_argument("--tensors", type=int, default=100)
     ap.add_argument("--steps", type=int, default=20, help="timed training steps per configuration (k=10: 2 refreshes)")
+    ap.add_argument("--rounds", type=int, default=3, help="end-to-end rounds (configurations alternate)")
     ap.add_argument("--quick", action="store_true", help="small shapes and sizes everywhere (a smoke run)")
     ap.add_argument("--only-end-to-end", dest="one", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None)
@@ -417,22 +419,40 @@ def main(argv: List[str] = None) -> None:
                          "cpp" if "cpp" in backends else "foreach")
     optimizers = ["adamw", "sam", "official-style", fused]
     report["end_to_end"] = []
-    print("\n## End-to-end training steps (synthetic batches, k = 10)\n")
-    print("| model | shape | params | optimizer | ms / step (median) | IQR | peak MiB |")
-    print("|---|---|---:|---|---:|---:|---:|")
+    print(f"\n## End-to-end training steps (synthetic batches, k = 10; {args.rounds} rounds, configurations alternated)\n")
+    print("| model | shape | params | optimizer | ms / step (median) | ms / step (mean, refreshes included) "
+          "| time / SAM (mean) | time / official-style (mean) | peak MiB |")
+    print("|---|---|---:|---|---:|---:|---:|---:|---:|")
     for model_name in MODEL_SHAPES:
-        for opt_name in optimizers:
-            cmd = [sys.executable, os.path.abspath(__file__), "--device", args.device, "--steps", str(args.steps),
-                   "--only-end-to-end", f"{model_name}/{opt_name}"] + (["--quick"] if args.quick else [])
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                print(f"| {model_name} | | | {opt_name} | failed: {proc.stderr.strip().splitlines()[-1]} | | |")
-                continue
-            r = json.loads(proc.stdout.strip().splitlines()[-1])
+        # Each configuration runs in its own process (its own peak memory); rounds
+        # alternate them, so a drift of the machine's speed hits all alike.
+        runs: Dict[str, List[Dict]] = {o: [] for o in optimizers}
+        for _ in range(args.rounds):
+            for opt_name in optimizers:
+                cmd = [sys.executable, os.path.abspath(__file__), "--device", args.device,
+                       "--steps", str(args.steps), "--only-end-to-end", f"{model_name}/{opt_name}"]
+                cmd += ["--quick"] if args.quick else []
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    print(f"<!-- {model_name}/{opt_name} failed: {proc.stderr.strip().splitlines()[-1]} -->")
+                    continue
+                runs[opt_name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        summary = {}
+        for opt_name, rs in runs.items():
+            if rs:
+                summary[opt_name] = {
+                    **{k: rs[0][k] for k in ("model", "optimizer", "shape", "params")},
+                    "median_ms": statistics.median(r["median_ms"] for r in rs),
+                    "mean_ms": statistics.median(r["mean_ms"] for r in rs),
+                    "peak_MiB": max(r["peak_MiB"] for r in rs), "rounds": rs,
+                }
+        for opt_name, r in summary.items():
             report["end_to_end"].append(r)
             shape = ", ".join(f"{k}={v}" for k, v in r["shape"].items())
+            vs = {b: (f"{r['mean_ms'] / summary[b]['mean_ms']:.2f}x" if b in summary else "–")
+                  for b in ("sam", "official-style")}
             print(f"| {model_name} | {shape} | {r['params'] / 1e6:.1f}M | {opt_name} | {r['median_ms']:.1f} | "
-                  f"{r['q1_ms']:.1f}-{r['q3_ms']:.1f} | {r['peak_MiB']:.0f} |")
+                  f"{r['mean_ms']:.1f} | {vs['sam']} | {vs['official-style']} | {r['peak_MiB']:.0f} |")
     if device.type == "cpu":
         print("\nCPU peak memory: the configuration's own process, peak resident set (VmHWM), torch included.")
 
