@@ -53,9 +53,12 @@ case "$cmd" in
         ;;
     test)
         setup
-        # Triton kernels run under Triton's CPU interpreter; it must be on before
-        # triton is imported (tests/conftest.py sets it too).
-        export TRITON_INTERPRET=1
+        # Without a GPU, Triton kernels run under Triton's CPU interpreter; it must be
+        # on before triton is imported (tests/conftest.py sets it too). With a GPU
+        # the same tests run the compiled kernels on it.
+        if ! "$VPY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+            export TRITON_INTERPRET=1
+        fi
         set +e
         "$VPY" -m pytest tests -q -p no:cacheprovider "$@"
         rc=$?

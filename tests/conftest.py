@@ -1,19 +1,22 @@
 """Test configuration.
 
-Triton kernels run on the CPU under Triton's interpreter, which must be switched on
-before triton is first imported anywhere in the process: set it here, at the top of
-the first module pytest loads. ``.ci/run`` and the README's test command also export
-it, so a run started some other way behaves the same.
+Without a GPU, Triton kernels run on the CPU under Triton's interpreter, which must
+be switched on before triton is first imported anywhere in the process: it is set
+here, at the top of the first module pytest loads (``run.sh test`` exports it too).
+With a GPU it stays off, and the parity harness (``parity.DEVICE``) puts parameters
+on the GPU, so the same tests run the compiled kernels there.
 """
 
 import os
 import sys
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch  # importing torch does not import triton
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tests/parity.py
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 from sassha_fused import available_backends  # noqa: E402
 

@@ -12,6 +12,12 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+import os
+
+# Where parity tests put their parameters: the GPU when there is one and Triton's
+# interpreter is off (a GPU session), else the CPU.
+DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+
 # Odd sizes on purpose: block and word boundaries (32-element probe words), empty.
 EDGE_SIZES = (0, 1, 3, 31, 33, 1023, 1025, 10001)
 
@@ -32,7 +38,7 @@ def shape_for(n: int, k: int) -> Tuple[int, ...]:
 
 
 def make_params(
-    sizes: Sequence[int], dtype: torch.dtype = torch.float32, seed: int = 0, device: str = "cpu"
+    sizes: Sequence[int], dtype: torch.dtype = torch.float32, seed: int = 0, device: str = DEVICE
 ) -> List[torch.nn.Parameter]:
     gen = torch.Generator().manual_seed(seed)
     out = []
