@@ -6,7 +6,7 @@ with synthetic gradients assigned to ``.grad`` (no model forward/backward). The
 same parameter shapes are stepped by ``torch.optim.AdamW(fused=True)`` and
 ``AdamW(foreach=True)`` for scale.
 
-    .venv/bin/python bench/bench_cpu_step.py [--numel 10000000] [--tensors 100] [--reps 30]
+    .venv/bin/python bench/bench_cpu_step.py [--numel 10000000] [--tensors 100] [--rounds 10] [--reps 5]
 
 Prints a markdown table (median, spread, ratios, effective GB/s) and writes the
 numbers with device, versions and date to ``bench/results/``.
@@ -85,22 +85,39 @@ def adamw_step(opt, params, g1, g2) -> None:
     opt.step()
 
 
-def time_it(fn, reps: int, warmup: int):
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
+def interleaved_times(fns: dict, rounds: int, reps: int, warmup: int) -> dict:
+    """Per implementation, ``rounds`` lists of ``reps`` step times.
+
+    The implementations take turns, a round of ``reps`` steps each, so a slow phase
+    of a shared machine hits all of them alike; per-round ratios then compare
+    implementations measured a few milliseconds apart.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    out = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+            out[name].append(times)
     return out
+
+
+def round_ratio(a: list, b: list) -> float:
+    """Median over rounds of median(a's round) / median(b's round)."""
+    return statistics.median(statistics.median(x) / statistics.median(y) for x, y in zip(a, b))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--numel", type=int, default=10_000_000)
     ap.add_argument("--tensors", type=int, default=100)
-    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--rounds", type=int, default=10, help="turns each implementation takes")
+    ap.add_argument("--reps", type=int, default=5, help="steps per implementation and round")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--only", nargs="*", help="subset of implementations to run")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
@@ -128,47 +145,59 @@ def main() -> None:
     if args.only:
         impls = {n: v for n, v in impls.items() if n in args.only}
 
-    results = {}
+    fns, kinds, keep = {}, {}, []
     for name, (kind, make) in impls.items():
         params, g1, g2 = make_tensors(args.numel, args.tensors, seed=0)
         opt = make(params)
         if kind == "sassha":
             first_refresh_step(opt, params)
-            fn = lambda: sassha_step(opt, params, g1, g2)  # noqa: E731
+            fns[name] = lambda opt=opt, params=params, g1=g1, g2=g2: sassha_step(opt, params, g1, g2)
         else:
-            fn = lambda: adamw_step(opt, params, g1, g2)  # noqa: E731
-        times = time_it(fn, args.reps, args.warmup)
+            fns[name] = lambda opt=opt, params=params, g2=g2: adamw_step(opt, params, g2, g2)
+        kinds[name] = kind
+        keep.append((opt, params, g1, g2))
+    per_round = interleaved_times(fns, args.rounds, args.reps, args.warmup)
+    numel = (args.numel // args.tensors) * args.tensors
+    results = {}
+    for name, rounds in per_round.items():
+        times = [t for r in rounds for t in r]
         med = statistics.median(times)
         q = statistics.quantiles(times, n=4)
-        numel = (args.numel // args.tensors) * args.tensors
         results[name] = {
             "median_ms": med * 1e3, "min_ms": min(times) * 1e3, "max_ms": max(times) * 1e3,
             "q1_ms": q[0] * 1e3, "q3_ms": q[2] * 1e3,
-            "gb_per_s": BYTES_PER_ELEMENT[kind] * numel / med / 1e9,
-            "bytes_per_element": BYTES_PER_ELEMENT[kind], "times_ms": [t * 1e3 for t in times],
+            "gb_per_s": BYTES_PER_ELEMENT[kinds[name]] * numel / med / 1e9,
+            "bytes_per_element": BYTES_PER_ELEMENT[kinds[name]],
+            "rounds_ms": [[t * 1e3 for t in r] for r in rounds],
         }
         print(f"  {name}: {med * 1e3:.2f} ms", file=sys.stderr)
-        del opt, params, g1, g2
+    official_name, fused_name = "official-style eager", "AdamW(fused=True)"
+    for name, r in results.items():
+        if official_name in per_round:
+            r["official_over_this"] = round_ratio(per_round[official_name], per_round[name])
+        if fused_name in per_round:
+            r["this_over_adamw_fused"] = round_ratio(per_round[name], per_round[fused_name])
 
     meta = {
         "device": f"{cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads",
         "torch": torch.__version__, "python": platform.python_version(),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "numel": args.numel, "tensors": args.tensors, "reps": args.reps, "warmup": args.warmup,
+        "numel": args.numel, "tensors": args.tensors, "rounds": args.rounds, "reps": args.reps,
+        "warmup": args.warmup,
         "step": "non-refresh SASSHA step, official protocol, optimizer side only "
                 "(perturb_weights + unperturb + step); AdamW: step",
     }
-    official = results.get("official-style eager", {}).get("median_ms")
-    fused = results.get("AdamW(fused=True)", {}).get("median_ms")
     print(f"\n{meta['numel'] / 1e6:g}M fp32 params in {meta['tensors']} tensors; {meta['device']}; "
-          f"torch {meta['torch']}; {meta['date']}\n")
-    print("| implementation | median ms | IQR ms | min-max ms | vs official-style | vs AdamW(fused) | GB/s |")
+          f"torch {meta['torch']}; {meta['date']}; {args.rounds} rounds x {args.reps} steps, interleaved\n")
+    print("| implementation | median ms | IQR ms | min-max ms | speed-up over official-style | "
+          "time / AdamW(fused) | GB/s (design bytes) |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, r in results.items():
-        vs_off = f"{official / r['median_ms']:.2f}x faster" if official else "-"
-        vs_fused = f"{r['median_ms'] / fused:.2f}x time" if fused else "-"
+        vs_off = f"{r['official_over_this']:.2f}x" if "official_over_this" in r else "-"
+        vs_fused = f"{r['this_over_adamw_fused']:.2f}x" if "this_over_adamw_fused" in r else "-"
         print(f"| {name} | {r['median_ms']:.2f} | {r['q1_ms']:.2f}-{r['q3_ms']:.2f} | "
               f"{r['min_ms']:.2f}-{r['max_ms']:.2f} | {vs_off} | {vs_fused} | {r['gb_per_s']:.1f} |")
+    print("\nRatios: median over rounds of the per-round median ratio (robust to the machine's drift).")
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"cpu_step_{datetime.datetime.now():%Y%m%d-%H%M%S}.json")
     with open(path, "w") as f:

@@ -271,26 +271,28 @@ class _SasshaBase(torch.optim.Optimizer):
         power = self._power_t if self._power_t is not None else 0.5
         out: Dict[torch.device, List[GroupTensors]] = {}
         for group in self.param_groups:
-            by_device: Dict[torch.device, GroupTensors] = {}
+            selected = params_of(group)
+            if not selected:
+                continue
+            devices = [p.device for p in selected]
+            by_device: Dict[torch.device, List[Tensor]]
+            if devices.count(devices[0]) == len(devices):  # the common case: one device
+                by_device = {devices[0]: selected}
+            else:
+                by_device = {}
+                for p, device in zip(selected, devices):
+                    by_device.setdefault(device, []).append(p)
             beta1, beta2 = group["betas"]
-            for p in params_of(group):
-                gt = by_device.get(p.device)
-                if gt is None:
-                    gt = GroupTensors(
-                        params=[], grads=[], exp_avgs=[], exp_hessian_diags=[], backups=[],
-                        steps=[], bias_correction2=[], param_indices=[],
-                        lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2),
-                        weight_decay=float(group["weight_decay"]), eps=float(group["eps"]),
-                        rho=float(group["rho"]), perturb_eps=float(group["perturb_eps"]),
-                        hessian_power=power,
-                    )
-                    by_device[p.device] = gt
-                gt.params.append(p)
-                gt.grads.append(p.grad)
-                gt.backups.append(backups_of(p))
-                gt.param_indices.append(index[id(p)])
-            for device, gt in by_device.items():
-                out.setdefault(device, []).append(gt)
+            for device, ps in by_device.items():
+                out.setdefault(device, []).append(GroupTensors(
+                    params=list(ps), grads=[p.grad for p in ps], exp_avgs=[], exp_hessian_diags=[],
+                    backups=[backups_of(p) for p in ps], steps=[], bias_correction2=[],
+                    param_indices=[index[id(p)] for p in ps],
+                    lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2),
+                    weight_decay=float(group["weight_decay"]), eps=float(group["eps"]),
+                    rho=float(group["rho"]), perturb_eps=float(group["perturb_eps"]),
+                    hessian_power=power,
+                ))
         if with_state:
             self._attach_state(out, refresh)
         return out
@@ -303,8 +305,8 @@ class _SasshaBase(torch.optim.Optimizer):
         for groups in per_device.values():
             for gt in groups:
                 gt.exp_avgs, gt.exp_hessian_diags, gt.steps, gt.bias_correction2 = [], [], [], []
-                for p in gt.params:
-                    state = self.state[p]
+                states = gt.extras["states"] = [self.state[p] for p in gt.params]
+                for state in states:
                     step = state["step"] + 1
                     gt.exp_avgs.append(state["exp_avg"])
                     gt.exp_hessian_diags.append(state["exp_hessian_diag"])
@@ -365,8 +367,9 @@ class _SasshaBase(torch.optim.Optimizer):
         return total
 
     @staticmethod
-    def _check_grad(p: Tensor) -> None:
-        if p.grad is not None and p.grad.is_sparse:
+    def _check_grads(params: Iterable[Tensor]) -> None:
+        """Sparse gradients are refused (one pass over the params, no per-param call)."""
+        if any(g is not None and g.is_sparse for g in [p.grad for p in params]):
             raise RuntimeError(
                 "SASSHA does not support sparse gradients; use a dense embedding "
                 "(sparse=False) for parameters this optimizer updates"
@@ -423,14 +426,12 @@ class _SasshaBase(torch.optim.Optimizer):
         Hessian refresh, so its first update always has a Hessian estimate (a param
         that starts receiving gradients between refreshes waits for the next one).
         """
-        selected = []
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            self._check_grad(p)
-            if "exp_avg" in self.state.get(p, ()) or refresh:
-                selected.append(p)
-        return selected
+        with_grad = [p for p in group["params"] if p.grad is not None]
+        self._check_grads(with_grad)
+        if refresh:
+            return with_grad
+        state = self.state
+        return [p for p in with_grad if "exp_avg" in state.get(p, ())]
 
     # ------------------------------------------------------------------- HVPs
     def _hessian_vector_products(
@@ -502,8 +503,8 @@ class _SasshaBase(torch.optim.Optimizer):
     def _commit_state(self, per_device: Dict[torch.device, List[GroupTensors]], refresh: bool) -> None:
         for groups in per_device.values():
             for g in groups:
-                for j, p in enumerate(g.params):
-                    state = self.state[p]
+                states = g.extras.get("states") or [self.state[p] for p in g.params]
+                for j, state in enumerate(states):
                     state["step"] = g.steps[j]
                     state["bias_correction2"] = g.bias_correction2[j]
         self._global_step += 1
@@ -762,8 +763,7 @@ class SASSHA(_SasshaBase):
         self._pending_hvps = None
         self._pending_graph = True
         self._begin_step()
-        for p in self._all_params():
-            self._check_grad(p)
+        self._check_grads(self._all_params())
         per_device = self._group_tensors(
             lambda g: [p for p in g["params"] if p.grad is not None],
             self._backup, with_state=False,
@@ -910,11 +910,12 @@ class SASSHA(_SasshaBase):
             self._abort_step()
             self._skip_step()
             return
-        for p in updated_list:
-            self._ensure_state(p)
+        if refresh:  # between refreshes, every param taking part has state (_update_params)
+            for p in updated_list:
+                self._ensure_state(p)
         # Params perturbed but not updated (no state yet) go back to x_t here.
-        updated = set(updated_list)
-        self._restore([p for p in self._perturbed if p not in updated])
+        updated = {id(p) for p in updated_list}
+        self._restore([p for p in self._perturbed if id(p) not in updated])
         self._attach_state(per_device, refresh)
         self._run_update(per_device, hvps_by_param)
         self._perturbed = []

@@ -48,10 +48,21 @@ def _subgroup(g: GroupTensors, idx: Sequence[int]) -> GroupTensors:
     )
 
 
+_is_contiguous = Tensor.is_contiguous
+
+
 def _split(g: GroupTensors, *extra: Sequence[Optional[Tensor]]) -> Tuple[List[int], List[int]]:
     """Indices the kernels take (every tensor of the param contiguous) and the rest."""
-    fast, slow = [], []
     lists = [t for t in (g.params, g.grads, g.exp_avgs, g.exp_hessian_diags, g.backups, *extra) if t]
+    # The common case, every tensor contiguous, checked at C speed (map over the
+    # lists); lists with None entries (HVPs of params absent from the graph) and
+    # non-contiguous tensors take the per-tensor loop below.
+    try:
+        if all(all(map(_is_contiguous, ts)) for ts in lists):
+            return list(range(len(g.params))), []
+    except TypeError:  # a None entry
+        pass
+    fast, slow = [], []
     for j in range(len(g.params)):  # a plain loop: this runs for every tensor of every phase
         for ts in lists:
             t = ts[j]
@@ -117,14 +128,17 @@ class CppBackend(Backend):
         for g in groups:
             src = sources(g, source)
             fast, rest = _split(g, src)
-            for j in fast:
-                xs.append(g.params[j])
-                vs.append(src[j])
-                bs.append(g.backups[j])
-                sign_rho.append(sign * g.rho)
-                peps.append(g.perturb_eps)
             if rest:
                 slow.append(_subgroup(g, rest))
+                xs += [g.params[j] for j in fast]
+                vs += [src[j] for j in fast]
+                bs += [g.backups[j] for j in fast]
+            else:
+                xs += g.params
+                vs += src
+                bs += g.backups
+            sign_rho += [sign * g.rho] * len(fast)
+            peps += [g.perturb_eps] * len(fast)
         if xs:
             self._ops.perturb(xs, vs, bs, sq_norm.to(xs[0].device), sign_rho, peps, adaptive)
         if slow:
@@ -165,16 +179,14 @@ class CppBackend(Backend):
         for gi, g in enumerate(groups):
             per_sample = list(hvps[gi]) if refresh else []
             fast, rest = _split(g, *per_sample)
+            for ts, out in ((g.params, xs), (g.grads, gs), (g.exp_avgs, ms), (g.exp_hessian_diags, ds),
+                            (g.backups, bs), *zip(per_sample, hz)):
+                out += ts if not rest else [ts[j] for j in fast]
+            common = (g.beta1, g.beta2, g.lr, g.weight_decay, g.eps, g.hessian_power)
             for j in fast:
-                xs.append(g.params[j])
-                gs.append(g.grads[j])
-                ms.append(g.exp_avgs[j])
-                ds.append(g.exp_hessian_diags[j])
-                bs.append(g.backups[j])
-                scalars += (g.beta1, g.beta2, g.lr, g.weight_decay, g.eps, g.hessian_power,
-                            1 - g.beta1 ** g.steps[j], g.bias_correction2[j])
-                for s in range(n_samples):
-                    hz[s].append(per_sample[s][j])
+                scalars += (*common, 1 - g.beta1 ** g.steps[j], g.bias_correction2[j])
+            for s in range(n_samples):
+                for j in fast:
                     keys[s].extend(probe_key(spec.seed, spec.refresh, s, g.param_indices[j]))
             if rest:
                 sub_hvps = [[per_sample[s][j] for j in rest] for s in range(n_samples)] if refresh else None
