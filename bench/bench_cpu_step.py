@@ -4,9 +4,15 @@ A non-refresh SASSHA step through the official protocol, optimizer side only:
 ``perturb_weights`` (global grad norm + perturbation), ``unperturb``, ``step``,
 with synthetic gradients assigned to ``.grad`` (no model forward/backward). The
 same parameter shapes are stepped by ``torch.optim.AdamW(fused=True)`` and
-``AdamW(foreach=True)`` for scale.
+``AdamW(foreach=True)`` for scale. Where training runs a forward and a backward
+pass, this benchmark writes a 64 MiB buffer (untimed), so every optimizer call
+finds its arrays evicted from the caches as it would in training
+(``--flush-mib 0``: steps back to back, which lets the smaller working set of
+AdamW keep part of its arrays in the 32 MiB L3 from one step to the next).
+The implementations take turns in rounds; ratios are medians of per-round ratios.
+A second table times each C++ pass against one AdamW step, call by call.
 
-    .venv/bin/python bench/bench_cpu_step.py [--numel 10000000] [--tensors 100] [--rounds 10] [--reps 5]
+    .venv/bin/python bench/bench_cpu_step.py [--numel 10000000] [--tensors 100] [--rounds 10] [--reps 5] [--flush-mib 64]
 
 Prints a markdown table (median, spread, ratios, effective GB/s) and writes the
 numbers with device, versions and date to ``bench/results/``.
@@ -69,24 +75,50 @@ def first_refresh_step(opt, params) -> None:
         opt.zero_grad(set_to_none=True)
 
 
-def sassha_step(opt, params, g1, g2) -> None:
+def sassha_step(opt, params, g1, g2, between) -> float:
+    """One step through the official protocol; returns the seconds spent in the optimizer.
+
+    ``between()`` runs, untimed, where the training loop's two forward/backward
+    passes would run (the gradients are assigned there too).
+    """
     for p, g in zip(params, g1):
         p.grad = g
+    between()
+    t0 = time.perf_counter()
     opt.perturb_weights(zero_grad=True)
+    t1 = time.perf_counter()
     for p, g in zip(params, g2):
         p.grad = g
+    between()
+    t2 = time.perf_counter()
     opt.unperturb()
     opt.step()
+    return t1 - t0 + time.perf_counter() - t2
 
 
-def adamw_step(opt, params, g1, g2) -> None:
-    for p, g in zip(params, g2):
-        p.grad = g
+def adamw_step(opt, params, g, between) -> float:
+    for p, grad in zip(params, g):
+        p.grad = grad
+    between()
+    t0 = time.perf_counter()
     opt.step()
+    return time.perf_counter() - t0
+
+
+class CacheFlush:
+    """Stands in for the forward/backward passes between optimizer calls: it writes
+    a buffer larger than the last-level cache, so the optimizer finds none of its
+    arrays cached, as in training."""
+
+    def __init__(self, mib: int) -> None:
+        self.buf = torch.empty(mib * 2**20 // 4, dtype=torch.float32)
+
+    def __call__(self) -> None:
+        self.buf.fill_(1.0)
 
 
 def interleaved_times(fns: dict, rounds: int, reps: int, warmup: int) -> dict:
-    """Per implementation, ``rounds`` lists of ``reps`` step times.
+    """Per implementation, ``rounds`` lists of ``reps`` step times (each fn returns its time).
 
     The implementations take turns, a round of ``reps`` steps each, so a slow phase
     of a shared machine hits all of them alike; per-round ratios then compare
@@ -98,18 +130,78 @@ def interleaved_times(fns: dict, rounds: int, reps: int, warmup: int) -> dict:
     out = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            times = []
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-            out[name].append(times)
+            out[name].append([fn() for _ in range(reps)])
     return out
 
 
 def round_ratio(a: list, b: list) -> float:
     """Median over rounds of median(a's round) / median(b's round)."""
     return statistics.median(statistics.median(x) / statistics.median(y) for x, y in zip(a, b))
+
+
+# The C++ passes of a step and their minimal bytes per fp32 element, for the
+# per-pass comparison with one AdamW(fused=True) step (28 bytes per element).
+PASSES = {
+    "sq_norm (read g)": 4,
+    "perturb (read x, g; write x, backup)": 16,
+    "restore copy, torch._foreach_copy_ (read backup; write x)": 8,
+    "update, x_t read in place (read x, g~, m, D; write x, m)": 24,
+    "update, x_t read from the backup (read backup, g~, m, D; write x, m)": 24,
+}
+
+
+def pass_ratios(numel: int, n_tensors: int, calls: int) -> dict:
+    """Each C++ pass's time over one AdamW(fused=True) step's, measured call by call.
+
+    The passes and the AdamW step take turns one call at a time, each on its own
+    arrays, so every call finds the caches holding another call's data (as in a
+    training step) and the machine's drift hits all of them alike. The ratio of a
+    pass that moves its bytes as efficiently as AdamW does equals its byte ratio
+    (bytes / 28).
+    """
+    ops = torch.ops.sassha_fused
+    per = numel // n_tensors
+    gen = torch.Generator().manual_seed(0)
+
+    def arrays():
+        return [torch.randn(per, generator=gen) for _ in range(n_tensors)]
+
+    x, g, g2, b, m = arrays(), arrays(), arrays(), arrays(), arrays()
+    d = [torch.rand(per, generator=gen) for _ in range(n_tensors)]
+    scalars = [0.9, 0.999, 1e-4, 0.0, 1e-4, 0.5, 0.1, 0.05] * n_tensors
+    sq = ops.sq_norm(g, x, False, False)
+    zeros = [0.0] * n_tensors
+    peps = [1e-12] * n_tensors
+    adamw_params = arrays()
+    for p, grad in zip(adamw_params, arrays()):
+        p.grad = grad
+    adamw = torch.optim.AdamW(adamw_params, lr=1e-4, fused=True)
+    names = list(PASSES)
+    fns = {
+        names[0]: lambda: ops.sq_norm(g, x, False, False),
+        names[1]: lambda: ops.perturb(x, g, b, sq, zeros, peps, False),
+        names[2]: lambda: torch._foreach_copy_(x, b),
+        names[3]: lambda: ops.update(x, g2, m, d, x, [], [], scalars, 0, False),
+        names[4]: lambda: ops.update(x, g2, m, d, b, [], [], scalars, 0, False),
+        "AdamW(fused=True) step": adamw.step,
+    }
+    times = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(calls):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    ref = times["AdamW(fused=True) step"]
+    return {
+        name: {
+            "median_ms": statistics.median(ts) * 1e3,
+            "time_over_adamw": statistics.median(a / r for a, r in zip(ts, ref)),
+            "byte_ratio": PASSES[name] / 28 if name in PASSES else 1.0,
+        }
+        for name, ts in times.items()
+    }
 
 
 def main() -> None:
@@ -120,6 +212,11 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5, help="steps per implementation and round")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--only", nargs="*", help="subset of implementations to run")
+    ap.add_argument("--flush-mib", type=int, default=64,
+                    help="MiB written between optimizer calls to evict the caches, standing in for the "
+                         "forward/backward passes of training (0: steps run back to back)")
+    ap.add_argument("--pass-calls", type=int, default=40,
+                    help="calls of each C++ pass in the per-pass comparison with AdamW (0: skip it)")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     args = ap.parse_args()
 
@@ -145,15 +242,16 @@ def main() -> None:
     if args.only:
         impls = {n: v for n, v in impls.items() if n in args.only}
 
+    between = CacheFlush(args.flush_mib) if args.flush_mib > 0 else (lambda: None)
     fns, kinds, keep = {}, {}, []
     for name, (kind, make) in impls.items():
         params, g1, g2 = make_tensors(args.numel, args.tensors, seed=0)
         opt = make(params)
         if kind == "sassha":
             first_refresh_step(opt, params)
-            fns[name] = lambda opt=opt, params=params, g1=g1, g2=g2: sassha_step(opt, params, g1, g2)
+            fns[name] = lambda opt=opt, params=params, g1=g1, g2=g2: sassha_step(opt, params, g1, g2, between)
         else:
-            fns[name] = lambda opt=opt, params=params, g2=g2: adamw_step(opt, params, g2, g2)
+            fns[name] = lambda opt=opt, params=params, g2=g2: adamw_step(opt, params, g2, between)
         kinds[name] = kind
         keep.append((opt, params, g1, g2))
     per_round = interleaved_times(fns, args.rounds, args.reps, args.warmup)
@@ -183,12 +281,15 @@ def main() -> None:
         "torch": torch.__version__, "python": platform.python_version(),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "numel": args.numel, "tensors": args.tensors, "rounds": args.rounds, "reps": args.reps,
-        "warmup": args.warmup,
+        "warmup": args.warmup, "flush_mib": args.flush_mib,
         "step": "non-refresh SASSHA step, official protocol, optimizer side only "
-                "(perturb_weights + unperturb + step); AdamW: step",
+                "(perturb_weights + unperturb + step); AdamW: step; gradient assignment and the "
+                "cache flush standing in for forward/backward are not timed",
     }
     print(f"\n{meta['numel'] / 1e6:g}M fp32 params in {meta['tensors']} tensors; {meta['device']}; "
-          f"torch {meta['torch']}; {meta['date']}; {args.rounds} rounds x {args.reps} steps, interleaved\n")
+          f"torch {meta['torch']}; {meta['date']}; {args.rounds} rounds x {args.reps} steps, interleaved; "
+          + (f"caches flushed ({args.flush_mib} MiB written) where forward/backward would run\n"
+             if args.flush_mib > 0 else "steps back to back, no cache flush\n"))
     print("| implementation | median ms | IQR ms | min-max ms | speed-up over official-style | "
           "time / AdamW(fused) | GB/s (design bytes) |")
     print("|---|---:|---:|---:|---:|---:|---:|")
@@ -198,10 +299,19 @@ def main() -> None:
         print(f"| {name} | {r['median_ms']:.2f} | {r['q1_ms']:.2f}-{r['q3_ms']:.2f} | "
               f"{r['min_ms']:.2f}-{r['max_ms']:.2f} | {vs_off} | {vs_fused} | {r['gb_per_s']:.1f} |")
     print("\nRatios: median over rounds of the per-round median ratio (robust to the machine's drift).")
+    passes = {}
+    if args.pass_calls and available_backends()["cpp"]:
+        passes = pass_ratios(args.numel, args.tensors, args.pass_calls)
+        print("\nPer pass, each call interleaved with one AdamW(fused=True) step "
+              f"({args.pass_calls} calls each):\n")
+        print("| pass | median ms | time / AdamW step | byte ratio (bytes / 28) |")
+        print("|---|---:|---:|---:|")
+        for name, r in passes.items():
+            print(f"| {name} | {r['median_ms']:.2f} | {r['time_over_adamw']:.2f} | {r['byte_ratio']:.2f} |")
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"cpu_step_{datetime.datetime.now():%Y%m%d-%H%M%S}.json")
     with open(path, "w") as f:
-        json.dump({"meta": meta, "results": results}, f, indent=1)
+        json.dump({"meta": meta, "results": results, "passes": passes}, f, indent=1)
     print(f"\nwritten to {path}")
 
 
