@@ -1,0 +1,34 @@
+"""Smoke test of bench/bench_cpu_step.py (the issue-4 goal benchmark), so it cannot rot.
+
+Runs the script's ``main()`` at a tiny size in CI's smoke mode (``--benchmark-disable``);
+skipped when benchmarks are enabled (it measures nothing at this size).
+"""
+
+import json
+import sys
+
+import pytest
+
+import bench_cpu_step
+
+
+def test_cpu_step_script_smoke(request, tmp_path, monkeypatch, capsys):
+    if not request.config.getoption("benchmark_disable", default=False):
+        pytest.skip("smoke test of the script; run the script itself for numbers")
+    monkeypatch.setattr(sys, "argv", [
+        "bench_cpu_step.py", "--numel", "4000", "--tensors", "4", "--rounds", "2", "--reps", "1",
+        "--warmup", "1", "--flush-mib", "1", "--pass-calls", "2", "--out", str(tmp_path),
+    ])
+    bench_cpu_step.main()
+    out = capsys.readouterr().out
+    assert "| official-style eager |" in out and "| AdamW(fused=True) |" in out
+    (path,) = tmp_path.glob("cpu_step_*.json")
+    data = json.loads(path.read_text())
+    results = data["results"]
+    assert {"official-style eager", "sassha eager", "AdamW(fused=True)"} <= set(results)
+    for name, r in results.items():
+        assert r["median_ms"] > 0 and len(r["rounds_ms"]) == 2, name
+        assert r["this_over_adamw_fused"] > 0 and r["official_over_this"] > 0, name
+    if bench_cpu_step.available_backends()["cpp"]:
+        assert "sassha cpp" in results
+        assert set(data["passes"]) == set(bench_cpu_step.PASSES) | {"AdamW(fused=True) step"}
