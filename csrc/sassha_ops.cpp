@@ -139,6 +139,11 @@ void check_companion(const char* op, const char* what, const at::Tensor& t, int6
 // the loader picks one per machine (GCC function multi-versioning): the update's
 // sqrt and division are compute-bound at SSE2 width on two cores. Never
 // -march=native: the library may be built on one machine and run on another.
+#if defined(__GNUC__)
+#define SASSHA_ALWAYS_INLINE __attribute__((always_inline))
+#else
+#define SASSHA_ALWAYS_INLINE
+#endif
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
 #define SASSHA_CPU_CLONES __attribute__((target_clones("avx2", "default")))
 #else
@@ -333,12 +338,18 @@ void perturb_cpu(at::TensorList params, at::TensorList sources, at::TensorList b
 }
 
 // ---- phase 3: probes ----------------------------------------------------------
+// Whole words take a fixed-trip-count loop (vectorised); only a tensor's last
+// word can be partial.
 template <typename T>
-void chunk_probes(T* z, uint32_t k0, uint32_t k1, int64_t begin, int64_t end) {
+SASSHA_CPU_CLONES void chunk_probes(T* z, uint32_t k0, uint32_t k1, int64_t begin, int64_t end) {
   for (int64_t w = begin; w < end; w += kProbeWordBits) {
     const uint32_t bits = probe_bits(static_cast<uint32_t>(w >> 5), k0, k1);
-    const int64_t stop = std::min<int64_t>(end - w, kProbeWordBits);
-    for (int64_t b = 0; b < stop; ++b) z[w + b] = static_cast<T>(probe_sign<float>(bits, static_cast<uint32_t>(b)));
+    T* zw = z + w;
+    if (end - w >= kProbeWordBits) {
+      for (uint32_t b = 0; b < kProbeWordBits; ++b) zw[b] = static_cast<T>(probe_sign<float>(bits, b));
+    } else {
+      for (uint32_t b = 0; b < end - w; ++b) zw[b] = static_cast<T>(probe_sign<float>(bits, b));
+    }
   }
 }
 
@@ -410,7 +421,13 @@ SASSHA_CPU_CLONES void chunk_update(T* x, const T* backup, const T* g, math_t<T>
     store_fence();
     return;
   }
-  M h[kProbeWordBits];
+  // A probe word (32 elements) at a time: the sample mean of z * Hz, then the
+  // update into small local arrays that are stored afterwards, so the compute loop
+  // only reads (backup may alias x) and vectorises; whole words have a fixed trip count.
+  alignas(64) M h[kProbeWordBits];
+  alignas(64) T x_new[kProbeWordBits];
+  alignas(64) M m_new[kProbeWordBits];
+  alignas(64) M d_new[kProbeWordBits];
   for (int64_t w = begin; w < end; w += kProbeWordBits) {
     const int64_t len = std::min<int64_t>(end - w, kProbeWordBits);
     for (int64_t b = 0; b < kProbeWordBits; ++b) h[b] = M(0);
@@ -418,18 +435,34 @@ SASSHA_CPU_CLONES void chunk_update(T* x, const T* backup, const T* g, math_t<T>
       const T* hs = hz[smp];
       if (hs == nullptr) continue;  // param absent from the graph: Hz = 0
       const uint32_t bits = probe_bits(static_cast<uint32_t>(w >> 5), keys[2 * smp], keys[2 * smp + 1]);
-      for (int64_t b = 0; b < len; ++b) {
-        h[b] += probe_sign<M>(bits, static_cast<uint32_t>(b)) * static_cast<M>(hs[w + b]);
+      const T* hw = hs + w;
+      if (len == kProbeWordBits) {
+        for (uint32_t b = 0; b < kProbeWordBits; ++b) h[b] += probe_sign<M>(bits, b) * static_cast<M>(hw[b]);
+      } else {
+        for (uint32_t b = 0; b < len; ++b) h[b] += probe_sign<M>(bits, b) * static_cast<M>(hw[b]);
       }
     }
-    for (int64_t b = 0; b < len; ++b) {
-      const int64_t i = w + b;
-      const M di = hessian_ema<M>(d[i], h[b], s);
-      M mi = m[i];
-      x[i] = static_cast<T>(sassha_update<M, SQRT_POWER>(static_cast<M>(backup[i]), mi, di, static_cast<M>(g[i]), s));
-      m[i] = mi;
-      d[i] = di;
+    const T* bw = backup + w;
+    const T* gw = g + w;
+    const M* mw = m + w;
+    const M* dw = d + w;
+    auto compute = [&](int64_t n) SASSHA_ALWAYS_INLINE {
+      for (int64_t b = 0; b < n; ++b) {
+        const M di = hessian_ema<M>(dw[b], h[b], s);
+        M mi = mw[b];
+        x_new[b] = static_cast<T>(sassha_update<M, SQRT_POWER>(static_cast<M>(bw[b]), mi, di, static_cast<M>(gw[b]), s));
+        m_new[b] = mi;
+        d_new[b] = di;
+      }
+    };
+    if (len == kProbeWordBits) {
+      compute(kProbeWordBits);
+    } else {
+      compute(len);
     }
+    std::memcpy(x + w, x_new, len * sizeof(T));
+    std::memcpy(m + w, m_new, len * sizeof(M));
+    std::memcpy(d + w, d_new, len * sizeof(M));
   }
 }
 
