@@ -38,6 +38,7 @@ sys.path.insert(0, HERE)
 from common import cpu_model  # noqa: E402
 from official_style import OfficialStyleSASSHA  # noqa: E402
 from sassha_fused import SASSHA, available_backends  # noqa: E402
+from sassha_fused.probes import probe_key  # noqa: E402
 
 # Bytes per element a step must move, as each implementation is designed (fp32):
 # SASSHA: norm reads g (4); perturb reads x, g, writes backup, x (16); unperturb
@@ -147,6 +148,8 @@ PASSES = {
     "restore copy, torch._foreach_copy_ (read backup; write x)": 8,
     "update, x_t read in place (read x, g~, m, D; write x, m)": 24,
     "update, x_t read from the backup (read backup, g~, m, D; write x, m)": 24,
+    "probes, refresh steps only (write z)": 4,
+    "update on a refresh step, S = 1 (read x, g~, m, D, Hz; write x, m, D)": 32,
 }
 
 
@@ -168,6 +171,8 @@ def pass_ratios(numel: int, n_tensors: int, calls: int) -> dict:
 
     x, g, g2, b, m = arrays(), arrays(), arrays(), arrays(), arrays()
     d = [torch.rand(per, generator=gen) for _ in range(n_tensors)]
+    z, hz = arrays(), arrays()
+    keys = [k for j in range(n_tensors) for k in probe_key(0, 0, 0, j)]
     scalars = [0.9, 0.999, 1e-4, 0.0, 1e-4, 0.5, 0.1, 0.05] * n_tensors
     sq = ops.sq_norm(g, x, False, False)
     zeros = [0.0] * n_tensors
@@ -183,6 +188,8 @@ def pass_ratios(numel: int, n_tensors: int, calls: int) -> dict:
         names[2]: lambda: torch._foreach_copy_(x, b),
         names[3]: lambda: ops.update(x, g2, m, d, x, [], [], scalars, 0, False),
         names[4]: lambda: ops.update(x, g2, m, d, b, [], [], scalars, 0, False),
+        names[5]: lambda: ops.probes(z, keys),
+        names[6]: lambda: ops.update(x, g2, m, d, x, hz, keys, scalars, 1, True),
         "AdamW(fused=True) step": adamw.step,
     }
     times = {name: [] for name in fns}
@@ -260,7 +267,7 @@ def main() -> None:
     for name, rounds in per_round.items():
         times = [t for r in rounds for t in r]
         med = statistics.median(times)
-        q = statistics.quantiles(times, n=4)
+        q = statistics.quantiles(times, n=4) if len(times) > 1 else [med] * 3
         results[name] = {
             "median_ms": med * 1e3, "min_ms": min(times) * 1e3, "max_ms": max(times) * 1e3,
             "q1_ms": q[0] * 1e3, "q3_ms": q[2] * 1e3,
