@@ -56,7 +56,8 @@ void launch_perturb(const TensorRec* recs, const BlockRec* blocks, int64_t n_blo
 // param = z, the Rademacher probe of the key (k0, k1).
 void launch_probes(const TensorRec* recs, const BlockRec* blocks, int64_t n_blocks, void* stream);
 // The SASSHA update. On refresh steps hz[hz_index + s] is H z_s (null: Hz = 0) and
-// keys[2 (hz_index + s) + {0, 1}] the key of z_s.
+// keys[2 (hz_index + s) + {0, 1}] the key of z_s. sqrt_power: every tensor has p = 0.5
+// (else each tensor takes sqrt or pow by its own p, as the CPU kernels do).
 void launch_update(const TensorRec* recs, const BlockRec* blocks, int64_t n_blocks, const void* const* hz,
                    const uint32_t* keys, int64_t n_samples, bool refresh, bool sqrt_power, void* stream);
 

@@ -13,6 +13,10 @@ namespace sassha {
 namespace cuda {
 namespace {
 
+// Every thread starts its kVec elements at a multiple of kVec, so they never span
+// two 32-element probe words (the probe kernels hash once per kVec elements).
+static_assert(kBlockElems % kVec == 0 && kProbeWordBits % kVec == 0, "kVec must divide the probe word");
+
 // ---- loads and stores in the param dtype, math in fp32 -----------------------
 template <typename T> struct Conv;
 template <> struct Conv<float> {
@@ -173,9 +177,11 @@ __global__ void __launch_bounds__(kThreads) probes_kernel(const TensorRec* __res
   dispatch_dtype(r.dtype, [&](auto tag) {
     using T = decltype(tag);
     for (int64_t i = range.begin + threadIdx.x * kVec; i < range.end; i += kThreads * kVec) {
+      // One hash per kVec elements: i is a multiple of kVec, so they share a probe word.
+      const uint32_t bits = probe_bits(static_cast<uint32_t>(i >> 5), r.k0, r.k1);
       float z[kVec];
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) z[k] = probe_element<float>(i + k, r.k0, r.k1);
+      for (int k = 0; k < kVec; ++k) z[k] = probe_sign<float>(bits, static_cast<uint32_t>(i & 31) + k);
       store_vec(static_cast<T*>(r.param), i, range.end, r.aligned, z);
     }
   });
@@ -208,6 +214,9 @@ __global__ void __launch_bounds__(kThreads) update_kernel(const TensorRec* __res
   const TensorRec& r = recs[b.tensor];
   const Range range = block_range(r, b);
   const UpdateScalars<float> s = update_scalars(r, n_samples);
+  // D^p as the CPU kernels take it: sqrt for each tensor whose p is 0.5, pow otherwise
+  // (SQRT_POWER: every tensor of the launch has p = 0.5).
+  const bool sqrt_power = SQRT_POWER || r.scalars[kPower] == 0.5;
   dispatch_dtype(r.dtype, [&](auto tag) {
     using T = decltype(tag);
     for (int64_t i = range.begin + threadIdx.x * kVec; i < range.end; i += kThreads * kVec) {
@@ -222,17 +231,20 @@ __global__ void __launch_bounds__(kThreads) update_kernel(const TensorRec* __res
           const T* hs = static_cast<const T*>(hz[r.hz_index + smp]);
           if (hs == nullptr) continue;  // param absent from the graph: Hz = 0
           const uint32_t k0 = keys[2 * (r.hz_index + smp)], k1 = keys[2 * (r.hz_index + smp) + 1];
+          const uint32_t bits = probe_bits(static_cast<uint32_t>(i >> 5), k0, k1);  // one word for i .. i + kVec - 1
           float hv[kVec];
           load_vec(hs, i, range.end, r.aligned, hv);
 #pragma unroll
-          for (int k = 0; k < kVec; ++k) h[k] += probe_element<float>(i + k, k0, k1) * hv[k];
+          for (int k = 0; k < kVec; ++k) h[k] += probe_sign<float>(bits, static_cast<uint32_t>(i & 31) + k) * hv[k];
         }
 #pragma unroll
         for (int k = 0; k < kVec; ++k) d[k] = hessian_ema<float>(d[k], h[k], s);
       }
       float out[kVec];
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) out[k] = sassha_update<float, SQRT_POWER>(x[k], m[k], d[k], g[k], s);
+      for (int k = 0; k < kVec; ++k)
+        out[k] = sqrt_power ? sassha_update<float, true>(x[k], m[k], d[k], g[k], s)
+                            : sassha_update<float, false>(x[k], m[k], d[k], g[k], s);
       store_vec(static_cast<T*>(r.param), i, range.end, r.aligned, out);
       store_vec(r.exp_avg, i, range.end, r.aligned, m);
       if (REFRESH) store_vec(r.exp_hessian_diag, i, range.end, r.aligned, d);
