@@ -14,6 +14,7 @@ import torch
 
 from conftest import requires_triton
 from parity import (
+    DEVICE,
     EDGE_SIZES,
     assert_same_trajectory,
     clone_params,
@@ -94,7 +95,7 @@ def test_probes_bitwise_equal_to_reference(dtype):
     # bit position of the 32-bit hash is used
     sizes = [1, 31, 32, 33, 2049, 70001, 0]
     shapes = [(1,), (31,), (4, 8), (3, 11), (2049,), (70001,), (0, 3)]
-    params = [torch.zeros(s, dtype=dtype) for s in shapes]
+    params = [torch.zeros(s, dtype=dtype, device=DEVICE) for s in shapes]
     backend = _triton()
     for seed, refresh, sample in [(0, 0, 0), (2**40 + 7, 5, 1), (2**64 - 1, 2**31 + 3, 3)]:
         g = GroupTensors(params=params, grads=params, exp_avgs=[], exp_hessian_diags=[], backups=params,
@@ -106,7 +107,7 @@ def test_probes_bitwise_equal_to_reference(dtype):
             key = probe_key(seed, refresh, sample, pidx)
             ref = rademacher(n, key, dtype=dtype).view(shape)
             assert z.dtype == dtype and z.shape == torch.Size(shape)
-            assert torch.equal(z, ref), (seed, refresh, sample, n)
+            assert torch.equal(z.cpu(), ref), (seed, refresh, sample, n)
 
 
 # --------------------------------------------------------------- trajectories
@@ -273,9 +274,10 @@ def test_spy_sees_the_triton_backend_run():
 
 def test_supports_and_refusals():
     backend = _triton()
-    assert backend.supports(torch.device("cpu"), torch.float32) is None  # interpreter on
-    assert backend.supports(torch.device("cpu"), torch.bfloat16) is None
-    reason = backend.supports(torch.device("cpu"), torch.float64)
+    device = torch.device(DEVICE)  # the CPU only under the interpreter (no GPU here)
+    assert backend.supports(device, torch.float32) is None
+    assert backend.supports(device, torch.bfloat16) is None
+    reason = backend.supports(device, torch.float64)
     assert reason is not None and "float64" in reason
     with pytest.raises(BackendUnavailable, match="float64"):
         SASSHA(make_params((3,), torch.float64), backend="triton")

@@ -15,6 +15,10 @@ The kernels are in ``triton_kernels/sassha.py`` (imported as
   rebuilt only when storage changes. A launch holds at most
   ``max_tensors_per_launch`` tensors and ``max_blocks_per_launch`` tiles; the rest
   is carried to a next launch (never reached by real models with the defaults).
+* **Device.** Triton launches on the *current* CUDA device's current stream, not
+  on the device of the pointers it is given, so every launch runs under
+  ``torch.cuda.device(<the tensors' device>)``: params on ``cuda:1`` while
+  ``cuda:0`` is current would otherwise be addressed from the wrong GPU.
 * **No host synchronisation.** The global norm is reduced on the device in two
   deterministic stages (per-tile partials, then one fixed-order sum); the
   perturbation scale is computed in the kernel from that tensor. Tables go to the
@@ -27,6 +31,7 @@ counts them, for tests and benchmarks.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from collections import OrderedDict, defaultdict
@@ -80,6 +85,11 @@ def _interpreted() -> bool:
         return isinstance(_kernels.update_kernel, InterpretedFunction)
     except Exception:  # pragma: no cover - layout of triton internals changed
         return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _on(device: torch.device):
+    """Make ``device`` current around a launch (Triton launches on the current device and its stream)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _aligned(rows: Sequence[Sequence[int]]) -> bool:
@@ -243,28 +253,35 @@ class TritonBackend(Backend):
     def sq_norm(self, groups: Sequence[GroupTensors], source: str, adaptive: bool) -> Tensor:
         device = first_device(groups)
         buckets, fallback = self._bucket(groups, lambda g, j: [sources(g, source)[j], g.params[j]])
-        jobs = []
-        n_partials = 0
+        # per device: its launches and their partials (a kernel writes only its own device's memory)
+        jobs: Dict[torch.device, list] = {device: []}
+        n_partials: Dict[torch.device, int] = {device: 0}
         for key, entries in buckets.items():
             numels = tuple(groups[gi].params[j].numel() for gi, j in entries)
             for launch in self._plan(key[0], numels):
-                jobs.append((key, entries, launch, n_partials))
-                n_partials += launch.n_programs
-        partials = torch.empty(max(n_partials, 1), dtype=torch.float32, device=device)
-        for key, entries, launch, base in jobs:
-            rows = []
-            for gi, j in entries[launch.lo:launch.hi]:
-                g = groups[gi]
-                rows.append((sources(g, source)[j].data_ptr(), g.params[j].data_ptr(), g.params[j].numel()))
-            _kernels.sq_norm_partials_kernel[(launch.n_programs,)](
-                launch.blocks, self._ptr_table(key[0], rows), partials, base,
-                V_DTYPE=_tl_dtype(key[1]), X_DTYPE=_tl_dtype(key[2]), ADAPTIVE=bool(adaptive),
-                ALIGNED=_aligned(rows), BLOCK=BLOCK, num_warps=NUM_WARPS,
-            )
-            self.launches += 1
-        total = torch.empty((), dtype=torch.float32, device=device)
-        _kernels.sum_partials_kernel[(1,)](partials, n_partials, total, BLOCK=REDUCE_BLOCK, num_warps=4)
-        self.launches += 1
+                base = n_partials.setdefault(key[0], 0)
+                jobs.setdefault(key[0], []).append((key, entries, launch, base))
+                n_partials[key[0]] = base + launch.n_programs
+        total: Optional[Tensor] = None
+        for dev, dev_jobs in jobs.items():  # ``device`` first: one sum launch even with no tiles
+            with _on(dev):
+                partials = torch.empty(max(n_partials[dev], 1), dtype=torch.float32, device=dev)
+                for key, entries, launch, base in dev_jobs:
+                    rows = []
+                    for gi, j in entries[launch.lo:launch.hi]:
+                        g = groups[gi]
+                        rows.append((sources(g, source)[j].data_ptr(), g.params[j].data_ptr(), g.params[j].numel()))
+                    _kernels.sq_norm_partials_kernel[(launch.n_programs,)](
+                        launch.blocks, self._ptr_table(dev, rows), partials, base,
+                        V_DTYPE=_tl_dtype(key[1]), X_DTYPE=_tl_dtype(key[2]), ADAPTIVE=bool(adaptive),
+                        ALIGNED=_aligned(rows), BLOCK=BLOCK, num_warps=NUM_WARPS,
+                    )
+                    self.launches += 1
+                part = torch.empty((), dtype=torch.float32, device=dev)
+                _kernels.sum_partials_kernel[(1,)](partials, n_partials[dev], part, BLOCK=REDUCE_BLOCK, num_warps=4)
+                self.launches += 1
+            total = part if total is None else total + part.to(device)
+        assert total is not None
         if fallback:
             subs, _, _ = _subset(groups, fallback)
             total = total + EagerBackend().sq_norm(subs, source, adaptive).to(device, torch.float32)
@@ -296,11 +313,12 @@ class TritonBackend(Backend):
                     x = g.params[j]
                     rows.append((x.data_ptr(), g.backups[j].data_ptr(), sources(g, source)[j].data_ptr(), x.numel()))
                     scal.append((sign * g.rho, g.perturb_eps))
-                _kernels.perturb_kernel[(launch.n_programs,)](
-                    launch.blocks, self._ptr_table(device, rows), self._scalars(device, scal), sq_cache[device],
-                    X_DTYPE=_tl_dtype(key[1]), V_DTYPE=_tl_dtype(key[3]), ADAPTIVE=bool(adaptive),
-                    ALIGNED=_aligned(rows), BLOCK=BLOCK, num_warps=NUM_WARPS,
-                )
+                with _on(device):
+                    _kernels.perturb_kernel[(launch.n_programs,)](
+                        launch.blocks, self._ptr_table(device, rows), self._scalars(device, scal), sq_cache[device],
+                        X_DTYPE=_tl_dtype(key[1]), V_DTYPE=_tl_dtype(key[3]), ADAPTIVE=bool(adaptive),
+                        ALIGNED=_aligned(rows), BLOCK=BLOCK, num_warps=NUM_WARPS,
+                    )
                 self.launches += 1
         if fallback:
             subs, _, _ = _subset(groups, fallback)
@@ -338,11 +356,12 @@ class TritonBackend(Backend):
                     z = out[gi][j]
                     rows.append((z.data_ptr(), z.numel()))
                     keys.append(probe_key(spec.seed, spec.refresh, sample, groups[gi].param_indices[j]))
-                _kernels.probes_kernel[(launch.n_programs,)](
-                    launch.blocks, self._ptr_table(device, rows),
-                    self._upload(torch.tensor(keys, dtype=torch.int64), device),
-                    Z_DTYPE=_tl_dtype(dtype), ALIGNED=_aligned(rows), BLOCK=BLOCK, num_warps=NUM_WARPS,
-                )
+                with _on(device):
+                    _kernels.probes_kernel[(launch.n_programs,)](
+                        launch.blocks, self._ptr_table(device, rows),
+                        self._upload(torch.tensor(keys, dtype=torch.int64), device),
+                        Z_DTYPE=_tl_dtype(dtype), ALIGNED=_aligned(rows), BLOCK=BLOCK, num_warps=NUM_WARPS,
+                    )
                 self.launches += 1
         return out  # type: ignore[return-value]
 
@@ -411,12 +430,13 @@ class TritonBackend(Backend):
                     mode = _kernels.POWER_GENERAL
                 ptrs = self._ptr_table(device, rows)
                 key_table = self._upload(torch.tensor(keys, dtype=torch.int64), device) if refresh else ptrs
-                _kernels.update_kernel[(launch.n_programs,)](
-                    launch.blocks, ptrs, key_table, self._scalars(device, scal),
-                    X_DTYPE=_tl_dtype(key[1]), G_DTYPE=_tl_dtype(key[5]), S_DTYPE=_tl_dtype(key[3]),
-                    REFRESH=refresh, N_SAMPLES=max(n_samples, 1), N_COLS=n_cols if refresh else 6,
-                    POWER_MODE=mode, ALIGNED=_aligned(rows), BLOCK=BLOCK, num_warps=NUM_WARPS,
-                )
+                with _on(device):
+                    _kernels.update_kernel[(launch.n_programs,)](
+                        launch.blocks, ptrs, key_table, self._scalars(device, scal),
+                        X_DTYPE=_tl_dtype(key[1]), G_DTYPE=_tl_dtype(key[5]), S_DTYPE=_tl_dtype(key[3]),
+                        REFRESH=refresh, N_SAMPLES=max(n_samples, 1), N_COLS=n_cols if refresh else 6,
+                        POWER_MODE=mode, ALIGNED=_aligned(rows), BLOCK=BLOCK, num_warps=NUM_WARPS,
+                    )
                 self.launches += 1
         if fallback:
             subs, gis, jss = _subset(groups, fallback)
