@@ -550,7 +550,7 @@ class _SasshaBase(torch.optim.Optimizer):
                 for s in range(self.n_samples):
                     if entry[s] is None:
                         entry[s] = torch.zeros_like(p)
-        hz = [h for p in params for h in (hvps_by_param or {}).get(p, ()) if h is not None]
+        hz = [h for p in params for h in hvps_by_param.get(p, ()) if h is not None] if hvps_by_param else []
         if hz:
             inv = self._inv_scale(hz[0].device)
             if inv is not None:
@@ -742,7 +742,8 @@ class SASSHA(_SasshaBase):
 
     def _backup(self, p: Tensor) -> Tensor:
         buf = self._backups.get(id(p))
-        if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
+        # (a param's storage may have been replaced since: p.data = ... with another shape)
+        if buf is None or buf.shape != p.shape or buf.dtype is not p.dtype or buf.device != p.device:
             buf = torch.empty_like(p, memory_format=torch.preserve_format)
             self._backups[id(p)] = buf
         return buf

@@ -20,11 +20,8 @@ __all__ = ["EagerBackend", "norm_accumulator_dtype"]
 
 def norm_accumulator_dtype(groups: Sequence[GroupTensors]) -> torch.dtype:
     """fp64 when any param is fp64, else fp32: the dtype global norms sum in."""
-    for g in groups:
-        for p in g.params:
-            if p.dtype == torch.float64:
-                return torch.float64
-    return torch.float32
+    f64 = torch.float64
+    return f64 if any(p.dtype is f64 for g in groups for p in g.params) else torch.float32
 
 
 def first_device(groups: Sequence[GroupTensors]) -> torch.device:
