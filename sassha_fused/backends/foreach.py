@@ -67,6 +67,12 @@ class ForeachBackend(Backend):
                 xs = [g.params[j] for j in idx]
                 torch._foreach_copy_([g.backups[j] for j in idx], xs)
                 scale = perturb_scale(g, sq_norm.to(dev), sign).to(mdt)
+                if dev.type == "cpu" and mdt == dt and not adaptive:
+                    # No temporary list on the CPU: a fresh list of buffers is first-touched
+                    # on every step there, which costs more than the arithmetic. Reading the
+                    # scale on the host is no synchronisation on the CPU.
+                    torch._foreach_add_(xs, [src[j] for j in idx], alpha=float(scale))
+                    continue
                 e = torch._foreach_mul(_lift([src[j] for j in idx], mdt), scale)
                 x32 = _lift(xs, mdt)
                 if adaptive:
@@ -109,6 +115,14 @@ class ForeachBackend(Backend):
                 torch._foreach_add_(denom, g.eps)
                 neg_step = [-g.lr / (1 - g.beta1 ** g.steps[j]) for j in idx]
                 xs = [g.params[j] for j in idx]
-                x_new = torch._foreach_mul(_lift([g.backups[j] for j in idx], mdt), 1 - g.lr * g.weight_decay)
-                torch._foreach_addcdiv_(x_new, ms, denom, neg_step)
-                torch._foreach_copy_(xs, x_new)
+                bs = [g.backups[j] for j in idx]
+                if mdt == dt:  # in place: no x_new list (the same operations, the same bits)
+                    if any(b is not x for b, x in zip(bs, xs)):
+                        torch._foreach_copy_(xs, bs)
+                    if g.weight_decay:
+                        torch._foreach_mul_(xs, 1 - g.lr * g.weight_decay)
+                    torch._foreach_addcdiv_(xs, ms, denom, neg_step)
+                else:
+                    x_new = torch._foreach_mul(_lift(bs, mdt), 1 - g.lr * g.weight_decay)
+                    torch._foreach_addcdiv_(x_new, ms, denom, neg_step)
+                    torch._foreach_copy_(xs, x_new)
