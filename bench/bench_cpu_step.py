@@ -40,11 +40,23 @@ from official_style import OfficialStyleSASSHA  # noqa: E402
 from sassha_fused import SASSHA, available_backends  # noqa: E402
 from sassha_fused.probes import probe_key  # noqa: E402
 
-# Bytes per element a step must move, as each implementation is designed (fp32):
-# SASSHA: norm reads g (4); perturb reads x, g, writes backup, x (16); unperturb
-# reads backup, writes x (8); update reads x, g~, m, D, writes x, m (24).
+# Bytes per fp32 element a non-refresh step moves, as each implementation is
+# written (reads + writes of its passes; temporaries count).
+# SASSHA: norm reads g (4); perturb reads x, g, writes backup, x (16); the restore
+# of unperturb() reads backup, writes x (8; fused into the update with
+# defer_unperturb); the finite check reads g~ (4; none with nonfinite='ignore');
+# the update reads x_t, g~, m, D, writes x, m (24). The eager and foreach backends
+# run the same phases in more passes; they are counted as the fused design.
+# Official-style: (1.0 * g) 8, its norm 4, e_w = g * scale 8, p += e_w 12,
+# p -= e_w 12, p.hess.abs() 8, .clone() 8, p *= decay 8, m *= beta1 8, m += g 12,
+# D ** p 8, / c2 8, + eps 8, p.addcdiv_ 16 (128).
 # AdamW: reads p, g, m, v, writes p, m, v (28).
-BYTES_PER_ELEMENT = {"sassha": 52, "adamw": 28}
+BYTES_OFFICIAL_STYLE = 128
+BYTES_ADAMW = 28
+
+
+def sassha_bytes(defer_unperturb: bool = False, nonfinite: str = "skip") -> int:
+    return 4 + 16 + (0 if defer_unperturb else 8) + (0 if nonfinite == "ignore" else 4) + 24
 
 
 def make_tensors(numel: int, n_tensors: int, seed: int):
@@ -228,20 +240,23 @@ def main() -> None:
     args = ap.parse_args()
 
     lr, k = 1e-4, 10**6  # lazy_hessian = 10**6: every timed step is a non-refresh step
+    def sassha(**kw):
+        return ("sassha", sassha_bytes(kw.get("defer_unperturb", False), kw.get("nonfinite", "skip")),
+                lambda ps: SASSHA(ps, lr=lr, lazy_hessian=k, **kw))
+
+    # name: (protocol, bytes per element, constructor)
     impls = {
-        "official-style eager": ("sassha", lambda ps: OfficialStyleSASSHA(ps, lr=lr, lazy_hessian=k)),
-        "sassha eager": ("sassha", lambda ps: SASSHA(ps, lr=lr, lazy_hessian=k, backend="eager")),
-        "sassha foreach": ("sassha", lambda ps: SASSHA(ps, lr=lr, lazy_hessian=k, backend="foreach")),
-        "sassha cpp": ("sassha", lambda ps: SASSHA(ps, lr=lr, lazy_hessian=k, backend="cpp")),
-        "sassha cpp, nonfinite='ignore'": (
-            "sassha", lambda ps: SASSHA(ps, lr=lr, lazy_hessian=k, backend="cpp", nonfinite="ignore")),
-        "sassha cpp, defer_unperturb": (
-            "sassha", lambda ps: SASSHA(ps, lr=lr, lazy_hessian=k, backend="cpp", defer_unperturb=True)),
-        "sassha cpp, defer_unperturb, nonfinite='ignore'": (
-            "sassha", lambda ps: SASSHA(ps, lr=lr, lazy_hessian=k, backend="cpp", defer_unperturb=True,
-                                        nonfinite="ignore")),
-        "AdamW(fused=True)": ("adamw", lambda ps: torch.optim.AdamW(ps, lr=lr, fused=True)),
-        "AdamW(foreach=True)": ("adamw", lambda ps: torch.optim.AdamW(ps, lr=lr, foreach=True)),
+        "official-style eager": ("sassha", BYTES_OFFICIAL_STYLE,
+                                 lambda ps: OfficialStyleSASSHA(ps, lr=lr, lazy_hessian=k)),
+        "sassha eager": sassha(backend="eager"),
+        "sassha foreach": sassha(backend="foreach"),
+        "sassha cpp": sassha(backend="cpp"),
+        "sassha cpp, nonfinite='ignore'": sassha(backend="cpp", nonfinite="ignore"),
+        "sassha cpp, defer_unperturb": sassha(backend="cpp", defer_unperturb=True),
+        "sassha cpp, defer_unperturb, nonfinite='ignore'": sassha(
+            backend="cpp", defer_unperturb=True, nonfinite="ignore"),
+        "AdamW(fused=True)": ("adamw", BYTES_ADAMW, lambda ps: torch.optim.AdamW(ps, lr=lr, fused=True)),
+        "AdamW(foreach=True)": ("adamw", BYTES_ADAMW, lambda ps: torch.optim.AdamW(ps, lr=lr, foreach=True)),
     }
     if not available_backends()["cpp"]:
         print(f"cpp backend unavailable: {available_backends()['cpp'].reason}", file=sys.stderr)
@@ -251,7 +266,7 @@ def main() -> None:
 
     between = CacheFlush(args.flush_mib) if args.flush_mib > 0 else (lambda: None)
     fns, kinds, keep = {}, {}, []
-    for name, (kind, make) in impls.items():
+    for name, (kind, nbytes, make) in impls.items():
         params, g1, g2 = make_tensors(args.numel, args.tensors, seed=0)
         opt = make(params)
         if kind == "sassha":
@@ -259,7 +274,7 @@ def main() -> None:
             fns[name] = lambda opt=opt, params=params, g1=g1, g2=g2: sassha_step(opt, params, g1, g2, between)
         else:
             fns[name] = lambda opt=opt, params=params, g2=g2: adamw_step(opt, params, g2, between)
-        kinds[name] = kind
+        kinds[name] = nbytes
         keep.append((opt, params, g1, g2))
     per_round = interleaved_times(fns, args.rounds, args.reps, args.warmup)
     numel = (args.numel // args.tensors) * args.tensors
@@ -271,8 +286,8 @@ def main() -> None:
         results[name] = {
             "median_ms": med * 1e3, "min_ms": min(times) * 1e3, "max_ms": max(times) * 1e3,
             "q1_ms": q[0] * 1e3, "q3_ms": q[2] * 1e3,
-            "gb_per_s": BYTES_PER_ELEMENT[kinds[name]] * numel / med / 1e9,
-            "bytes_per_element": BYTES_PER_ELEMENT[kinds[name]],
+            "gb_per_s": kinds[name] * numel / med / 1e9,
+            "bytes_per_element": kinds[name],
             "rounds_ms": [[t * 1e3 for t in r] for r in rounds],
         }
         print(f"  {name}: {med * 1e3:.2f} ms", file=sys.stderr)

@@ -70,7 +70,10 @@ class ForeachBackend(Backend):
                 if dev.type == "cpu" and mdt == dt and not adaptive:
                     # No temporary list on the CPU: a fresh list of buffers is first-touched
                     # on every step there, which costs more than the arithmetic. Reading the
-                    # scale on the host is no synchronisation on the CPU.
+                    # scale on the host is no synchronisation on the CPU. ATen's vectorised
+                    # add with alpha uses a fused multiply-add, so x + e can differ from the
+                    # eager reference in the last bit (the restore is exact all the same:
+                    # it copies the backup taken above).
                     torch._foreach_add_(xs, [src[j] for j in idx], alpha=float(scale))
                     continue
                 e = torch._foreach_mul(_lift([src[j] for j in idx], mdt), scale)
