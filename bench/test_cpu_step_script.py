@@ -1,7 +1,8 @@
-"""Smoke test of bench/bench_cpu_step.py (the issue-4 goal benchmark), so it cannot rot.
+"""Tests of the benchmark scripts, so they cannot rot.
 
-Runs the script's ``main()`` at a tiny size in CI's smoke mode (``--benchmark-disable``);
-skipped when benchmarks are enabled (it measures nothing at this size).
+``bench_cpu_step.py`` (the issue-4 goal benchmark) runs at a tiny size in CI's smoke
+mode (``--benchmark-disable``) and is skipped when benchmarks are enabled (it measures
+nothing at this size); ``pytest_benchmark_table.py`` is checked on a small document.
 """
 
 import json
@@ -32,3 +33,19 @@ def test_cpu_step_script_smoke(request, tmp_path, monkeypatch, capsys):
     if bench_cpu_step.available_backends()["cpp"]:
         assert "sassha cpp" in results
         assert set(data["passes"]) == set(bench_cpu_step.PASSES) | {"AdamW(fused=True) step"}
+
+
+def test_pytest_benchmark_table():
+    import pytest_benchmark_table
+
+    def bench(impl, numel, tensors, refresh, median):
+        return {"extra_info": {"impl": impl, "numel": numel, "tensors": tensors, "refresh": refresh},
+                "stats": {"median": median}}
+
+    data = {"benchmarks": [bench("sassha-cpp", 10**6, 10, False, 0.001), bench("adamw-fused", 10**6, 10, False, 0.0005),
+                           bench("sassha-cpp", 10**6, 10, True, 0.004), bench("my-impl", 10_000, 100, False, 0.002)]}
+    lines = pytest_benchmark_table.table(data).splitlines()
+    assert lines[0] == "| params | tensors | step | sassha-cpp | adamw-fused | my-impl |"
+    assert lines[2] == "| 10,000 | 100 | non-refresh | – | – | 2.00 |"
+    assert lines[3] == "| 1M | 10 | non-refresh | 1.00 | 0.50 | – |"
+    assert lines[4] == "| 1M | 10 | refresh | 4.00 | – | – |"
