@@ -35,10 +35,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-from common import cpu_model  # noqa: E402
+from common import PASS_BYTES, cpu_model, make_problem, pass_calls  # noqa: E402
 from official_style import OfficialStyleSASSHA  # noqa: E402
 from sassha_fused import SASSHA, available_backends  # noqa: E402
-from sassha_fused.probes import probe_key  # noqa: E402
 
 # Bytes per fp32 element a non-refresh step moves, as each implementation is
 # written (reads + writes of its passes; temporaries count).
@@ -152,19 +151,6 @@ def round_ratio(a: list, b: list) -> float:
     return statistics.median(statistics.median(x) / statistics.median(y) for x, y in zip(a, b))
 
 
-# The C++ passes of a step and their minimal bytes per fp32 element, for the
-# per-pass comparison with one AdamW(fused=True) step (28 bytes per element).
-PASSES = {
-    "sq_norm (read g)": 4,
-    "perturb (read x, g; write x, backup)": 16,
-    "restore copy, torch._foreach_copy_ (read backup; write x)": 8,
-    "update, x_t read in place (read x, g~, m, D; write x, m)": 24,
-    "update, x_t read from the backup (read backup, g~, m, D; write x, m)": 24,
-    "probes, refresh steps only (write z)": 4,
-    "update on a refresh step, S = 1 (read x, g~, m, D, Hz; write x, m, D)": 32,
-}
-
-
 def pass_ratios(numel: int, n_tensors: int, calls: int) -> dict:
     """Each C++ pass's time over one AdamW(fused=True) step's, measured call by call.
 
@@ -174,36 +160,12 @@ def pass_ratios(numel: int, n_tensors: int, calls: int) -> dict:
     pass that moves its bytes as efficiently as AdamW does equals its byte ratio
     (bytes / 28).
     """
-    ops = torch.ops.sassha_fused
-    per = numel // n_tensors
-    gen = torch.Generator().manual_seed(0)
-
-    def arrays():
-        return [torch.randn(per, generator=gen) for _ in range(n_tensors)]
-
-    x, g, g2, b, m = arrays(), arrays(), arrays(), arrays(), arrays()
-    d = [torch.rand(per, generator=gen) for _ in range(n_tensors)]
-    z, hz = arrays(), arrays()
-    keys = [k for j in range(n_tensors) for k in probe_key(0, 0, 0, j)]
-    scalars = [0.9, 0.999, 1e-4, 0.0, 1e-4, 0.5, 0.1, 0.05] * n_tensors
-    sq = ops.sq_norm(g, x, False, False)
-    zeros = [0.0] * n_tensors
-    peps = [1e-12] * n_tensors
-    adamw_params = arrays()
-    for p, grad in zip(adamw_params, arrays()):
+    fns = pass_calls("cpp", torch.device("cpu"), numel, n_tensors)
+    adamw_params = [p.detach().clone() for p in make_problem(numel, n_tensors, torch.device("cpu"), seed=1).params]
+    for p, grad in zip(adamw_params, make_problem(numel, n_tensors, torch.device("cpu"), seed=2).g1):
         p.grad = grad
     adamw = torch.optim.AdamW(adamw_params, lr=1e-4, fused=True)
-    names = list(PASSES)
-    fns = {
-        names[0]: lambda: ops.sq_norm(g, x, False, False),
-        names[1]: lambda: ops.perturb(x, g, b, sq, zeros, peps, False),
-        names[2]: lambda: torch._foreach_copy_(x, b),
-        names[3]: lambda: ops.update(x, g2, m, d, x, [], [], scalars, 0, False),
-        names[4]: lambda: ops.update(x, g2, m, d, b, [], [], scalars, 0, False),
-        names[5]: lambda: ops.probes(z, keys),
-        names[6]: lambda: ops.update(x, g2, m, d, x, hz, keys, scalars, 1, True),
-        "AdamW(fused=True) step": adamw.step,
-    }
+    fns["AdamW(fused=True) step"] = adamw.step
     times = {name: [] for name in fns}
     for fn in fns.values():
         fn()
@@ -217,7 +179,7 @@ def pass_ratios(numel: int, n_tensors: int, calls: int) -> dict:
         name: {
             "median_ms": statistics.median(ts) * 1e3,
             "time_over_adamw": statistics.median(a / r for a, r in zip(ts, ref)),
-            "byte_ratio": PASSES[name] / 28 if name in PASSES else 1.0,
+            "byte_ratio": PASS_BYTES[name] / 28 if name in PASS_BYTES else 1.0,
         }
         for name, ts in times.items()
     }

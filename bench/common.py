@@ -258,3 +258,51 @@ def summarize(samples: List[float]) -> Dict[str, float]:
     q = statistics.quantiles(samples, n=4) if len(samples) >= 4 else [min(samples), statistics.median(samples), max(samples)]
     return {"median_ms": 1e3 * statistics.median(samples), "mean_ms": 1e3 * statistics.mean(samples),
             "q1_ms": 1e3 * q[0], "q3_ms": 1e3 * q[2], "min_ms": 1e3 * min(samples), "reps": len(samples)}
+
+
+# Minimal bytes per fp32 element each pass must move (read + write).
+PASS_BYTES = {
+    "sq_norm": 4,                 # read g
+    "perturb": 16,                # read x, g; write backup, x
+    "restore": 8,                 # read backup; write x (torch._foreach_copy_)
+    "probes": 4,                  # write z (autograd HVPs only)
+    "fd_move": 8,                 # read x; write x (finite differences, refresh steps)
+    "update": 24,                 # read x_t, g~, m, D; write x, m
+    "update+refresh (autograd)": 32,   # read x_t, g~, m, D, Hz; write x, m, D
+    "update+refresh (FD)": 32,         # read x_t, g~, m, D, grad f(x~ + delta z); write x, m, D
+}
+
+
+def pass_calls(backend_name: str, device: torch.device, numel: int, n_tensors: int) -> Dict[str, Callable[[], None]]:
+    """One call of each numeric pass of a step on ``numel`` fp32 params, through the backend API."""
+    from sassha_fused import functional as F
+    from sassha_fused.backends import Bucket, ProbeKeys, RefreshInput, RefreshMode, get_backend
+
+    backend = get_backend(backend_name)
+    pb = make_problem(numel, n_tensors, device)
+    xs = [p.detach() for p in pb.params]
+    b = Bucket(backend=backend, device=device, params=xs, param_index=list(range(len(xs))),
+               group_index=[0] * len(xs), backups=[torch.empty_like(x) for x in xs],
+               positions=list(range(len(xs))), exp_avgs=[torch.zeros_like(x) for x in xs],
+               exp_hessian_diags=[torch.rand_like(x) + 0.1 for x in xs],
+               steps=[torch.tensor(5.0, device=device) for _ in xs],
+               bias_corrections2=[torch.tensor(0.07, dtype=torch.float64, device=device) for _ in xs])
+    groups = F.GroupTable([dict(lr=1e-6, betas=(0.9, 0.999), weight_decay=0.0, eps=1e-4, rho=1e-6,
+                                perturb_eps=1e-12)])
+    keys = ProbeKeys((0x12345,))
+    delta = torch.tensor(1e-3, device=device)
+    sq = backend.sq_norm(b, pb.g1, False, torch.float32)
+    table, _, _ = F.update_scalars(b, groups, 0.5, False, None)
+    refresh_table, _, _ = F.update_scalars(b, groups, 0.5, True, None)
+    autograd = RefreshInput(RefreshMode.AUTOGRAD, [pb.g2], keys)
+    fd = RefreshInput(RefreshMode.FD_DIRECT, [pb.curvature], keys, delta)
+    return {
+        "sq_norm": lambda: backend.sq_norm(b, pb.g1, False, torch.float32),
+        "perturb": lambda: backend.perturb(b, pb.g1, sq, 1.0, False, groups),
+        "restore": lambda: torch._foreach_copy_(xs, b.backups),
+        "probes": lambda: backend.probes(b, keys, 0),
+        "fd_move": lambda: backend.fd_move(b, delta, keys, 0, 1.0, None, None),
+        "update": lambda: backend.update(b, b.backups, pb.g2, table, 0.5, None),
+        "update+refresh (autograd)": lambda: backend.update(b, b.backups, pb.g2, refresh_table, 0.5, autograd),
+        "update+refresh (FD)": lambda: backend.update(b, b.backups, pb.g2, refresh_table, 0.5, fd),
+    }

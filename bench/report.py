@@ -37,13 +37,14 @@ from common import (  # noqa: E402
     OfficialStyleSASSHA,
     env_info,
     make_problem,
+    PASS_BYTES,
+    pass_calls,
     sassha_backends,
     summarize,
     synchronize,
     time_it,
 )
 from sassha_fused import SASSHA  # noqa: E402
-from sassha_fused.backends import GroupTensors, ProbeSpec, get_backend  # noqa: E402
 
 # ----------------------------------------------------------------- bandwidth
 
@@ -55,39 +56,10 @@ def copy_bandwidth(device: torch.device, numel: int) -> float:
     return 2 * 4 * numel / sorted(samples)[len(samples) // 2] / 1e9
 
 
-# Minimal bytes per fp32 element each pass must move (read + write).
-PASS_BYTES = {
-    "sq_norm": 4,            # read g
-    "perturb": 16,           # read x, g; write backup, x
-    "probes": 4,             # write z
-    "update": 24,            # read x_t, g~, m, D; write x, m
-    "update+refresh": 32,    # read x_t, g~, m, D, Hz; write x, m, D
-}
-
-
 def pass_bandwidth(device: torch.device, numel: int, n_tensors: int, backend_name: str) -> Dict[str, float]:
-    backend = get_backend(backend_name)
-    pb = make_problem(numel, n_tensors, device)
-    xs = [p.detach() for p in pb.params]
-    group = GroupTensors(
-        params=xs, grads=pb.g1, exp_avgs=[torch.zeros_like(x) for x in xs],
-        exp_hessian_diags=[torch.rand_like(x) + 0.1 for x in xs], backups=[torch.empty_like(x) for x in xs],
-        steps=[5] * len(xs), bias_correction2=[0.07] * len(xs), param_indices=list(range(len(xs))),
-        lr=1e-6, rho=1e-6,
-    )
-    spec = ProbeSpec(0, 3, 1)
-    sq = backend.sq_norm([group], "grads", False)
-    hvps = [[pb.g2]]
-    calls = {
-        "sq_norm": lambda: backend.sq_norm([group], "grads", False),
-        "perturb": lambda: backend.perturb([group], sq, "grads", 1.0, False),
-        "probes": lambda: backend.probes([group], spec, 0),
-        "update": lambda: backend.update([group], None, None),
-        "update+refresh": lambda: backend.update([group], hvps, spec),
-    }
     out = {}
     reps = 10 if device.type == "cuda" else 5
-    for name, fn in calls.items():
+    for name, fn in pass_calls(backend_name, device, numel, n_tensors).items():
         s = summarize(time_it(fn, device, reps=reps, warmup=2))
         out[name] = {"ms": s["median_ms"], "GB/s": PASS_BYTES[name] * numel / (s["median_ms"] / 1e3) / 1e9}
     return out

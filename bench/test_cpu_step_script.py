@@ -32,7 +32,7 @@ def test_cpu_step_script_smoke(request, tmp_path, monkeypatch, capsys):
         assert r["this_over_adamw_fused"] > 0 and r["official_over_this"] > 0, name
     if bench_cpu_step.available_backends()["cpp"]:
         assert "sassha cpp" in results
-        assert set(data["passes"]) == set(bench_cpu_step.PASSES) | {"AdamW(fused=True) step"}
+        assert set(data["passes"]) == set(bench_cpu_step.PASS_BYTES) | {"AdamW(fused=True) step"}
 
 
 def test_pytest_benchmark_table():

@@ -2,19 +2,26 @@
 // argument checks, the per-launch tables, and calls into sassha_cuda_kernels.cu.
 // Compiled only when torch has CUDA and nvcc is present.
 //
-// Tables travel to the device in one pinned-memory copy per call (non-blocking;
-// torch's pinned allocator keeps the host buffer alive until the copy ran), so a
-// launch covers any number of tensors and Hutchinson samples; the host never
-// waits for the device.
+// Tables. Each call describes its tensors as TensorRecs (pointers, sizes, dtype,
+// alignment, probe counter, group); the records and the block map built from them
+// go to the device once and are reused while the same records come back: the
+// cache is keyed on the records' bytes, so a change of storage (or of gradients'
+// addresses) is a new entry and an unchanged call uploads nothing. Per-call
+// values (the group table, refresh inputs, probe prefixes) travel in one small
+// pinned, non-blocking copy; the host never waits for the device.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <cstring>
+#include <mutex>
+#include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "sassha_cuda.h"
+#include "sassha_math.h"
 
 namespace sassha {
 namespace cuda {
@@ -26,7 +33,7 @@ int32_t dtype_code(const at::Tensor& t, const char* op, int64_t j) {
     case at::kBFloat16: return kBFloat16;
     case at::kHalf: return kFloat16;
     default:
-      TORCH_CHECK(false, "sassha_fused::", op, " (CUDA): params[", j, "] has dtype ", t.scalar_type(),
+      TORCH_CHECK(false, "sassha_fused::", op, " (CUDA): tensor ", j, " has dtype ", t.scalar_type(),
                   "; the CUDA kernels take float32, bfloat16 and float16 (use the 'foreach' backend "
                   "for float64)");
   }
@@ -61,200 +68,300 @@ void check_params(const char* op, at::TensorList params) {
   }
 }
 
-// Host-side tables of one launch, copied to the device in one transfer.
-struct Tables {
-  std::vector<TensorRec> recs;
-  std::vector<BlockRec> blocks;
-  std::vector<const void*> hz;
-  std::vector<uint32_t> keys;
-  at::Tensor device_buffer;
-  const TensorRec* d_recs = nullptr;
-  const BlockRec* d_blocks = nullptr;
-  const void* const* d_hz = nullptr;
-  const uint32_t* d_keys = nullptr;
-
-  void add_blocks(int64_t tensor, int64_t numel) {
-    for (int64_t c = 0; c * kBlockElems < numel; ++c) blocks.push_back({static_cast<int32_t>(tensor), static_cast<int32_t>(c)});
-  }
-
-  void upload(const at::Device& device) {
-    auto align = [](size_t n) { return (n + 15) & ~size_t(15); };
-    const size_t o_blocks = align(recs.size() * sizeof(TensorRec));
-    const size_t o_hz = o_blocks + align(blocks.size() * sizeof(BlockRec));
-    const size_t o_keys = o_hz + align(hz.size() * sizeof(void*));
-    const size_t total = o_keys + align(keys.size() * sizeof(uint32_t));
-    at::Tensor host = at::empty({static_cast<int64_t>(total)}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-    auto* base = static_cast<uint8_t*>(host.data_ptr());
-    std::memcpy(base, recs.data(), recs.size() * sizeof(TensorRec));
-    std::memcpy(base + o_blocks, blocks.data(), blocks.size() * sizeof(BlockRec));
-    if (!hz.empty()) std::memcpy(base + o_hz, hz.data(), hz.size() * sizeof(void*));
-    if (!keys.empty()) std::memcpy(base + o_keys, keys.data(), keys.size() * sizeof(uint32_t));
-    device_buffer = host.to(device, /*non_blocking=*/true);
-    auto* d = static_cast<const uint8_t*>(device_buffer.const_data_ptr());
-    d_recs = reinterpret_cast<const TensorRec*>(d);
-    d_blocks = reinterpret_cast<const BlockRec*>(d + o_blocks);
-    d_hz = reinterpret_cast<const void* const*>(d + o_hz);
-    d_keys = reinterpret_cast<const uint32_t*>(d + o_keys);
-  }
-};
-
-TensorRec blank_rec() {
+TensorRec make_rec(const at::Tensor& x, int64_t j, const char* op) {
   TensorRec r;
   std::memset(&r, 0, sizeof(r));
+  r.x = x.data_ptr();
+  r.numel = x.numel();
+  r.dtype = dtype_code(x, op, j);
   return r;
+}
+
+void finish_rec(TensorRec& r) {
+  r.aligned = aligned16(r.x) && aligned16(r.src) && aligned16(r.aux) && aligned16(r.m) && aligned16(r.d);
+}
+
+// The device copy of a call's records and block map.
+struct DeviceTables {
+  at::Tensor buffer;  // keeps the device memory alive
+  const TensorRec* recs = nullptr;
+  const BlockRec* blocks = nullptr;
+  int64_t n_blocks = 0;
+};
+
+size_t align16(size_t n) { return (n + 15) & ~size_t(15); }
+
+// Host bytes to the device through pinned memory, without waiting.
+at::Tensor upload(const std::vector<uint8_t>& bytes, const at::Device& device) {
+  at::Tensor host = at::empty({static_cast<int64_t>(bytes.size())},
+                              at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  std::memcpy(host.data_ptr(), bytes.data(), bytes.size());
+  return host.to(device, /*non_blocking=*/true);
+}
+
+// Records -> device tables, cached on the records' bytes (a bounded map: cleared
+// when it grows past kMaxEntries, which only churning storage causes).
+class TableCache {
+ public:
+  DeviceTables get(const std::vector<TensorRec>& recs, const at::Device& device) {
+    std::string key(reinterpret_cast<const char*>(recs.data()), recs.size() * sizeof(TensorRec));
+    key.push_back(static_cast<char>(device.index()));
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = map_.find(key);
+    if (it != map_.end()) return it->second;
+    std::vector<BlockRec> blocks;
+    for (size_t t = 0; t < recs.size(); ++t)
+      for (int64_t c = 0; c * kBlockElems < recs[t].numel; ++c)
+        blocks.push_back({static_cast<int32_t>(t), static_cast<int32_t>(c)});
+    const size_t o_blocks = align16(recs.size() * sizeof(TensorRec));
+    std::vector<uint8_t> bytes(o_blocks + blocks.size() * sizeof(BlockRec));
+    std::memcpy(bytes.data(), recs.data(), recs.size() * sizeof(TensorRec));
+    if (!blocks.empty()) std::memcpy(bytes.data() + o_blocks, blocks.data(), blocks.size() * sizeof(BlockRec));
+    DeviceTables t;
+    t.buffer = upload(bytes, device);
+    const auto* base = static_cast<const uint8_t*>(t.buffer.const_data_ptr());
+    t.recs = reinterpret_cast<const TensorRec*>(base);
+    t.blocks = reinterpret_cast<const BlockRec*>(base + o_blocks);
+    t.n_blocks = static_cast<int64_t>(blocks.size());
+    if (map_.size() >= kMaxEntries) map_.clear();
+    map_.emplace(std::move(key), t);
+    return t;
+  }
+
+ private:
+  static constexpr size_t kMaxEntries = 64;
+  std::mutex mu_;
+  std::unordered_map<std::string, DeviceTables> map_;
+};
+
+TableCache& table_cache() {
+  static TableCache cache;
+  return cache;
 }
 
 void* current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
+const float* delta_ptr(const char* op, const at::Tensor& delta, const at::Tensor& p) {
+  TORCH_CHECK(delta.numel() == 1 && delta.scalar_type() == at::kFloat && delta.device() == p.device(),
+              "sassha_fused::", op, ": delta must be a one-element float32 tensor on the params' device");
+  return delta.const_data_ptr<float>();
+}
+
+// ---- ops ---------------------------------------------------------------------------
 at::Tensor sq_norm_cuda(at::TensorList sources, at::TensorList params, bool adaptive, bool acc_fp64) {
   TORCH_CHECK(sources.size() == params.size(), "sassha_fused::sq_norm: got ", sources.size(), " sources for ",
-              params.size(), " params");
+              params.size(), " params; pass exactly one entry per parameter in every list");
   check_params("sq_norm", params);
   const c10::cuda::CUDAGuard guard(params[0].device());
-  Tables t;
+  std::vector<TensorRec> recs;
+  recs.reserve(params.size());
   for (size_t j = 0; j < params.size(); ++j) {
     const bool fp32_source = sources[j].scalar_type() == at::kFloat && params[j].scalar_type() != at::kFloat;
     check_tensor("sq_norm", "sources", sources[j], j, params[j], fp32_source ? at::kFloat : params[j].scalar_type());
-    TensorRec r = blank_rec();
-    r.param = params[j].data_ptr();
-    r.source = sources[j].const_data_ptr();
-    r.numel = params[j].numel();
-    r.dtype = dtype_code(params[j], "sq_norm", j);
-    r.source_fp32 = fp32_source;
-    r.aligned = aligned16(r.param) && aligned16(r.source);
-    t.recs.push_back(r);
-    t.add_blocks(j, r.numel);
+    TensorRec r = make_rec(params[j], j, "sq_norm");
+    r.src = sources[j].const_data_ptr();
+    r.src_fp32 = fp32_source;
+    finish_rec(r);
+    recs.push_back(r);
   }
   const auto acc = acc_fp64 ? at::kDouble : at::kFloat;
   at::Tensor out = at::zeros({}, params[0].options().dtype(acc));
-  if (t.blocks.empty()) return out;
-  t.upload(params[0].device());
-  at::Tensor partials = at::empty({static_cast<int64_t>(t.blocks.size())}, params[0].options().dtype(acc));
-  launch_sq_norm(t.d_recs, t.d_blocks, t.blocks.size(), adaptive, acc_fp64, partials.data_ptr(), out.data_ptr(),
+  const DeviceTables t = table_cache().get(recs, params[0].device());
+  if (t.n_blocks == 0) return out;
+  at::Tensor partials = at::empty({t.n_blocks}, params[0].options().dtype(acc));
+  launch_sq_norm(t.recs, t.blocks, t.n_blocks, adaptive, acc_fp64, partials.data_ptr(), out.data_ptr(),
                  current_stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
 
 void perturb_cuda(at::TensorList params, at::TensorList sources, at::TensorList backups, const at::Tensor& sq_norm,
-                  c10::ArrayRef<double> sign_rho, c10::ArrayRef<double> perturb_eps, bool adaptive) {
+                  c10::ArrayRef<int64_t> group_index, c10::ArrayRef<double> groups, double sign, bool adaptive) {
   const size_t n = params.size();
-  TORCH_CHECK(sources.size() == n && backups.size() == n && sign_rho.size() == n && perturb_eps.size() == n,
-              "sassha_fused::perturb: params, sources, backups, sign_rho and perturb_eps need one entry per param");
+  TORCH_CHECK(sources.size() == n && backups.size() == n && group_index.size() == n,
+              "sassha_fused::perturb: params, sources, backups and group_index need one entry per param");
   if (n == 0) return;
   check_params("perturb", params);
   TORCH_CHECK(sq_norm.numel() == 1 && sq_norm.device() == params[0].device() &&
                   (sq_norm.scalar_type() == at::kFloat || sq_norm.scalar_type() == at::kDouble),
               "sassha_fused::perturb: sq_norm must be a one-element float32/float64 tensor on the params' device");
+  const int64_t n_groups = static_cast<int64_t>(groups.size()) / GroupCol::kCount;
   const c10::cuda::CUDAGuard guard(params[0].device());
-  Tables t;
+  std::vector<TensorRec> recs;
+  recs.reserve(n);
   for (size_t j = 0; j < n; ++j) {
     const bool fp32_source = sources[j].scalar_type() == at::kFloat && params[j].scalar_type() != at::kFloat;
     check_tensor("perturb", "sources", sources[j], j, params[j], fp32_source ? at::kFloat : params[j].scalar_type());
     check_tensor("perturb", "backups", backups[j], j, params[j], params[j].scalar_type());
-    TensorRec r = blank_rec();
-    r.param = params[j].data_ptr();
-    r.source = sources[j].const_data_ptr();
-    r.backup = backups[j].data_ptr();
-    r.numel = params[j].numel();
-    r.dtype = dtype_code(params[j], "perturb", j);
-    r.source_fp32 = fp32_source;
-    r.aligned = aligned16(r.param) && aligned16(r.source) && aligned16(r.backup);
-    r.scalars[0] = sign_rho[j];
-    r.scalars[1] = perturb_eps[j];
-    t.recs.push_back(r);
-    t.add_blocks(j, r.numel);
+    TORCH_CHECK(group_index[j] >= 0 && group_index[j] < n_groups, "sassha_fused::perturb: group_index ",
+                group_index[j], " is outside the group table of ", n_groups, " rows");
+    TensorRec r = make_rec(params[j], j, "perturb");
+    r.src = sources[j].const_data_ptr();
+    r.aux = backups[j].data_ptr();
+    r.src_fp32 = fp32_source;
+    r.group = static_cast<int32_t>(group_index[j]);
+    finish_rec(r);
+    recs.push_back(r);
   }
-  if (t.blocks.empty()) return;
-  t.upload(params[0].device());
+  const DeviceTables t = table_cache().get(recs, params[0].device());
+  if (t.n_blocks == 0) return;
+  std::vector<uint8_t> bytes(groups.size() * sizeof(double));
+  std::memcpy(bytes.data(), groups.data(), bytes.size());
+  const at::Tensor dev_groups = upload(bytes, params[0].device());
   const at::Tensor norm = sq_norm.contiguous();
-  launch_perturb(t.d_recs, t.d_blocks, t.blocks.size(), norm.const_data_ptr(), norm.scalar_type() == at::kDouble,
-                 adaptive, current_stream());
+  launch_perturb(t.recs, t.blocks, t.n_blocks, norm.const_data_ptr(), norm.scalar_type() == at::kDouble,
+                 static_cast<const double*>(dev_groups.const_data_ptr()), sign, adaptive, current_stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void probes_cuda(at::TensorList out, c10::ArrayRef<int64_t> keys) {
-  TORCH_CHECK(keys.size() == 2 * out.size(), "sassha_fused::probes: pass (k0, k1) for each tensor");
+void probes_cuda(at::TensorList out, c10::ArrayRef<int64_t> param_index, int64_t prefix) {
+  TORCH_CHECK(param_index.size() == out.size(), "sassha_fused::probes: got ", out.size(), " tensors but ",
+              param_index.size(), " param_index values; pass exactly one entry per parameter in every list");
   if (out.empty()) return;
   check_params("probes", out);
   const c10::cuda::CUDAGuard guard(out[0].device());
-  Tables t;
+  std::vector<TensorRec> recs;
+  recs.reserve(out.size());
   for (size_t j = 0; j < out.size(); ++j) {
-    TensorRec r = blank_rec();
-    r.param = out[j].data_ptr();
-    r.numel = out[j].numel();
-    r.dtype = dtype_code(out[j], "probes", j);
-    r.aligned = aligned16(r.param);
-    r.k0 = static_cast<uint32_t>(keys[2 * j]);
-    r.k1 = static_cast<uint32_t>(keys[2 * j + 1]);
-    t.recs.push_back(r);
-    t.add_blocks(j, r.numel);
+    TensorRec r = make_rec(out[j], j, "probes");
+    r.param_index = static_cast<uint32_t>(param_index[j]);
+    finish_rec(r);
+    recs.push_back(r);
   }
-  if (t.blocks.empty()) return;
-  t.upload(out[0].device());
-  launch_probes(t.d_recs, t.d_blocks, t.blocks.size(), current_stream());
+  const DeviceTables t = table_cache().get(recs, out[0].device());
+  if (t.n_blocks == 0) return;
+  launch_probes(t.recs, t.blocks, t.n_blocks, static_cast<uint32_t>(prefix), current_stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void update_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                 at::TensorList exp_hessian_diags, at::TensorList backups,
-                 const c10::List<std::optional<at::Tensor>>& hvps, c10::ArrayRef<int64_t> keys,
-                 c10::ArrayRef<double> scalars, int64_t n_samples, bool refresh) {
+void fd_move_cuda(at::TensorList params, at::TensorList bases, at::TensorList saves, const at::Tensor& delta,
+                  c10::ArrayRef<int64_t> param_index, int64_t prefix, double sign) {
   const size_t n = params.size();
-  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_hessian_diags.size() == n && backups.size() == n,
-              "sassha_fused::update: params, grads, exp_avgs, exp_hessian_diags and backups need one entry per param");
-  TORCH_CHECK(scalars.size() == static_cast<size_t>(kNumScalars) * n, "sassha_fused::update: pass ",
-              static_cast<int>(kNumScalars), " scalars per param");
+  TORCH_CHECK(param_index.size() == n && (bases.empty() || bases.size() == n) && (saves.empty() || saves.size() == n),
+              "sassha_fused::fd_move: pass one param_index per param, and no bases/saves or one per param");
+  if (n == 0) return;
+  check_params("fd_move", params);
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  std::vector<TensorRec> recs;
+  recs.reserve(n);
+  for (size_t j = 0; j < n; ++j) {
+    TensorRec r = make_rec(params[j], j, "fd_move");
+    if (!bases.empty()) check_tensor("fd_move", "bases", bases[j], j, params[j], params[j].scalar_type());
+    if (!saves.empty()) check_tensor("fd_move", "saves", saves[j], j, params[j], params[j].scalar_type());
+    r.src = bases.empty() ? r.x : bases[j].const_data_ptr();
+    r.aux = saves.empty() ? nullptr : saves[j].data_ptr();
+    r.param_index = static_cast<uint32_t>(param_index[j]);
+    finish_rec(r);
+    recs.push_back(r);
+  }
+  const DeviceTables t = table_cache().get(recs, params[0].device());
+  if (t.n_blocks == 0) return;
+  launch_fd_move(t.recs, t.blocks, t.n_blocks, static_cast<uint32_t>(prefix), delta_ptr("fd_move", delta, params[0]),
+                 static_cast<float>(sign), !saves.empty(), current_stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void fd_fold_cuda(at::TensorList acc, at::TensorList grads, at::TensorList baselines, const at::Tensor& delta,
+                  c10::ArrayRef<int64_t> param_index, int64_t prefix, double coefficient, bool first) {
+  const size_t n = acc.size();
+  TORCH_CHECK(grads.size() == n && param_index.size() == n && (baselines.empty() || baselines.size() == n),
+              "sassha_fused::fd_fold: pass one grad and one param_index per tensor, and no baselines or one each");
+  if (n == 0) return;
+  check_params("fd_fold", acc);
+  const c10::cuda::CUDAGuard guard(acc[0].device());
+  std::vector<TensorRec> recs;
+  recs.reserve(n);
+  for (size_t j = 0; j < n; ++j) {
+    check_tensor("fd_fold", "grads", grads[j], j, acc[j], acc[j].scalar_type());
+    if (!baselines.empty()) check_tensor("fd_fold", "baselines", baselines[j], j, acc[j], acc[j].scalar_type());
+    TensorRec r = make_rec(acc[j], j, "fd_fold");
+    r.src = grads[j].const_data_ptr();
+    r.aux = baselines.empty() ? nullptr : const_cast<void*>(baselines[j].const_data_ptr());
+    r.param_index = static_cast<uint32_t>(param_index[j]);
+    finish_rec(r);
+    recs.push_back(r);
+  }
+  const DeviceTables t = table_cache().get(recs, acc[0].device());
+  if (t.n_blocks == 0) return;
+  launch_fd_fold(t.recs, t.blocks, t.n_blocks, static_cast<uint32_t>(prefix), delta_ptr("fd_fold", delta, acc[0]),
+                 static_cast<float>(coefficient), first, current_stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void update_cuda(at::TensorList params, at::TensorList x_t, at::TensorList grads, at::TensorList exp_avgs,
+                 at::TensorList exp_hessian_diags, const at::Tensor& scalars, double power, int64_t refresh_mode,
+                 const c10::List<std::optional<at::Tensor>>& ys, c10::ArrayRef<int64_t> param_index,
+                 c10::ArrayRef<int64_t> prefixes, const std::optional<at::Tensor>& delta) {
+  const size_t n = params.size();
+  TORCH_CHECK(x_t.size() == n && grads.size() == n && exp_avgs.size() == n && exp_hessian_diags.size() == n &&
+                  param_index.size() == n,
+              "sassha_fused::update: params, x_t, grads, exp_avgs, exp_hessian_diags and param_index need one "
+              "entry per param");
+  TORCH_CHECK(refresh_mode >= RefreshMode::kNone && refresh_mode <= RefreshMode::kPrecomputed,
+              "sassha_fused::update: unknown refresh_mode ", refresh_mode);
+  const bool refresh = refresh_mode != RefreshMode::kNone;
+  const int64_t n_samples = static_cast<int64_t>(prefixes.size());
   if (refresh) {
-    TORCH_CHECK(n_samples >= 1 && hvps.size() == static_cast<size_t>(n_samples) * n && keys.size() == 2 * hvps.size(),
-                "sassha_fused::update: on a refresh step pass n_samples * n_params hvps and two key words each");
+    TORCH_CHECK(n_samples >= 1 && ys.size() == static_cast<size_t>(n_samples) * n,
+                "sassha_fused::update: on a refresh step pass n_samples * n_params ys (None: 0)");
+    TORCH_CHECK(refresh_mode != RefreshMode::kFdDirect || delta.has_value(),
+                "sassha_fused::update: FD_DIRECT needs the finite-difference step delta");
   }
   if (n == 0) return;
   check_params("update", params);
+  TORCH_CHECK(scalars.dim() == 2 && scalars.size(0) == static_cast<int64_t>(n) &&
+                  scalars.size(1) == UpdateCol::kCount && scalars.scalar_type() == at::kDouble &&
+                  scalars.device() == params[0].device() && scalars.is_contiguous(),
+              "sassha_fused::update: scalars must be a contiguous float64 [n_params, UpdateCol.COUNT] table on the "
+              "params' device (functional.update_scalars)");
   const c10::cuda::CUDAGuard guard(params[0].device());
-  Tables t;
-  bool sqrt_power = true;
+  std::vector<TensorRec> recs;
+  recs.reserve(n);
   for (size_t j = 0; j < n; ++j) {
     const auto pt = params[j].scalar_type();
     check_tensor("update", "grads", grads[j], j, params[j], pt);
-    check_tensor("update", "backups", backups[j], j, params[j], pt);
+    check_tensor("update", "x_t", x_t[j], j, params[j], pt);
     check_tensor("update", "exp_avgs", exp_avgs[j], j, params[j], at::kFloat);
     check_tensor("update", "exp_hessian_diags", exp_hessian_diags[j], j, params[j], at::kFloat);
-    TensorRec r = blank_rec();
-    r.param = params[j].data_ptr();
-    r.source = grads[j].const_data_ptr();
-    r.backup = const_cast<void*>(backups[j].const_data_ptr());
-    r.exp_avg = exp_avgs[j].data_ptr<float>();
-    r.exp_hessian_diag = exp_hessian_diags[j].data_ptr<float>();
-    r.numel = params[j].numel();
-    r.dtype = dtype_code(params[j], "update", j);
-    r.aligned = aligned16(r.param) && aligned16(r.source) && aligned16(r.backup) && aligned16(r.exp_avg) &&
-                aligned16(r.exp_hessian_diag);
-    for (int k = 0; k < kNumScalars; ++k) r.scalars[k] = scalars[kNumScalars * j + k];
-    sqrt_power = sqrt_power && r.scalars[kPower] == 0.5;
-    if (refresh) {
-      r.hz_index = static_cast<int64_t>(t.hz.size());
-      for (int64_t s = 0; s < n_samples; ++s) {
-        const size_t k = static_cast<size_t>(s) * n + j;
-        const std::optional<at::Tensor> h = hvps[k];
-        const void* ptr = nullptr;
-        if (h.has_value() && h->defined()) {
-          check_tensor("update", "hvps", *h, static_cast<int64_t>(k), params[j], pt);
-          ptr = h->const_data_ptr();
-        }
-        r.aligned = r.aligned && aligned16(ptr);
-        t.hz.push_back(ptr);
-        t.keys.push_back(static_cast<uint32_t>(keys[2 * k]));
-        t.keys.push_back(static_cast<uint32_t>(keys[2 * k + 1]));
+    TensorRec r = make_rec(params[j], j, "update");
+    r.src = grads[j].const_data_ptr();
+    r.aux = const_cast<void*>(x_t[j].const_data_ptr());
+    r.m = exp_avgs[j].data_ptr<float>();
+    r.d = exp_hessian_diags[j].data_ptr<float>();
+    r.param_index = static_cast<uint32_t>(param_index[j]);
+    finish_rec(r);
+    recs.push_back(r);
+  }
+  const DeviceTables t = table_cache().get(recs, params[0].device());
+  if (t.n_blocks == 0) return;
+  at::Tensor extra;  // refresh inputs and prefixes, one small copy
+  const void* const* d_ys = nullptr;
+  const uint32_t* d_prefixes = nullptr;
+  if (refresh) {
+    std::vector<const void*> y_ptrs(ys.size(), nullptr);
+    for (size_t k = 0; k < ys.size(); ++k) {
+      const std::optional<at::Tensor> y = ys[k];
+      if (y.has_value() && y->defined()) {
+        const size_t j = k % n;
+        check_tensor("update", "ys", *y, static_cast<int64_t>(k), params[j], params[j].scalar_type());
+        y_ptrs[k] = y->const_data_ptr();
       }
     }
-    t.recs.push_back(r);
-    t.add_blocks(j, r.numel);
+    const size_t o_prefixes = align16(y_ptrs.size() * sizeof(void*));
+    std::vector<uint8_t> bytes(o_prefixes + prefixes.size() * sizeof(uint32_t));
+    std::memcpy(bytes.data(), y_ptrs.data(), y_ptrs.size() * sizeof(void*));
+    for (size_t s = 0; s < prefixes.size(); ++s) {
+      const uint32_t v = static_cast<uint32_t>(prefixes[s]);
+      std::memcpy(bytes.data() + o_prefixes + s * sizeof(uint32_t), &v, sizeof(v));
+    }
+    extra = upload(bytes, params[0].device());
+    const auto* base = static_cast<const uint8_t*>(extra.const_data_ptr());
+    d_ys = reinterpret_cast<const void* const*>(base);
+    d_prefixes = reinterpret_cast<const uint32_t*>(base + o_prefixes);
   }
-  if (t.blocks.empty()) return;
-  t.upload(params[0].device());
-  launch_update(t.d_recs, t.d_blocks, t.blocks.size(), refresh ? t.d_hz : nullptr, refresh ? t.d_keys : nullptr,
-                n_samples, refresh, sqrt_power, current_stream());
+  const float* d_delta = refresh_mode == RefreshMode::kFdDirect ? delta_ptr("update", *delta, params[0]) : nullptr;
+  launch_update(t.recs, t.blocks, t.n_blocks, static_cast<int64_t>(n), scalars.const_data_ptr<double>(), power,
+                static_cast<int>(refresh_mode), d_ys, d_prefixes, n_samples, d_delta, current_stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -266,5 +373,7 @@ TORCH_LIBRARY_IMPL(sassha_fused, CUDA, m) {
   m.impl("sq_norm", &sassha::cuda::sq_norm_cuda);
   m.impl("perturb", &sassha::cuda::perturb_cuda);
   m.impl("probes", &sassha::cuda::probes_cuda);
+  m.impl("fd_move", &sassha::cuda::fd_move_cuda);
+  m.impl("fd_fold", &sassha::cuda::fd_fold_cuda);
   m.impl("update", &sassha::cuda::update_cuda);
 }

@@ -1,7 +1,10 @@
 // The interface between the CUDA kernels (sassha_cuda_kernels.cu, plain CUDA,
 // compiled by nvcc without torch headers) and their torch binding
-// (sassha_cuda.cpp). Host code fills these tables, copies them to the device,
-// and calls a launcher; each CUDA block finds its (tensor, chunk) in ``blocks``.
+// (sassha_cuda.cpp). The binding builds a table of TensorRecs and a block map per
+// call, reuses the device copy of both while the tensors' storage is unchanged,
+// and calls a launcher; each CUDA block finds its (tensor, chunk) in ``blocks``
+// and copies its TensorRec into registers (by value: reading fields through a
+// reference into global memory kept the compiler from vectorising the stores).
 #pragma once
 
 #include <cstdint>
@@ -18,25 +21,27 @@ constexpr int kVec = 4;
 
 enum DType : int32_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
-// Per-tensor scalar fields of TensorRec::scalars (doubles, cast in the kernel).
-enum Scalar : int32_t {
-  kBeta1 = 0, kBeta2, kLr, kWeightDecay, kEps, kPower, kBiasCorrection1, kBiasCorrection2, kNumScalars
-};
-
-// One tensor of a launch. Unused pointers are null.
+// One tensor of a launch; the meaning of the pointers depends on the op. Unused
+// pointers are null.
+//   sq_norm: x = params (read if adaptive), src = v
+//   perturb: x = params, src = v, aux = backup (written)
+//   probes:  x = z (written)
+//   fd_move: x = params, src = base (x itself when moving in place), aux = save
+//   fd_fold: x = acc, src = this pass's gradient, aux = baseline
+//   update:  x = params, src = g~, aux = x_t (may alias x), m, d = state
 struct TensorRec {
-  void* param;           // x (param dtype); the probe output for probes
-  const void* source;    // perturb/sq_norm: direction v; update: gradient g~
-  void* backup;          // perturb: written with x; update: x_t is read from it (may alias param)
-  float* exp_avg;        // m (fp32)
-  float* exp_hessian_diag;  // D (fp32)
-  int64_t numel;         // elements
-  int64_t hz_index;      // update: first of n_samples entries in the hz / keys tables
-  int32_t dtype;         // DType of param / backup / gradient / Hz
-  int32_t source_fp32;   // 1 when ``source`` is fp32 (M-SASSHA's exp_avg), else param dtype
-  int32_t aligned;       // 1 when every pointer is 16-byte aligned: vector loads allowed
-  uint32_t k0, k1;       // probes: the stream key of this tensor
-  double scalars[kNumScalars];  // update: hyper-parameters; perturb: [0] sign*rho, [1] perturb_eps
+  void* x;
+  const void* src;
+  void* aux;
+  float* m;
+  float* d;
+  int64_t numel;
+  int32_t dtype;       // DType of x, src, aux (src may be fp32 when src_fp32)
+  int32_t src_fp32;    // 1 when ``src`` is fp32 while x is 16-bit (M-SASSHA's exp_avg)
+  int32_t aligned;     // 1 when every pointer is 16-byte aligned: vector loads allowed
+  uint32_t param_index;  // the probes' counter
+  int32_t group;       // row of the group table
+  int32_t pad;
 };
 
 // One CUDA block: which tensor, which kBlockElems-sized chunk of it.
@@ -48,18 +53,26 @@ struct BlockRec {
 // All pointers below are device pointers; ``stream`` is a cudaStream_t.
 // Sum of ||w v||^2 into *out (float, or double when acc64); partials holds
 // n_blocks accumulators of the same type (no atomics: the result is deterministic).
-void launch_sq_norm(const TensorRec* recs, const BlockRec* blocks, int64_t n_blocks, bool adaptive,
-                    bool acc64, void* partials, void* out, void* stream);
-// backup = x; x += scale * v [* x^2]; scale from *sq_norm (float, or double when norm64).
+void launch_sq_norm(const TensorRec* recs, const BlockRec* blocks, int64_t n_blocks, bool adaptive, bool acc64,
+                    void* partials, void* out, void* stream);
+// aux = x; x += scale * src [* x^2]; scale from *sq_norm (float, or double when
+// norm64) and the tensor's group row of ``groups`` (float64, GroupCol).
 void launch_perturb(const TensorRec* recs, const BlockRec* blocks, int64_t n_blocks, const void* sq_norm,
-                    bool norm64, bool adaptive, void* stream);
-// param = z, the Rademacher probe of the key (k0, k1).
-void launch_probes(const TensorRec* recs, const BlockRec* blocks, int64_t n_blocks, void* stream);
-// The SASSHA update. On refresh steps hz[hz_index + s] is H z_s (null: Hz = 0) and
-// keys[2 (hz_index + s) + {0, 1}] the key of z_s. sqrt_power: every tensor has p = 0.5
-// (else each tensor takes sqrt or pow by its own p, as the CPU kernels do).
-void launch_update(const TensorRec* recs, const BlockRec* blocks, int64_t n_blocks, const void* const* hz,
-                   const uint32_t* keys, int64_t n_samples, bool refresh, bool sqrt_power, void* stream);
+                    bool norm64, const double* groups, double sign, bool adaptive, void* stream);
+// x = z, the Rademacher probe of the tensor's param_index under ``prefix``.
+void launch_probes(const TensorRec* recs, const BlockRec* blocks, int64_t n_blocks, uint32_t prefix, void* stream);
+// aux = x (if save); x = src + sign * (*delta) * z.
+void launch_fd_move(const TensorRec* recs, const BlockRec* blocks, int64_t n_blocks, uint32_t prefix,
+                    const float* delta, float sign, bool save, void* stream);
+// x = (first ? 0 : x) + (src - aux) * z * coefficient / (*delta)  (aux null: no baseline)
+void launch_fd_fold(const TensorRec* recs, const BlockRec* blocks, int64_t n_blocks, uint32_t prefix,
+                    const float* delta, float coefficient, bool first, void* stream);
+// The SASSHA update. ``scalars`` is the float64 [n, UpdateCol] table; on refresh
+// steps ys[s * n_tensors + j] is the refresh input of sample s (null: 0) and
+// prefixes[s] the key prefix of its probe vector (refresh_mode: RefreshMode).
+void launch_update(const TensorRec* recs, const BlockRec* blocks, int64_t n_blocks, int64_t n_tensors,
+                   const double* scalars, double power, int refresh_mode, const void* const* ys,
+                   const uint32_t* prefixes, int64_t n_samples, const float* delta, void* stream);
 
 }  // namespace cuda
 }  // namespace sassha

@@ -79,7 +79,7 @@ __device__ __forceinline__ void copy_vec(T* dst, const T* src, int64_t i, int64_
 struct Range {
   int64_t begin, end;
 };
-__device__ __forceinline__ Range block_range(const TensorRec& r, const BlockRec& b) {
+__device__ __forceinline__ Range block_range(const TensorRec r, const BlockRec b) {
   const int64_t begin = static_cast<int64_t>(b.chunk) * kBlockElems;
   const int64_t end = begin + kBlockElems < r.numel ? begin + kBlockElems : r.numel;
   return {begin, end};
@@ -95,7 +95,7 @@ __device__ __forceinline__ void dispatch_dtype(int32_t dtype, const F& f) {
   }
 }
 
-// ---- phase 1: squared norm ------------------------------------------------------
+// ---- squared norm ---------------------------------------------------------------
 template <typename A>
 __device__ A block_sum(A v) {
   __shared__ A shared[kThreads / 32];
@@ -114,16 +114,16 @@ __global__ void __launch_bounds__(kThreads) sq_norm_kernel(const TensorRec* __re
                                                            const BlockRec* __restrict__ blocks,
                                                            A* __restrict__ partials) {
   const BlockRec b = blocks[blockIdx.x];
-  const TensorRec& r = recs[b.tensor];
+  const TensorRec r = recs[b.tensor];
   const Range range = block_range(r, b);
   A acc = 0;
   dispatch_dtype(r.dtype, [&](auto tag) {
     using T = decltype(tag);
     for (int64_t i = range.begin + threadIdx.x * kVec; i < range.end; i += kThreads * kVec) {
       float v[kVec], x[kVec] = {};
-      if (r.source_fp32) load_vec(static_cast<const float*>(r.source), i, range.end, r.aligned, v);
-      else load_vec(static_cast<const T*>(r.source), i, range.end, r.aligned, v);
-      if (ADAPTIVE) load_vec(static_cast<const T*>(r.param), i, range.end, r.aligned, x);
+      if (r.src_fp32) load_vec(static_cast<const float*>(r.src), i, range.end, r.aligned, v);
+      else load_vec(static_cast<const T*>(r.src), i, range.end, r.aligned, v);
+      if (ADAPTIVE) load_vec(static_cast<const T*>(r.x), i, range.end, r.aligned, x);
 #pragma unroll
       for (int k = 0; k < kVec; ++k) acc += sq_norm_term<A, ADAPTIVE>(A(v[k]), A(x[k]));
     }
@@ -142,25 +142,27 @@ __global__ void __launch_bounds__(kThreads) sum_partials_kernel(const A* __restr
   if (threadIdx.x == 0) *out = acc;
 }
 
-// ---- phase 2: perturbation --------------------------------------------------------
+// ---- perturbation ----------------------------------------------------------------
 template <typename A, bool ADAPTIVE>
 __global__ void __launch_bounds__(kThreads) perturb_kernel(const TensorRec* __restrict__ recs,
                                                            const BlockRec* __restrict__ blocks,
-                                                           const A* __restrict__ sq_norm) {
+                                                           const A* __restrict__ sq_norm,
+                                                           const double* __restrict__ groups, double sign) {
   const BlockRec b = blocks[blockIdx.x];
-  const TensorRec& r = recs[b.tensor];
+  const TensorRec r = recs[b.tensor];
   const Range range = block_range(r, b);
+  const double* row = groups + r.group * GroupCol::kCount;
   // Read from the device: the host never waits for the norm.
-  const float scale = static_cast<float>(perturb_scale<A>(*sq_norm, r.scalars[0], r.scalars[1]));
+  const float scale = static_cast<float>(perturb_scale<A>(*sq_norm, sign * row[GroupCol::kRho], row[GroupCol::kPerturbEps]));
   dispatch_dtype(r.dtype, [&](auto tag) {
     using T = decltype(tag);
-    T* x = static_cast<T*>(r.param);
+    T* x = static_cast<T*>(r.x);
     for (int64_t i = range.begin + threadIdx.x * kVec; i < range.end; i += kThreads * kVec) {
       float x0[kVec], v[kVec], out[kVec];
       load_vec(static_cast<const T*>(x), i, range.end, r.aligned, x0);
-      if (r.source_fp32) load_vec(static_cast<const float*>(r.source), i, range.end, r.aligned, v);
-      else load_vec(static_cast<const T*>(r.source), i, range.end, r.aligned, v);
-      copy_vec(static_cast<T*>(r.backup), static_cast<const T*>(x), i, range.end, r.aligned);
+      if (r.src_fp32) load_vec(static_cast<const float*>(r.src), i, range.end, r.aligned, v);
+      else load_vec(static_cast<const T*>(r.src), i, range.end, r.aligned, v);
+      copy_vec(static_cast<T*>(r.aux), static_cast<const T*>(x), i, range.end, r.aligned);
 #pragma unroll
       for (int k = 0; k < kVec; ++k) out[k] = perturb_value<float, ADAPTIVE>(x0[k], v[k], scale);
       store_vec(x, i, range.end, r.aligned, out);
@@ -168,93 +170,148 @@ __global__ void __launch_bounds__(kThreads) perturb_kernel(const TensorRec* __re
   });
 }
 
-// ---- phase 3: probes -----------------------------------------------------------------
+// ---- probes ------------------------------------------------------------------------
+// One hash per kVec elements: i is a multiple of kVec, so they share a probe word.
+__device__ __forceinline__ void probe_vec(int64_t i, ProbeKey key, float (&z)[kVec]) {
+  const uint32_t bits = probe_bits(static_cast<uint32_t>(i >> 5), key);
+#pragma unroll
+  for (int k = 0; k < kVec; ++k) z[k] = probe_sign<float>(bits, static_cast<uint32_t>(i & 31) + k);
+}
+
 __global__ void __launch_bounds__(kThreads) probes_kernel(const TensorRec* __restrict__ recs,
-                                                          const BlockRec* __restrict__ blocks) {
+                                                          const BlockRec* __restrict__ blocks, uint32_t prefix) {
   const BlockRec b = blocks[blockIdx.x];
-  const TensorRec& r = recs[b.tensor];
+  const TensorRec r = recs[b.tensor];
   const Range range = block_range(r, b);
+  const ProbeKey key = param_key(prefix, r.param_index);
   dispatch_dtype(r.dtype, [&](auto tag) {
     using T = decltype(tag);
     for (int64_t i = range.begin + threadIdx.x * kVec; i < range.end; i += kThreads * kVec) {
-      // One hash per kVec elements: i is a multiple of kVec, so they share a probe word.
-      const uint32_t bits = probe_bits(static_cast<uint32_t>(i >> 5), r.k0, r.k1);
       float z[kVec];
-#pragma unroll
-      for (int k = 0; k < kVec; ++k) z[k] = probe_sign<float>(bits, static_cast<uint32_t>(i & 31) + k);
-      store_vec(static_cast<T*>(r.param), i, range.end, r.aligned, z);
+      probe_vec(i, key, z);
+      store_vec(static_cast<T*>(r.x), i, range.end, r.aligned, z);
     }
   });
 }
 
-// ---- phase 4: update -------------------------------------------------------------------
-__device__ __forceinline__ UpdateScalars<float> update_scalars(const TensorRec& r, int64_t n_samples) {
-  const double* s = r.scalars;
-  UpdateScalars<float> u;
-  u.beta1 = static_cast<float>(s[kBeta1]);
-  u.one_minus_beta1 = static_cast<float>(1.0 - s[kBeta1]);
-  u.beta2 = static_cast<float>(s[kBeta2]);
-  u.one_minus_beta2 = static_cast<float>(1.0 - s[kBeta2]);
-  u.decay = static_cast<float>(1.0 - s[kLr] * s[kWeightDecay]);
-  u.neg_step_size = static_cast<float>(-(s[kLr] / s[kBiasCorrection1]));
-  u.inv_bias_correction2 = static_cast<float>(1.0 / s[kBiasCorrection2]);
-  u.eps = static_cast<float>(s[kEps]);
-  u.power = static_cast<float>(s[kPower]);
-  u.n_samples = static_cast<float>(n_samples);
-  return u;
-}
-
-template <bool REFRESH, bool SQRT_POWER>
-__global__ void __launch_bounds__(kThreads) update_kernel(const TensorRec* __restrict__ recs,
-                                                          const BlockRec* __restrict__ blocks,
-                                                          const void* const* __restrict__ hz,
-                                                          const uint32_t* __restrict__ keys,
-                                                          int64_t n_samples) {
+// ---- finite differences ------------------------------------------------------------
+template <bool SAVE>
+__global__ void __launch_bounds__(kThreads) fd_move_kernel(const TensorRec* __restrict__ recs,
+                                                           const BlockRec* __restrict__ blocks, uint32_t prefix,
+                                                           const float* __restrict__ delta, float sign) {
   const BlockRec b = blocks[blockIdx.x];
-  const TensorRec& r = recs[b.tensor];
+  const TensorRec r = recs[b.tensor];
   const Range range = block_range(r, b);
-  const UpdateScalars<float> s = update_scalars(r, n_samples);
-  // D^p as the CPU kernels take it: sqrt for each tensor whose p is 0.5, pow otherwise
-  // (SQRT_POWER: every tensor of the launch has p = 0.5).
-  const bool sqrt_power = SQRT_POWER || r.scalars[kPower] == 0.5;
+  const ProbeKey key = param_key(prefix, r.param_index);
+  const float step = sign * *delta;  // exact: sign is +-1
   dispatch_dtype(r.dtype, [&](auto tag) {
     using T = decltype(tag);
+    T* x = static_cast<T*>(r.x);
     for (int64_t i = range.begin + threadIdx.x * kVec; i < range.end; i += kThreads * kVec) {
-      float x[kVec], g[kVec], m[kVec], d[kVec];
-      load_vec(static_cast<const T*>(r.backup), i, range.end, r.aligned, x);
-      load_vec(static_cast<const T*>(r.source), i, range.end, r.aligned, g);
-      load_vec(static_cast<const float*>(r.exp_avg), i, range.end, r.aligned, m);
-      load_vec(static_cast<const float*>(r.exp_hessian_diag), i, range.end, r.aligned, d);
-      if (REFRESH) {
+      float base[kVec], z[kVec], out[kVec];
+      load_vec(static_cast<const T*>(r.src), i, range.end, r.aligned, base);
+      if (SAVE) copy_vec(static_cast<T*>(r.aux), static_cast<const T*>(x), i, range.end, r.aligned);
+      probe_vec(i, key, z);
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) out[k] = base[k] + step * z[k];
+      store_vec(x, i, range.end, r.aligned, out);
+    }
+  });
+}
+
+template <bool FIRST>
+__global__ void __launch_bounds__(kThreads) fd_fold_kernel(const TensorRec* __restrict__ recs,
+                                                           const BlockRec* __restrict__ blocks, uint32_t prefix,
+                                                           const float* __restrict__ delta, float coefficient) {
+  const BlockRec b = blocks[blockIdx.x];
+  const TensorRec r = recs[b.tensor];
+  const Range range = block_range(r, b);
+  const ProbeKey key = param_key(prefix, r.param_index);
+  const float scale = coefficient / *delta;
+  dispatch_dtype(r.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    T* acc = static_cast<T*>(r.x);
+    for (int64_t i = range.begin + threadIdx.x * kVec; i < range.end; i += kThreads * kVec) {
+      float g[kVec], base[kVec] = {}, a[kVec] = {}, z[kVec], out[kVec];
+      load_vec(static_cast<const T*>(r.src), i, range.end, r.aligned, g);
+      if (r.aux != nullptr) load_vec(static_cast<const T*>(r.aux), i, range.end, r.aligned, base);
+      if (!FIRST) load_vec(static_cast<const T*>(acc), i, range.end, r.aligned, a);
+      probe_vec(i, key, z);
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) {
+        const float term = fd_term<float>(g[k], base[k], z[k], scale);
+        out[k] = FIRST ? term : a[k] + term;
+      }
+      store_vec(acc, i, range.end, r.aligned, out);
+    }
+  });
+}
+
+// ---- update -------------------------------------------------------------------------
+template <int MODE, bool SQRT_POWER>
+__global__ void __launch_bounds__(kThreads) update_kernel(const TensorRec* __restrict__ recs,
+                                                          const BlockRec* __restrict__ blocks, int64_t n_tensors,
+                                                          const double* __restrict__ scalars, double power,
+                                                          const void* const* __restrict__ ys,
+                                                          const uint32_t* __restrict__ prefixes, int64_t n_samples,
+                                                          const float* __restrict__ delta) {
+  const BlockRec b = blocks[blockIdx.x];
+  const TensorRec r = recs[b.tensor];
+  const Range range = block_range(r, b);
+  const UpdateScalars<float> s = update_scalars<float>(scalars + b.tensor * UpdateCol::kCount, power);
+  const float dlt = MODE == RefreshMode::kFdDirect ? *delta : 1.f;
+  dispatch_dtype(r.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    T* x = static_cast<T*>(r.x);
+    const T* xt = static_cast<const T*>(r.aux);
+    if (!s.live) {  // restore x_t bit for bit, leave the state alone
+      if (xt != x)
+        for (int64_t i = range.begin + threadIdx.x * kVec; i < range.end; i += kThreads * kVec)
+          copy_vec(x, xt, i, range.end, r.aligned);
+      return;
+    }
+    for (int64_t i = range.begin + threadIdx.x * kVec; i < range.end; i += kThreads * kVec) {
+      float xv[kVec], g[kVec], m[kVec], d[kVec];
+      load_vec(xt, i, range.end, r.aligned, xv);
+      load_vec(static_cast<const T*>(r.src), i, range.end, r.aligned, g);
+      load_vec(static_cast<const float*>(r.m), i, range.end, r.aligned, m);
+      load_vec(static_cast<const float*>(r.d), i, range.end, r.aligned, d);
+      if (MODE != RefreshMode::kNone) {
         float h[kVec] = {};
         for (int64_t smp = 0; smp < n_samples; ++smp) {
-          const T* hs = static_cast<const T*>(hz[r.hz_index + smp]);
-          if (hs == nullptr) continue;  // param absent from the graph: Hz = 0
-          const uint32_t k0 = keys[2 * (r.hz_index + smp)], k1 = keys[2 * (r.hz_index + smp) + 1];
-          const uint32_t bits = probe_bits(static_cast<uint32_t>(i >> 5), k0, k1);  // one word for i .. i + kVec - 1
-          float hv[kVec];
-          load_vec(hs, i, range.end, r.aligned, hv);
+          const T* y = static_cast<const T*>(ys[smp * n_tensors + b.tensor]);
+          if (y == nullptr) continue;  // absent: contributes 0
+          float yv[kVec], z[kVec];
+          load_vec(y, i, range.end, r.aligned && reinterpret_cast<uintptr_t>(y) % 16 == 0, yv);
+          if (MODE == RefreshMode::kPrecomputed) {
 #pragma unroll
-          for (int k = 0; k < kVec; ++k) h[k] += probe_sign<float>(bits, static_cast<uint32_t>(i & 31) + k) * hv[k];
+            for (int k = 0; k < kVec; ++k) h[k] += yv[k];
+            continue;
+          }
+          probe_vec(i, param_key(prefixes[smp], r.param_index), z);
+#pragma unroll
+          for (int k = 0; k < kVec; ++k)
+            h[k] += MODE == RefreshMode::kFdDirect ? (yv[k] - g[k]) * z[k] / dlt : z[k] * yv[k];
         }
 #pragma unroll
-        for (int k = 0; k < kVec; ++k) d[k] = hessian_ema<float>(d[k], h[k], s);
+        for (int k = 0; k < kVec; ++k) {
+          if (MODE == RefreshMode::kAutograd) h[k] = h[k] / static_cast<float>(n_samples);
+          d[k] = hessian_ema<float>(d[k], h[k], s);
+        }
       }
       float out[kVec];
 #pragma unroll
-      for (int k = 0; k < kVec; ++k)
-        out[k] = sqrt_power ? sassha_update<float, true>(x[k], m[k], d[k], g[k], s)
-                            : sassha_update<float, false>(x[k], m[k], d[k], g[k], s);
-      store_vec(static_cast<T*>(r.param), i, range.end, r.aligned, out);
-      store_vec(r.exp_avg, i, range.end, r.aligned, m);
-      if (REFRESH) store_vec(r.exp_hessian_diag, i, range.end, r.aligned, d);
+      for (int k = 0; k < kVec; ++k) out[k] = sassha_update<float, SQRT_POWER>(xv[k], m[k], d[k], g[k], s);
+      store_vec(x, i, range.end, r.aligned, out);
+      store_vec(r.m, i, range.end, r.aligned, m);
+      if (MODE != RefreshMode::kNone) store_vec(r.d, i, range.end, r.aligned, d);
     }
   });
 }
 
 }  // namespace
 
-// ---- launchers --------------------------------------------------------------------------
+// ---- launchers ---------------------------------------------------------------------
 void launch_sq_norm(const TensorRec* recs, const BlockRec* blocks, int64_t n_blocks, bool adaptive, bool acc64,
                     void* partials, void* out, void* stream) {
   auto st = static_cast<cudaStream_t>(stream);
@@ -270,32 +327,66 @@ void launch_sq_norm(const TensorRec* recs, const BlockRec* blocks, int64_t n_blo
 }
 
 void launch_perturb(const TensorRec* recs, const BlockRec* blocks, int64_t n_blocks, const void* sq_norm, bool norm64,
-                    bool adaptive, void* stream) {
+                    const double* groups, double sign, bool adaptive, void* stream) {
   auto st = static_cast<cudaStream_t>(stream);
   if (norm64) {
     const auto* n = static_cast<const double*>(sq_norm);
-    if (adaptive) perturb_kernel<double, true><<<n_blocks, kThreads, 0, st>>>(recs, blocks, n);
-    else perturb_kernel<double, false><<<n_blocks, kThreads, 0, st>>>(recs, blocks, n);
+    if (adaptive) perturb_kernel<double, true><<<n_blocks, kThreads, 0, st>>>(recs, blocks, n, groups, sign);
+    else perturb_kernel<double, false><<<n_blocks, kThreads, 0, st>>>(recs, blocks, n, groups, sign);
   } else {
     const auto* n = static_cast<const float*>(sq_norm);
-    if (adaptive) perturb_kernel<float, true><<<n_blocks, kThreads, 0, st>>>(recs, blocks, n);
-    else perturb_kernel<float, false><<<n_blocks, kThreads, 0, st>>>(recs, blocks, n);
+    if (adaptive) perturb_kernel<float, true><<<n_blocks, kThreads, 0, st>>>(recs, blocks, n, groups, sign);
+    else perturb_kernel<float, false><<<n_blocks, kThreads, 0, st>>>(recs, blocks, n, groups, sign);
   }
 }
 
-void launch_probes(const TensorRec* recs, const BlockRec* blocks, int64_t n_blocks, void* stream) {
-  probes_kernel<<<n_blocks, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(recs, blocks);
+void launch_probes(const TensorRec* recs, const BlockRec* blocks, int64_t n_blocks, uint32_t prefix, void* stream) {
+  probes_kernel<<<n_blocks, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(recs, blocks, prefix);
 }
 
-void launch_update(const TensorRec* recs, const BlockRec* blocks, int64_t n_blocks, const void* const* hz,
-                   const uint32_t* keys, int64_t n_samples, bool refresh, bool sqrt_power, void* stream) {
+void launch_fd_move(const TensorRec* recs, const BlockRec* blocks, int64_t n_blocks, uint32_t prefix,
+                    const float* delta, float sign, bool save, void* stream) {
   auto st = static_cast<cudaStream_t>(stream);
-  if (refresh) {
-    if (sqrt_power) update_kernel<true, true><<<n_blocks, kThreads, 0, st>>>(recs, blocks, hz, keys, n_samples);
-    else update_kernel<true, false><<<n_blocks, kThreads, 0, st>>>(recs, blocks, hz, keys, n_samples);
+  if (save) fd_move_kernel<true><<<n_blocks, kThreads, 0, st>>>(recs, blocks, prefix, delta, sign);
+  else fd_move_kernel<false><<<n_blocks, kThreads, 0, st>>>(recs, blocks, prefix, delta, sign);
+}
+
+void launch_fd_fold(const TensorRec* recs, const BlockRec* blocks, int64_t n_blocks, uint32_t prefix,
+                    const float* delta, float coefficient, bool first, void* stream) {
+  auto st = static_cast<cudaStream_t>(stream);
+  if (first) fd_fold_kernel<true><<<n_blocks, kThreads, 0, st>>>(recs, blocks, prefix, delta, coefficient);
+  else fd_fold_kernel<false><<<n_blocks, kThreads, 0, st>>>(recs, blocks, prefix, delta, coefficient);
+}
+
+template <int MODE>
+void launch_update_mode(const TensorRec* recs, const BlockRec* blocks, int64_t n_blocks, int64_t n_tensors,
+                        const double* scalars, double power, const void* const* ys, const uint32_t* prefixes,
+                        int64_t n_samples, const float* delta, cudaStream_t st) {
+  if (power == 0.5) {
+    update_kernel<MODE, true><<<n_blocks, kThreads, 0, st>>>(recs, blocks, n_tensors, scalars, power, ys, prefixes,
+                                                             n_samples, delta);
   } else {
-    if (sqrt_power) update_kernel<false, true><<<n_blocks, kThreads, 0, st>>>(recs, blocks, hz, keys, n_samples);
-    else update_kernel<false, false><<<n_blocks, kThreads, 0, st>>>(recs, blocks, hz, keys, n_samples);
+    update_kernel<MODE, false><<<n_blocks, kThreads, 0, st>>>(recs, blocks, n_tensors, scalars, power, ys, prefixes,
+                                                              n_samples, delta);
+  }
+}
+
+void launch_update(const TensorRec* recs, const BlockRec* blocks, int64_t n_blocks, int64_t n_tensors,
+                   const double* scalars, double power, int refresh_mode, const void* const* ys,
+                   const uint32_t* prefixes, int64_t n_samples, const float* delta, void* stream) {
+  auto st = static_cast<cudaStream_t>(stream);
+  switch (refresh_mode) {
+    case RefreshMode::kNone:
+      launch_update_mode<RefreshMode::kNone>(recs, blocks, n_blocks, n_tensors, scalars, power, ys, prefixes, n_samples, delta, st);
+      break;
+    case RefreshMode::kAutograd:
+      launch_update_mode<RefreshMode::kAutograd>(recs, blocks, n_blocks, n_tensors, scalars, power, ys, prefixes, n_samples, delta, st);
+      break;
+    case RefreshMode::kFdDirect:
+      launch_update_mode<RefreshMode::kFdDirect>(recs, blocks, n_blocks, n_tensors, scalars, power, ys, prefixes, n_samples, delta, st);
+      break;
+    default:
+      launch_update_mode<RefreshMode::kPrecomputed>(recs, blocks, n_blocks, n_tensors, scalars, power, ys, prefixes, n_samples, delta, st);
   }
 }
 

@@ -1,9 +1,12 @@
-// Per-element math of SASSHA's four phases, shared by the CPU loops
-// (sassha_ops.cpp) and the CUDA kernels (sassha_cuda_kernels.cu).
+// Per-element math of SASSHA's phases, shared by the CPU loops (sassha_ops.cpp)
+// and the CUDA kernels (sassha_cuda_kernels.cu), and the table layouts the host
+// passes them.
 //
 // Everything here is a pure function of scalars: no tensors, no loops, no
 // memory. The reference these mirror is sassha_fused/backends/eager.py; the
-// probe hash is the one written down in sassha_fused/probes.py.
+// probe hash is the one written down in sassha_fused/probes.py; the layouts are
+// GroupCol and UpdateCol of sassha_fused/backends/base.py (tests/test_layouts.py
+// checks they agree).
 //
 // This header must stay free of torch includes: nvcc compiles it with plain
 // CUDA only.
@@ -20,8 +23,42 @@
 
 namespace sassha {
 
+// ---- layouts ------------------------------------------------------------------
+// Columns of the group table (one row per param group, float64).
+struct GroupCol {
+  enum : int { kLr = 0, kBeta1 = 1, kBeta2 = 2, kWeightDecay = 3, kEps = 4, kRho = 5, kPerturbEps = 6, kCount = 7 };
+};
+
+// Columns of the per-tensor update-scalar table (functional.update_scalars, float64).
+struct UpdateCol {
+  enum : int {
+    kNegStep = 0,        // -lr / (1 - beta1^t)
+    kDecay = 1,          // 1 - lr * weight_decay
+    kBeta1 = 2,
+    kOneMinusBeta1 = 3,
+    kBeta2 = 4,
+    kOneMinusBeta2 = 5,
+    kC2 = 6,             // (1 - beta2^t)^p
+    kEps = 7,
+    kLive = 8,           // 1: update; 0: restore x_t and leave the state alone
+    kCount = 9
+  };
+};
+
+// How the update gets the Hutchinson sample mean h on a refresh step.
+struct RefreshMode {
+  enum : int {
+    kNone = 0,         // no refresh: D is kept
+    kAutograd = 1,     // ys[s] = H z_s: h = (1/S) sum_s z_s * ys[s]
+    kFdDirect = 2,     // ys[0] = grad f(x~ + delta z): h = (ys[0] - g) * z / delta
+    kPrecomputed = 3   // ys[0] = h (folded by fd_fold)
+  };
+};
+
+// ---- probes ---------------------------------------------------------------------
 // Elements per probe word: one 32-bit hash yields the signs of 32 elements.
 constexpr int64_t kProbeWordBits = 32;
+constexpr uint32_t kKey1Salt = 0x9E3779B9u;
 
 // MurmurHash3's 32-bit finaliser (probes.py: fmix32), wrapping uint32 math.
 SASSHA_HD uint32_t fmix32(uint32_t x) {
@@ -33,46 +70,45 @@ SASSHA_HD uint32_t fmix32(uint32_t x) {
   return x;
 }
 
+// A parameter's stream key from its probe vector's prefix (probes.py: param_key).
+struct ProbeKey {
+  uint32_t k0, k1;
+};
+SASSHA_HD ProbeKey param_key(uint32_t prefix, uint32_t param_index) {
+  const uint32_t c = fmix32(prefix ^ param_index);
+  return {c, fmix32(c ^ kKey1Salt)};
+}
+
 // The 32 signs of probe word `word` of the stream (k0, k1): bit b set means
 // z[32 * word + b] = +1, clear means -1.
-SASSHA_HD uint32_t probe_bits(uint32_t word, uint32_t k0, uint32_t k1) {
-  return fmix32(fmix32(word ^ k0) ^ k1);
-}
+SASSHA_HD uint32_t probe_bits(uint32_t word, ProbeKey key) { return fmix32(fmix32(word ^ key.k0) ^ key.k1); }
 
 // z for bit `bit` of a probe word, as +1/-1 in M. Integer arithmetic, not a
 // branch or a select on the bit: the bits are random, so a branch mispredicts
-// half the time (the CPU probe pass ran at ~14 cycles per element that way), and
-// this form vectorises (shift, and, multiply-add, convert).
+// half the time, and this form vectorises (shift, and, multiply-add, convert).
 template <typename M>
 SASSHA_HD M probe_sign(uint32_t bits, uint32_t bit) {
   return static_cast<M>(static_cast<int32_t>((bits >> bit) & 1u) * 2 - 1);
 }
 
-template <typename M>
-SASSHA_HD M probe_element(int64_t element, uint32_t k0, uint32_t k1) {
-  const uint32_t bits = probe_bits(static_cast<uint32_t>(element >> 5), k0, k1);
-  return probe_sign<M>(bits, static_cast<uint32_t>(element & 31));
-}
-
-// ---- phase 1: one term of ||w * v||^2, w = |x| when adaptive ---------------
+// ---- norms and the perturbation ------------------------------------------------
+// One term of ||w * v||^2, w = |x| when adaptive.
 template <typename A, bool ADAPTIVE>
 SASSHA_HD A sq_norm_term(A v, A x) {
   if (ADAPTIVE) v = std::fabs(x) * v;
   return v * v;
 }
 
-// ---- phase 2: the perturbation --------------------------------------------
 // scale = sign * rho / (sqrt(sq_norm) + perturb_eps), computed as the eager
-// reference does in torch: reciprocal of the denominator times (sign * rho),
-// in the accumulator dtype A of the norm, then cast to the math dtype.
+// reference does in torch: reciprocal of the denominator times (sign * rho), in
+// the accumulator dtype A of the norm.
 template <typename A>
 SASSHA_HD A perturb_scale(A sq_norm, double sign_rho, double perturb_eps) {
   const A r = A(1) / (std::sqrt(sq_norm) + A(perturb_eps));
   return r * A(sign_rho);
 }
 
-// x0 + scale * v [* x0^2 when adaptive]: the perturbed point, before rounding
-// to the param dtype.
+// x0 + scale * v [* x0^2 when adaptive]: the perturbed point, before rounding.
 template <typename M, bool ADAPTIVE>
 SASSHA_HD M perturb_value(M x0, M v, M scale) {
   M e = v * scale;
@@ -80,21 +116,41 @@ SASSHA_HD M perturb_value(M x0, M v, M scale) {
   return x0 + e;
 }
 
-// ---- phase 4: the update ---------------------------------------------------
-// Hyper-parameters of one tensor, already cast to the math dtype M.
+// ---- finite differences ------------------------------------------------------------
+// One term folded into the running sum: (g - baseline) * z * (coefficient / delta).
+template <typename M>
+SASSHA_HD M fd_term(M g, M baseline, M z, M scale) {
+  return (g - baseline) * z * scale;
+}
+
+// ---- the update ---------------------------------------------------------------------
+// One tensor's row of the update-scalar table, cast to the math dtype M.
 template <typename M>
 struct UpdateScalars {
-  M beta1;            // momentum decay
-  M one_minus_beta1;  // 1 - beta1, rounded once on the host as torch's alpha is
-  M beta2;            // decay of the |h| EMA
-  M one_minus_beta2;  // 1 - beta2
-  M decay;            // 1 - lr * weight_decay (decoupled weight decay)
-  M neg_step_size;    // -lr / (1 - beta1^t)
-  M inv_bias_correction2;  // 1 / c2, c2 = (1 - beta2^t_refresh)^p (a multiply, not a divide, per element)
-  M eps;              // added after the power
-  M power;            // hessian_power p (the SQRT_POWER path ignores it)
-  M n_samples;        // S, the number of Hutchinson probes averaged
+  M neg_step;  // -lr / (1 - beta1^t)
+  M decay;     // 1 - lr * weight_decay
+  M beta1, one_minus_beta1, beta2, one_minus_beta2;
+  M c2;        // (1 - beta2^t)^p
+  M eps;       // added after the power
+  M power;     // hessian_power (passed once per call)
+  bool live;   // false: restore x_t, state untouched
 };
+
+template <typename M>
+SASSHA_HD UpdateScalars<M> update_scalars(const double* row, double power) {
+  UpdateScalars<M> u;
+  u.neg_step = static_cast<M>(row[UpdateCol::kNegStep]);
+  u.decay = static_cast<M>(row[UpdateCol::kDecay]);
+  u.beta1 = static_cast<M>(row[UpdateCol::kBeta1]);
+  u.one_minus_beta1 = static_cast<M>(row[UpdateCol::kOneMinusBeta1]);
+  u.beta2 = static_cast<M>(row[UpdateCol::kBeta2]);
+  u.one_minus_beta2 = static_cast<M>(row[UpdateCol::kOneMinusBeta2]);
+  u.c2 = static_cast<M>(row[UpdateCol::kC2]);
+  u.eps = static_cast<M>(row[UpdateCol::kEps]);
+  u.power = static_cast<M>(power);
+  u.live = row[UpdateCol::kLive] > 0;
+  return u;
+}
 
 // D^p: the sqrt fast path for the default p = 0.5 (as torch's pow does).
 template <typename M, bool SQRT_POWER>
@@ -103,21 +159,19 @@ SASSHA_HD M hessian_power(M d, M power) {
   return std::pow(d, power);
 }
 
-// D_t = beta2 D_{t-1} + (1 - beta2) |h_t|, h_t the sample mean of z * Hz
-// (``h_sum`` is the sum over samples; the mean divides it by S).
+// D_t = beta2 D_{t-1} + (1 - beta2) |h_t|
 template <typename M>
-SASSHA_HD M hessian_ema(M d, M h_sum, const UpdateScalars<M>& s) {
-  const M h = h_sum / s.n_samples;
-  return d * s.beta2 + s.one_minus_beta2 * std::fabs(h);
+SASSHA_HD M hessian_ema(M d, M h, const UpdateScalars<M>& s) {
+  return d * s.beta2 + std::fabs(h) * s.one_minus_beta2;
 }
 
 // m_t = beta1 m + (1 - beta1) g;  returns x_{t+1} and writes m_t to ``m``.
 //   x_{t+1} = x_t (1 - lr wd) - lr / (1 - beta1^t) * m_t / (D^p / c2 + eps)
 template <typename M, bool SQRT_POWER>
 SASSHA_HD M sassha_update(M x, M& m, M d, M g, const UpdateScalars<M>& s) {
-  m = m * s.beta1 + s.one_minus_beta1 * g;
-  const M denom = hessian_power<M, SQRT_POWER>(d, s.power) * s.inv_bias_correction2 + s.eps;
-  return x * s.decay + s.neg_step_size * (m / denom);
+  m = m * s.beta1 + g * s.one_minus_beta1;
+  const M denom = hessian_power<M, SQRT_POWER>(d, s.power) / s.c2 + s.eps;
+  return x * s.decay + s.neg_step * (m / denom);
 }
 
 }  // namespace sassha

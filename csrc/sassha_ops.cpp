@@ -268,7 +268,7 @@ inline void store_fence() {
 #endif
 }
 
-// ---- phase 2: perturbation ---------------------------------------------------
+// ---- perturbation ----------------------------------------------------------------
 template <typename T, typename V, bool ADAPTIVE>
 SASSHA_CPU_CLONES void chunk_perturb(T* x, T* backup, const V* v, math_t<T> scale, int64_t begin, int64_t end) {
   using M = math_t<T>;
@@ -286,13 +286,20 @@ SASSHA_CPU_CLONES void chunk_perturb(T* x, T* backup, const V* v, math_t<T> scal
   store_fence();
 }
 
+// Row g of the flat group table, checked.
+const double* group_row(const char* op, c10::ArrayRef<double> groups, int64_t g) {
+  TORCH_CHECK(g >= 0 && (g + 1) * GroupCol::kCount <= static_cast<int64_t>(groups.size()), "sassha_fused::", op,
+              ": group_index ", g, " is outside the group table of ", groups.size() / GroupCol::kCount,
+              " rows; pass the flat table of GroupCol.COUNT values per param group");
+  return groups.data() + g * GroupCol::kCount;
+}
+
 void perturb_cpu(at::TensorList params, at::TensorList sources, at::TensorList backups, const at::Tensor& sq_norm,
-                 c10::ArrayRef<double> sign_rho, c10::ArrayRef<double> perturb_eps, bool adaptive) {
+                 c10::ArrayRef<int64_t> group_index, c10::ArrayRef<double> groups, double sign, bool adaptive) {
   const size_t n = params.size();
   check_same_length("perturb", "params", n, "sources", sources.size());
   check_same_length("perturb", "params", n, "backups", backups.size());
-  check_same_length("perturb", "params", n, "sign_rho values", sign_rho.size());
-  check_same_length("perturb", "params", n, "perturb_eps values", perturb_eps.size());
+  check_same_length("perturb", "params", n, "group_index values", group_index.size());
   if (n == 0) return;
   const auto device = params[0].device();
   for (size_t j = 0; j < n; ++j) {
@@ -312,8 +319,11 @@ void perturb_cpu(at::TensorList params, at::TensorList sources, at::TensorList b
   const double norm_value = acc64 ? *norm.const_data_ptr<double>() : static_cast<double>(*norm.const_data_ptr<float>());
   std::vector<double> scales(n);
   for (size_t j = 0; j < n; ++j) {
-    scales[j] = acc64 ? perturb_scale<double>(norm_value, sign_rho[j], perturb_eps[j])
-                      : static_cast<double>(perturb_scale<float>(static_cast<float>(norm_value), sign_rho[j], perturb_eps[j]));
+    const double* row = group_row("perturb", groups, group_index[j]);
+    const double sign_rho = sign * row[GroupCol::kRho];
+    const double peps = row[GroupCol::kPerturbEps];
+    scales[j] = acc64 ? perturb_scale<double>(norm_value, sign_rho, peps)
+                      : static_cast<double>(perturb_scale<float>(static_cast<float>(norm_value), sign_rho, peps));
   }
   const auto chunks = make_chunks(params);
   for_each_chunk(chunks, [&](const Chunk& c) {
@@ -337,13 +347,17 @@ void perturb_cpu(at::TensorList params, at::TensorList sources, at::TensorList b
   });
 }
 
-// ---- phase 3: probes ----------------------------------------------------------
+// ---- probes ------------------------------------------------------------------------
+ProbeKey key_of(int64_t prefix, int64_t param_index) {
+  return param_key(static_cast<uint32_t>(prefix), static_cast<uint32_t>(param_index));
+}
+
 // Whole words take a fixed-trip-count loop (vectorised); only a tensor's last
 // word can be partial.
 template <typename T>
-SASSHA_CPU_CLONES void chunk_probes(T* z, uint32_t k0, uint32_t k1, int64_t begin, int64_t end) {
+SASSHA_CPU_CLONES void chunk_probes(T* z, ProbeKey key, int64_t begin, int64_t end) {
   for (int64_t w = begin; w < end; w += kProbeWordBits) {
-    const uint32_t bits = probe_bits(static_cast<uint32_t>(w >> 5), k0, k1);
+    const uint32_t bits = probe_bits(static_cast<uint32_t>(w >> 5), key);
     T* zw = z + w;
     if (end - w >= kProbeWordBits) {
       for (uint32_t b = 0; b < kProbeWordBits; ++b) zw[b] = static_cast<T>(probe_sign<float>(bits, b));
@@ -353,60 +367,145 @@ SASSHA_CPU_CLONES void chunk_probes(T* z, uint32_t k0, uint32_t k1, int64_t begi
   }
 }
 
-void probes_cpu(at::TensorList out, c10::ArrayRef<int64_t> keys) {
-  TORCH_CHECK(keys.size() == 2 * out.size(), "sassha_fused::probes: got ", keys.size(), " key words for ",
-              out.size(), " tensors; pass (k0, k1) of probes.probe_key for each tensor");
+void probes_cpu(at::TensorList out, c10::ArrayRef<int64_t> param_index, int64_t prefix) {
+  check_same_length("probes", "tensors", out.size(), "param_index values", param_index.size());
   if (out.empty()) return;
   const auto device = out[0].device();
   for (size_t j = 0; j < out.size(); ++j) check_param("probes", out[j], j, device);
   const auto chunks = make_chunks(out);
   for_each_chunk(chunks, [&](const Chunk& c) {
     const int64_t j = c.tensor;
-    const auto k0 = static_cast<uint32_t>(keys[2 * j]);
-    const auto k1 = static_cast<uint32_t>(keys[2 * j + 1]);
+    const ProbeKey key = key_of(prefix, param_index[j]);
     dispatch_param_dtype(out[j].scalar_type(), [&](auto tag) {
       using T = decltype(tag);
-      chunk_probes<T>(static_cast<T*>(out[j].data_ptr()), k0, k1, c.begin, c.end);
+      chunk_probes<T>(static_cast<T*>(out[j].data_ptr()), key, c.begin, c.end);
     });
   });
 }
 
-// ---- phase 4: update ----------------------------------------------------------
-// Fields of the per-tensor ``scalars`` list, kScalarsPerTensor doubles each.
-enum ScalarField {
-  kBeta1, kBeta2, kLr, kWeightDecay, kEps, kPower, kBiasCorrection1, kBiasCorrection2, kScalarsPerTensor
-};
-
-template <typename M>
-UpdateScalars<M> update_scalars(const double* s, int64_t n_samples) {
-  UpdateScalars<M> u;
-  u.beta1 = static_cast<M>(s[kBeta1]);
-  u.one_minus_beta1 = static_cast<M>(1.0 - s[kBeta1]);
-  u.beta2 = static_cast<M>(s[kBeta2]);
-  u.one_minus_beta2 = static_cast<M>(1.0 - s[kBeta2]);
-  u.decay = static_cast<M>(1.0 - s[kLr] * s[kWeightDecay]);
-  u.neg_step_size = static_cast<M>(-(s[kLr] / s[kBiasCorrection1]));
-  u.inv_bias_correction2 = static_cast<M>(1.0 / s[kBiasCorrection2]);
-  u.eps = static_cast<M>(s[kEps]);
-  u.power = static_cast<M>(s[kPower]);
-  u.n_samples = static_cast<M>(n_samples);
-  return u;
+// ---- finite differences ------------------------------------------------------------
+double scalar_of(const char* op, const at::Tensor& t, const char* what) {
+  TORCH_CHECK(t.numel() == 1 && t.is_floating_point(), "sassha_fused::", op, ": ", what,
+              " must be a one-element floating-point tensor");
+  return t.to(at::kCPU, at::kDouble).item<double>();
 }
 
-// One chunk of one tensor. x_t comes from ``backup`` (which may alias ``x``);
-// every array is read once and written once. On refresh steps the probes are
-// regenerated word by word from the counters, never read from memory.
-template <typename T, bool REFRESH, bool SQRT_POWER>
-SASSHA_CPU_CLONES void chunk_update(T* x, const T* backup, const T* g, math_t<T>* m, math_t<T>* d, const T* const* hz,
-                  const uint32_t* keys, int64_t n_samples, const UpdateScalars<math_t<T>>& s,
-                  int64_t begin, int64_t end) {
+// x = base + sign * delta * z (one rounding); save = x first when asked.
+template <typename T>
+SASSHA_CPU_CLONES void chunk_fd_move(T* x, const T* base, T* save, ProbeKey key, math_t<T> step, int64_t begin,
+                                     int64_t end) {
   using M = math_t<T>;
-  if (!REFRESH) {
+  alignas(64) T x_new[kProbeWordBits];
+  for (int64_t w = begin; w < end; w += kProbeWordBits) {
+    const int64_t len = std::min<int64_t>(end - w, kProbeWordBits);
+    const uint32_t bits = probe_bits(static_cast<uint32_t>(w >> 5), key);
+    for (int64_t b = 0; b < len; ++b) {
+      x_new[b] = static_cast<T>(static_cast<M>(base[w + b]) + step * probe_sign<M>(bits, static_cast<uint32_t>(b)));
+    }
+    if (save != nullptr) std::memcpy(save + w, x + w, len * sizeof(T));
+    std::memcpy(x + w, x_new, len * sizeof(T));
+  }
+}
+
+void fd_move_cpu(at::TensorList params, at::TensorList bases, at::TensorList saves, const at::Tensor& delta,
+                 c10::ArrayRef<int64_t> param_index, int64_t prefix, double sign) {
+  const size_t n = params.size();
+  check_same_length("fd_move", "params", n, "param_index values", param_index.size());
+  TORCH_CHECK(bases.empty() || bases.size() == n, "sassha_fused::fd_move: pass no bases (move in place) or one per param");
+  TORCH_CHECK(saves.empty() || saves.size() == n, "sassha_fused::fd_move: pass no saves or one per param");
+  if (n == 0) return;
+  const auto device = params[0].device();
+  for (size_t j = 0; j < n; ++j) {
+    check_param("fd_move", params[j], j, device);
+    if (!bases.empty()) check_companion("fd_move", "bases", bases[j], j, params[j], params[j].scalar_type());
+    if (!saves.empty()) check_companion("fd_move", "saves", saves[j], j, params[j], params[j].scalar_type());
+  }
+  const double d = scalar_of("fd_move", delta, "delta");
+  const auto chunks = make_chunks(params);
+  for_each_chunk(chunks, [&](const Chunk& c) {
+    const int64_t j = c.tensor;
+    const ProbeKey key = key_of(prefix, param_index[j]);
+    dispatch_param_dtype(params[j].scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      using M = math_t<T>;
+      T* x = static_cast<T*>(params[j].data_ptr());
+      const T* base = bases.empty() ? x : static_cast<const T*>(bases[j].const_data_ptr());
+      T* save = saves.empty() ? nullptr : static_cast<T*>(saves[j].data_ptr());
+      // sign * delta in M, as the reference multiplies the float32 delta by the sign there
+      const M step = static_cast<M>(sign) * static_cast<M>(static_cast<float>(d));
+      chunk_fd_move<T>(x, base, save, key, step, c.begin, c.end);
+    });
+  });
+}
+
+// acc = (first ? 0 : acc) + (g - baseline) * z * scale; acc may alias g or baseline.
+template <typename T, bool BASELINE>
+SASSHA_CPU_CLONES void chunk_fd_fold(T* acc, const T* g, const T* baseline, ProbeKey key, math_t<T> scale, bool first,
+                                     int64_t begin, int64_t end) {
+  using M = math_t<T>;
+  alignas(64) T out[kProbeWordBits];
+  for (int64_t w = begin; w < end; w += kProbeWordBits) {
+    const int64_t len = std::min<int64_t>(end - w, kProbeWordBits);
+    const uint32_t bits = probe_bits(static_cast<uint32_t>(w >> 5), key);
+    for (int64_t b = 0; b < len; ++b) {
+      const M base = BASELINE ? static_cast<M>(baseline[w + b]) : M(0);
+      const M term = fd_term<M>(static_cast<M>(g[w + b]), base, probe_sign<M>(bits, static_cast<uint32_t>(b)), scale);
+      out[b] = static_cast<T>(first ? term : static_cast<M>(acc[w + b]) + term);
+    }
+    std::memcpy(acc + w, out, len * sizeof(T));
+  }
+}
+
+void fd_fold_cpu(at::TensorList acc, at::TensorList grads, at::TensorList baselines, const at::Tensor& delta,
+                 c10::ArrayRef<int64_t> param_index, int64_t prefix, double coefficient, bool first) {
+  const size_t n = acc.size();
+  check_same_length("fd_fold", "acc", n, "grads", grads.size());
+  check_same_length("fd_fold", "acc", n, "param_index values", param_index.size());
+  TORCH_CHECK(baselines.empty() || baselines.size() == n, "sassha_fused::fd_fold: pass no baselines or one per tensor");
+  if (n == 0) return;
+  const auto device = acc[0].device();
+  for (size_t j = 0; j < n; ++j) {
+    check_param("fd_fold", acc[j], j, device);
+    check_companion("fd_fold", "grads", grads[j], j, acc[j], acc[j].scalar_type());
+    if (!baselines.empty()) check_companion("fd_fold", "baselines", baselines[j], j, acc[j], acc[j].scalar_type());
+  }
+  const double d = scalar_of("fd_fold", delta, "delta");
+  const auto chunks = make_chunks(acc);
+  for_each_chunk(chunks, [&](const Chunk& c) {
+    const int64_t j = c.tensor;
+    const ProbeKey key = key_of(prefix, param_index[j]);
+    dispatch_param_dtype(acc[j].scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      using M = math_t<T>;
+      // coefficient / delta in M, one rounding, as the reference
+      const M scale = static_cast<M>(coefficient) / static_cast<M>(static_cast<float>(d));
+      T* a = static_cast<T*>(acc[j].data_ptr());
+      const T* g = static_cast<const T*>(grads[j].const_data_ptr());
+      if (baselines.empty()) {
+        chunk_fd_fold<T, false>(a, g, nullptr, key, scale, first, c.begin, c.end);
+      } else {
+        chunk_fd_fold<T, true>(a, g, static_cast<const T*>(baselines[j].const_data_ptr()), key, scale, first,
+                               c.begin, c.end);
+      }
+    });
+  });
+}
+
+// ---- update --------------------------------------------------------------------------
+// One chunk of one tensor. x_t comes from ``x_t`` (which may alias ``x``); every
+// array is read once and written once. On refresh steps the probes are
+// regenerated word by word from the counters, never read from memory.
+template <typename T, int MODE, bool SQRT_POWER>
+SASSHA_CPU_CLONES void chunk_update(T* x, const T* xt, const T* g, math_t<T>* m, math_t<T>* d, const T* const* ys,
+                                    const ProbeKey* keys, int64_t n_samples, math_t<T> delta,
+                                    const UpdateScalars<math_t<T>>& s, int64_t begin, int64_t end) {
+  using M = math_t<T>;
+  if (MODE == RefreshMode::kNone) {
     alignas(64) T x_new[kTile];
     alignas(64) M m_new[kTile];
     for (int64_t t = begin; t < end; t += kTile) {
       const int64_t n = std::min(kTile, end - t);
-      const T* bt = backup + t;
+      const T* bt = xt + t;
       const T* gt = g + t;
       const M* mt = m + t;
       const M* dt = d + t;
@@ -421,9 +520,9 @@ SASSHA_CPU_CLONES void chunk_update(T* x, const T* backup, const T* g, math_t<T>
     store_fence();
     return;
   }
-  // A probe word (32 elements) at a time: the sample mean of z * Hz, then the
-  // update into small local arrays that are stored afterwards, so the compute loop
-  // only reads (backup may alias x) and vectorises; whole words have a fixed trip count.
+  // A probe word (32 elements) at a time: h, then the update into small local
+  // arrays that are stored afterwards, so the compute loop only reads (x_t may
+  // alias x) and vectorises; whole words have a fixed trip count.
   alignas(64) M h[kProbeWordBits];
   alignas(64) T x_new[kProbeWordBits];
   alignas(64) M m_new[kProbeWordBits];
@@ -431,34 +530,36 @@ SASSHA_CPU_CLONES void chunk_update(T* x, const T* backup, const T* g, math_t<T>
   for (int64_t w = begin; w < end; w += kProbeWordBits) {
     const int64_t len = std::min<int64_t>(end - w, kProbeWordBits);
     for (int64_t b = 0; b < kProbeWordBits; ++b) h[b] = M(0);
-    for (int64_t smp = 0; smp < n_samples; ++smp) {
-      const T* hs = hz[smp];
-      if (hs == nullptr) continue;  // param absent from the graph: Hz = 0
-      const uint32_t bits = probe_bits(static_cast<uint32_t>(w >> 5), keys[2 * smp], keys[2 * smp + 1]);
-      const T* hw = hs + w;
-      if (len == kProbeWordBits) {
-        for (uint32_t b = 0; b < kProbeWordBits; ++b) h[b] += probe_sign<M>(bits, b) * static_cast<M>(hw[b]);
+    if (MODE == RefreshMode::kAutograd) {
+      for (int64_t smp = 0; smp < n_samples; ++smp) {
+        const T* hs = ys[smp];
+        if (hs == nullptr) continue;  // param absent from the graph: Hz = 0
+        const uint32_t bits = probe_bits(static_cast<uint32_t>(w >> 5), keys[smp]);
+        const T* hw = hs + w;
+        for (int64_t b = 0; b < len; ++b) h[b] += probe_sign<M>(bits, static_cast<uint32_t>(b)) * static_cast<M>(hw[b]);
+      }
+      for (int64_t b = 0; b < len; ++b) h[b] = h[b] / static_cast<M>(n_samples);
+    } else if (ys[0] != nullptr) {
+      const T* yw = ys[0] + w;
+      if (MODE == RefreshMode::kFdDirect) {
+        const uint32_t bits = probe_bits(static_cast<uint32_t>(w >> 5), keys[0]);
+        for (int64_t b = 0; b < len; ++b) {
+          h[b] = (static_cast<M>(yw[b]) - static_cast<M>(g[w + b])) * probe_sign<M>(bits, static_cast<uint32_t>(b)) / delta;
+        }
       } else {
-        for (uint32_t b = 0; b < len; ++b) h[b] += probe_sign<M>(bits, b) * static_cast<M>(hw[b]);
+        for (int64_t b = 0; b < len; ++b) h[b] = static_cast<M>(yw[b]);
       }
     }
-    const T* bw = backup + w;
+    const T* bw = xt + w;
     const T* gw = g + w;
     const M* mw = m + w;
     const M* dw = d + w;
-    auto compute = [&](int64_t n) SASSHA_ALWAYS_INLINE {
-      for (int64_t b = 0; b < n; ++b) {
-        const M di = hessian_ema<M>(dw[b], h[b], s);
-        M mi = mw[b];
-        x_new[b] = static_cast<T>(sassha_update<M, SQRT_POWER>(static_cast<M>(bw[b]), mi, di, static_cast<M>(gw[b]), s));
-        m_new[b] = mi;
-        d_new[b] = di;
-      }
-    };
-    if (len == kProbeWordBits) {
-      compute(kProbeWordBits);
-    } else {
-      compute(len);
+    for (int64_t b = 0; b < len; ++b) {
+      const M di = hessian_ema<M>(dw[b], h[b], s);
+      M mi = mw[b];
+      x_new[b] = static_cast<T>(sassha_update<M, SQRT_POWER>(static_cast<M>(bw[b]), mi, di, static_cast<M>(gw[b]), s));
+      m_new[b] = mi;
+      d_new[b] = di;
     }
     std::memcpy(x + w, x_new, len * sizeof(T));
     std::memcpy(m + w, m_new, len * sizeof(M));
@@ -466,78 +567,106 @@ SASSHA_CPU_CLONES void chunk_update(T* x, const T* backup, const T* g, math_t<T>
   }
 }
 
-void update_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                at::TensorList exp_hessian_diags, at::TensorList backups,
-                const c10::List<std::optional<at::Tensor>>& hvps, c10::ArrayRef<int64_t> keys,
-                c10::ArrayRef<double> scalars, int64_t n_samples, bool refresh) {
+template <typename T, int MODE>
+void update_chunk_dispatch(bool sqrt_power, T* x, const T* xt, const T* g, math_t<T>* m, math_t<T>* d,
+                           const T* const* ys, const ProbeKey* keys, int64_t n_samples, math_t<T> delta,
+                           const UpdateScalars<math_t<T>>& s, const Chunk& c) {
+  if (sqrt_power) {
+    chunk_update<T, MODE, true>(x, xt, g, m, d, ys, keys, n_samples, delta, s, c.begin, c.end);
+  } else {
+    chunk_update<T, MODE, false>(x, xt, g, m, d, ys, keys, n_samples, delta, s, c.begin, c.end);
+  }
+}
+
+void update_cpu(at::TensorList params, at::TensorList x_t, at::TensorList grads, at::TensorList exp_avgs,
+                at::TensorList exp_hessian_diags, const at::Tensor& scalars, double power, int64_t refresh_mode,
+                const c10::List<std::optional<at::Tensor>>& ys, c10::ArrayRef<int64_t> param_index,
+                c10::ArrayRef<int64_t> prefixes, const std::optional<at::Tensor>& delta) {
   const size_t n = params.size();
+  check_same_length("update", "params", n, "x_t", x_t.size());
   check_same_length("update", "params", n, "grads", grads.size());
   check_same_length("update", "params", n, "exp_avgs", exp_avgs.size());
   check_same_length("update", "params", n, "exp_hessian_diags", exp_hessian_diags.size());
-  check_same_length("update", "params", n, "backups", backups.size());
-  TORCH_CHECK(scalars.size() == kScalarsPerTensor * n, "sassha_fused::update: got ", scalars.size(),
-              " scalars for ", n, " params; pass ", static_cast<int>(kScalarsPerTensor),
-              " per param (beta1, beta2, lr, weight_decay, eps, power, 1 - beta1^t, c2)");
+  check_same_length("update", "params", n, "param_index values", param_index.size());
+  TORCH_CHECK(refresh_mode >= RefreshMode::kNone && refresh_mode <= RefreshMode::kPrecomputed,
+              "sassha_fused::update: unknown refresh_mode ", refresh_mode);
+  TORCH_CHECK(scalars.dim() == 2 && scalars.size(0) == static_cast<int64_t>(n) &&
+                  scalars.size(1) == UpdateCol::kCount && scalars.scalar_type() == at::kDouble,
+              "sassha_fused::update: scalars must be a float64 [n_params, UpdateCol.COUNT] table "
+              "(functional.update_scalars)");
+  const bool refresh = refresh_mode != RefreshMode::kNone;
+  const int64_t n_samples = static_cast<int64_t>(prefixes.size());
   if (refresh) {
-    TORCH_CHECK(n_samples >= 1, "sassha_fused::update: n_samples must be >= 1 on a refresh step");
-    TORCH_CHECK(hvps.size() == static_cast<size_t>(n_samples) * n, "sassha_fused::update: got ", hvps.size(),
-                " hvps for ", n_samples, " samples x ", n, " params; pass hvps[s * n_params + j] (None for Hz = 0)");
-    TORCH_CHECK(keys.size() == 2 * hvps.size(), "sassha_fused::update: got ", keys.size(), " key words; pass (k0, k1) ",
-                "of probes.probe_key for every (sample, param), in the order of hvps");
+    TORCH_CHECK(n_samples >= 1 && ys.size() == static_cast<size_t>(n_samples) * n, "sassha_fused::update: got ",
+                ys.size(), " ys for ", n_samples, " samples x ", n, " params; pass ys[s * n_params + j] (None: 0)");
+    TORCH_CHECK(refresh_mode == RefreshMode::kAutograd || n_samples == 1,
+                "sassha_fused::update: finite-difference refresh modes take one list of ys (one prefix)");
+    TORCH_CHECK(refresh_mode != RefreshMode::kFdDirect || delta.has_value(),
+                "sassha_fused::update: FD_DIRECT needs the finite-difference step delta");
   }
   if (n == 0) return;
   const auto device = params[0].device();
-  std::vector<const void*> hz_ptrs(refresh ? hvps.size() : 0, nullptr);
-  std::vector<uint32_t> key32(refresh ? keys.size() : 0);
+  std::vector<const void*> y_ptrs(refresh ? ys.size() : 0, nullptr);
   for (size_t j = 0; j < n; ++j) {
     const auto& p = params[j];
     const auto pt = p.scalar_type();
     check_param("update", p, j, device);
     check_companion("update", "grads", grads[j], j, p, pt);
-    check_companion("update", "backups", backups[j], j, p, pt);
+    check_companion("update", "x_t", x_t[j], j, p, pt);
     check_companion("update", "exp_avgs", exp_avgs[j], j, p, math_dtype(pt));
     check_companion("update", "exp_hessian_diags", exp_hessian_diags[j], j, p, math_dtype(pt));
   }
-  if (refresh) {
-    for (size_t k = 0; k < hvps.size(); ++k) {
-      const std::optional<at::Tensor> h = hvps[k];
-      const size_t j = k % n;
-      if (h.has_value() && h->defined()) {
-        check_companion("update", "hvps", *h, static_cast<int64_t>(k), params[j], params[j].scalar_type());
-        hz_ptrs[k] = h->const_data_ptr();
-      }
+  for (size_t k = 0; k < y_ptrs.size(); ++k) {
+    const std::optional<at::Tensor> y = ys[k];
+    const size_t j = k % n;
+    if (y.has_value() && y->defined()) {
+      check_companion("update", "ys", *y, static_cast<int64_t>(k), params[j], params[j].scalar_type());
+      y_ptrs[k] = y->const_data_ptr();
     }
-    for (size_t k = 0; k < keys.size(); ++k) key32[k] = static_cast<uint32_t>(keys[k]);
   }
+  const at::Tensor table = scalars.to(at::kCPU).contiguous();
+  const double* rows = table.const_data_ptr<double>();
+  const double d = refresh_mode == RefreshMode::kFdDirect ? scalar_of("update", *delta, "delta") : 1.0;
+  const bool sqrt_power = power == 0.5;
   const auto chunks = make_chunks(params);
   for_each_chunk(chunks, [&](const Chunk& c) {
     const int64_t j = c.tensor;
-    const double* sj = scalars.data() + kScalarsPerTensor * j;
-    const bool sqrt_power = sj[kPower] == 0.5;
     dispatch_param_dtype(params[j].scalar_type(), [&](auto tag) {
       using T = decltype(tag);
       using M = math_t<T>;
-      const auto s = update_scalars<M>(sj, n_samples);
+      const auto s = update_scalars<M>(rows + j * UpdateCol::kCount, power);
       T* x = static_cast<T*>(params[j].data_ptr());
-      const T* b = static_cast<const T*>(backups[j].const_data_ptr());
-      const T* g = static_cast<const T*>(grads[j].const_data_ptr());
-      M* m = static_cast<M*>(exp_avgs[j].data_ptr());
-      M* d = static_cast<M*>(exp_hessian_diags[j].data_ptr());
-      if (!refresh) {
-        sqrt_power ? chunk_update<T, false, true>(x, b, g, m, d, nullptr, nullptr, 0, s, c.begin, c.end)
-                   : chunk_update<T, false, false>(x, b, g, m, d, nullptr, nullptr, 0, s, c.begin, c.end);
+      const T* xt = static_cast<const T*>(x_t[j].const_data_ptr());
+      if (!s.live) {  // restore x_t, leave the state alone
+        if (xt != x) std::memcpy(x + c.begin, xt + c.begin, (c.end - c.begin) * sizeof(T));
         return;
       }
-      // Hz pointers and keys of this tensor, one per sample.
-      std::vector<const T*> hz(n_samples);
-      std::vector<uint32_t> kk(2 * n_samples);
-      for (int64_t smp = 0; smp < n_samples; ++smp) {
-        hz[smp] = static_cast<const T*>(hz_ptrs[smp * n + j]);
-        kk[2 * smp] = key32[2 * (smp * n + j)];
-        kk[2 * smp + 1] = key32[2 * (smp * n + j) + 1];
+      const T* g = static_cast<const T*>(grads[j].const_data_ptr());
+      M* m = static_cast<M*>(exp_avgs[j].data_ptr());
+      M* dd = static_cast<M*>(exp_hessian_diags[j].data_ptr());
+      const M delta_m = static_cast<M>(static_cast<float>(d));
+      std::vector<const T*> yj(refresh ? n_samples : 0);
+      std::vector<ProbeKey> kj(refresh ? n_samples : 0);
+      for (int64_t smp = 0; smp < static_cast<int64_t>(yj.size()); ++smp) {
+        yj[smp] = static_cast<const T*>(y_ptrs[smp * n + j]);
+        kj[smp] = key_of(prefixes[smp], param_index[j]);
       }
-      sqrt_power ? chunk_update<T, true, true>(x, b, g, m, d, hz.data(), kk.data(), n_samples, s, c.begin, c.end)
-                 : chunk_update<T, true, false>(x, b, g, m, d, hz.data(), kk.data(), n_samples, s, c.begin, c.end);
+      switch (refresh_mode) {
+        case RefreshMode::kNone:
+          update_chunk_dispatch<T, RefreshMode::kNone>(sqrt_power, x, xt, g, m, dd, nullptr, nullptr, 0, delta_m, s, c);
+          break;
+        case RefreshMode::kAutograd:
+          update_chunk_dispatch<T, RefreshMode::kAutograd>(sqrt_power, x, xt, g, m, dd, yj.data(), kj.data(),
+                                                           n_samples, delta_m, s, c);
+          break;
+        case RefreshMode::kFdDirect:
+          update_chunk_dispatch<T, RefreshMode::kFdDirect>(sqrt_power, x, xt, g, m, dd, yj.data(), kj.data(),
+                                                           n_samples, delta_m, s, c);
+          break;
+        default:
+          update_chunk_dispatch<T, RefreshMode::kPrecomputed>(sqrt_power, x, xt, g, m, dd, yj.data(), kj.data(),
+                                                              n_samples, delta_m, s, c);
+      }
     });
   });
 }
@@ -559,17 +688,26 @@ TORCH_LIBRARY(sassha_fused, m) {
   // Global sum of ||w * v||^2 (w = |x| when adaptive) over all tensors, as a
   // 0-dim float32 tensor (float64 when acc_fp64) on the params' device.
   m.def("sq_norm(Tensor[] sources, Tensor[] params, bool adaptive, bool acc_fp64) -> Tensor");
-  // backups[j] = params[j]; params[j] += sign_rho[j] / (sqrt(sq_norm) + perturb_eps[j])
+  // backups[j] = params[j]; params[j] += sign * rho / (sqrt(sq_norm) + perturb_eps)
   //                                     * sources[j] [* params[j]^2 when adaptive]
-  m.def("perturb(Tensor(a!)[] params, Tensor[] sources, Tensor(b!)[] backups, Tensor sq_norm, "
-        "float[] sign_rho, float[] perturb_eps, bool adaptive) -> ()");
-  // out[j] = the Rademacher probe of the stream (keys[2j], keys[2j+1]) (probes.py)
-  m.def("probes(Tensor(a!)[] out, int[] keys) -> ()");
-  // The SASSHA update of every param from backups[j]; hvps[s * n + j] is H z_s
-  // (None: Hz = 0) and keys[2 (s * n + j) + {0, 1}] the key of z_s, on refresh steps.
-  // scalars: per param (beta1, beta2, lr, weight_decay, eps, power, 1 - beta1^t, c2).
-  m.def("update(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_hessian_diags, "
-        "Tensor[] backups, Tensor?[] hvps, int[] keys, float[] scalars, int n_samples, bool refresh) -> ()");
+  // with rho, perturb_eps from row group_index[j] of the flat group table (GroupCol).
+  m.def("perturb(Tensor(a!)[] params, Tensor[] sources, Tensor(b!)[] backups, Tensor sq_norm, int[] group_index, "
+        "float[] groups, float sign, bool adaptive) -> ()");
+  // out[j] = the Rademacher probe of parameter param_index[j] (probes.py), from the
+  // probe vector's key prefix.
+  m.def("probes(Tensor(a!)[] out, int[] param_index, int prefix) -> ()");
+  // saves[j] = params[j] (if given); params[j] = (bases[j] or params[j]) + sign * delta * z_j
+  m.def("fd_move(Tensor(a!)[] params, Tensor[] bases, Tensor(b!)[] saves, Tensor delta, int[] param_index, "
+        "int prefix, float sign) -> ()");
+  // acc[j] = (first ? 0 : acc[j]) + (grads[j] - baselines[j]) * z_j * coefficient / delta
+  m.def("fd_fold(Tensor(a!)[] acc, Tensor[] grads, Tensor[] baselines, Tensor delta, int[] param_index, "
+        "int prefix, float coefficient, bool first) -> ()");
+  // The SASSHA update of every param from x_t[j] (which may be params[j]); scalars is
+  // the float64 [n, UpdateCol.COUNT] table of functional.update_scalars; on refresh
+  // steps ys[s * n + j] (None: 0) and the probe prefixes per sample (RefreshMode).
+  m.def("update(Tensor(a!)[] params, Tensor[] x_t, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+        "Tensor(c!)[] exp_hessian_diags, Tensor scalars, float power, int refresh_mode, Tensor?[] ys, "
+        "int[] param_index, int[] prefixes, Tensor? delta) -> ()");
   // Which sources this library was built from (see sassha_fused/_build.py).
   m.def("build_info() -> str", &sassha::build_info);
 }
@@ -578,5 +716,7 @@ TORCH_LIBRARY_IMPL(sassha_fused, CPU, m) {
   m.impl("sq_norm", &sassha::sq_norm_cpu);
   m.impl("perturb", &sassha::perturb_cpu);
   m.impl("probes", &sassha::probes_cpu);
+  m.impl("fd_move", &sassha::fd_move_cpu);
+  m.impl("fd_fold", &sassha::fd_fold_cpu);
   m.impl("update", &sassha::update_cpu);
 }

@@ -1,25 +1,30 @@
 """Data-parallel averaging in a few flat buckets (SPEC section 6).
 
 Each rank perturbs along its own first-pass gradient; the perturbed gradients and
-the Hessian-vector products are then averaged over the process group. Because every
-rank draws the same probes ``z`` (counter-based), averaging ``H z`` averages the
-Hutchinson estimate ``z * H z``, and ``|.|`` is applied after averaging, in the update.
+the Hessian-vector products (or finite-difference gradients) are then averaged over
+the process group. Because every rank draws the same probes ``z`` (counter-based),
+averaging ``H z`` averages the Hutchinson estimate ``z * H z``, and ``|.|`` is
+applied after averaging, in the update.
 
 Tensors are packed into flat buffers per (device, dtype), at most ``bucket_bytes``
 each, so the number of collectives depends on the total size, not on the number of
-tensors.
+tensors. Which parameters take part is decided without a host read: every rank
+steps every trainable parameter (a missing gradient counts as zero) and a device
+mask, reduced with MAX, tells the update which ones had a gradient on some rank.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from itertools import accumulate
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-__all__ = ["BucketedAverager", "is_distributed", "reject_sharded_params", "sync_participation"]
+__all__ = ["BucketedAverager", "is_distributed", "participation", "reject_sharded_params"]
 
 DEFAULT_BUCKET_BYTES = 64 * 1024 * 1024
 
@@ -33,32 +38,33 @@ def reject_sharded_params(params: Sequence[Tensor]) -> None:
     for p in params:
         if type(p).__name__ == "DTensor" or hasattr(p, "_local_tensor") or hasattr(p, "device_mesh"):
             raise NotImplementedError(
-                "sassha_fused does not support FSDP2 (fully_shard) / DTensor parameters: "
-                "SASSHA's Hessian-vector product needs a double backward through the "
-                "unsharded parameters, which FSDP frees after each pass. Train with "
-                "DistributedDataParallel instead: run both passes under model.no_sync() "
-                "and let the optimizer average the perturbed gradients and Hessian "
-                "estimates (see the README)."
+                "sassha_fused does not support FSDP2 (fully_shard) / DTensor parameters yet. "
+                "Train with DistributedDataParallel instead: run both passes under "
+                "model.no_sync() and let the optimizer average the perturbed gradients and "
+                "Hessian estimates (see the README)."
             )
 
 
-def sync_participation(params: Sequence[Tensor], process_group: Optional[object] = None) -> int:
-    """Give every rank the same set of parameters with a gradient; returns 1 (collective).
+def _comm_device(process_group: Optional[object]) -> torch.device:
+    if dist.get_backend(process_group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
-    A parameter that received a gradient on any rank takes part everywhere: where it
-    has none, its gradient is zero (as DDP treats unused parameters). Without this,
-    ranks would bucket different tensor lists and their collectives would not match.
+
+def participation(params: Sequence[Tensor], process_group: Optional[object] = None) -> Tensor:
+    """Which ``params`` have a gradient on some rank: a float mask on the device (one collective).
+
+    Gives every param without a local gradient a zero one, so all ranks step (and
+    average) the same tensors; the update leaves a param whose mask is 0 alone.
     """
-    if not params:
-        return 0
-    backend = dist.get_backend(process_group)
-    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-    mask = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=device)
+    device = _comm_device(process_group)
+    local = torch.tensor([p.grad is not None for p in params], dtype=torch.float32)
+    mask = local.to(device, non_blocking=True) if device.type == "cuda" else local
     dist.all_reduce(mask, op=dist.ReduceOp.MAX, group=process_group)
-    for p, present in zip(params, mask.tolist()):
-        if present and p.grad is None:
+    for p in params:
+        if p.grad is None:
             p.grad = torch.zeros_like(p)
-    return 1
+    return mask
 
 
 class BucketedAverager:
@@ -75,28 +81,22 @@ class BucketedAverager:
         world = dist.get_world_size(self.process_group)
         groups: Dict[Tuple[torch.device, torch.dtype], List[Tensor]] = defaultdict(list)
         for t in tensors:
-            if t.numel() > 0:
-                groups[(t.device, t.dtype)].append(t)
+            groups[(t.device, t.dtype)].append(t)
         for (device, dtype), ts in groups.items():
             limit = max(1, self.bucket_bytes // ts[0].element_size())
-            bucket: List[Tensor] = []
-            size = 0
-            for t in ts:
-                if bucket and size + t.numel() > limit:
-                    self._reduce(bucket, world)
-                    bucket, size = [], 0
-                bucket.append(t)
-                size += t.numel()
-            if bucket:
-                self._reduce(bucket, world)
+            ends = list(accumulate(map(Tensor.numel, ts)))
+            start, first = 0, 0
+            for k, end in enumerate(ends):
+                if end - start > limit and k > first:
+                    self._reduce(ts[first:k], world)
+                    start, first = ends[k - 1], k
+            self._reduce(ts[first:], world)
 
     def _reduce(self, bucket: List[Tensor], world: int) -> None:
-        flat = torch.cat([t.reshape(-1) for t in bucket])
+        if not bucket:
+            return
+        flat = _flatten_dense_tensors(bucket)
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.process_group)
         flat.div_(world)
-        offset = 0
-        for t in bucket:
-            n = t.numel()
-            t.copy_(flat[offset:offset + n].view_as(t))
-            offset += n
+        torch._foreach_copy_(bucket, _unflatten_dense_tensors(flat, bucket))
         self.collectives += 1

@@ -1,246 +1,176 @@
 r"""SASSHA and M-SASSHA as ``torch.optim.Optimizer`` classes.
 
-The classes validate arguments, keep state, run autograd (both backward passes and
-the Hessian-vector products) and hand every numeric phase to a backend
-(``sassha_fused.backends``); the algorithm itself is written once, in
-``backends/eager.py``.
+The classes validate arguments, keep state, and drive the closure and the official
+protocol; the step's numbers are computed by ``functional.py`` over cached step
+plans (``plans.py``), Hessian-vector products come from ``hvp.py``, and every
+numeric phase runs in a backend (``backends/``). The algorithm itself is written
+once, in ``backends/eager.py`` and ``functional.update_scalars``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import warnings
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from .backends import (
-    Backend,
-    BackendUnavailable,
-    GroupTensors,
-    ProbeSpec,
-    check_backend_name,
-    math_dtype,
-    resolve_backend,
+from . import functional as F
+from ._defaults import ARGS_DOC, DEFAULTS, GROUP_KEYS, MSASSHA_ONLY, SASSHA_ONLY, validate_group, validate_options
+from .backends import Backend, Bucket, ProbeKeys, RefreshInput, RefreshMode, math_dtype, resolve_backend
+from .distributed import BucketedAverager, is_distributed, participation, reject_sharded_params
+from .hvp import (
+    FiniteDifferences,
+    autograd_refresh,
+    cannot_differentiate_twice,
+    is_reentrant_checkpoint_error,
+    remap_refresh,
 )
-from .distributed import BucketedAverager, is_distributed, reject_sharded_params, sync_participation
-from .probes import MAX_PROBE_NUMEL
+from .plans import PlanCache, StepPlan, attach_state, count_present, new_state
+from .probes import MAX_PROBE_NUMEL, key_prefix
 from .schedules import is_schedule
 
 __all__ = ["SASSHA", "MSASSHA"]
 
-_STATE_KEYS_MATH_DTYPE = ("exp_avg", "exp_hessian_diag")
 _EXTRA_KEY = "sassha_fused"
-
-_SHARED_ARGS_DOC = r"""
-    Args:
-        params: iterable of parameters or dicts defining parameter groups. Groups
-            may set their own ``lr``, ``betas``, ``weight_decay``, ``rho``, ``eps``
-            and ``perturb_eps``.
-        lr: learning rate :math:`\eta` (default 0.15).
-        betas: :math:`(\beta_1, \beta_2)`, decays of the momentum and of the
-            absolute Hessian-diagonal EMA (default (0.9, 0.999)).
-        weight_decay: decoupled weight decay :math:`\lambda` (default 0).
-        rho: perturbation radius :math:`\rho`, a number or a schedule object with
-            ``step() -> float`` called once per optimizer step (``schedules.py``).
-        lazy_hessian: refresh the Hessian estimate every ``k`` steps: at steps
-            1, k+1, 2k+1, ... (default 10).
-        n_samples: Rademacher probes per refresh (default 1).
-        eps: added to the preconditioner after the power (default 1e-4).
-        hessian_power: exponent :math:`p` of the preconditioner, a number or a
-            schedule object (default 0.5, the square root).
-        seed: seed of the counter-based probes (``sassha_fused.probes``); the
-            same seed gives the same probes on every backend, device and rank.
-        backend: ``"auto"``, ``"eager"``, ``"foreach"``, ``"triton"``, ``"cuda"``,
-            ``"cpp"``, or a ``Backend`` instance. ``"auto"`` picks the fastest
-            available for each device; an explicit choice that cannot run raises
-            and says why (``available_backends()`` lists them).
-        nonfinite: what a step whose gradients or Hessian estimate hold NaN/Inf
-            does. ``"skip"`` (default): parameters (unperturbed) and every state
-            entry stay as they were, a warning is issued and ``skipped_steps``
-            counts it. ``"raise"``: the same, then ``FloatingPointError``.
-            ``"ignore"``: no check (no extra pass, no host synchronisation).
-        distributed: when ``torch.distributed`` is initialised, average the
-            perturbed gradients and Hessian-vector products over ``process_group``
-            in flat buckets before the update (default True). Turn off when a
-            wrapper already averages them.
-        process_group: the group to average over (default: the default group).
-        grad_scaler: a ``torch.amp.GradScaler`` for fp16 training: the optimizer
-            unscales the first-pass gradients before perturbing and the
-            Hessian-vector products before the update (drive the step with
-            ``scaler.step(opt)``; see the README).
-"""
+_STATE_DTYPES = {"step": torch.float32, "bias_correction2": torch.float64}
 
 
-def _validate_group_hparams(group: Dict[str, Any]) -> None:
-    lr, betas = group["lr"], group["betas"]
-    if not isinstance(lr, (int, float)) or not 0.0 <= lr:
-        raise ValueError(f"lr: invalid learning rate {lr!r}, it must be a number >= 0")
-    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-        raise ValueError(f"betas: expected a pair (beta1, beta2), got {betas!r}")
-    for i, b in enumerate(betas):
-        if not 0.0 <= b < 1.0:
-            raise ValueError(f"betas: beta{i + 1} = {b!r} is outside [0, 1)")
-    for name in ("weight_decay", "eps", "perturb_eps"):
-        if not group[name] >= 0.0:
-            raise ValueError(f"{name}: invalid value {group[name]!r}, it must be >= 0")
-    rho = group["rho"]
-    if not is_schedule(rho) and not rho >= 0.0:
-        raise ValueError(f"rho: invalid perturbation radius {rho!r}, it must be >= 0")
+class _UseFiniteDifferences(Exception):
+    """Internal: this step cannot take an autograd HVP (the reason is the message)."""
+
+
+def _options(frame_locals: Dict[str, Any]) -> Dict[str, Any]:
+    return {k: v for k, v in frame_locals.items() if k not in ("self", "params", "__class__")}
 
 
 class _SasshaBase(torch.optim.Optimizer):
-    """What SASSHA and M-SASSHA share: arguments, state, schedules, HVPs, dispatch."""
+    """What SASSHA and M-SASSHA share: options, state, plans, the closure, the step skeleton."""
 
-    def __init__(
-        self,
-        params: Iterable,
-        *,
-        lr: float,
-        betas: Tuple[float, float],
-        weight_decay: float,
-        rho: Union[float, Any],
-        lazy_hessian: int,
-        n_samples: int,
-        eps: float,
-        perturb_eps: float,
-        hessian_power: Union[float, Any],
-        seed: int,
-        backend: Union[str, Backend],
-        nonfinite: str = "skip",
-        distributed: bool = True,
-        process_group: Optional[Any] = None,
-        grad_scaler: Optional[Any] = None,
-    ) -> None:
-        if nonfinite not in ("skip", "raise", "ignore"):
-            raise ValueError(f"nonfinite: expected 'skip', 'raise' or 'ignore', got {nonfinite!r}")
-        if not isinstance(lazy_hessian, int) or lazy_hessian < 1:
-            raise ValueError(f"lazy_hessian: must be an integer >= 1, got {lazy_hessian!r}")
-        if not isinstance(n_samples, int) or n_samples < 1:
-            raise ValueError(f"n_samples: must be an integer >= 1, got {n_samples!r}")
-        if not is_schedule(hessian_power) and not isinstance(hessian_power, (int, float)):
-            raise ValueError(f"hessian_power: expected a number or a schedule, got {hessian_power!r}")
-        if not isinstance(seed, int) or not 0 <= seed < 1 << 64:
-            raise ValueError(f"seed: must be an integer in [0, 2**64), got {seed!r}")
-        check_backend_name(backend)
-
-        self.lazy_hessian = lazy_hessian
-        self.n_samples = n_samples
-        self.seed = seed
-        self.hessian_power = hessian_power
+    def __init__(self, params: Iterable, options: Dict[str, Any]) -> None:
+        validate_options(options)
+        for name in ("lazy_hessian", "n_samples", "seed", "hessian_power", "hvp", "fd_eps", "fd_scheme", "backend",
+                     "nonfinite", "distributed", "process_group", "grad_scaler", "capturable"):
+            setattr(self, name, options[name])
+        self.distributed = bool(self.distributed)
+        rho = options["rho"]
         self.rho_schedule = rho if is_schedule(rho) else None
-        self.backend = backend
-        self.nonfinite = nonfinite
-        self.distributed = bool(distributed)
-        self.process_group = process_group
-        self.grad_scaler = grad_scaler
-        self.skipped_steps = 0  # steps skipped for non-finite gradients or Hessian estimates
-        self._averager = BucketedAverager(process_group)
+        defaults = {k: options[k] for k in GROUP_KEYS}
+        defaults["betas"] = tuple(defaults["betas"]) if isinstance(defaults["betas"], list) else defaults["betas"]
+        defaults["rho"] = 0.0 if self.rho_schedule is not None else rho
+        validate_group(defaults)
+        self._own_rho: List[bool] = []
+        self._backend_cache: Dict[Tuple[torch.device, torch.dtype], Backend] = {}
+        self._plans = PlanCache()
+        self._skips = F.SkipMonitor(type(self).__name__, options["max_consecutive_skips"])
+        self._averager = BucketedAverager(self.process_group)
         self.last_step_collectives = 0  # collectives the last step issued (data-parallel)
-        defaults = dict(
-            lr=lr,
-            betas=tuple(betas) if isinstance(betas, (list, tuple)) else betas,
-            weight_decay=weight_decay,
-            rho=0.0 if self.rho_schedule is not None else rho,
-            eps=eps,
-            perturb_eps=perturb_eps,
-        )
-        _validate_group_hparams(defaults)
-        self._own_rho: List[bool] = []  # per group: did it set its own rho?
-        super().__init__(params, defaults)
-        reject_sharded_params(list(self._all_params()))
-
-        # Optimizer-wide counters (saved by state_dict under _EXTRA_KEY).
+        self._hvp_method = "finite_difference" if self.hvp == "finite_difference" else "autograd"
+        self._plain_backward = False  # closure passes use loss.backward() (reentrant checkpointing)
+        self._presence_mask: Optional[Tensor] = None  # data-parallel participation of the step
+        #: the finite-difference step delta of the last refresh that took one (a 0-dim device tensor)
+        self.last_fd_step: Optional[Tensor] = None
         self._global_step = 0  # optimizer steps taken
         self._refreshes = 0  # Hessian refreshes taken: the probes' counter
-        self._power_t: Optional[float] = None  # hessian_power of the current step
+        self._power_t: Optional[float] = None
         self._step_begun = False
-        self._backend_cache: Dict[Tuple[torch.device, torch.dtype], Backend] = {}
-        # An explicit backend that cannot run the params it was given fails now,
-        # not at the first step.
-        for p in self._all_params():
-            self._backend_for(p.device, p.dtype)
+        super().__init__(params, defaults)
+        reject_sharded_params(list(self._all_params()))
+        if self.capturable and any(p.device.type != "cuda" for p in self._all_params()):
+            raise ValueError("capturable: CUDA graphs capture CUDA work only; capturable=True needs every "
+                             "parameter on a CUDA device (leave it False on the CPU)")
 
     # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         """torch's add_param_group, validated first: a rejected group is not kept."""
         own_rho = isinstance(param_group, dict) and "rho" in param_group
         if own_rho and is_schedule(param_group["rho"]):
-            raise ValueError(
-                "rho: a param group's rho must be a number; pass a schedule as the "
-                "optimizer's rho= to drive every group that does not set its own"
-            )
+            raise ValueError("rho: a param group's rho must be a number; pass a schedule as the "
+                             "optimizer's rho= to drive every group that does not set its own")
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
-            _validate_group_hparams(group)
+            validate_group(group)
             ids = [id(p) for p in group["params"]]
             if len(set(ids)) != len(ids):
-                raise ValueError(
-                    "params: a parameter appears twice in one param group; pass each "
-                    "parameter once (its perturbation would otherwise be applied twice)"
-                )
+                raise ValueError("params: a parameter appears twice in one param group; pass each "
+                                 "parameter once (its perturbation would otherwise be applied twice)")
             for p in group["params"]:
                 if p.is_complex():
-                    raise TypeError(
-                        "SASSHA does not support complex parameters; optimise "
-                        "torch.view_as_real(p) as a real parameter instead"
-                    )
+                    raise TypeError("SASSHA does not support complex parameters; optimise "
+                                    "torch.view_as_real(p) as a real parameter instead")
                 if not p.is_floating_point():
                     raise TypeError(f"SASSHA optimises floating-point parameters, got {p.dtype}")
                 if p.numel() > MAX_PROBE_NUMEL:
                     raise ValueError(f"a parameter has {p.numel()} elements; the probes address at most 2**37")
-            if hasattr(self, "_backend_cache"):
-                for p in group["params"]:
-                    self._backend_for(p.device, p.dtype)
+                # an explicit backend that cannot run these params fails now, not at the first step
+                self._backend_for(p.device, p.dtype)
         except Exception:
             self.param_groups.pop()
             raise
         self._own_rho.append(own_rho)
-        self._index_cache = None
+        self._index_maps()
+
+    def _index_maps(self) -> None:
+        """id(param) -> position (the probes' counter) and -> group; cached lists."""
+        self._index_of = {id(p): i for i, p in enumerate(self._all_params())}
+        self._group_of = {id(p): gi for gi, g in enumerate(self.param_groups) for p in g["params"]}
+        self._trainable = [p for p in self._all_params() if p.requires_grad]
+        self._plans.clear()
 
     def _all_params(self) -> Iterator[Tensor]:
         for group in self.param_groups:
             yield from group["params"]
 
-    def _param_indices(self) -> Dict[int, int]:
-        """Each param's position in the optimizer's order (the probes' counter)."""
-        # Keyed by id(): Tensor.__hash__ is a Python-level call, and this map is
-        # read for every param of every phase.
-        cache = getattr(self, "_index_cache", None)
-        total = sum(len(g["params"]) for g in self.param_groups)
-        if cache is None or len(cache) != total:
-            cache = {id(p): i for i, p in enumerate(self._all_params())}
-            self._index_cache = cache
-        return cache
-
     def _backend_for(self, device: torch.device, dtype: torch.dtype) -> Backend:
         key = (device, dtype)
-        if key not in self._backend_cache:
-            self._backend_cache[key] = resolve_backend(self.backend, device, dtype)
-        return self._backend_cache[key]
+        backend = self._backend_cache.get(key)
+        if backend is None:
+            backend = self._backend_cache[key] = resolve_backend(self.backend, device, dtype)
+        return backend
+
+    @property
+    def backends(self) -> Dict[str, str]:
+        """The backend running each (device, dtype) seen so far, e.g. ``{"cpu/float32": "cpp"}``."""
+        return {f"{d}/{str(dt).replace('torch.', '')}": b.name for (d, dt), b in self._backend_cache.items()}
 
     # --------------------------------------------------------------- schedules
     @property
-    def hessian_due(self) -> bool:
-        """True when the coming step refreshes the Hessian estimate.
-
-        The second backward pass of such a step needs ``create_graph=True``; on
-        every other step no double-backward graph is built.
-        """
+    def refresh_due(self) -> bool:
+        """True when the coming step refreshes the Hessian estimate (steps 1, k+1, 2k+1, ...)."""
         return self._global_step % self.lazy_hessian == 0
 
     @property
+    def hessian_due(self) -> bool:
+        """True when the coming step's last backward needs ``create_graph=True``.
+
+        That is a refresh step taken with autograd HVPs; with finite differences no
+        graph is ever needed (the refresh takes ``hvp_passes()`` instead).
+        """
+        return self.refresh_due and self._hvp_method == "autograd"
+
+    @property
+    def hvp_method(self) -> str:
+        """``"autograd"`` or ``"finite_difference"``: how refresh steps take H z now."""
+        return self._hvp_method
+
+    @property
     def global_step(self) -> int:
-        """Optimizer steps taken so far."""
+        """Optimizer steps taken so far (skipped steps included)."""
         return self._global_step
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for NaN/Inf so far (waits for flags still on the way from the GPU)."""
+        self._poll_skips(wait=True)
+        return self._skips.skipped
 
     def _begin_step(self) -> None:
         """Advance the schedules once per optimizer step."""
         if self._step_begun:
             return
+        self._poll_skips()
         power = self.hessian_power
         self._power_t = float(power.step()) if is_schedule(power) else float(power)
         if self.rho_schedule is not None:
@@ -252,267 +182,49 @@ class _SasshaBase(torch.optim.Optimizer):
                     group["rho"] = rho
         self._step_begun = True
 
-    # ------------------------------------------------------------ tensor lists
-    def _group_tensors(
-        self,
-        params_of: Callable[[Dict[str, Any]], List[Tensor]],
-        backups_of: Callable[[Tensor], Tensor],
-        refresh: bool = False,
-        with_state: bool = True,
-    ) -> Dict[torch.device, List[GroupTensors]]:
-        """GroupTensors per device for the params ``params_of(group)`` selects.
+    def _poll_skips(self, wait: bool = False) -> None:
+        self._skips.poll(wait=wait, warn=self.nonfinite == "skip")
 
-        With ``with_state`` the state lists are filled too (``_attach_state``).
-        """
-        index = self._param_indices()
-        if any(id(p) not in index for g in self.param_groups for p in g["params"][:1]):
-            self._index_cache = None
-            index = self._param_indices()
-        power = self._power_t if self._power_t is not None else 0.5
-        out: Dict[torch.device, List[GroupTensors]] = {}
-        for group in self.param_groups:
-            selected = params_of(group)
-            if not selected:
-                continue
-            devices = [p.device for p in selected]
-            by_device: Dict[torch.device, List[Tensor]]
-            if devices.count(devices[0]) == len(devices):  # the common case: one device
-                by_device = {devices[0]: selected}
-            else:
-                by_device = {}
-                for p, device in zip(selected, devices):
-                    by_device.setdefault(device, []).append(p)
-            beta1, beta2 = group["betas"]
-            for device, ps in by_device.items():
-                out.setdefault(device, []).append(GroupTensors(
-                    params=list(ps), grads=[p.grad for p in ps], exp_avgs=[], exp_hessian_diags=[],
-                    backups=[backups_of(p) for p in ps], steps=[], bias_correction2=[],
-                    param_indices=[index[id(p)] for p in ps],
-                    lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2),
-                    weight_decay=float(group["weight_decay"]), eps=float(group["eps"]),
-                    rho=float(group["rho"]), perturb_eps=float(group["perturb_eps"]),
-                    hessian_power=power,
-                ))
-        if with_state:
-            self._attach_state(out, refresh)
-        return out
+    def _probe_keys(self) -> ProbeKeys:
+        return ProbeKeys(tuple(key_prefix(self.seed, self._refreshes, s) for s in range(self.n_samples)))
 
-    def _attach_state(self, per_device: Dict[torch.device, List[GroupTensors]], refresh: bool) -> None:
-        """Fill the state lists, with the step and c2 of the coming step.
+    # ------------------------------------------------------------------- plans
+    def _participants(self) -> List[Tensor]:
+        """Params taking part in the step: those with a gradient (every trainable one
+        when data-parallel, so that all ranks bucket the same tensors)."""
+        if self.distributed and is_distributed(self.process_group):
+            return self._trainable_now()
+        return [p for g in self.param_groups for p in g["params"] if p.grad is not None]
 
-        They are computed, not written: state is committed only after the backend ran.
-        """
-        for groups in per_device.values():
-            for gt in groups:
-                gt.exp_avgs, gt.exp_hessian_diags, gt.steps, gt.bias_correction2 = [], [], [], []
-                states = gt.extras["states"] = [self.state[p] for p in gt.params]
-                for state in states:
-                    step = state["step"] + 1
-                    gt.exp_avgs.append(state["exp_avg"])
-                    gt.exp_hessian_diags.append(state["exp_hessian_diag"])
-                    gt.steps.append(step)
-                    gt.bias_correction2.append(
-                        (1 - gt.beta2**step) ** gt.hessian_power if refresh else state["bias_correction2"]
-                    )
+    def _trainable_now(self) -> List[Tensor]:
+        self._trainable = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+        return self._trainable
 
-    def _backend_groups(
-        self, per_device: Dict[torch.device, List[GroupTensors]]
-    ) -> List[Tuple[Backend, List[GroupTensors]]]:
-        """Split each device's groups by the backend that runs their dtype.
+    def _detach_grads(self) -> None:
+        """Gradients that carry a graph are detached (no parameter/gradient reference cycle)."""
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is not None and p.grad.requires_grad:
+                    p.grad = p.grad.detach()
 
-        Each sub-group records in ``extras["origin"]`` the ``(device, group, j)``
-        of each of its tensors, so per-tensor results map back.
-        """
-        jobs: List[Tuple[Backend, List[GroupTensors]]] = []
-        for device, groups in per_device.items():
-            dtypes = {p.dtype for g in groups for p in g.params}
-            backends = {id(b): b for b in (self._backend_for(device, dt) for dt in dtypes)}
-            if len(backends) == 1:  # the common case: one backend runs the whole device
-                for gi, g in enumerate(groups):
-                    g.extras["origin"] = [(device, gi, j) for j in range(len(g.params))]
-                jobs.append((next(iter(backends.values())), groups))
-                continue
-            by_backend: Dict[int, Tuple[Backend, List[GroupTensors]]] = {}
-            for gi, g in enumerate(groups):
-                split: Dict[int, GroupTensors] = {}
-                for j, p in enumerate(g.params):
-                    backend = self._backend_for(device, p.dtype)
-                    sub = split.get(id(backend))
-                    if sub is None:
-                        sub = GroupTensors(
-                            params=[], grads=[], exp_avgs=[], exp_hessian_diags=[], backups=[],
-                            steps=[], bias_correction2=[], param_indices=[],
-                            lr=g.lr, beta1=g.beta1, beta2=g.beta2, weight_decay=g.weight_decay,
-                            eps=g.eps, rho=g.rho, perturb_eps=g.perturb_eps,
-                            hessian_power=g.hessian_power, extras={"origin": []},
-                        )
-                        split[id(backend)] = sub
-                        by_backend.setdefault(id(backend), (backend, []))[1].append(sub)
-                    sub.extras["origin"].append((device, gi, j))
-                    for name in ("params", "grads", "backups", "param_indices"):
-                        getattr(sub, name).append(getattr(g, name)[j])
-                    if g.exp_avgs:
-                        for name in ("exp_avgs", "exp_hessian_diags", "steps", "bias_correction2"):
-                            getattr(sub, name).append(getattr(g, name)[j])
-            jobs.extend(by_backend.values())
-        return jobs
+    def _plan(self, participants: List[Tensor], backup_of: Callable[[Tensor], Tensor]) -> StepPlan:
+        if not hasattr(self, "_index_of"):
+            self._index_maps()
+        return self._plans.get(participants, self._index_of, self._group_of, backup_of, self._backend_for)
 
-    def _global_sq_norm(self, jobs: List[Tuple[Backend, List[GroupTensors]]], source: str, adaptive: bool) -> Tensor:
-        """One global squared norm over all jobs, reduced on the first job's device."""
-        total: Optional[Tensor] = None
-        for backend, groups in jobs:
-            part = backend.sq_norm(groups, source, adaptive)
-            total = part if total is None else total + part.to(total.device, total.dtype)
-        assert total is not None
-        return total
-
-    @staticmethod
-    def _check_grads(params: Iterable[Tensor]) -> None:
-        """Sparse gradients are refused (one pass over the params, no per-param call)."""
-        if any(g is not None and g.is_sparse for g in [p.grad for p in params]):
-            raise RuntimeError(
-                "SASSHA does not support sparse gradients; use a dense embedding "
-                "(sparse=False) for parameters this optimizer updates"
-            )
-
-    def _check_closure_allowed(self) -> None:
-        if self.grad_scaler is not None and self.grad_scaler.is_enabled():
-            raise ValueError(
-                "grad_scaler: with a GradScaler, drive the step with the official protocol "
-                "(scaler.scale(loss).backward(), perturb_weights, ..., scaler.step(opt)); "
-                "a closure's loss is never scaled, so step(closure) cannot use it"
-            )
-
-    @staticmethod
-    def _set_grads(loss: Tensor, params: List[Tensor], create_graph: bool = False) -> None:
-        """``p.grad = d loss / d p`` for the closure protocol, via autograd.grad.
-
-        autograd.grad (not backward) leaves no parameter/gradient reference cycle;
-        a loss that depends on no parameter leaves every gradient None.
-        """
-        if not isinstance(loss, Tensor):
-            raise TypeError(f"the closure must return the loss as a tensor, got {type(loss).__name__}")
-        hint = (
-            "the closure must return the loss without calling backward() on it: "
-            "the optimizer runs both backward passes itself"
-        )
-        if not loss.requires_grad and any(p.numel() > 0 for p in params):
-            raise ValueError(f"the closure's loss does not depend on any parameter ({hint})")
-        if loss.requires_grad and params:
-            try:
-                grads = torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True)
-            except RuntimeError as exc:
-                if "second time" in str(exc):
-                    raise RuntimeError(f"{exc}\n\n{type(loss).__name__}: {hint}") from exc
-                raise
-        else:
-            grads = [None] * len(params)
-        for p, g in zip(params, grads):
-            p.grad = g
-
-    def _ensure_state(self, p: Tensor) -> None:
+    def _state_of(self, p: Tensor) -> dict:
         state = self.state[p]
         if "exp_avg" not in state:
-            mdt = math_dtype(p.dtype)
-            state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(p, dtype=mdt, memory_format=torch.preserve_format)
-            state["exp_hessian_diag"] = torch.zeros_like(p, dtype=mdt, memory_format=torch.preserve_format)
-            state["bias_correction2"] = 0.0
+            state.update(new_state(p))
+        return state
 
-    def _update_params(self, group: Dict[str, Any], refresh: bool) -> List[Tensor]:
-        """The params of ``group`` this step updates.
+    @staticmethod
+    def _check_grads(params: List[Tensor]) -> None:
+        grads = [p.grad for p in params]
+        if any(g is not None and g.is_sparse for g in grads):
+            raise RuntimeError("SASSHA does not support sparse gradients; use a dense embedding "
+                               "(sparse=False) for parameters this optimizer updates")
 
-        A param with a gradient takes part once it has state; it gets state at a
-        Hessian refresh, so its first update always has a Hessian estimate (a param
-        that starts receiving gradients between refreshes waits for the next one).
-        """
-        with_grad = [p for p in group["params"] if p.grad is not None]
-        self._check_grads(with_grad)
-        if refresh:
-            return with_grad
-        state = self.state
-        return [p for p in with_grad if "exp_avg" in state.get(p, ())]
-
-    # ------------------------------------------------------------------- HVPs
-    def _hessian_vector_products(
-        self, per_device: Dict[torch.device, List[GroupTensors]]
-    ) -> Tuple[Dict[Tensor, List[Optional[Tensor]]], bool]:
-        """``H z_s`` for every param and sample, at the params' current values.
-
-        Returns ``(hvps, has_graph)``: ``hvps[param][s]`` (None where the param is
-        absent from the second-order graph). Gradients that carry a graph are
-        detached afterwards (no reference cycle).
-        """
-        spec = ProbeSpec(self.seed, self._refreshes, self.n_samples)
-        flat: List[Tuple[torch.device, int, int]] = []
-        for device, groups in per_device.items():
-            for gi, g in enumerate(groups):
-                for j, grad in enumerate(g.grads):
-                    if g.params[j].grad is not None and g.params[j].grad.requires_grad:
-                        flat.append((device, gi, j))
-        hvps: Dict[Tensor, List[Optional[Tensor]]] = {
-            p: [None] * self.n_samples for groups in per_device.values() for g in groups for p in g.params
-        }
-        if not flat:
-            return hvps, False
-        outputs = [per_device[d][gi].params[j].grad for d, gi, j in flat]
-        inputs = [per_device[d][gi].params[j] for d, gi, j in flat]
-        jobs = self._backend_groups(per_device)
-        try:
-            for s in range(self.n_samples):
-                zs: Dict[Tuple[torch.device, int, int], Tensor] = {}
-                for backend, sub in jobs:
-                    for g_sub, z_sub in zip(sub, backend.probes(sub, spec, s)):
-                        zs.update(zip(g_sub.extras["origin"], z_sub))
-                grad_outputs = [zs[key] for key in flat]
-                with torch.enable_grad():
-                    hz = torch.autograd.grad(
-                        outputs, inputs, grad_outputs=grad_outputs,
-                        retain_graph=s < self.n_samples - 1, allow_unused=True,
-                    )
-                for p, h in zip(inputs, hz):
-                    hvps[p][s] = None if h is None else h.detach()
-        finally:
-            for p in inputs:
-                p.grad = p.grad.detach()
-        return hvps, True
-
-    def _run_update(
-        self,
-        per_device: Dict[torch.device, List[GroupTensors]],
-        hvps_by_param: Optional[Dict[Tensor, List[Optional[Tensor]]]],
-    ) -> None:
-        """The backends' update phase; ``hvps_by_param`` is None on non-refresh steps."""
-        refresh = hvps_by_param is not None
-        spec = ProbeSpec(self.seed, self._refreshes, self.n_samples) if refresh else None
-        for backend, groups in self._backend_groups(per_device):
-            hvps = None
-            if refresh:
-                hvps = [[[hvps_by_param[p][s] for p in g.params] for s in range(self.n_samples)] for g in groups]
-            backend.update(groups, hvps, spec)
-
-    def _missing_graph_error(self) -> RuntimeError:
-        return RuntimeError(
-            f"{type(self).__name__}: step {self._global_step + 1} refreshes the Hessian "
-            "estimate, but the gradients carry no autograd graph. Run that backward "
-            "pass as loss.backward(create_graph=opt.hessian_due). (If the loss has no "
-            "curvature in any parameter, the Hessian is zero and this step cannot "
-            "estimate it.)"
-        )
-
-    def _commit_state(self, per_device: Dict[torch.device, List[GroupTensors]], refresh: bool) -> None:
-        for groups in per_device.values():
-            for g in groups:
-                states = g.extras.get("states") or [self.state[p] for p in g.params]
-                for j, state in enumerate(states):
-                    state["step"] = g.steps[j]
-                    state["bias_correction2"] = g.bias_correction2[j]
-        self._global_step += 1
-        if refresh:
-            self._refreshes += 1
-        self._step_begun = False
-
-    # ---------------------------------------------- averaging, scaling, faults
     def _inv_scale(self, device: torch.device) -> Optional[Tensor]:
         """1 / the grad scaler's current scale, as a device tensor (no host sync)."""
         scaler = self.grad_scaler
@@ -520,77 +232,290 @@ class _SasshaBase(torch.optim.Optimizer):
             return None
         return scaler.scale(torch.ones((), dtype=torch.float32, device=device)).reciprocal()
 
-    def _sync_participation(self) -> None:
-        """Data-parallel: the same params take part in the step on every rank."""
-        self.last_step_collectives = 0
-        if self.distributed and is_distributed(self.process_group):
-            params = [p for p in self._all_params() if p.requires_grad]
-            self.last_step_collectives = sync_participation(params, self.process_group)
+    # ------------------------------------------------------------ the closure
+    def _check_closure_allowed(self) -> None:
+        if self.grad_scaler is not None and self.grad_scaler.is_enabled():
+            raise ValueError(
+                "grad_scaler: with a GradScaler, drive the step with the official protocol "
+                "(scaler.scale(loss).backward(), perturb_weights, ..., scaler.step(opt)); "
+                "a closure's loss is never scaled, so step(closure) cannot use it")
 
-    def _average_and_check(
-        self,
-        per_device: Dict[torch.device, List[GroupTensors]],
-        hvps_by_param: Optional[Dict[Tensor, List[Optional[Tensor]]]],
-    ) -> bool:
-        """Unscale and average the update's inputs; False when they are not all finite.
+    def _closure_pass(self, closure: Callable[[], Any], create_graph: bool = False) -> Any:
+        """One forward/backward through the closure; the gradients land in ``.grad``.
 
-        Inputs are the perturbed gradients of the params in ``per_device`` and, on
-        refresh steps, their Hessian-vector products. Averaging comes first, so every
-        rank takes the same decision. The check is the backend's own squared-norm
-        pass over them and one host read of the result per step (a squared norm
-        that overflows, |g| beyond ~1e19 in fp32, counts as non-finite too).
+        A closure that returns the loss gets its backward from here (autograd.grad:
+        no parameter/gradient reference cycle); one that calls ``backward()``
+        itself, as torch.optim's closures do, is taken as it is, and then no
+        double-backward graph can be built.
         """
-        params = [p for groups in per_device.values() for g in groups for p in g.params]
-        averaging = self.distributed and is_distributed(self.process_group)
-        if averaging and hvps_by_param is not None:
-            # Ranks must reduce the same tensor list: a param absent from this rank's
-            # second-order graph contributes H z = 0.
-            for p in params:
-                entry = hvps_by_param.setdefault(p, [None] * self.n_samples)
-                for s in range(self.n_samples):
-                    if entry[s] is None:
-                        entry[s] = torch.zeros_like(p)
-        hz = [h for p in params for h in hvps_by_param.get(p, ()) if h is not None] if hvps_by_param else []
-        if hz:
-            inv = self._inv_scale(hz[0].device)
-            if inv is not None:
+        for g in self.param_groups:  # frozen params too: a stale gradient must not update them
+            for p in g["params"]:
+                p.grad = None
+        params = self._trainable_now()
+        with torch.enable_grad():
+            loss = closure()
+        if count_present([p.grad for p in params]):
+            self._standard_closure = True
+            if create_graph:
+                raise _UseFiniteDifferences("the closure calls backward() itself")
+            return loss.detach() if isinstance(loss, Tensor) else loss
+        if not isinstance(loss, Tensor):
+            raise TypeError(f"the closure must return the loss as a tensor, got {type(loss).__name__}")
+        if not loss.requires_grad:
+            if any(p.numel() > 0 for p in params):
+                raise ValueError(
+                    "the closure's loss does not depend on any parameter: return the loss without calling "
+                    "backward() on it (the optimizer runs the backward passes), or call loss.backward() "
+                    "inside the closure as torch.optim's closures do")
+            return loss.detach()
+        if self._plain_backward and not create_graph:
+            loss.backward()
+            return loss.detach()
+        try:
+            grads = torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True)
+        except RuntimeError as exc:
+            if is_reentrant_checkpoint_error(exc) and not create_graph:
+                # autograd.grad cannot run reentrant checkpoints; plain backward() can.
+                self._plain_backward = True
+                if self.hvp != "finite_difference":
+                    self._use_finite_differences(exc)  # their double backward would miss the checkpointed part
+                return self._closure_pass(closure)
+            if "second time" in str(exc):
+                raise RuntimeError(
+                    "the closure's graph was already used by a backward pass: return the loss without "
+                    "calling backward() on it, or call backward() once and leave the loss to the optimizer"
+                ) from exc
+            raise
+        for p, g in zip(params, grads):
+            p.grad = g
+        return loss.detach()
+
+    def _use_finite_differences(self, cause: BaseException) -> None:
+        """Switch the run to finite differences, or raise if autograd was asked for."""
+        if self.hvp == "autograd":
+            raise RuntimeError(
+                f"{type(self).__name__}(hvp='autograd'): this model cannot be differentiated twice "
+                f"({cause}). Use hvp='finite_difference' (or 'auto'), which needs no double backward.") from cause
+        if self._hvp_method != "finite_difference":
+            self._hvp_method = "finite_difference"
+            if not isinstance(cause, _UseFiniteDifferences):
+                warnings.warn(
+                    f"{type(self).__name__}: switching to finite-difference Hessian-vector products for the rest "
+                    f"of the run: the model cannot be differentiated twice ({str(cause).splitlines()[0]}).",
+                    RuntimeWarning, stacklevel=4)
+
+    def _pass_and_refresh(self, closure: Callable[[], Any]) -> Any:
+        """The pass at the HVP point, and on refresh steps the Hessian-vector products.
+
+        Returns the pass's loss; leaves the update's refresh input in ``self._pending``.
+        """
+        loss = None
+        if self.hessian_due:
+            try:
+                loss = self._closure_pass(closure, create_graph=True)
+                self._take_autograd_refresh(_UseFiniteDifferences("no gradient carries a second-order graph"))
+            except Exception as exc:
+                if not (isinstance(exc, _UseFiniteDifferences) or cannot_differentiate_twice(exc)):
+                    raise
+                if isinstance(exc, _UseFiniteDifferences) and self.hvp == "autograd":
+                    if str(exc).startswith("no gradient"):
+                        raise self._missing_graph_error() from None
+                self._use_finite_differences(exc)
+                self._pending = None
+                self._detach_grads()  # what the failed pass left behind
+                if self._standard_closure_or_missing_grads():
+                    loss = self._closure_pass(closure)
+        else:
+            loss = self._closure_pass(closure)
+        if self.refresh_due and self._hvp_method == "finite_difference":
+            fd = self._finite_differences()
+            fd.begin()
+            self.last_fd_step = fd.step_size
+            try:
+                for i in range(fd.n_passes):
+                    self._closure_pass(closure)
+                    fd.after_pass(i)
+            except BaseException:
+                fd.abort()
+                raise
+            self._pending = (fd.plan, fd.finish())
+        return loss
+
+    def _standard_closure_or_missing_grads(self) -> bool:
+        return getattr(self, "_standard_closure", False) or all(p.grad is None for p in self._trainable_now())
+
+    def _finite_differences(self) -> FiniteDifferences:
+        self._presence()  # data-parallel: no param without a gradient from here on
+        plan = self._plan(self._participants(), self._backup)
+        device = plan.participants[0].device if plan.participants else torch.device("cpu")
+        return FiniteDifferences(plan, self._probe_keys(), self.fd_scheme, self.fd_eps, self._x_t_of(plan),
+                                 self._inv_scale(device))
+
+    def _take_autograd_refresh(self, no_graph: Optional[BaseException] = None) -> None:
+        """Autograd HVPs at the params' current point, kept for the step's update."""
+        plan = self._plan(self._participants(), self._backup)
+        inputs, has_graph = autograd_refresh(plan, self._probe_keys())
+        if not has_graph and plan.participants:
+            raise no_graph if no_graph is not None else self._missing_graph_error()
+        self._pending = (plan, inputs)
+
+    def _refresh_input(self, plan: StepPlan) -> Optional[List[RefreshInput]]:
+        """The update's refresh input for ``plan``: taken earlier, or now by autograd."""
+        if not self.refresh_due:
+            return None
+        if self._pending is None:
+            if self._hvp_method == "finite_difference":
+                raise self._missing_fd_error()
+            self._take_autograd_refresh()
+        src, inputs = self._pending
+        return inputs if src is plan else remap_refresh(inputs, src, plan)
+
+    def _missing_graph_error(self) -> RuntimeError:
+        return RuntimeError(
+            f"{type(self).__name__}: step {self._global_step + 1} refreshes the Hessian "
+            "estimate, but the gradients carry no autograd graph. Run that backward "
+            "pass as loss.backward(create_graph=opt.hessian_due). (If the loss has no "
+            "curvature in any parameter, the Hessian is zero and this step cannot "
+            "estimate it; hvp='finite_difference' needs no graph.)")
+
+    def _missing_fd_error(self) -> RuntimeError:
+        return RuntimeError(
+            f"{type(self).__name__}: step {self._global_step + 1} refreshes the Hessian estimate with "
+            "finite differences, but its extra pass did not run. After the last backward of the step, "
+            "add:  for _ in opt.hvp_passes(): loss_fn(model(x), y).backward()  (the loop runs only on "
+            "refresh steps). Parameters and optimizer state are unchanged.")
+
+    def hvp_passes(self) -> Iterator[int]:
+        """The extra passes of a finite-difference Hessian refresh, in the official protocol.
+
+        Yields once per pass (n_samples, or 2 n_samples for ``fd_scheme="central"``)
+        with the parameters moved to where that pass's gradient is needed; run one
+        forward and backward per iteration. Yields nothing on steps that do not
+        refresh, or that take autograd HVPs (those are taken here, at the HVP point,
+        and an ``hvp="auto"`` run whose model cannot differentiate twice switches to
+        finite differences right here)::
+
+            loss_fn(model(x), y).backward(create_graph=opt.hessian_due)
+            for _ in opt.hvp_passes():
+                loss_fn(model(x), y).backward()
+        """
+        if not self.refresh_due or self._pending is not None:
+            return
+        if self._hvp_method == "autograd":
+            try:
+                with torch.no_grad():
+                    self._take_autograd_refresh()
+                return
+            except Exception as exc:
+                if not cannot_differentiate_twice(exc) or self.hvp == "autograd":
+                    self._abort_step()
+                    if cannot_differentiate_twice(exc):
+                        self._use_finite_differences(exc)
+                    raise
+                self._use_finite_differences(exc)
+                self._detach_grads()
+        with torch.no_grad():
+            fd = self._finite_differences()
+            fd.begin()
+            self.last_fd_step = fd.step_size
+        try:
+            for i in range(fd.n_passes):
+                yield i
+                with torch.no_grad():
+                    fd.after_pass(i)
+        except BaseException:
+            fd.abort()
+            self._abort_step()
+            raise
+        self._pending = (fd.plan, fd.finish())
+
+    # ---------------------------------------------------------- the step itself
+    def _apply_step(self, plan: StepPlan, x_t_of: Callable[[Bucket], List[Tensor]],
+                    refresh: Optional[List[RefreshInput]]) -> None:
+        """average / check -> update -> commit, for both classes."""
+        groups = F.GroupTable(self.param_groups)
+        ys_of = (lambda bi: [y for ys in refresh[bi].ys for y in ys if y is not None]) if refresh else None
+        if refresh is not None and refresh[0].mode == RefreshMode.AUTOGRAD and plan.participants:  # unscale H z
+            hz = [y for bi in range(len(plan.buckets)) for y in ys_of(bi)]
+            inv = self._inv_scale(plan.participants[0].device)
+            if hz and inv is not None:
                 torch._foreach_mul_(hz, inv.to(hz[0].dtype))
-        if averaging:
-            self._averager.average([p.grad for p in params] + hz)
-            self.last_step_collectives += self._averager.collectives
-        if self.nonfinite == "ignore" or not params:
-            return True
-        checked: Dict[torch.device, List[GroupTensors]] = {}
-        for device, groups in per_device.items():
-            for g in groups:
-                checked.setdefault(device, []).append(g)
-                for s in range(self.n_samples if hvps_by_param else 0):
-                    live = [j for j, p in enumerate(g.params) if hvps_by_param[p][s] is not None]
-                    if live:
-                        checked[device].append(dataclasses.replace(
-                            g, params=[g.params[j] for j in live],
-                            grads=[hvps_by_param[g.params[j]][s] for j in live],
-                            backups=[g.backups[j] for j in live],
-                            param_indices=[g.param_indices[j] for j in live],
-                            exp_avgs=[], exp_hessian_diags=[], steps=[], bias_correction2=[]))
-        total = self._global_sq_norm(self._backend_groups(checked), "grads", False)
-        return bool(torch.isfinite(total))
+        present = None
+        if self.distributed and is_distributed(self.process_group):
+            present = self._average(plan, refresh)
+        ok = None
+        if self.nonfinite != "ignore" and plan.participants:
+            ok = F.all_finite(plan, refresh)
+        for p in plan.participants:
+            self._state_of(p)
+        attach_state(plan, self._state_of)
+        F.update(plan, x_t_of, groups, self._power_t, refresh, ok, present)
+        self._global_step += 1
+        if refresh is not None:
+            self._refreshes += 1
+        self._step_begun = False
+        if ok is not None:
+            self._skips.record(ok, self._global_step)
+            if self.nonfinite == "raise" or ok.device.type == "cpu":
+                try:
+                    skipped = self._skips.poll(wait=True, warn=self.nonfinite == "skip")
+                except FloatingPointError:
+                    raise
+                if skipped and self.nonfinite == "raise":  # not a skipped step: a step that did not happen
+                    self._skips.skipped -= 1
+                    self._skips.consecutive -= 1
+                    self._global_step -= 1
+                    self._refreshes -= refresh is not None
+                    raise FloatingPointError(
+                        f"{type(self).__name__}: step {self._global_step + 1}: the perturbed gradients or the "
+                        "Hessian estimate contain NaN or Inf (nonfinite='raise'). Parameters and optimizer "
+                        "state are unchanged.")
 
-    def _skip_step(self) -> None:
-        """After a non-finite step was undone: count and warn, or raise.
+    def _presence(self) -> Optional[Tensor]:
+        """Data-parallel: which trainable params have a gradient on some rank (once per step).
 
-        The schedules stay where this step put them: the retried step reuses their
-        values, as after any other step that did not happen.
+        Taken after the pass at the HVP point; params without a local gradient get a
+        zero one, so every rank steps the same tensors.
         """
-        msg = (
-            f"{type(self).__name__}: step {self._global_step + 1} skipped: the perturbed "
-            "gradients or the Hessian estimate contain NaN or Inf. Parameters and "
-            "optimizer state are unchanged."
-        )
-        if self.nonfinite == "raise":
-            raise FloatingPointError(msg + " (nonfinite='raise')")
-        self.skipped_steps += 1
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+        if not (self.distributed and is_distributed(self.process_group)):
+            return None
+        if self._presence_mask is None:
+            self._presence_mask = participation(self._trainable_now(), self.process_group)
+            self.last_step_collectives = 1
+        return self._presence_mask
+
+    def _average(self, plan: StepPlan, refresh: Optional[List[RefreshInput]]) -> List[Tensor]:
+        """Data-parallel: average gradients and refresh inputs; returns who takes part, per bucket."""
+        mask = self._presence()
+        self._presence_mask = None
+        present = []
+        for b in plan.buckets:
+            idx = b.cache.get("positions")
+            if idx is None:
+                idx = b.cache["positions"] = torch.tensor(b.positions, dtype=torch.long).to(mask.device)
+            present.append(mask.index_select(0, idx))
+        tensors = [g for b in plan.buckets for g in plan.grads(b)]
+        if refresh is not None:
+            for bi, b in enumerate(plan.buckets):
+                for ys in refresh[bi].ys:  # every rank reduces the same list: absent entries count as 0
+                    for j, y in enumerate(ys):
+                        if y is None:
+                            ys[j] = torch.zeros_like(b.params[j], dtype=plan.grads(b)[j].dtype)
+                    tensors += ys
+        self._averager.average(tensors)
+        self.last_step_collectives += self._averager.collectives
+        return present
+
+    def _abort_step(self) -> None:
+        """Leave params and state as they were before the step began (per class)."""
+        raise NotImplementedError
+
+    def _backup(self, p: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _x_t_of(self, plan: StepPlan) -> Callable[[Bucket], List[Tensor]]:
+        """Where the buckets of ``plan`` keep x_t now: their backups, or the params themselves."""
+        raise NotImplementedError
 
     # -------------------------------------------------------------- state dict
     def _extra_state(self) -> Dict[str, Any]:
@@ -599,6 +524,7 @@ class _SasshaBase(torch.optim.Optimizer):
             "refreshes": self._refreshes,
             "seed": self.seed,
             "skipped_steps": self.skipped_steps,
+            "hvp_method": self._hvp_method,
         }
         if is_schedule(self.hessian_power) and hasattr(self.hessian_power, "state_dict"):
             extra["hessian_power_schedule"] = self.hessian_power.state_dict()
@@ -607,7 +533,7 @@ class _SasshaBase(torch.optim.Optimizer):
         return extra
 
     def state_dict(self) -> Dict[str, Any]:
-        """torch's state dict plus the optimizer-wide counters and schedules.
+        """torch's state dict plus the optimizer-wide counters, schedules and HVP method.
 
         Take it between steps (for M-SASSHA the saved model holds the perturbed
         point and this state holds the unperturbed one; both resume exactly).
@@ -617,7 +543,7 @@ class _SasshaBase(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        """Resume exactly: steps, refresh phase, probe counter and schedules included."""
+        """Resume exactly: steps, refresh phase, probe counter, schedules and HVP method."""
         state_dict = dict(state_dict)
         extra = state_dict.pop(_EXTRA_KEY, None)
         saved_state = state_dict["state"]
@@ -628,20 +554,27 @@ class _SasshaBase(torch.optim.Optimizer):
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         for p, i in zip(self._all_params(), ids):
             for key, value in saved_state.get(i, {}).items():
-                if isinstance(value, Tensor):
-                    dtype = math_dtype(p.dtype) if key in _STATE_KEYS_MATH_DTYPE else p.dtype
-                    self.state[p][key] = value.to(device=p.device, dtype=dtype, copy=True)
+                if key in _STATE_DTYPES:
+                    dtype = _STATE_DTYPES[key]
+                elif key in ("exp_avg", "exp_hessian_diag"):
+                    dtype = math_dtype(p.dtype)
+                else:
+                    dtype = p.dtype
+                self.state[p][key] = torch.as_tensor(value).to(device=p.device, dtype=dtype, copy=True)
         if extra is not None:
             self._global_step = int(extra["global_step"])
             self._refreshes = int(extra["refreshes"])
             self.seed = int(extra.get("seed", self.seed))
-            self.skipped_steps = int(extra.get("skipped_steps", 0))
+            self._skips.skipped = int(extra.get("skipped_steps", 0))
+            if self.hvp == "auto" and extra.get("hvp_method") in ("autograd", "finite_difference"):
+                self._hvp_method = extra["hvp_method"]
             if "hessian_power_schedule" in extra and hasattr(self.hessian_power, "load_state_dict"):
                 self.hessian_power.load_state_dict(extra["hessian_power_schedule"])
             if "rho_schedule" in extra and hasattr(self.rho_schedule, "load_state_dict"):
                 self.rho_schedule.load_state_dict(extra["rho_schedule"])
-            self._load_extra_state(extra)
+        self._plans.clear()
         self._step_begun = False
+        self._load_extra_state(extra or {})
 
     def _load_extra_state(self, extra: Dict[str, Any]) -> None:
         pass
@@ -667,22 +600,25 @@ class SASSHA(_SasshaBase):
 
     The norm is one global norm over all params of all groups; ``z_s`` are the
     counter-based Rademacher probes of ``sassha_fused.probes``; the HVP is taken at
-    the perturbed point, as in the paper.
+    the perturbed point, as in the paper, by double backward or finite differences
+    (``hvp``).
 
     Two ways to drive it::
 
-        # (a) one call per step; the closure returns the loss and does not call backward
-        loss = opt.step(lambda: loss_fn(model(x), y))
+        # (a) one call per step; the closure returns the loss (or, as torch.optim's
+        #     closures do, zeroes the grads, calls backward and returns it)
+        loss = opt.step(closure)
 
-        # (b) the official code's protocol, unchanged
+        # (b) the official code's protocol, plus the finite-difference passes
         loss_fn(model(x), y).backward()
         opt.perturb_weights(zero_grad=True)
         loss_fn(model(x), y).backward(create_graph=opt.hessian_due)
+        for _ in opt.hvp_passes():
+            loss_fn(model(x), y).backward()
         opt.unperturb()
         opt.step()
         opt.zero_grad()
-    """ + _SHARED_ARGS_DOC + r"""
-        perturb_eps: added to the gradient norm of the perturbation (default 1e-12).
+    """ + ARGS_DOC + r"""
         adaptive: element-wise adaptive perturbation (ASAM): the norm is taken over
             :math:`|x| \odot g` and :math:`e = \rho\, x^2 \odot g / (n + \epsilon_p)`.
         defer_unperturb: in the official protocol, let ``unperturb()`` leave the
@@ -694,59 +630,62 @@ class SASSHA(_SasshaBase):
 
     State per parameter (names as in the official code): ``step``, ``exp_avg``
     (:math:`m`), ``exp_hessian_diag`` (:math:`D`), ``bias_correction2``
-    (:math:`c_2`); fp32 for bf16/fp16 parameters.
+    (:math:`c_2`, 0 until the parameter's first refresh); fp32 for bf16/fp16 params.
     """
 
     def __init__(
         self,
         params: Iterable,
-        lr: float = 0.15,
-        betas: Tuple[float, float] = (0.9, 0.999),
-        weight_decay: float = 0.0,
-        rho: Union[float, Any] = 0.2,
-        lazy_hessian: int = 10,
-        n_samples: int = 1,
-        eps: float = 1e-4,
-        perturb_eps: float = 1e-12,
-        hessian_power: Union[float, Any] = 0.5,
-        adaptive: bool = False,
-        seed: int = 0,
-        backend: Union[str, Backend] = "auto",
-        nonfinite: str = "skip",
-        distributed: bool = True,
-        process_group: Optional[Any] = None,
-        grad_scaler: Optional[Any] = None,
-        defer_unperturb: bool = False,
+        lr: float = DEFAULTS["lr"],
+        betas: Tuple[float, float] = DEFAULTS["betas"],
+        weight_decay: float = DEFAULTS["weight_decay"],
+        rho: Union[float, Any] = DEFAULTS["rho"],
+        lazy_hessian: int = DEFAULTS["lazy_hessian"],
+        n_samples: int = DEFAULTS["n_samples"],
+        eps: float = DEFAULTS["eps"],
+        perturb_eps: float = DEFAULTS["perturb_eps"],
+        hessian_power: Union[float, Any] = DEFAULTS["hessian_power"],
+        adaptive: bool = SASSHA_ONLY["adaptive"],
+        seed: int = DEFAULTS["seed"],
+        backend: Union[str, Backend] = DEFAULTS["backend"],
+        *,
+        hvp: str = DEFAULTS["hvp"],
+        fd_eps: Union[str, float] = DEFAULTS["fd_eps"],
+        fd_scheme: str = DEFAULTS["fd_scheme"],
+        nonfinite: str = DEFAULTS["nonfinite"],
+        max_consecutive_skips: Optional[int] = DEFAULTS["max_consecutive_skips"],
+        distributed: bool = DEFAULTS["distributed"],
+        process_group: Optional[Any] = DEFAULTS["process_group"],
+        grad_scaler: Optional[Any] = DEFAULTS["grad_scaler"],
+        capturable: bool = DEFAULTS["capturable"],
+        defer_unperturb: bool = SASSHA_ONLY["defer_unperturb"],
     ) -> None:
-        super().__init__(
-            params, lr=lr, betas=betas, weight_decay=weight_decay, rho=rho,
-            lazy_hessian=lazy_hessian, n_samples=n_samples, eps=eps,
-            perturb_eps=perturb_eps, hessian_power=hessian_power, seed=seed, backend=backend,
-            nonfinite=nonfinite, distributed=distributed, process_group=process_group,
-            grad_scaler=grad_scaler,
-        )
-        self.adaptive = bool(adaptive)
-        self.defer_unperturb = bool(defer_unperturb)
-        # x_t while the params hold x_t + e_t. Not part of state_dict: it only lives
-        # between perturb_weights() and the end of the step.
-        self._backups: Dict[int, Tensor] = {}  # keyed by id(param)
-        self._perturbed: List[Tensor] = []
-        self._pending_hvps: Optional[Dict[Tensor, List[Optional[Tensor]]]] = None
-        self._pending_graph = True
+        options = _options(locals())
+        self.adaptive = bool(options.pop("adaptive"))
+        self.defer_unperturb = bool(options.pop("defer_unperturb"))
+        # x_t while the params hold x_t + e_t; not part of state_dict (it lives only
+        # between perturb_weights() and the end of the step).
+        self._backups: Dict[int, Tensor] = {}
+        self._perturbed: Optional[StepPlan] = None
+        self._pending: Optional[List[RefreshInput]] = None
         self._restore_pending = False
+        super().__init__(params, options)
 
     @property
     def is_perturbed(self) -> bool:
         """True between ``perturb_weights()`` and ``unperturb()`` / the end of the step."""
-        return bool(self._perturbed)
+        return self._perturbed is not None
 
     def _backup(self, p: Tensor) -> Tensor:
         buf = self._backups.get(id(p))
         # (a param's storage may have been replaced since: p.data = ... with another shape)
-        if buf is None or buf.shape != p.shape or buf.dtype is not p.dtype or buf.device != p.device:
-            buf = torch.empty_like(p, memory_format=torch.preserve_format)
-            self._backups[id(p)] = buf
+        if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
+            buf = self._backups[id(p)] = torch.empty_like(p, memory_format=torch.preserve_format)
         return buf
+
+    def _x_t_of(self, plan: StepPlan) -> Callable[[Bucket], List[Tensor]]:
+        # the backups hold x_t while these very params are perturbed
+        return (lambda b: b.backups) if self._perturbed is plan else (lambda b: b.params)
 
     @torch.no_grad()
     def perturb_weights(self, zero_grad: bool = True) -> None:
@@ -757,28 +696,26 @@ class SASSHA(_SasshaBase):
         every parameter bit for bit.
         """
         self._materialize_restore()
-        if self._perturbed:
+        if self._perturbed is not None:
             raise RuntimeError("perturb_weights() called twice without unperturb() or step() in between")
-        # A step that never reached step() (GradScaler skips it on inf/NaN) leaves
+        # A step that never reached step() (GradScaler skipped it on inf/NaN) leaves
         # nothing behind: this is a new step, with new Hessian-vector products.
-        self._pending_hvps = None
-        self._pending_graph = True
+        self._pending = None
         self._begin_step()
-        self._check_grads(self._all_params())
-        per_device = self._group_tensors(
-            lambda g: [p for p in g["params"] if p.grad is not None],
-            self._backup, with_state=False,
-        )
-        jobs = self._backend_groups(per_device)
-        if jobs:
-            grads = [p.grad for groups in per_device.values() for g in groups for p in g.params]
+        participants = self._participants()
+        self._check_grads(participants)
+        if self.distributed and is_distributed(self.process_group):
+            for p in participants:  # a param without a local gradient moves by 0
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+        plan = self._plan(participants, self._backup)
+        if plan.participants:
+            grads = [p.grad for p in plan.participants]
             inv = self._inv_scale(grads[0].device)
             if inv is not None:  # the perturbation follows the unscaled gradient
                 torch._foreach_mul_(grads, inv.to(grads[0].dtype))
-            sq_norm = self._global_sq_norm(jobs, "grads", self.adaptive)
-            for backend, groups in jobs:
-                backend.perturb(groups, sq_norm, "grads", 1.0, self.adaptive)
-            self._perturbed = [p for groups in per_device.values() for g in groups for p in g.params]
+            F.perturb(plan, plan.grads, 1.0, self.adaptive, F.GroupTable(self.param_groups))
+        self._perturbed = plan
         if zero_grad:
             self.zero_grad()
 
@@ -786,38 +723,43 @@ class SASSHA(_SasshaBase):
     def unperturb(self) -> None:
         """Return every parameter to the unperturbed point, bit for bit.
 
-        On a Hessian-refresh step the Hessian-vector products are taken first, at
-        the perturbed point, while the graph of the second backward pass still
-        describes it; ``step()`` then uses them.
+        On a refresh step with autograd HVPs the Hessian-vector products are taken
+        first, at the perturbed point, while the graph of the second backward pass
+        still describes it; ``step()`` then uses them.
         """
-        if not self._perturbed or self._restore_pending:
+        if self._perturbed is None or self._restore_pending:
             return
-        if self.hessian_due and self._pending_hvps is None:
-            refresh = True
-            per_device = self._group_tensors(
-                lambda g: self._update_params(g, refresh), lambda p: p, with_state=False,
-            )
+        if (self.refresh_due and self._hvp_method == "autograd" and self._pending is None
+                and any(p.grad is not None and p.grad.requires_grad for p in self._all_params())):
             try:
-                self._pending_hvps, self._pending_graph = self._hessian_vector_products(per_device)
-            except BaseException:
+                self._take_autograd_refresh()
+            except BaseException as exc:
                 self._abort_step()
+                if cannot_differentiate_twice(exc) and self.hvp == "auto":
+                    raise RuntimeError(
+                        f"SASSHA: this model cannot be differentiated twice ({str(exc).splitlines()[0]}). "
+                        "Construct the optimizer with hvp='finite_difference' and add "
+                        "`for _ in opt.hvp_passes(): loss_fn(model(x), y).backward()` after the second "
+                        "backward (see the README). Parameters and optimizer state are unchanged.") from exc
                 raise
         if self.defer_unperturb:
             self._restore_pending = True  # step() restores inside the fused update
             return
         self._restore(self._perturbed)
-        self._perturbed = []
+        self._perturbed = None
 
-    @torch.no_grad()
-    def _restore(self, params: Sequence[Tensor]) -> None:
-        if params:
-            torch._foreach_copy_(list(params), [self._backups[id(p)] for p in params])
+    @staticmethod
+    def _restore(plan: StepPlan) -> None:
+        for b in plan.buckets:
+            if b.params:
+                torch._foreach_copy_(b.params, b.backups)
 
     def _materialize_restore(self) -> None:
         """Carry out a restore that ``defer_unperturb`` left for ``step()``."""
         if self._restore_pending:
-            self._restore(self._perturbed)
-            self._perturbed = []
+            with torch.no_grad():
+                self._restore(self._perturbed)
+            self._perturbed = None
             self._restore_pending = False
 
     @contextlib.contextmanager
@@ -829,45 +771,42 @@ class SASSHA(_SasshaBase):
         perturbed values are kept aside and put back after the block.
         """
         self._materialize_restore()
-        if not self._perturbed:
+        if self._perturbed is None:
             yield
             return
+        plan = self._perturbed
         with torch.no_grad():
-            aside = [p.detach().clone() for p in self._perturbed]
-            self._restore(self._perturbed)
+            aside = [p.detach().clone() for p in plan.participants]
+            self._restore(plan)
         try:
             yield
         finally:
             with torch.no_grad():
-                torch._foreach_copy_(list(self._perturbed), aside)
+                torch._foreach_copy_(plan.participants, aside)
 
     def state_dict(self) -> Dict[str, Any]:
         self._materialize_restore()
         return super().state_dict()
 
-    def step(self, closure: Optional[Callable[[], Tensor]] = None) -> Optional[Tensor]:
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Optional[Tensor]:
         """One SASSHA step.
 
-        With a ``closure`` (returns the loss, does not call backward) the optimizer
-        runs both passes itself and returns the first loss. Without one, it finishes
-        the official protocol after ``perturb_weights``/``backward``/``unperturb``.
+        With a ``closure`` the optimizer runs every pass itself and returns the first
+        loss. The closure either returns the loss (the optimizer runs backward) or,
+        as torch.optim's closures do, clears the gradients, calls ``backward()`` and
+        returns the loss (then refresh steps take finite differences). Without one,
+        it finishes the official protocol.
         """
         if closure is None:
             with torch.no_grad():
                 self._finish_step()
             return None
         self._check_closure_allowed()
-        for p in self._all_params():
-            p.grad = None
-        params = [p for p in self._all_params() if p.requires_grad]
-        with torch.enable_grad():
-            loss = closure()
-            self._set_grads(loss, params)
+        self._standard_closure = False
         try:
+            loss = self._closure_pass(closure)
             self.perturb_weights(zero_grad=True)
-            refresh = self.hessian_due
-            with torch.enable_grad():
-                self._set_grads(closure(), params, create_graph=refresh)
+            self._pass_and_refresh(closure)
             with torch.no_grad():
                 self._finish_step()
         except BaseException:
@@ -875,66 +814,37 @@ class SASSHA(_SasshaBase):
             # parameters go back to x_t and the optimizer can take the step again.
             self._abort_step()
             raise
-        return loss.detach()
+        return loss
 
     def _finish_step(self) -> None:
         self._begin_step()
-        self._sync_participation()
-        refresh = self.hessian_due
-        perturbed = {id(p) for p in self._perturbed}
+        participants = self._participants()
         try:
-            update = {id(g): self._update_params(g, refresh) for g in self.param_groups}
-        except Exception:
+            self._check_grads(participants)
+            plan = self._plan(participants, self._backup)
+            refresh = self._refresh_input(plan)
+        except BaseException:
             self._abort_step()
             raise
-        hvps_by_param: Optional[Dict[Tensor, List[Optional[Tensor]]]] = None
-        if refresh:
-            if self._pending_hvps is not None:
-                hvps_by_param, has_graph = self._pending_hvps, self._pending_graph
-            else:
-                per_device = self._group_tensors(lambda g: update[id(g)], lambda p: p, with_state=False)
-                try:
-                    hvps_by_param, has_graph = self._hessian_vector_products(per_device)
-                except BaseException:
-                    self._abort_step()
-                    raise
-            if not has_graph and any(update.values()):
-                self._abort_step()
-                raise self._missing_graph_error()
-        updated_list = [p for ps in update.values() for p in ps]
-        per_device = self._group_tensors(
-            lambda g: update[id(g)],
-            lambda p: self._backups[id(p)] if id(p) in perturbed else p,
-            with_state=False,
-        )
-        if not self._average_and_check(per_device, hvps_by_param):
-            self._abort_step()
-            self._skip_step()
-            return
-        if refresh:  # between refreshes, every param taking part has state (_update_params)
-            for p in updated_list:
-                self._ensure_state(p)
-        # Params perturbed but not updated (no state yet) go back to x_t here.
-        updated = {id(p) for p in updated_list}
-        self._restore([p for p in self._perturbed if id(p) not in updated])
-        self._attach_state(per_device, refresh)
-        self._run_update(per_device, hvps_by_param)
-        self._perturbed = []
-        self._restore_pending = False
-        self._pending_hvps = None
-        self._pending_graph = True
-        self._commit_state(per_device, refresh)
+        x_t_of = self._x_t_of(plan)  # the backups when the restore can be fused into the update
+        if self._perturbed is not plan:  # not perturbed, or perturbed along other params than take part now
+            self._materialize_restore()
+            if self._perturbed is not None:
+                with torch.no_grad():
+                    self._restore(self._perturbed)
+        self._perturbed, self._restore_pending, self._pending = None, False, None
+        self._apply_step(plan, x_t_of, refresh)
 
     def _abort_step(self) -> None:
         """Leave params and state as they were before the step began."""
-        self._restore(self._perturbed)
-        self._perturbed = []
+        if self._perturbed is not None:
+            with torch.no_grad():
+                self._restore(self._perturbed)
+        self._perturbed = None
         self._restore_pending = False
-        self._pending_hvps = None
-        self._pending_graph = True
-        for p in self._all_params():
-            if p.grad is not None and p.grad.requires_grad:
-                p.grad = p.grad.detach()
+        self._pending = None
+        self._presence_mask = None
+        self._detach_grads()
 
 
 class MSASSHA(_SasshaBase):
@@ -947,20 +857,20 @@ class MSASSHA(_SasshaBase):
         \nu_{t-1} = \rho / (\lVert m_{t-1} \rVert_2 + 10^{-12}), \quad \nu_0 = 0
 
     and the only gradient of the step is taken at :math:`\tilde x_t` (with a graph on
-    Hessian-refresh steps); the update is SASSHA's, applied to the restored
-    :math:`x_t`. The parameters stay perturbed between steps, as in the official
-    code: ``unperturb()`` / ``perturb_weights()`` move them, and
+    Hessian-refresh steps taken by autograd); the update is SASSHA's, applied to the
+    restored :math:`x_t`. The parameters stay perturbed between steps, as in the
+    official code: ``unperturb()`` / ``perturb_weights()`` move them, and
     ``with opt.unperturbed():`` does both around an evaluation or a checkpoint.
 
     Usage::
 
-        loss = opt.step(lambda: loss_fn(model(x), y))         # closure: no backward
+        loss = opt.step(closure)
         # or
         loss_fn(model(x), y).backward(create_graph=opt.hessian_due)
+        for _ in opt.hvp_passes():
+            loss_fn(model(x), y).backward()
         opt.step(); opt.zero_grad()
-    """ + _SHARED_ARGS_DOC + r"""
-        perturb_eps: added to the momentum norm (default 1e-12, as in the paper).
-
+    """ + ARGS_DOC + r"""
     State per parameter: ``step``, ``exp_avg``, ``exp_hessian_diag``,
     ``bias_correction2`` and ``unperturbed_param`` (the point :math:`x_t` while the
     parameter holds :math:`\tilde x_t`).
@@ -969,53 +879,58 @@ class MSASSHA(_SasshaBase):
     def __init__(
         self,
         params: Iterable,
-        lr: float = 0.15,
-        betas: Tuple[float, float] = (0.9, 0.999),
-        weight_decay: float = 0.0,
-        rho: Union[float, Any] = 0.2,
-        lazy_hessian: int = 10,
-        n_samples: int = 1,
-        eps: float = 1e-4,
-        perturb_eps: float = 1e-12,
-        hessian_power: Union[float, Any] = 0.5,
-        seed: int = 0,
-        backend: Union[str, Backend] = "auto",
-        nonfinite: str = "skip",
-        distributed: bool = True,
-        process_group: Optional[Any] = None,
-        grad_scaler: Optional[Any] = None,
+        lr: float = DEFAULTS["lr"],
+        betas: Tuple[float, float] = DEFAULTS["betas"],
+        weight_decay: float = DEFAULTS["weight_decay"],
+        rho: Union[float, Any] = DEFAULTS["rho"],
+        lazy_hessian: int = DEFAULTS["lazy_hessian"],
+        n_samples: int = DEFAULTS["n_samples"],
+        eps: float = DEFAULTS["eps"],
+        perturb_eps: float = DEFAULTS["perturb_eps"],
+        hessian_power: Union[float, Any] = DEFAULTS["hessian_power"],
+        seed: int = DEFAULTS["seed"],
+        backend: Union[str, Backend] = DEFAULTS["backend"],
+        *,
+        hvp: str = DEFAULTS["hvp"],
+        fd_eps: Union[str, float] = DEFAULTS["fd_eps"],
+        fd_scheme: str = DEFAULTS["fd_scheme"],
+        nonfinite: str = DEFAULTS["nonfinite"],
+        max_consecutive_skips: Optional[int] = DEFAULTS["max_consecutive_skips"],
+        distributed: bool = DEFAULTS["distributed"],
+        process_group: Optional[Any] = DEFAULTS["process_group"],
+        grad_scaler: Optional[Any] = DEFAULTS["grad_scaler"],
+        capturable: bool = DEFAULTS["capturable"],
     ) -> None:
-        super().__init__(
-            params, lr=lr, betas=betas, weight_decay=weight_decay, rho=rho,
-            lazy_hessian=lazy_hessian, n_samples=n_samples, eps=eps,
-            perturb_eps=perturb_eps, hessian_power=hessian_power, seed=seed, backend=backend,
-            nonfinite=nonfinite, distributed=distributed, process_group=process_group,
-            grad_scaler=grad_scaler,
-        )
         self._is_perturbed = False
+        self._pending: Optional[List[RefreshInput]] = None
+        super().__init__(params, _options(locals()))
 
     @property
     def is_perturbed(self) -> bool:
         """True while the parameters hold the perturbed point :math:`\\tilde x`."""
         return self._is_perturbed
 
-    def _with_state(self, group: Dict[str, Any]) -> List[Tensor]:
-        return [p for p in group["params"] if "exp_avg" in self.state.get(p, ())]
+    def _with_state(self) -> List[Tensor]:
+        state = self.state
+        return [p for p in self._all_params() if "exp_avg" in state.get(p, ())]
 
     def _backup(self, p: Tensor) -> Tensor:
-        state = self.state[p]
+        state = self._state_of(p)
         buf = state.get("unperturbed_param")
-        if buf is None:
-            buf = torch.empty_like(p, memory_format=torch.preserve_format)
-            state["unperturbed_param"] = buf
+        if buf is None:  # a param without state is not perturbed: x_t is where it is
+            buf = state["unperturbed_param"] = p.detach().clone(memory_format=torch.preserve_format)
         return buf
+
+    def _x_t_of(self, plan: StepPlan) -> Callable[[Bucket], List[Tensor]]:
+        # unperturbed_param holds x_t of every param with state (a newcomer's is a copy of it)
+        return (lambda b: b.backups) if self._is_perturbed else (lambda b: b.params)
 
     @torch.no_grad()
     def unperturb(self) -> None:
         """Move the parameters to the unperturbed point :math:`x_t`, bit for bit."""
         if not self._is_perturbed:
             return
-        params = [p for g in self.param_groups for p in self._with_state(g)]
+        params = self._with_state()
         if params:
             torch._foreach_copy_(params, [self.state[p]["unperturbed_param"] for p in params])
         self._is_perturbed = False
@@ -1025,12 +940,10 @@ class MSASSHA(_SasshaBase):
         """Move the parameters to :math:`x_t - \\nu m` (where ``step()`` leaves them)."""
         if self._is_perturbed:
             return
-        per_device = self._group_tensors(self._with_state, self._backup, with_state=True)
-        jobs = self._backend_groups(per_device)
-        if jobs:
-            sq_norm = self._global_sq_norm(jobs, "exp_avgs", False)
-            for backend, groups in jobs:
-                backend.perturb(groups, sq_norm, "exp_avgs", -1.0, False)
+        plan = self._plan(self._with_state(), self._backup)
+        if plan.participants:
+            attach_state(plan, self._state_of)
+            F.perturb(plan, lambda b: b.exp_avgs, -1.0, False, F.GroupTable(self.param_groups))
             self._is_perturbed = True
         if zero_grad:
             self.zero_grad()
@@ -1052,59 +965,49 @@ class MSASSHA(_SasshaBase):
             if was:
                 self.perturb_weights()
 
-    def step(self, closure: Optional[Callable[[], Tensor]] = None) -> Optional[Tensor]:
-        """One M-SASSHA step; with a closure (no backward inside) it runs the backward pass."""
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Optional[Tensor]:
+        """One M-SASSHA step; with a closure it runs the pass(es) itself and returns the loss."""
         loss = None
         if closure is not None:
             self._check_closure_allowed()
-            refresh = self.hessian_due
-            for p in self._all_params():
-                p.grad = None  # frozen params too: a stale gradient must not update them
-            params = [p for p in self._all_params() if p.requires_grad]
-            with torch.enable_grad():
-                loss = closure()
-                self._set_grads(loss, params, create_graph=refresh)
-            loss = loss.detach()
+            self._standard_closure = False
+            self._pending = None
+            try:
+                loss = self._pass_and_refresh(closure)
+            except BaseException:
+                self._abort_step()
+                raise
         with torch.no_grad():
             self._finish_step()
         return loss
 
     def _finish_step(self) -> None:
         self._begin_step()
-        self._sync_participation()
-        refresh = self.hessian_due
-        update = {id(g): self._update_params(g, refresh) for g in self.param_groups}
-        hvps_by_param = None
-        if refresh:
-            per_device = self._group_tensors(lambda g: update[id(g)], lambda p: p, with_state=False)
-            hvps_by_param, has_graph = self._hessian_vector_products(per_device)
-            if not has_graph and any(update.values()):
-                raise self._missing_graph_error()
-        perturbed = self._is_perturbed
-        had_state = {p for g in self.param_groups for p in self._with_state(g)}
-        per_device = self._group_tensors(
-            lambda g: update[id(g)],
-            lambda p: self.state[p]["unperturbed_param"] if perturbed and p in had_state else p,
-            with_state=False,
-        )
-        if not self._average_and_check(per_device, hvps_by_param):
-            # The parameters still hold x~_t, where the step found them.
-            self._skip_step()
-            return
-        for ps in update.values():
-            for p in ps:
-                self._ensure_state(p)
-        self._attach_state(per_device, refresh)
-        self._run_update(per_device, hvps_by_param)
-        # Params with state that did not take part still hold x~_t: bring them back.
-        updated = {p for ps in update.values() for p in ps}
-        if perturbed:
-            idle = [p for p in had_state if p not in updated]
-            if idle:
-                torch._foreach_copy_(idle, [self.state[p]["unperturbed_param"] for p in idle])
-        self._commit_state(per_device, refresh)
+        participants = self._participants()
+        try:
+            self._check_grads(participants)
+            plan = self._plan(participants, self._backup)
+            refresh = self._refresh_input(plan)
+        except BaseException:
+            self._abort_step()
+            raise
+        self._pending = None
+        x_t_of = self._x_t_of(plan)
+        idle = [p for p in self._with_state() if p.grad is None] if self._is_perturbed else []
+        self._apply_step(plan, x_t_of, refresh)
+        if idle:  # params with state that took no part still hold x~_t: bring them back
+            torch._foreach_copy_(idle, [self.state[p]["unperturbed_param"] for p in idle])
         self._is_perturbed = False
         self.perturb_weights()
+
+    def _abort_step(self) -> None:
+        """Back to where the step found the params: x~_t (recomputed exactly from x_t and m)."""
+        self._pending = None
+        self._presence_mask = None
+        self._detach_grads()
+        if self._is_perturbed:  # an FD pass may have moved them: x_t, then x~_t again
+            self.unperturb()
+            self.perturb_weights()
 
     def _extra_state(self) -> Dict[str, Any]:
         extra = super()._extra_state()
@@ -1122,7 +1025,7 @@ class MSASSHA(_SasshaBase):
         self._is_perturbed = False
         if not extra.get("is_perturbed", False):
             return
-        params = [p for g in self.param_groups for p in self._with_state(g)]
+        params = self._with_state()
         at_x = all(torch.equal(p, self.state[p]["unperturbed_param"]) for p in params
                    if "unperturbed_param" in self.state[p])
         if at_x:

@@ -58,6 +58,8 @@ import torch
 
 __all__ = [
     "fmix32",
+    "key_prefix",
+    "param_key",
     "probe_key",
     "rademacher",
     "rademacher_element",
@@ -85,17 +87,30 @@ def fmix32(x: int) -> int:
     return x
 
 
-def probe_key(seed: int, refresh: int, sample: int, param: int) -> Tuple[int, int]:
-    """The stream key ``(k0, k1)`` of one parameter's probe, as unsigned 32-bit ints."""
+def key_prefix(seed: int, refresh: int, sample: int) -> int:
+    """The key chain up to the parameter: shared by every parameter of one probe vector.
+
+    Kernels receive this one number per sample and finish each parameter's key
+    themselves (``param_key``), so nothing per parameter is computed on the host.
+    """
     if seed < 0 or seed >= 1 << 64:
         raise ValueError(f"probe seed must be in [0, 2**64), got {seed}")
     c = _KEY_INIT
     c = fmix32(c ^ (seed & MASK32))
     c = fmix32(c ^ (seed >> 32))
     c = fmix32(c ^ (refresh & MASK32))
-    c = fmix32(c ^ (sample & MASK32))
-    c = fmix32(c ^ (param & MASK32))
+    return fmix32(c ^ (sample & MASK32))
+
+
+def param_key(prefix: int, param: int) -> Tuple[int, int]:
+    """The stream key ``(k0, k1)`` of parameter ``param`` from its probe vector's prefix."""
+    c = fmix32(prefix ^ (param & MASK32))
     return c, fmix32(c ^ _KEY1_SALT)
+
+
+def probe_key(seed: int, refresh: int, sample: int, param: int) -> Tuple[int, int]:
+    """The stream key ``(k0, k1)`` of one parameter's probe, as unsigned 32-bit ints."""
+    return param_key(key_prefix(seed, refresh, sample), param)
 
 
 def rademacher_element(key: Tuple[int, int], element: int) -> int:

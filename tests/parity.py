@@ -77,22 +77,83 @@ def coupled_loss(params: Sequence[torch.Tensor], step: int) -> torch.Tensor:
 def protocol_step(opt: torch.optim.Optimizer, loss_fn: Callable[[], torch.Tensor], protocol: str = "official"):
     """One step driven the way users drive it; returns the (first) loss.
 
-    ``"closure"``: ``opt.step(loss_fn)``. ``"official"``: the official code's loop
-    (for M-SASSHA: backward with ``create_graph=opt.hessian_due``, then step).
+    ``"closure"``: ``opt.step(loss_fn)``. ``"standard"``: ``opt.step(closure)`` with
+    torch.optim's closure (zero_grad, backward, return the loss). ``"official"``:
+    the official code's loop with the README's ``hvp_passes()`` (for M-SASSHA:
+    backward with ``create_graph=opt.hessian_due``, the passes, then step).
     """
     if protocol == "closure":
         return opt.step(loss_fn)
+    if protocol == "standard":
+        def closure():
+            opt.zero_grad()
+            loss = loss_fn()
+            loss.backward()
+            return loss
+        return opt.step(closure)
     loss = loss_fn()
     if type(opt).__name__ == "MSASSHA":
         loss.backward(create_graph=opt.hessian_due)
+        for _ in opt.hvp_passes():
+            loss_fn().backward()
     else:
         loss.backward()
         opt.perturb_weights(zero_grad=True)
         loss_fn().backward(create_graph=opt.hessian_due)
+        for _ in opt.hvp_passes():
+            loss_fn().backward()
         opt.unperturb()
     opt.step()
     opt.zero_grad()
     return loss.detach()
+
+
+class SpyBackend:
+    """Wraps a real backend and records each phase it runs (chosen by argument, not patched).
+
+    ``calls`` holds ``(phase, detail)``: the update's detail is whether it refreshed.
+    """
+
+    def __new__(cls, inner):
+        from sassha_fused.backends import Backend
+
+        class _Spy(Backend):
+            def __init__(self):
+                self.inner = inner
+                self.name = f"spy({inner.name})"
+                self.calls = []
+
+            def supports(self, device, dtype):
+                return self.inner.supports(device, dtype)
+
+            def accepts(self, tensor):
+                return self.inner.accepts(tensor)
+
+            def sq_norm(self, b, sources, adaptive, acc_dtype):
+                self.calls.append(("sq_norm", None))
+                return self.inner.sq_norm(b, sources, adaptive, acc_dtype)
+
+            def perturb(self, b, sources, sq_norm, sign, adaptive, groups):
+                self.calls.append(("perturb", sign))
+                return self.inner.perturb(b, sources, sq_norm, sign, adaptive, groups)
+
+            def probes(self, b, keys, sample):
+                self.calls.append(("probes", sample))
+                return self.inner.probes(b, keys, sample)
+
+            def fd_move(self, *args):
+                self.calls.append(("fd_move", None))
+                return self.inner.fd_move(*args)
+
+            def fd_fold(self, *args):
+                self.calls.append(("fd_fold", None))
+                return self.inner.fd_fold(*args)
+
+            def update(self, b, x_t, grads, scalars, power, refresh):
+                self.calls.append(("update", refresh is not None))
+                return self.inner.update(b, x_t, grads, scalars, power, refresh)
+
+        return _Spy()
 
 
 def run_trajectory(
@@ -159,3 +220,156 @@ def assert_same_trajectory(
                 assert math.isclose(float(rs[key]), float(s[key]), rel_tol=1e-12), (
                     f"param {k} state {key!r}: {rs[key]} != {s[key]}"
                 )
+
+
+# ------------------------------------------------------------------ phase-level checks
+def phase_groups():
+    """A group table of two groups with their own hyper-parameters."""
+    from sassha_fused.functional import GroupTable
+
+    return GroupTable([
+        dict(lr=0.01, betas=(0.9, 0.99), weight_decay=0.1, eps=1e-4, rho=0.05, perturb_eps=1e-12),
+        dict(lr=0.02, betas=(0.8, 0.999), weight_decay=0.0, eps=1e-3, rho=0.1, perturb_eps=1e-12),
+    ])
+
+
+def phase_bucket(backend, dtype: torch.dtype, sizes: Sequence[int] = EDGE_SIZES, seed: int = 0,
+                 alias_backups: bool = False, device: str = DEVICE):
+    """A Bucket of random params and state (steps 3.., c2 > 0) for one backend."""
+    from sassha_fused.backends import Bucket, math_dtype
+
+    gen = torch.Generator().manual_seed(seed)
+    mdt = math_dtype(dtype)
+
+    def rnd(n, dt, k=0):
+        return torch.randn(n, generator=gen, dtype=torch.float64).reshape(shape_for(n, k)).to(device=device, dtype=dt)
+
+    params = [rnd(n, dtype, k) for k, n in enumerate(sizes)]
+    return Bucket(
+        backend=backend, device=torch.device(device), params=params,
+        param_index=[5 * j + 2 for j in range(len(sizes))], group_index=[j % 2 for j in range(len(sizes))],
+        backups=[p if alias_backups else rnd(p.numel(), dtype, k) for k, p in enumerate(params)],
+        positions=list(range(len(sizes))),
+        exp_avgs=[rnd(n, mdt, k) for k, n in enumerate(sizes)],
+        exp_hessian_diags=[rnd(n, mdt, k).abs() for k, n in enumerate(sizes)],
+        steps=[torch.tensor(3.0 + j, device=device) for j in range(len(sizes))],
+        bias_corrections2=[torch.tensor(0.05 + 0.01 * j, dtype=torch.float64, device=device) for j in range(len(sizes))],
+    )
+
+
+def clone_bucket(b, backend):
+    """A deep copy of ``b`` run by ``backend`` (a backup aliasing its param stays aliased)."""
+    from sassha_fused.backends import Bucket
+
+    params = [p.clone() for p in b.params]
+    return Bucket(
+        backend=backend, device=b.device, params=params, param_index=list(b.param_index),
+        group_index=list(b.group_index),
+        backups=[params[j] if bk is b.params[j] else bk.clone() for j, bk in enumerate(b.backups)],
+        positions=list(b.positions), exp_avgs=[t.clone() for t in b.exp_avgs],
+        exp_hessian_diags=[t.clone() for t in b.exp_hessian_diags], steps=[t.clone() for t in b.steps],
+        bias_corrections2=[t.clone() for t in b.bias_corrections2],
+    )
+
+
+def _bucket_lists(b):
+    return {"params": b.params, "backups": b.backups, "exp_avgs": b.exp_avgs, "exp_hessian_diags": b.exp_hessian_diags}
+
+
+def assert_buckets_close(ref, new, dtype, what):
+    for name, lists in _bucket_lists(ref).items():
+        for j, (a, c) in enumerate(zip(lists, _bucket_lists(new)[name])):
+            assert_close_tensors(a, c, dtype, f"{what}: {name}[{j}]")
+
+
+def check_phases_match_eager(backend, dtype: torch.dtype, sizes: Sequence[int] = EDGE_SIZES) -> None:
+    """Every phase of ``backend`` against the eager reference on one bucket.
+
+    sq_norm (three sources, adaptive or not), perturb (both signs), probes (bitwise),
+    the finite-difference move and fold (with and without base, save, baseline,
+    aliasing), and the update in every refresh mode with some params not live.
+    """
+    from sassha_fused import functional as F
+    from sassha_fused.backends import ProbeKeys, RefreshInput, RefreshMode, get_backend, math_dtype
+
+    eager = get_backend("eager")
+    groups = phase_groups()
+    keys = ProbeKeys((0x1234567, 0x89ABCDEF))
+    acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    gen = torch.Generator().manual_seed(11)
+
+    def like(b, dt=None, k=0):
+        return [torch.randn(p.numel(), generator=gen, dtype=torch.float64).reshape(p.shape).to(p.device, dt or p.dtype)
+                for p in b.params]
+
+    # --- norms and the perturbation
+    ref = phase_bucket(eager, dtype, sizes, seed=1)
+    new = clone_bucket(ref, backend)
+    grads = like(ref)
+    for sources in (grads, ref.exp_avgs, ref.params):
+        for adaptive in (False, True):
+            a = eager.sq_norm(ref, sources, adaptive, acc_dtype)
+            c = backend.sq_norm(new, [t.clone() for t in sources], adaptive, acc_dtype)
+            assert c.dtype == a.dtype and c.dim() == 0 and c.device == a.device
+            torch.testing.assert_close(c, a, rtol=1e-5 if dtype != torch.float64 else 1e-12, atol=0)
+    for sign, sources in ((1.0, grads), (-1.0, ref.exp_avgs)):
+        for adaptive in (False, True):
+            sq = eager.sq_norm(ref, sources, adaptive, acc_dtype)
+            eager.perturb(ref, sources, sq, sign, adaptive, groups)
+            backend.perturb(new, [t.clone() for t in sources], sq, sign, adaptive, groups)
+            for j in range(len(ref.params)):
+                assert torch.equal(ref.backups[j], new.backups[j]), "the backup is a bitwise copy of x"
+            assert_buckets_close(ref, new, dtype, f"perturb(sign={sign}, adaptive={adaptive})")
+
+    # --- probes, bitwise
+    for sample in (0, 1):
+        for j, (a, c) in enumerate(zip(eager.probes(ref, keys, sample), backend.probes(new, keys, sample))):
+            assert a.dtype == c.dtype == dtype and a.shape == c.shape
+            assert torch.equal(a.cpu(), c.cpu()), f"probe of param {j} differs"
+
+    # --- finite-difference moves and folds
+    delta = torch.tensor(3e-3, device=ref.device)
+    saved_r, saved_n = [torch.empty_like(p) for p in ref.params], [torch.empty_like(p) for p in new.params]
+    for base, save, sample, sign in ((None, True, 0, 1.0), (True, None, 1, -1.0), (None, None, 1, 1.0)):
+        eager.fd_move(ref, delta, keys, sample, sign, saved_r if base else None, saved_r if save else None)
+        backend.fd_move(new, delta, keys, sample, sign, saved_n if base else None, saved_n if save else None)
+        assert_buckets_close(ref, new, dtype, f"fd_move(base={base}, save={save})")
+        for a, c in zip(saved_r, saved_n):
+            assert torch.equal(a, c)
+    g_ref = like(ref)
+    g_new = [t.clone() for t in g_ref]
+    base_ref = like(ref)
+    base_new = [t.clone() for t in base_ref]
+    acc_ref, acc_new = g_ref, g_new  # the first fold writes into the pass's gradient
+    for first, baseline, coefficient in ((True, True, 0.5), (False, False, -0.25), (False, True, 1.0)):
+        eager.fd_fold(ref, acc_ref, g_ref, base_ref if baseline else None, delta, keys, 1, coefficient, first)
+        backend.fd_fold(new, acc_new, g_new, base_new if baseline else None, delta, keys, 1, coefficient, first)
+        for j, (a, c) in enumerate(zip(acc_ref, acc_new)):
+            assert_close_tensors(a, c, dtype, f"fd_fold(first={first}) acc[{j}]")
+        g_ref = like(ref)
+        g_new = [t.clone() for t in g_ref]
+
+    # --- the update, every refresh mode, with params that are not live
+    n = len(sizes)
+    for mode, power, alias in ((RefreshMode.NONE, 0.5, True), (RefreshMode.AUTOGRAD, 0.75, False),
+                               (RefreshMode.FD_DIRECT, 0.5, False), (RefreshMode.PRECOMPUTED, 1.0, True)):
+        ref = phase_bucket(eager, dtype, sizes, seed=2, alias_backups=alias)
+        new = clone_bucket(ref, backend)
+        grads = like(ref)
+        refresh = None
+        if mode == RefreshMode.AUTOGRAD:
+            ys = [[None if (j + s) % 3 == 0 else y for j, y in enumerate(like(ref))] for s in range(2)]
+            refresh = RefreshInput(mode, ys, keys)
+        elif mode != RefreshMode.NONE:
+            ys = [[None if j % 4 == 1 else y for j, y in enumerate(like(ref))]]
+            refresh = RefreshInput(mode, ys, ProbeKeys(keys.prefixes[:1]), delta)
+        live = torch.tensor([0.0 if j % 5 == 3 else 1.0 for j in range(n)], device=ref.device)
+        table, _, _ = F.update_scalars(ref, groups, power, refresh is not None, None, live)
+        x_t_ref = ref.params if alias else ref.backups
+        x_t_new = new.params if alias else new.backups
+        eager.update(ref, x_t_ref, grads, table, power, refresh)
+        backend.update(new, x_t_new, [g.clone() for g in grads], table, power, refresh)
+        assert_buckets_close(ref, new, dtype, f"update(mode={mode}, power={power})")
+        for j in range(n):
+            if live[j] == 0:
+                assert torch.equal(new.params[j], x_t_new[j]), "a param that is not live is x_t again"

@@ -20,6 +20,9 @@ import torch
 from conftest import requires_cpp
 from parity import (
     EDGE_SIZES,
+    SpyBackend,
+    check_phases_match_eager,
+    phase_bucket,
     TOLERANCE,
     assert_close_tensors,
     assert_same_trajectory,
@@ -29,9 +32,8 @@ from parity import (
     run_trajectory,
 )
 from sassha_fused import MSASSHA, SASSHA, BackendUnavailable, _build
-from sassha_fused.backends import Backend, GroupTensors, ProbeSpec, math_dtype
-from sassha_fused.backends.eager import EagerBackend
-from sassha_fused.probes import probe_key, rademacher
+from sassha_fused.backends import ProbeKeys
+from sassha_fused.probes import key_prefix, probe_key, rademacher
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -135,87 +137,10 @@ def test_non_contiguous_params_take_the_reference_path():
 
 
 # ---------------------------------------------------------------- phases
-def _phase_groups(dtype, sizes=EDGE_SIZES, alias_backups=True, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    mdt = math_dtype(dtype)
-
-    def rnd(n, dt):
-        return torch.randn(n, generator=gen, dtype=torch.float64).to(dt)
-
-    groups = []
-    index = 0
-    for gi, chunk in enumerate((sizes[:4], sizes[4:])):
-        ps = [rnd(n, dtype) for n in chunk]
-        g = GroupTensors(
-            params=ps, grads=[rnd(n, dtype) for n in chunk], exp_avgs=[rnd(n, mdt) for n in chunk],
-            exp_hessian_diags=[rnd(n, mdt).abs() for n in chunk],
-            backups=[p if alias_backups else rnd(p.numel(), dtype) for p in ps],
-            steps=[3 + j for j in range(len(chunk))], bias_correction2=[0.05 + 0.01 * j for j in range(len(chunk))],
-            param_indices=list(range(index, index + len(chunk))), lr=0.01 * (gi + 1), beta1=0.9, beta2=0.99,
-            weight_decay=0.1 * gi, eps=1e-4, rho=0.05 * (gi + 1), perturb_eps=1e-12, hessian_power=0.5,
-        )
-        index += len(chunk)
-        groups.append(g)
-    return groups
-
-
-def _clone_groups(groups):
-    out = []
-    for g in groups:
-        c = GroupTensors(**{**g.__dict__, "extras": {}})
-        for name in ("params", "grads", "exp_avgs", "exp_hessian_diags"):
-            setattr(c, name, [t.clone() for t in getattr(g, name)])
-        c.backups = [c.params[j] if b is g.params[j] else b.clone() for j, b in enumerate(g.backups)]
-        out.append(c)
-    return out
-
-
 @requires_cpp
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("alias_backups", [True, False])
-def test_update_phase_with_missing_hvps(dtype, alias_backups):
-    ref = _phase_groups(dtype, alias_backups=alias_backups)
-    new = _clone_groups(ref)
-    gen = torch.Generator().manual_seed(9)
-    # hvps[g][s][j]: some None (params absent from the second-order graph)
-    hvps = [[[None if (j + s) % 3 == 0 else torch.randn(p.numel(), generator=gen, dtype=torch.float64).to(dtype)
-              for j, p in enumerate(g.params)] for s in range(2)] for g in ref]
-    spec = ProbeSpec(seed=123, refresh=4, n_samples=2)
-    EagerBackend().update(ref, hvps, spec)
-    cpp().update(new, hvps, spec)
-    for r, n in zip(ref, new):
-        for name in ("params", "exp_avgs", "exp_hessian_diags"):
-            for j, (a, b) in enumerate(zip(getattr(r, name), getattr(n, name))):
-                assert_close_tensors(a, b, dtype, f"{name}[{j}]")
-    # non-refresh: D untouched
-    before = [d.clone() for g in new for d in g.exp_hessian_diags]
-    EagerBackend().update(ref, None, None)
-    cpp().update(new, None, None)
-    after = [d for g in new for d in g.exp_hessian_diags]
-    assert all(torch.equal(a, b) for a, b in zip(before, after))
-    for r, n in zip(ref, new):
-        for j, (a, b) in enumerate(zip(r.params, n.params)):
-            assert_close_tensors(a, b, dtype, f"params[{j}] after a non-refresh update")
-
-
-@requires_cpp
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("adaptive", [False, True])
-@pytest.mark.parametrize("source", ["grads", "exp_avgs"])
-def test_sq_norm_and_perturb_phases(dtype, adaptive, source):
-    ref = _phase_groups(dtype, alias_backups=False, seed=3)
-    new = _clone_groups(ref)
-    a = EagerBackend().sq_norm(ref, source, adaptive)
-    b = cpp().sq_norm(new, source, adaptive)
-    assert a.dtype == b.dtype and b.dim() == 0
-    torch.testing.assert_close(b, a, rtol=1e-5 if dtype != torch.float64 else 1e-12, atol=0)
-    sign = -1.0 if source == "exp_avgs" else 1.0
-    EagerBackend().perturb(ref, a, source, sign, adaptive)
-    cpp().perturb(new, a, source, sign, adaptive)
-    for r, n in zip(ref, new):
-        for j in range(len(r.params)):
-            assert torch.equal(r.backups[j], n.backups[j]), "the backup is a bitwise copy of x"
-            assert_close_tensors(r.params[j], n.params[j], dtype, f"perturbed param {j}")
+def test_every_phase_matches_eager(dtype):
+    check_phases_match_eager(cpp(), dtype)
 
 
 # ---------------------------------------------------------------- probes
@@ -223,64 +148,37 @@ def test_sq_norm_and_perturb_phases(dtype, adaptive, source):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 def test_probes_bitwise_equal_to_definition(dtype):
     sizes = list(EDGE_SIZES) + [100_003]
-    params = [torch.zeros(n, dtype=dtype) for n in sizes]
-    params[-1] = params[-1].reshape(7, -1) if sizes[-1] % 7 == 0 else params[-1]
-    g = GroupTensors(params=params, grads=[torch.zeros_like(p) for p in params], exp_avgs=[], exp_hessian_diags=[],
-                     backups=[], steps=[], bias_correction2=[], param_indices=[5 * j + 2 for j in range(len(sizes))])
-    for spec, sample in ((ProbeSpec(0, 0, 1), 0), (ProbeSpec(2**64 - 1, 17, 3), 2), (ProbeSpec(12345, 2**32 + 5, 2), 1)):
-        zs = cpp().probes([g], spec, sample)[0]
-        for j, (p, z) in enumerate(zip(params, zs)):
-            key = probe_key(spec.seed, spec.refresh, sample, g.param_indices[j])
+    b = phase_bucket(cpp(), dtype, sizes, device="cpu")
+    for seed, refresh, sample in ((0, 0, 0), (2**64 - 1, 17, 2), (12345, 2**32 + 5, 1)):
+        keys = ProbeKeys(tuple(key_prefix(seed, refresh, s) for s in range(sample + 1)))
+        for j, (p, z) in enumerate(zip(b.params, cpp().probes(b, keys, sample))):
+            key = probe_key(seed, refresh, sample, b.param_index[j])
             want = rademacher(p.numel(), key, dtype=dtype).view(p.shape)
             assert z.dtype == dtype and z.shape == p.shape
             assert torch.equal(z, want), f"probe of param {j} ({p.numel()} elements) differs"
 
 
 # ---------------------------------------------------------------- dispatch
-class SpyBackend(Backend):
-    """Forwards every phase to a real backend and counts the calls."""
-
-    def __init__(self, inner: Backend) -> None:
-        self.inner = inner
-        self.name = f"spy({inner.name})"
-        self.calls: Dict[str, int] = {}
-
-    def _count(self, phase: str) -> None:
-        self.calls[phase] = self.calls.get(phase, 0) + 1
-
-    def supports(self, device, dtype):
-        return self.inner.supports(device, dtype)
-
-    def sq_norm(self, groups, source, adaptive):
-        self._count("sq_norm")
-        return self.inner.sq_norm(groups, source, adaptive)
-
-    def perturb(self, groups, sq_norm, source, sign, adaptive):
-        self._count("perturb")
-        return self.inner.perturb(groups, sq_norm, source, sign, adaptive)
-
-    def probes(self, groups, spec, sample):
-        self._count("probes")
-        return self.inner.probes(groups, spec, sample)
-
-    def update(self, groups, hvps, spec):
-        self._count("update")
-        return self.inner.update(groups, hvps, spec)
-
-
 @requires_cpp
-def test_cpp_backend_really_runs():
+@pytest.mark.parametrize("hvp", ["autograd", "finite_difference"])
+def test_cpp_backend_really_runs(hvp):
     from sassha_fused.backends.cpp_backend import CppBackend
 
     spy = SpyBackend(cpp())
     assert isinstance(spy.inner, CppBackend)
     p0 = make_params([33, 1025, 3], torch.float32)
     ref, new = clone_params(p0), clone_params(p0)
-    ref_opt = run_trajectory(lambda ps: SASSHA(ps, backend="eager", lazy_hessian=2, n_samples=2), ref, 4)
-    new_opt = run_trajectory(lambda ps: SASSHA(ps, backend=spy, lazy_hessian=2, n_samples=2), new, 4)
-    # sq_norm twice a step: the perturbation's gradient norm and the finite check
-    # of the update's inputs
-    assert spy.calls == {"sq_norm": 8, "perturb": 4, "probes": 4, "update": 4}
+    ref_opt = run_trajectory(lambda ps: SASSHA(ps, backend="eager", lazy_hessian=2, n_samples=2, hvp=hvp), ref, 4)
+    new_opt = run_trajectory(lambda ps: SASSHA(ps, backend=spy, lazy_hessian=2, n_samples=2, hvp=hvp), new, 4)
+    counts = {}
+    for phase, _ in spy.calls:
+        counts[phase] = counts.get(phase, 0) + 1
+    if hvp == "autograd":
+        # sq_norm: the perturbation's norm and the finite check of g~ and each sample's H z
+        assert counts == {"sq_norm": 4 + 2 + 2 * 3, "perturb": 4, "probes": 4, "update": 4}
+    else:
+        # refresh steps add the step size's norm, a move before each pass and a fold after it
+        assert counts == {"sq_norm": 4 + 2 + 2 * 2 + 2, "perturb": 4, "fd_move": 4, "fd_fold": 4, "update": 4}
     assert_same_trajectory(ref, ref_opt, new, new_opt)
     assert "C++ extension" in cpp().description
 
@@ -299,14 +197,18 @@ def test_op_argument_errors_say_what_to_do():
     x = [torch.zeros(4), torch.zeros(5)]
     with pytest.raises(RuntimeError, match="one entry per parameter"):
         ops.sq_norm(x[:1], x, False, False)
+    bf = [torch.zeros(4, dtype=torch.bfloat16)]
+    table = torch.zeros(1, 9, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="float32 optimizer state"):
-        ops.update([torch.zeros(4, dtype=torch.bfloat16)], [torch.zeros(4, dtype=torch.bfloat16)],
-                   [torch.zeros(4, dtype=torch.bfloat16)], [torch.zeros(4)], [torch.zeros(4, dtype=torch.bfloat16)],
-                   [], [], [0.9, 0.999, 0.1, 0.0, 1e-4, 0.5, 0.1, 0.1], 0, False)
+        ops.update(bf, bf, bf, bf, [torch.zeros(4)], table, 0.5, 0, [], [0], [], None)
+    with pytest.raises(RuntimeError, match="update_scalars"):
+        ops.update(x[:1], x[:1], x[:1], x[:1], x[:1], table.float(), 0.5, 0, [], [0], [], None)
     with pytest.raises(RuntimeError, match="not contiguous"):
-        ops.probes([torch.zeros(4, 3).t()], [1, 2])
-    with pytest.raises(RuntimeError, match="probe_key"):
-        ops.probes([torch.zeros(4)], [1])
+        ops.probes([torch.zeros(4, 3).t()], [1], 7)
+    with pytest.raises(RuntimeError, match="one entry per parameter"):
+        ops.probes([torch.zeros(4)], [1, 2], 7)
+    with pytest.raises(RuntimeError, match="group table"):
+        ops.perturb(x, x, [torch.zeros(4), torch.zeros(5)], torch.ones(()), [0, 3], [0.0] * 7, 1.0, False)
     assert cpp().supports(torch.device("meta"), torch.float32) is not None
 
 

@@ -15,7 +15,15 @@ import pytest
 import torch
 
 from conftest import requires_cuda_backend
-from parity import EDGE_SIZES, assert_same_trajectory, clone_params, make_params, run_trajectory
+from parity import (
+    EDGE_SIZES,
+    assert_same_trajectory,
+    check_phases_match_eager,
+    clone_params,
+    make_params,
+    phase_bucket,
+    run_trajectory,
+)
 from sassha_fused import MSASSHA, SASSHA, _build
 
 CSRC = _build.csrc_dir()
@@ -89,16 +97,33 @@ def test_cuda_msassha_matches_eager():
 
 @requires_cuda_backend
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_every_phase_matches_eager(dtype):
+    from sassha_fused.backends import get_backend
+
+    check_phases_match_eager(get_backend("cuda"), dtype)
+
+
+@requires_cuda_backend
+@pytest.mark.parametrize("cls,scheme,n_samples", [(SASSHA, "forward", 1), (SASSHA, "central", 2), (MSASSHA, "forward", 2)])
+def test_cuda_finite_differences_match_eager(cls, scheme, n_samples):
+    p0 = make_params(EDGE_SIZES, torch.float32, device="cuda", seed=3)
+    ref, new = clone_params(p0), clone_params(p0)
+    kw = dict(lazy_hessian=3, n_samples=n_samples, hvp="finite_difference", fd_scheme=scheme)
+    ref_opt = run_trajectory(lambda ps: cls(ps, backend="eager", **kw), ref, 12)
+    new_opt = run_trajectory(lambda ps: cls(ps, backend="cuda", **kw), new, 12)
+    assert_same_trajectory(ref, ref_opt, new, new_opt)
+
+
+@requires_cuda_backend
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_cuda_probes_bitwise(dtype):
-    from sassha_fused.backends import GroupTensors, ProbeSpec, get_backend
-    from sassha_fused.probes import probe_key, rademacher
+    from sassha_fused.backends import ProbeKeys, get_backend
+    from sassha_fused.probes import key_prefix, probe_key, rademacher
 
     sizes = list(EDGE_SIZES) + [100_003]
-    params = [torch.zeros(n, dtype=dtype, device="cuda") for n in sizes]
-    g = GroupTensors(params=params, grads=[torch.zeros_like(p) for p in params], exp_avgs=[], exp_hessian_diags=[],
-                     backups=[], steps=[], bias_correction2=[], param_indices=list(range(len(sizes))))
-    spec = ProbeSpec(2**64 - 1, 7, 2)
-    zs = get_backend("cuda").probes([g], spec, 1)[0]
-    for j, (p, z) in enumerate(zip(params, zs)):
-        want = rademacher(p.numel(), probe_key(spec.seed, spec.refresh, 1, j), dtype=dtype, device="cuda")
-        assert torch.equal(z, want), f"probe {j} differs"
+    b = phase_bucket(get_backend("cuda"), dtype, sizes, device="cuda")
+    keys = ProbeKeys(tuple(key_prefix(2**64 - 1, 7, s) for s in range(2)))
+    zs = get_backend("cuda").probes(b, keys, 1)
+    for j, (p, z) in enumerate(zip(b.params, zs)):
+        want = rademacher(p.numel(), probe_key(2**64 - 1, 7, 1, b.param_index[j]), dtype=dtype, device="cuda")
+        assert torch.equal(z.reshape(-1), want), f"probe {j} differs"

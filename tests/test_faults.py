@@ -23,6 +23,11 @@ def _assert_unchanged(opt, params, snap):
     for p, b in zip(params, before_params):
         assert torch.equal(p, b)
     after = {id(p): dict(opt.state[p]) for p in params if p in opt.state and opt.state[p]}
+    # state the skipped step created for a param is pristine: it waits for a refresh
+    for key in set(after) - set(before_state):
+        new = after.pop(key)
+        assert new["step"] == 0 and new["bias_correction2"] == 0
+        assert not new["exp_avg"].any() and not new["exp_hessian_diag"].any()
     assert set(after) == set(before_state)
     for key, state in before_state.items():
         for name, value in state.items():
@@ -60,12 +65,14 @@ def test_nan_gradients_skip_the_step(backend, cls, where):
     with pytest.warns(RuntimeWarning, match="skipped"):
         opt.step(poisoned)
     _assert_unchanged(opt, params, snap)
-    assert opt.skipped_steps == 1 and opt.global_step == step_before
+    # the step counts (the host does not wait for the flag), the state does not move
+    assert opt.skipped_steps == 1 and opt.global_step == step_before + 1
     if cls is SASSHA:
         assert not opt.is_perturbed
     # training goes on normally afterwards
     opt.step(lambda: _loss(params, 1.0))
-    assert opt.global_step == step_before + 1
+    assert opt.global_step == step_before + 2
+    assert all(opt.state[p]["step"] == step_before + 1 for p in params)
     assert all(torch.isfinite(p).all() for p in params)
 
 

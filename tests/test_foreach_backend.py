@@ -64,9 +64,9 @@ def test_foreach_path_really_ran():
         def __init__(self):
             self.calls = []
 
-        def update(self, groups, hvps, spec):
-            self.calls.append(sum(len(g.params) for g in groups))
-            return super().update(groups, hvps, spec)
+        def update(self, b, x_t, grads, scalars, power, refresh):
+            self.calls.append(len(b.params))
+            return super().update(b, x_t, grads, scalars, power, refresh)
 
     spy = Spy()
     ps = make_params([3, 4, 5])

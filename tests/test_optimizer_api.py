@@ -142,7 +142,9 @@ def test_param_joining_between_refreshes_waits_for_the_next_one():
     late_before = late.detach().clone()
     opt.step(lambda: (a**4).sum())  # step 1: refresh, late unused
     opt.step(lambda: (a**4).sum() + (late**4).sum())  # step 2: late has a grad, no refresh
-    assert late not in opt.state or "exp_avg" not in opt.state[late]
+    # it takes part from now on, but its state stays at zero until its first refresh
+    assert opt.state[late]["step"] == 0 and opt.state[late]["bias_correction2"] == 0
+    assert torch.all(opt.state[late]["exp_avg"] == 0)
     assert torch.equal(late, late_before)  # perturbed and restored, not updated
     opt.step(lambda: (a**4).sum() + (late**4).sum())  # step 3
     opt.step(lambda: (a**4).sum() + (late**4).sum())  # step 4: refresh, late joins
@@ -374,15 +376,22 @@ def test_rho_schedule_leaves_groups_with_their_own_rho_alone():
         SASSHA([{"params": [_param()], "rho": LinearSchedule(0.1, 0.2, 5)}])
 
 
-def test_skipped_step_does_not_advance_the_schedules():
+def test_skipped_step_counts_as_a_step_and_leaves_state_alone():
+    # The skip decision is a device flag the update reads, so the host moves on:
+    # the optimizer's step counter and the schedules advance, per-parameter state
+    # (step counts included) does not.
     x = _param()
     power, rho = LinearSchedule(0.5, 1.0, 10), LinearSchedule(0.05, 0.5, 10)
     opt = SASSHA([x], hessian_power=power, rho=rho, backend="eager")
     opt.step(lambda: (x**4).sum())
+    state = copy.deepcopy(opt.state[x])
     with pytest.warns(RuntimeWarning):
         opt.step(lambda: (x**4).sum() * float("nan"))
+    for key, value in state.items():
+        assert torch.equal(opt.state[x][key], value), key
     opt.step(lambda: (x**4).sum())
-    assert power.t == 2 and rho.t == 2 and opt.global_step == 2
+    assert power.t == 3 and rho.t == 3 and opt.global_step == 3
+    assert opt.state[x]["step"] == 2 and opt.skipped_steps == 1
 
 
 @pytest.mark.parametrize("inside", [True, False])
@@ -410,20 +419,26 @@ def test_msassha_checkpoint_inside_or_outside_unperturbed_resumes_exactly(inside
         assert torch.equal(p, q)
 
 
-def test_closure_that_calls_backward_gets_a_clear_error():
+def test_closure_that_calls_backward_needs_finite_differences():
     x = _param()
-    opt = SASSHA([x], backend="eager")
 
     def calls_backward():
         loss = (x**4).sum()
         loss.backward()
         return loss
 
-    with pytest.raises(RuntimeError, match="without calling backward"):
+    opt = SASSHA([x], backend="eager", hvp="autograd")
+    before = x.detach().clone()
+    with pytest.raises(RuntimeError, match="finite_difference"):
         opt.step(calls_backward)
+    assert torch.equal(x, before) and not opt.is_perturbed and opt.global_step == 0 and len(opt.state) == 0
+    # "auto" (the default) takes finite differences for such a closure
+    opt = SASSHA([x], backend="eager")
+    opt.step(calls_backward)
+    assert opt.hvp_method == "finite_difference" and opt.global_step == 1
     with pytest.raises(ValueError, match="without calling backward"):
         opt.step(lambda: (x**4).sum().detach())
-    assert not opt.is_perturbed and opt.global_step == 0
+    assert not opt.is_perturbed and opt.global_step == 1
 
 
 def test_sassha_unperturbed_mid_step_shows_the_unperturbed_point():

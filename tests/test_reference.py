@@ -11,32 +11,11 @@ import math
 import pytest
 import torch
 
-from parity import protocol_step
+from parity import SpyBackend, protocol_step
 from sassha_fused import MSASSHA, SASSHA
 from sassha_fused.backends.eager import EagerBackend
 
 DT = torch.float64
-
-
-class SpyBackend(EagerBackend):
-    """The reference, recording which phases ran (chosen by argument, not patched)."""
-
-    name = "spy"
-
-    def __init__(self):
-        self.calls = []
-
-    def sq_norm(self, groups, source, adaptive):
-        self.calls.append(("sq_norm", source))
-        return super().sq_norm(groups, source, adaptive)
-
-    def perturb(self, groups, sq_norm, source, sign, adaptive):
-        self.calls.append(("perturb", source))
-        return super().perturb(groups, sq_norm, source, sign, adaptive)
-
-    def update(self, groups, hvps, spec):
-        self.calls.append(("update", hvps is not None))
-        return super().update(groups, hvps, spec)
 
 
 def quadratic(a):
@@ -115,7 +94,7 @@ def test_hvp_is_taken_at_the_perturbed_point():
 @pytest.mark.parametrize("k", [1, 3, 10])
 def test_refresh_exactly_at_steps_1_k_plus_1_2k_plus_1(k):
     x = torch.nn.Parameter(torch.randn(5, dtype=DT))
-    spy = SpyBackend()
+    spy = SpyBackend(EagerBackend())
     opt = SASSHA([x], lr=0.01, lazy_hessian=k, backend=spy)
     due = []
     for _ in range(25):

@@ -1,4 +1,4 @@
-"""Triton kernels of SASSHA's four phases, multi-tensor (one launch per phase).
+"""Triton kernels of SASSHA's phases, multi-tensor (one launch per phase and bucket).
 
 Import this module as ``sassha_fused.triton_kernels.sassha`` (Triton ships an
 unrelated top-level ``triton_kernels`` package).
@@ -6,17 +6,21 @@ unrelated top-level ``triton_kernels`` package).
 Layout shared by every kernel (apex ``multi_tensor_apply`` style, see
 ``sassha_fused/backends/triton_backend.py`` for the host side):
 
-* A launch covers up to a few thousand tensors. Each program handles one *tile*
-  of ``BLOCK`` consecutive elements of one tensor. ``blocks`` (int64, shape
-  ``[n_programs, 2]``) maps program ``pid`` to ``(slot, start)``: the tensor's row
-  in the launch's tables and the tile's first element.
-* ``ptrs`` (int64, shape ``[n_tensors, N_COLS]``) holds, per tensor, the data
-  pointers of the arrays the kernel touches (column order documented per kernel)
-  and, in its last column, the tensor's ``numel``. A pointer is cast to the typed
-  pointer in the kernel; the element dtypes are ``tl.constexpr``.
-* ``scalars`` (fp32, shape ``[n_tensors, N_SCALARS]``) holds per-tensor runtime
-  hyper-parameters (they differ per param group, and the step size per tensor):
-  changing the learning rate changes table contents, never a compiled kernel.
+* A launch covers up to tens of thousands of tensors of one dtype. Each program
+  handles one *tile* of ``BLOCK`` consecutive elements of one tensor. ``blocks``
+  (int64, ``[n_programs, 2]``) maps program ``pid`` to ``(slot, start)``: the
+  tensor's index in the launch's arrays and the tile's first element.
+* Every array a kernel touches comes as a column of data pointers (int64
+  ``[n_tensors]``, one per tensor, cast to a typed pointer in the kernel; element
+  dtypes are ``tl.constexpr``). Columns of the optimizer's own arrays (params,
+  backups, state) are built once per parameter set and storage; gradient columns
+  are uploaded only when the gradients' storage moved. ``numels``,
+  ``param_index`` and ``group_index`` are static columns too.
+* Per-step values are few: a row per tensor of the update-scalar table
+  (``U_*`` columns), a row per group of the group table (``G_*``), the probe
+  vector's key prefix, the finite-difference step ``delta`` as a device scalar,
+  and the sign or coefficient of a move. Changing the learning rate changes table
+  contents, never a compiled kernel; ``prefix`` is not specialised on.
 
 The per-element math lives in small ``@triton.jit`` helpers (``_fmix32``,
 ``_rademacher``, ``_perturbed``, ``_momentum``, ``_hessian_ema``, ``_new_param``);
@@ -37,15 +41,12 @@ __all__ = [
     "sum_partials_kernel",
     "perturb_kernel",
     "probes_kernel",
+    "fd_move_kernel",
+    "fd_fold_kernel",
     "update_kernel",
     "POWER_SQRT",
     "POWER_ONE",
     "POWER_GENERAL",
-    "PTR_COLS_SQ_NORM",
-    "PTR_COLS_PERTURB",
-    "PTR_COLS_PROBES",
-    "SCALARS_PERTURB",
-    "SCALARS_UPDATE",
 ]
 
 # hessian_power variants (a constexpr: the exponent itself stays a runtime value)
@@ -53,12 +54,32 @@ POWER_SQRT = 0  # p == 0.5: IEEE square root, as torch.pow(d, 0.5)
 POWER_ONE = 1  # p == 1: D itself
 POWER_GENERAL = 2  # any p: exp2(p * log2(D))
 
-PTR_COLS_SQ_NORM = 3  # v, x, numel
-PTR_COLS_PERTURB = 4  # x, backup, v, numel
-PTR_COLS_PROBES = 2  # z (output), numel
-SCALARS_PERTURB = 2  # sign * rho, perturb_eps
-SCALARS_UPDATE = 9  # -step_size, c2, 1 - lr*wd, beta1, 1 - beta1, beta2, 1 - beta2, eps, p
-# update ptr columns: x, backup, exp_avg, exp_hessian_diag, grad, Hz_0..Hz_{S-1}, numel
+# Group table columns (GroupCol of backends/base.py; tests/test_layouts.py checks them)
+G_LR = 0
+G_BETA1 = 1
+G_BETA2 = 2
+G_WEIGHT_DECAY = 3
+G_EPS = 4
+G_RHO = 5
+G_PERTURB_EPS = 6
+G_COUNT = 7
+# Update-scalar table columns (UpdateCol of backends/base.py)
+U_NEG_STEP = 0
+U_DECAY = 1
+U_BETA1 = 2
+U_ONE_MINUS_BETA1 = 3
+U_BETA2 = 4
+U_ONE_MINUS_BETA2 = 5
+U_C2 = 6
+U_EPS = 7
+U_LIVE = 8
+U_COUNT = 9
+# Refresh modes (RefreshMode of backends/base.py)
+MODE_NONE = 0
+MODE_AUTOGRAD = 1
+MODE_FD_DIRECT = 2
+MODE_PRECOMPUTED = 3
+KEY1_SALT = 0x9E3779B9
 
 
 # --------------------------------------------------------------------------- math
@@ -71,6 +92,14 @@ def _fmix32(x):
     x *= tl.full((), 0xC2B2AE35, tl.uint32)
     x ^= x >> 16
     return x
+
+
+@triton.jit
+def _param_key(prefix, param_index):
+    """(k0, k1) of ``probes.param_key``: the parameter's stream from its vector's prefix."""
+    k0 = _fmix32(prefix.to(tl.uint32) ^ param_index.to(tl.uint32))
+    k1 = _fmix32(k0 ^ tl.full((), KEY1_SALT, tl.uint32))
+    return k0, k1
 
 
 @triton.jit
@@ -146,23 +175,22 @@ def _round_to(x, DTYPE: tl.constexpr):
 
 # -------------------------------------------------------------- tensor walking
 @triton.jit
-def _tile(blocks, ptrs, N_COLS: tl.constexpr, BLOCK: tl.constexpr):
+def _tile(blocks, numels):
     """(slot, start, numel) of this program's tile."""
     pid = tl.program_id(0)
     slot = tl.load(blocks + pid * 2)
-    start = tl.multiple_of(tl.load(blocks + pid * 2 + 1), BLOCK)  # tiles start on a BLOCK boundary
-    numel = tl.load(ptrs + slot * N_COLS + (N_COLS - 1))
-    return slot, start, numel
+    start = tl.load(blocks + pid * 2 + 1)
+    return slot, start, tl.load(numels + slot)
 
 
 @triton.jit
-def _ptr(ptrs, slot, col, N_COLS: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
-    """Typed data pointer of column ``col`` of tensor ``slot``.
+def _ptr(column, slot, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """Typed data pointer of tensor ``slot`` from a pointer column.
 
     ALIGNED: the host checked every pointer of the launch is 16-byte aligned; the
-    hint lets full tiles use vector loads (a table entry carries no alignment).
+    hint lets full tiles use vector loads (a column entry carries no alignment).
     """
-    p = tl.load(ptrs + slot * N_COLS + col).to(tl.pointer_type(DTYPE))
+    p = tl.load(column + slot).to(tl.pointer_type(DTYPE))
     if ALIGNED:
         p = tl.multiple_of(p, 16)
     return p
@@ -187,6 +215,17 @@ def _st(p, offs, v, mask, EVEN: tl.constexpr):
 
 
 @triton.jit
+def _word_tile(start, BLOCK: tl.constexpr):
+    """Offsets of a [BLOCK/32, 32] tile and the probe word of each row (hashed once per 32 elements)."""
+    rows = tl.arange(0, BLOCK // 32)[:, None]
+    bits = tl.arange(0, 32)[None, :]
+    offs = start + rows * 32 + bits
+    word = ((start >> 5) + rows).to(tl.uint32)
+    return offs, word, bits.to(tl.uint32)
+
+
+# ------------------------------------------------------------------- norms
+@triton.jit
 def _sq_norm_tile(vp, xp, offs, mask, ADAPTIVE: tl.constexpr, EVEN: tl.constexpr):
     v = _ld(vp, offs, mask, EVEN).to(tl.float32)
     x = v
@@ -195,10 +234,12 @@ def _sq_norm_tile(vp, xp, offs, mask, ADAPTIVE: tl.constexpr, EVEN: tl.constexpr
     return tl.sum(_sq_term(x, v, ADAPTIVE), axis=0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["base"])
 def sq_norm_partials_kernel(
     blocks,  # int64 [n_programs, 2]: (tensor slot, first element) of each tile
-    ptrs,  # int64 [n_tensors, 3]: v (grad or exp_avg), x (param; read only if ADAPTIVE), numel
+    v_ptrs,  # int64 [n]: v (gradient, momentum or the params themselves)
+    x_ptrs,  # int64 [n]: x (params; read only if ADAPTIVE)
+    numels,  # int64 [n]: elements of each tensor
     partials,  # fp32 [>= base + n_programs]: per-tile sums of (w v)^2, written at base + pid
     base,  # first index of this launch's tiles in ``partials``
     V_DTYPE: tl.constexpr,  # element type of v
@@ -207,11 +248,11 @@ def sq_norm_partials_kernel(
     ALIGNED: tl.constexpr,  # every data pointer of the launch is 16-byte aligned
     BLOCK: tl.constexpr,  # elements per tile
 ):
-    slot, start, numel = _tile(blocks, ptrs, 3, BLOCK)
+    slot, start, numel = _tile(blocks, numels)
     offs = start + tl.arange(0, BLOCK)
     mask = offs < numel
-    vp = _ptr(ptrs, slot, 0, 3, V_DTYPE, ALIGNED)
-    xp = _ptr(ptrs, slot, 1, 3, X_DTYPE, ALIGNED)
+    vp = _ptr(v_ptrs, slot, V_DTYPE, ALIGNED)
+    xp = _ptr(x_ptrs, slot, X_DTYPE, ALIGNED)
     if start + BLOCK <= numel:
         part = _sq_norm_tile(vp, xp, offs, mask, ADAPTIVE, True)
     else:
@@ -219,11 +260,11 @@ def sq_norm_partials_kernel(
     tl.store(partials + base + tl.program_id(0), part)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n"])
 def sum_partials_kernel(
     partials,  # fp32 [n]: per-tile partial sums of every launch of the phase
     n,  # number of partials
-    out,  # fp32 [1]: the global squared norm (a 0-dim tensor)
+    out,  # fp32 [1]: the squared norm (a 0-dim tensor)
     BLOCK: tl.constexpr,  # partials summed per loop iteration (fixed order: deterministic)
 ):
     # One program sums in a fixed order: no atomics, the same bits on every run.
@@ -234,6 +275,7 @@ def sum_partials_kernel(
     tl.store(out, tl.sum(acc, axis=0))
 
 
+# ------------------------------------------------------------- perturbation
 @triton.jit
 def _perturb_tile(xp, bp, vp, offs, mask, scale, X_DTYPE: tl.constexpr, ADAPTIVE: tl.constexpr,
                   EVEN: tl.constexpr):
@@ -247,137 +289,260 @@ def _perturb_tile(xp, bp, vp, offs, mask, scale, X_DTYPE: tl.constexpr, ADAPTIVE
 @triton.jit
 def perturb_kernel(
     blocks,  # int64 [n_programs, 2]: (tensor slot, first element) of each tile
-    ptrs,  # int64 [n_tensors, 4]: x (param, in place), backup (x_t is copied here), v, numel
-    scalars,  # fp32 [n_tensors, 2]: sign * rho (the tensor's group), perturb_eps
-    sq_norm,  # fp32 [1]: global squared norm from sum_partials_kernel (never read on the host)
+    x_ptrs,  # int64 [n]: x (param, in place)
+    b_ptrs,  # int64 [n]: backup (x_t is copied here)
+    v_ptrs,  # int64 [n]: v, the direction (gradient, or momentum for M-SASSHA)
+    numels,  # int64 [n]
+    group_index,  # int64 [n]: the tensor's row in ``groups``
+    groups,  # fp32 [n_groups, G_COUNT]: the step's group table (rho, perturb_eps read)
+    sq_norm,  # fp32 [1]: global squared norm (never read on the host)
+    sign,  # +1 (SASSHA, along g) or -1 (M-SASSHA, against m)
     X_DTYPE: tl.constexpr,  # element type of x and backup
     V_DTYPE: tl.constexpr,  # element type of v (grad: param dtype; exp_avg: fp32)
     ADAPTIVE: tl.constexpr,  # e = scale * x^2 * v (True) or scale * v
     ALIGNED: tl.constexpr,  # every data pointer of the launch is 16-byte aligned
     BLOCK: tl.constexpr,  # elements per tile
 ):
-    slot, start, numel = _tile(blocks, ptrs, 4, BLOCK)
-    rho = tl.load(scalars + slot * 2)
-    peps = tl.load(scalars + slot * 2 + 1)
-    # the reference computes (sign * rho) * (1 / (sqrt(n2) + perturb_eps)), rounding twice
-    scale = tl.div_rn(1.0, tl.sqrt_rn(tl.load(sq_norm)) + peps) * rho
+    slot, start, numel = _tile(blocks, numels)
+    row = groups + tl.load(group_index + slot) * G_COUNT
+    # the reference computes (1 / (sqrt(n2) + perturb_eps)) * (sign * rho), rounding twice
+    scale = tl.div_rn(1.0, tl.sqrt_rn(tl.load(sq_norm)) + tl.load(row + G_PERTURB_EPS)) * (sign * tl.load(row + G_RHO))
     offs = start + tl.arange(0, BLOCK)
     mask = offs < numel
-    xp = _ptr(ptrs, slot, 0, 4, X_DTYPE, ALIGNED)
-    bp = _ptr(ptrs, slot, 1, 4, X_DTYPE, ALIGNED)
-    vp = _ptr(ptrs, slot, 2, 4, V_DTYPE, ALIGNED)
+    xp = _ptr(x_ptrs, slot, X_DTYPE, ALIGNED)
+    bp = _ptr(b_ptrs, slot, X_DTYPE, ALIGNED)
+    vp = _ptr(v_ptrs, slot, V_DTYPE, ALIGNED)
     if start + BLOCK <= numel:
         _perturb_tile(xp, bp, vp, offs, mask, scale, X_DTYPE, ADAPTIVE, True)
     else:
         _perturb_tile(xp, bp, vp, offs, mask, scale, X_DTYPE, ADAPTIVE, False)
 
 
-@triton.jit
+# ------------------------------------------------------------------- probes
+@triton.jit(do_not_specialize=["prefix"])
 def probes_kernel(
     blocks,  # int64 [n_programs, 2]: (tensor slot, first element) of each tile
-    ptrs,  # int64 [n_tensors, 2]: z (output, contiguous), numel
-    keys,  # int64 [n_tensors, 2]: the tensor's probe key (k0, k1), uint32 values
-    Z_DTYPE: tl.constexpr,  # element type of z (the grad's)
+    z_ptrs,  # int64 [n]: z (output, contiguous)
+    numels,  # int64 [n]
+    param_index,  # int64 [n]: the tensor's position in the optimizer (probe counter)
+    prefix,  # the probe vector's key prefix (uint32 value)
+    Z_DTYPE: tl.constexpr,  # element type of z (the param's)
     ALIGNED: tl.constexpr,  # every data pointer of the launch is 16-byte aligned
     BLOCK: tl.constexpr,  # elements per tile, a multiple of 32 (tiles start on a word)
 ):
-    slot, start, numel = _tile(blocks, ptrs, 2, BLOCK)
-    k0 = tl.load(keys + slot * 2).to(tl.uint32)
-    k1 = tl.load(keys + slot * 2 + 1).to(tl.uint32)
-    # a [BLOCK/32, 32] tile: row r is probe word (start >> 5) + r, hashed once
-    rows = tl.arange(0, BLOCK // 32)[:, None]
-    bits = tl.arange(0, 32)[None, :]
-    offs = start + rows * 32 + bits
-    word = ((start >> 5) + rows).to(tl.uint32)
-    z = _rademacher(word, bits.to(tl.uint32), k0, k1).to(Z_DTYPE)
-    zp = _ptr(ptrs, slot, 0, 2, Z_DTYPE, ALIGNED)
+    slot, start, numel = _tile(blocks, numels)
+    k0, k1 = _param_key(prefix, tl.load(param_index + slot))
+    offs, word, bits = _word_tile(start, BLOCK)
+    z = _rademacher(word, bits, k0, k1).to(Z_DTYPE)
+    zp = _ptr(z_ptrs, slot, Z_DTYPE, ALIGNED)
     if start + BLOCK <= numel:
         _st(zp, offs, z, offs < numel, True)
     else:
         _st(zp, offs, z, offs < numel, False)
 
 
+# -------------------------------------------------------- finite differences
+@triton.jit
+def _fd_move_tile(xp, bp, sp, offs, mask, step, z, X_DTYPE: tl.constexpr, HAS_BASE: tl.constexpr,
+                  HAS_SAVE: tl.constexpr, EVEN: tl.constexpr):
+    x_raw = _ld(xp, offs, mask, EVEN)
+    if HAS_SAVE:
+        _st(sp, offs, x_raw, mask, EVEN)
+    x0 = x_raw.to(tl.float32)
+    if HAS_BASE:
+        x0 = _ld(bp, offs, mask, EVEN).to(tl.float32)
+    _st(xp, offs, _round_to(x0 + step * z, X_DTYPE), mask, EVEN)
+
+
+@triton.jit(do_not_specialize=["prefix"])
+def fd_move_kernel(
+    blocks,  # int64 [n_programs, 2]: (tensor slot, first element) of each tile
+    x_ptrs,  # int64 [n]: x (param, written)
+    base_ptrs,  # int64 [n]: the point to move from (read if HAS_BASE, else x itself)
+    save_ptrs,  # int64 [n]: x is copied here first (if HAS_SAVE)
+    numels,  # int64 [n]
+    param_index,  # int64 [n]: probe counters
+    prefix,  # the probe vector's key prefix
+    delta,  # fp32 [1]: the finite-difference step (a device scalar)
+    sign,  # +1 or -1: which side of x~
+    X_DTYPE: tl.constexpr,  # element type of x, base and save
+    HAS_BASE: tl.constexpr,
+    HAS_SAVE: tl.constexpr,
+    ALIGNED: tl.constexpr,  # every data pointer of the launch is 16-byte aligned
+    BLOCK: tl.constexpr,  # elements per tile, a multiple of 32
+):
+    slot, start, numel = _tile(blocks, numels)
+    k0, k1 = _param_key(prefix, tl.load(param_index + slot))
+    offs, word, bits = _word_tile(start, BLOCK)
+    mask = offs < numel
+    z = _rademacher(word, bits, k0, k1)
+    step = sign * tl.load(delta)  # exact: sign is +-1
+    xp = _ptr(x_ptrs, slot, X_DTYPE, ALIGNED)
+    bp = _ptr(base_ptrs, slot, X_DTYPE, ALIGNED)
+    sp = _ptr(save_ptrs, slot, X_DTYPE, ALIGNED)
+    if start + BLOCK <= numel:
+        _fd_move_tile(xp, bp, sp, offs, mask, step, z, X_DTYPE, HAS_BASE, HAS_SAVE, True)
+    else:
+        _fd_move_tile(xp, bp, sp, offs, mask, step, z, X_DTYPE, HAS_BASE, HAS_SAVE, False)
+
+
+@triton.jit
+def _fd_fold_tile(ap, gp, bp, offs, mask, scale, z, X_DTYPE: tl.constexpr, HAS_BASELINE: tl.constexpr,
+                  FIRST: tl.constexpr, EVEN: tl.constexpr):
+    diff = _ld(gp, offs, mask, EVEN).to(tl.float32)
+    if HAS_BASELINE:
+        diff = diff - _ld(bp, offs, mask, EVEN).to(tl.float32)
+    term = diff * z * scale
+    if not FIRST:
+        term = _ld(ap, offs, mask, EVEN).to(tl.float32) + term
+    _st(ap, offs, _round_to(term, X_DTYPE), mask, EVEN)
+
+
+@triton.jit(do_not_specialize=["prefix"])
+def fd_fold_kernel(
+    blocks,  # int64 [n_programs, 2]: (tensor slot, first element) of each tile
+    acc_ptrs,  # int64 [n]: the running sum (written; may alias grads or baselines)
+    g_ptrs,  # int64 [n]: this pass's gradient
+    base_ptrs,  # int64 [n]: subtracted from it (if HAS_BASELINE)
+    numels,  # int64 [n]
+    param_index,  # int64 [n]: probe counters
+    prefix,  # the probe vector's key prefix
+    delta,  # fp32 [1]: the finite-difference step
+    coefficient,  # the pass's weight: 1/S (forward) or -1/(2S) (central)
+    X_DTYPE: tl.constexpr,  # element type of acc, grads and baselines
+    HAS_BASELINE: tl.constexpr,
+    FIRST: tl.constexpr,  # acc starts from zero (the first fold)
+    ALIGNED: tl.constexpr,  # every data pointer of the launch is 16-byte aligned
+    BLOCK: tl.constexpr,  # elements per tile, a multiple of 32
+):
+    slot, start, numel = _tile(blocks, numels)
+    k0, k1 = _param_key(prefix, tl.load(param_index + slot))
+    offs, word, bits = _word_tile(start, BLOCK)
+    mask = offs < numel
+    z = _rademacher(word, bits, k0, k1)
+    scale = tl.div_rn(coefficient, tl.load(delta))
+    ap = _ptr(acc_ptrs, slot, X_DTYPE, ALIGNED)
+    gp = _ptr(g_ptrs, slot, X_DTYPE, ALIGNED)
+    bp = _ptr(base_ptrs, slot, X_DTYPE, ALIGNED)
+    if start + BLOCK <= numel:
+        _fd_fold_tile(ap, gp, bp, offs, mask, scale, z, X_DTYPE, HAS_BASELINE, FIRST, True)
+    else:
+        _fd_fold_tile(ap, gp, bp, offs, mask, scale, z, X_DTYPE, HAS_BASELINE, FIRST, False)
+
+
+# ------------------------------------------------------------------- update
+@triton.jit
+def _hutchinson(y_ptrs, prefixes, pidx, slot, n, gp, g, word, bits, offs, mask, delta,
+                X_DTYPE: tl.constexpr, MODE: tl.constexpr, N_SAMPLES: tl.constexpr, ALIGNED: tl.constexpr,
+                BLOCK: tl.constexpr, EVEN: tl.constexpr):
+    """h of one tile: the sample mean of z * Hz, however Hz was obtained (MODE)."""
+    h = tl.zeros([BLOCK // 32, 32], tl.float32)
+    for s in tl.static_range(N_SAMPLES):
+        # an absent y (null pointer) counts as zero; the load then reads the
+        # gradient instead, so it needs no mask
+        present = tl.load(y_ptrs + s * n + slot) != 0
+        yp = _ptr(y_ptrs + s * n, slot, X_DTYPE, ALIGNED)
+        y = _ld(tl.where(present, yp, gp), offs, mask, EVEN).to(tl.float32)
+        if MODE == 3:  # PRECOMPUTED: y is h
+            h += tl.where(present, y, 0.0)
+        else:
+            k0, k1 = _param_key(tl.load(prefixes + s), pidx)
+            z = _rademacher(word, bits, k0, k1)  # regenerated from the counters, never read
+            if MODE == 2:  # FD_DIRECT: h = (y - g) * z / delta
+                h += tl.where(present, tl.div_rn((y - g) * z, delta), 0.0)
+            else:  # AUTOGRAD: h = (1/S) sum_s z_s * (H z_s)
+                h += tl.where(present, z * y, 0.0)
+    if MODE == 1:
+        h = tl.div_rn(h, tl.full((), N_SAMPLES, tl.float32))
+    return h
+
+
 @triton.jit
 def _update_tile(
-    ptrs, keys, slot, start, offs, mask,
-    neg_step, c2, decay, beta1, omb1, beta2, omb2, eps, power,
-    X_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, REFRESH: tl.constexpr,
-    N_SAMPLES: tl.constexpr, N_COLS: tl.constexpr, POWER_MODE: tl.constexpr, ALIGNED: tl.constexpr,
-    BLOCK: tl.constexpr, EVEN: tl.constexpr,
+    x_ptrs, xt_ptrs, g_ptrs, m_ptrs, d_ptrs, y_ptrs, prefixes, pidx, slot, n, start, offs, word, bits, mask,
+    neg_step, decay, beta1, omb1, beta2, omb2, c2, eps, power, delta,
+    X_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, MODE: tl.constexpr, N_SAMPLES: tl.constexpr,
+    POWER_MODE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr, EVEN: tl.constexpr,
 ):
-    gp = _ptr(ptrs, slot, 4, N_COLS, G_DTYPE, ALIGNED)
-    mp = _ptr(ptrs, slot, 2, N_COLS, S_DTYPE, ALIGNED)
-    dp = _ptr(ptrs, slot, 3, N_COLS, S_DTYPE, ALIGNED)
-    x = _ld(_ptr(ptrs, slot, 1, N_COLS, X_DTYPE, ALIGNED), offs, mask, EVEN).to(tl.float32)
+    gp = _ptr(g_ptrs, slot, X_DTYPE, ALIGNED)
+    mp = _ptr(m_ptrs, slot, S_DTYPE, ALIGNED)
+    dp = _ptr(d_ptrs, slot, S_DTYPE, ALIGNED)
+    x = _ld(_ptr(xt_ptrs, slot, X_DTYPE, ALIGNED), offs, mask, EVEN).to(tl.float32)
     m = _ld(mp, offs, mask, EVEN)
     d = _ld(dp, offs, mask, EVEN)
     g = _ld(gp, offs, mask, EVEN).to(tl.float32)
     m = _momentum(m, g, beta1, omb1)
-    if REFRESH:
-        rows = tl.arange(0, BLOCK // 32)[:, None]
-        word = ((start >> 5) + rows).to(tl.uint32)
-        ubits = tl.arange(0, 32)[None, :].to(tl.uint32)
-        h = tl.zeros([BLOCK // 32, 32], tl.float32)
-        for s in tl.static_range(N_SAMPLES):
-            k0 = tl.load(keys + slot * (2 * N_SAMPLES) + 2 * s).to(tl.uint32)
-            k1 = tl.load(keys + slot * (2 * N_SAMPLES) + 2 * s + 1).to(tl.uint32)
-            # an absent Hz (null pointer: param not in the second-order graph) counts
-            # as zero; the load then reads the grad instead, so it needs no mask
-            present = tl.load(ptrs + slot * N_COLS + 5 + s) != 0
-            hp = _ptr(ptrs, slot, 5 + s, N_COLS, G_DTYPE, ALIGNED)
-            hz = _ld(tl.where(present, hp, gp), offs, mask, EVEN).to(tl.float32)
-            # z regenerated from the counters, never read back from memory
-            h += tl.where(present, _rademacher(word, ubits, k0, k1) * hz, 0.0)
-        if N_SAMPLES > 1:
-            h = tl.div_rn(h, tl.full((), N_SAMPLES, tl.float32))
+    if MODE != 0:
+        h = _hutchinson(y_ptrs, prefixes, pidx, slot, n, gp, g, word, bits, offs, mask, delta, X_DTYPE, MODE,
+                        N_SAMPLES, ALIGNED, BLOCK, EVEN)
         d = _hessian_ema(d, h, beta2, omb2)
         _st(dp, offs, d, mask, EVEN)
     _st(mp, offs, m, mask, EVEN)
     x_new = _new_param(x, m, d, neg_step, c2, decay, eps, power, POWER_MODE)
-    _st(_ptr(ptrs, slot, 0, N_COLS, X_DTYPE, ALIGNED), offs, _round_to(x_new, X_DTYPE), mask, EVEN)
+    _st(_ptr(x_ptrs, slot, X_DTYPE, ALIGNED), offs, _round_to(x_new, X_DTYPE), mask, EVEN)
+
+
+@triton.jit
+def _restore_tile(x_ptrs, xt_ptrs, slot, offs, mask, X_DTYPE: tl.constexpr, ALIGNED: tl.constexpr,
+                  EVEN: tl.constexpr):
+    """A param that is not live: x = x_t, bit for bit; state untouched."""
+    xt = _ld(_ptr(xt_ptrs, slot, X_DTYPE, ALIGNED), offs, mask, EVEN)
+    _st(_ptr(x_ptrs, slot, X_DTYPE, ALIGNED), offs, xt, mask, EVEN)
 
 
 @triton.jit
 def update_kernel(
     blocks,  # int64 [n_programs, 2]: (tensor slot, first element) of each tile
-    ptrs,  # int64 [n_tensors, N_COLS]: x (written), backup (x_t, read; may equal x),
-    #        exp_avg, exp_hessian_diag, grad, [Hz_0 .. Hz_{S-1} on refresh steps; 0: absent,
-    #        Hz = 0], numel
-    keys,  # int64 [n_tensors, 2 S]: probe keys (k0, k1) of each sample (read if REFRESH)
-    scalars,  # fp32 [n_tensors, 9]: -lr/(1-beta1^t), c2, 1 - lr*wd, beta1, 1 - beta1,
-    #           beta2, 1 - beta2, eps, hessian_power
-    X_DTYPE: tl.constexpr,  # element type of x and backup
-    G_DTYPE: tl.constexpr,  # element type of grad and of Hz
+    x_ptrs,  # int64 [n]: x (param, written)
+    xt_ptrs,  # int64 [n]: x_t, the point the update starts from (a backup, or x itself)
+    g_ptrs,  # int64 [n]: the gradient at the perturbed point, g~
+    m_ptrs,  # int64 [n]: exp_avg (fp32)
+    d_ptrs,  # int64 [n]: exp_hessian_diag (fp32)
+    y_ptrs,  # int64 [N_SAMPLES, n]: refresh input per sample (MODE; 0: absent, counts as 0)
+    numels,  # int64 [n]
+    param_index,  # int64 [n]: probe counters
+    prefixes,  # int64 [N_SAMPLES]: key prefix of each sample's probe vector
+    n,  # tensors of the launch (the row length of y_ptrs)
+    scalars,  # fp32 [n, U_COUNT]: per-tensor update scalars (functional.update_scalars)
+    power,  # hessian_power of the step
+    delta,  # fp32 [1]: the finite-difference step (read if MODE == FD_DIRECT)
+    X_DTYPE: tl.constexpr,  # element type of x, x_t, g~ and y
     S_DTYPE: tl.constexpr,  # element type of exp_avg and exp_hessian_diag (fp32)
-    REFRESH: tl.constexpr,  # Hessian refresh step: h = mean_s z_s Hz_s, D EMA
-    N_SAMPLES: tl.constexpr,  # S, the number of probes
-    N_COLS: tl.constexpr,  # columns of ``ptrs``: 6 + S on refresh steps, else 6
+    MODE: tl.constexpr,  # MODE_NONE / MODE_AUTOGRAD / MODE_FD_DIRECT / MODE_PRECOMPUTED
+    N_SAMPLES: tl.constexpr,  # rows of y_ptrs (S for AUTOGRAD, 1 otherwise)
     POWER_MODE: tl.constexpr,  # POWER_SQRT / POWER_ONE / POWER_GENERAL
     ALIGNED: tl.constexpr,  # every data pointer of the launch is 16-byte aligned
     BLOCK: tl.constexpr,  # elements per tile, a multiple of 32
 ):
-    slot, start, numel = _tile(blocks, ptrs, N_COLS, BLOCK)
-    sc = scalars + slot * 9
-    neg_step = tl.load(sc)
-    c2 = tl.load(sc + 1)
-    decay = tl.load(sc + 2)
-    beta1 = tl.load(sc + 3)
-    omb1 = tl.load(sc + 4)
-    beta2 = tl.load(sc + 5)
-    omb2 = tl.load(sc + 6)
-    eps = tl.load(sc + 7)
-    power = tl.load(sc + 8)
+    slot, start, numel = _tile(blocks, numels)
+    sc = scalars + slot * U_COUNT
     # A [BLOCK/32, 32] tile: row r holds probe word (start >> 5) + r, so on refresh
     # steps the hash is computed once per 32 elements.
-    rows = tl.arange(0, BLOCK // 32)[:, None]
-    bits = tl.arange(0, 32)[None, :]
-    offs = start + rows * 32 + bits
+    offs, word, bits = _word_tile(start, BLOCK)
     mask = offs < numel
-    if start + BLOCK <= numel:
-        _update_tile(ptrs, keys, slot, start, offs, mask, neg_step, c2, decay, beta1, omb1, beta2, omb2,
-                     eps, power, X_DTYPE, G_DTYPE, S_DTYPE, REFRESH, N_SAMPLES, N_COLS, POWER_MODE,
-                     ALIGNED, BLOCK, True)
+    if tl.load(sc + U_LIVE) != 0:
+        neg_step = tl.load(sc + U_NEG_STEP)
+        decay = tl.load(sc + U_DECAY)
+        beta1 = tl.load(sc + U_BETA1)
+        omb1 = tl.load(sc + U_ONE_MINUS_BETA1)
+        beta2 = tl.load(sc + U_BETA2)
+        omb2 = tl.load(sc + U_ONE_MINUS_BETA2)
+        c2 = tl.load(sc + U_C2)
+        eps = tl.load(sc + U_EPS)
+        dlt = 1.0
+        if MODE == 2:
+            dlt = tl.load(delta)
+        pidx = tl.load(param_index + slot)
+        if start + BLOCK <= numel:
+            _update_tile(x_ptrs, xt_ptrs, g_ptrs, m_ptrs, d_ptrs, y_ptrs, prefixes, pidx, slot, n, start, offs,
+                         word, bits, mask, neg_step, decay, beta1, omb1, beta2, omb2, c2, eps, power, dlt,
+                         X_DTYPE, S_DTYPE, MODE, N_SAMPLES, POWER_MODE, ALIGNED, BLOCK, True)
+        else:
+            _update_tile(x_ptrs, xt_ptrs, g_ptrs, m_ptrs, d_ptrs, y_ptrs, prefixes, pidx, slot, n, start, offs,
+                         word, bits, mask, neg_step, decay, beta1, omb1, beta2, omb2, c2, eps, power, dlt,
+                         X_DTYPE, S_DTYPE, MODE, N_SAMPLES, POWER_MODE, ALIGNED, BLOCK, False)
     else:
-        _update_tile(ptrs, keys, slot, start, offs, mask, neg_step, c2, decay, beta1, omb1, beta2, omb2,
-                     eps, power, X_DTYPE, G_DTYPE, S_DTYPE, REFRESH, N_SAMPLES, N_COLS, POWER_MODE,
-                     ALIGNED, BLOCK, False)
+        if start + BLOCK <= numel:
+            _restore_tile(x_ptrs, xt_ptrs, slot, offs, mask, X_DTYPE, ALIGNED, True)
+        else:
+            _restore_tile(x_ptrs, xt_ptrs, slot, offs, mask, X_DTYPE, ALIGNED, False)

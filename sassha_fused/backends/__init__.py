@@ -20,7 +20,17 @@ from typing import Callable, Dict, Optional, Union
 
 import torch
 
-from .base import Backend, BackendUnavailable, GroupTensors, ProbeSpec, math_dtype
+from .base import (
+    Backend,
+    BackendUnavailable,
+    Bucket,
+    GroupCol,
+    ProbeKeys,
+    RefreshInput,
+    RefreshMode,
+    UpdateCol,
+    math_dtype,
+)
 from .eager import EagerBackend
 from .foreach import ForeachBackend
 
@@ -29,12 +39,17 @@ __all__ = [
     "BackendStatus",
     "BackendUnavailable",
     "BACKEND_NAMES",
-    "GroupTensors",
-    "ProbeSpec",
+    "Bucket",
+    "GroupCol",
+    "ProbeKeys",
+    "RefreshInput",
+    "RefreshMode",
+    "UpdateCol",
     "available_backends",
     "get_backend",
     "resolve_backend",
     "math_dtype",
+    "check_backend_name",
 ]
 
 BACKEND_NAMES = ("auto", "eager", "foreach", "triton", "cuda", "cpp")

@@ -1,28 +1,43 @@
 """The interface every backend implements, and the data it receives.
 
-A step of SASSHA is split into four numeric phases (SPEC section 5); the optimizer
-class runs autograd (both backward passes and the Hessian-vector products) and calls
-a backend for everything else:
+The optimizer (``functional.py``) runs autograd and the step's control flow; a
+backend computes the numeric phases over one ``Bucket`` (the tensors of a step that
+it runs on one device):
 
-    sq_norm   -> global squared norm of the gradients (or of the momentum)
+    sq_norm   -> squared norm of a list of tensors (gradients, momentum, params)
     perturb   -> backup = x;  x += scale * direction, scale computed on the device
     probes    -> the Rademacher vectors z of ``sassha_fused.probes``
-    update    -> restore, momentum EMA, |mean z*Hz| EMA, bias-corrected power, eps,
-                 decoupled weight decay, parameter write
+    fd_move   -> x = base + sign * delta * z   (finite-difference Hessian-vector products)
+    fd_fold   -> acc (+)= coefficient / delta * z * (g - baseline)
+    update    -> momentum EMA, |z * Hz| EMA on refresh steps, bias-corrected power,
+                 eps, decoupled weight decay, parameter write (or restore)
 
 The eager reference (``backends/eager.py``) states the algorithm once; every other
-backend computes the same thing faster and is tested against it.
+backend computes the same thing faster and is tested against it. Per-step values
+reach a backend as a few scalars and small device tensors (the group table, the
+per-tensor update scalars, the finite-difference step), never as per-tensor Python
+work, so a backend's host cost need not grow with the number of tensors.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["Backend", "BackendUnavailable", "GroupTensors", "ProbeSpec", "math_dtype"]
+__all__ = [
+    "Backend",
+    "BackendUnavailable",
+    "Bucket",
+    "GroupCol",
+    "UpdateCol",
+    "RefreshMode",
+    "RefreshInput",
+    "ProbeKeys",
+    "math_dtype",
+]
 
 
 class BackendUnavailable(RuntimeError):
@@ -34,53 +49,120 @@ def math_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-@dataclass
-class GroupTensors:
-    """The tensors of one param group that take part in a step, with its scalars.
+class GroupCol:
+    """Columns of the group table: one row per param group, rebuilt each step.
 
-    Lists are parallel: entry ``j`` of each describes the same parameter. All
-    tensors of one ``GroupTensors`` live on one device; dtypes may differ.
+    The same layout is spelled out in ``csrc/sassha_math.h`` (``GroupCol``) and
+    ``triton_kernels/sassha.py`` (``G_*``); ``tests/test_layouts.py`` checks that
+    they agree.
     """
 
+    LR = 0
+    BETA1 = 1
+    BETA2 = 2
+    WEIGHT_DECAY = 3
+    EPS = 4
+    RHO = 5
+    PERTURB_EPS = 6
+    COUNT = 7
+
+
+class UpdateCol:
+    """Columns of the per-tensor update-scalar table (``functional.update_scalars``).
+
+    Computed on the device, once per step and bucket, from the group table and each
+    parameter's own step count; every backend's update reads them instead of
+    deriving them (``csrc/sassha_math.h`` ``UpdateCol``, ``triton_kernels`` ``U_*``).
+    """
+
+    NEG_STEP = 0  # -lr / (1 - beta1^t)
+    DECAY = 1  # 1 - lr * weight_decay
+    BETA1 = 2
+    ONE_MINUS_BETA1 = 3
+    BETA2 = 4
+    ONE_MINUS_BETA2 = 5
+    C2 = 6  # (1 - beta2^t)^p after a refresh at this step, else the stored value
+    EPS = 7
+    LIVE = 8  # 1: update; 0: restore x_t, leave state (skipped step, or no refresh yet)
+    COUNT = 9
+
+
+class RefreshMode:
+    """How the update gets the Hutchinson sample mean h on a refresh step."""
+
+    NONE = 0  # not a refresh step: D and c2 are kept
+    AUTOGRAD = 1  # ys[s] = H z_s:  h = (1/S) sum_s z_s * ys[s]
+    FD_DIRECT = 2  # S = 1, forward differences: ys[0] = grad f(x~ + delta z):  h = z * (ys[0] - g~) / delta
+    PRECOMPUTED = 3  # ys[0] = h, folded by fd_fold over the passes
+
+
+@dataclass(frozen=True)
+class ProbeKeys:
+    """The counters of one refresh's probes, up to the parameter (see ``probes.py``).
+
+    ``prefixes[s]`` is the key chain of (seed, refresh, sample s); a parameter's key
+    is ``probes.param_key(prefix, param_index)``, computed by the kernels.
+    """
+
+    prefixes: tuple  # one uint32 per sample
+
+    @property
+    def n_samples(self) -> int:
+        return len(self.prefixes)
+
+
+@dataclass
+class RefreshInput:
+    """What the update reads on a refresh step.
+
+    ``ys[s][j]``: per sample ``s`` and tensor ``j`` of the bucket (``None``: zero
+    contribution, a parameter absent from the second-order graph or the FD pass).
+    ``delta``: the finite-difference step, a 0-dim float32 tensor on the bucket's
+    device (``FD_DIRECT`` only).
+    """
+
+    mode: int
+    ys: List[List[Optional[Tensor]]]
+    keys: ProbeKeys
+    delta: Optional[Tensor] = None
+
+
+@dataclass(eq=False)
+class Bucket:
+    """The tensors of a step that one backend runs on one device; lists are parallel.
+
+    Built once per parameter set and storage by ``plans.py`` and cached; a backend
+    may keep what it derives from it (pointer tables, block maps, alignment) in
+    ``cache``, which is dropped when the bucket is rebuilt.
+    """
+
+    backend: "Backend"
+    device: torch.device
     params: List[Tensor]
-    grads: List[Tensor]  # gradient at the perturbed point (g~), detached
-    exp_avgs: List[Tensor]  # momentum m, in math_dtype(param.dtype)
-    exp_hessian_diags: List[Tensor]  # EMA D of |h|, in math_dtype(param.dtype)
-    # the unperturbed point x_t the update starts from, param dtype: a copy made by
-    # ``perturb`` while the param holds x_t + e_t, or the param itself when it is
-    # not perturbed (the update then reads and writes the same tensor).
-    backups: List[Tensor]
-    steps: List[int]  # per-parameter step count t, already incremented
-    bias_correction2: List[float]  # c2 = (1 - beta2^t_refresh)^p, already updated
-    param_indices: List[int]  # position in the optimizer's parameter order (probes)
-    lr: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.999
-    weight_decay: float = 0.0
-    eps: float = 1e-4
-    rho: float = 0.0
-    perturb_eps: float = 1e-12
-    hessian_power: float = 0.5
-    extras: dict = field(default_factory=dict)  # room for backend caches
+    param_index: List[int]  # position in the optimizer's parameter order (the probes' counter)
+    group_index: List[int]  # row of the group table
+    backups: List[Tensor]  # where x_t is kept while the params hold a perturbed point
+    positions: List[int] = field(default_factory=list)  # index of each param in the plan's participants
+    exp_avgs: List[Tensor] = field(default_factory=list)  # m, in math_dtype(param.dtype)
+    exp_hessian_diags: List[Tensor] = field(default_factory=list)  # D, in math_dtype(param.dtype)
+    steps: List[Tensor] = field(default_factory=list)  # 0-dim float32, this bucket's device
+    bias_corrections2: List[Tensor] = field(default_factory=list)  # 0-dim float64
+    cache: Dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.params)
 
-
-@dataclass(frozen=True)
-class ProbeSpec:
-    """The counters of the probes of one Hessian refresh (see ``probes.py``)."""
-
-    seed: int
-    refresh: int
-    n_samples: int
+    @property
+    def has_state(self) -> bool:
+        return bool(self.exp_avgs) or not self.params
 
 
 class Backend:
-    """Base class: a named set of the four phases.
+    """Base class: a named set of the phases.
 
-    Subclasses override every phase. ``supports`` answers whether a (device, dtype)
-    can run here and, if not, why.
+    ``supports`` answers whether a (device, dtype) can run here and, if not, why;
+    ``accepts`` whether a tensor's layout can be addressed (the plan hands the
+    others to the eager reference).
     """
 
     name: str = "base"
@@ -89,51 +171,60 @@ class Backend:
         """None when this backend can run tensors of this device and dtype, else why not."""
         return None
 
-    # ---- phase 1 -----------------------------------------------------------
-    def sq_norm(self, groups: Sequence[GroupTensors], source: str, adaptive: bool) -> Tensor:
-        """Sum over all tensors of all groups of ``||w * v||^2`` as a 0-dim tensor.
+    def accepts(self, tensor: Tensor) -> bool:
+        """Whether the kernels can address this tensor (default: contiguous ones)."""
+        return tensor.is_contiguous()
 
-        ``source`` is ``"grads"`` or ``"exp_avgs"``; ``w`` is ``|x|`` when
-        ``adaptive`` else 1. Accumulates in fp32 (fp64 if any tensor is fp64), on
-        the device, without a host synchronisation.
+    def sq_norm(self, b: Bucket, sources: Sequence[Tensor], adaptive: bool, acc_dtype: torch.dtype) -> Tensor:
+        """Sum over the bucket of ``||w * v||^2`` as a 0-dim ``acc_dtype`` tensor on ``b.device``.
+
+        ``sources[j]`` is ``v`` for param ``j`` (a gradient, the momentum, the
+        params themselves); ``w = |x|`` when ``adaptive`` else 1. No host
+        synchronisation.
         """
         raise NotImplementedError
 
-    # ---- phase 2 -----------------------------------------------------------
-    def perturb(
-        self,
-        groups: Sequence[GroupTensors],
-        sq_norm: Tensor,
-        source: str,
-        sign: float,
-        adaptive: bool,
-    ) -> None:
+    def perturb(self, b: Bucket, sources: Sequence[Tensor], sq_norm: Tensor, sign: float, adaptive: bool,
+                groups: Tensor) -> None:
         """``backup = x; x = x + sign * rho/(sqrt(sq_norm) + perturb_eps) * w * v``.
 
-        ``rho`` and ``perturb_eps`` are the group's; ``v`` is ``source`` (see
-        ``sq_norm``); ``w = x**2`` when ``adaptive`` else 1. Math in fp32 for 16-bit
-        params, one rounding to the param dtype.
+        ``rho`` and ``perturb_eps`` come from row ``b.group_index[j]`` of the group
+        table ``groups`` (float64, host or device; see ``GroupCol``); ``w = x**2``
+        when ``adaptive`` else 1. Math in fp32 for 16-bit params, one rounding to
+        the param dtype.
         """
         raise NotImplementedError
 
-    # ---- phase 3 -----------------------------------------------------------
-    def probes(self, groups: Sequence[GroupTensors], spec: ProbeSpec, sample: int) -> List[List[Tensor]]:
-        """``z`` of sample ``sample`` for every param, shaped and typed like its grad."""
+    def probes(self, b: Bucket, keys: ProbeKeys, sample: int) -> List[Tensor]:
+        """``z`` of sample ``sample`` for every param, shaped and typed like the param."""
         raise NotImplementedError
 
-    # ---- phase 4 -----------------------------------------------------------
-    def update(
-        self,
-        groups: Sequence[GroupTensors],
-        hvps: Optional[Sequence[Sequence[Sequence[Optional[Tensor]]]]],
-        spec: Optional[ProbeSpec],
-    ) -> None:
-        """The SASSHA update of every param, in place, starting from ``backups``.
+    def fd_move(self, b: Bucket, delta: Tensor, keys: ProbeKeys, sample: int, sign: float,
+                base: Optional[Sequence[Tensor]], save: Optional[Sequence[Tensor]]) -> None:
+        """``save = x`` (if given); ``x = (base or x) + sign * delta * z_sample``.
 
-        ``hvps[g][s][j]`` is ``H z_s`` for param ``j`` of group ``g`` (None: the
-        param is absent from the second-order graph, ``Hz = 0``); ``hvps is None``
-        on steps that do not refresh the Hessian, ``spec`` gives the probes'
-        counters on those that do. Reading ``backups`` fuses the restore of the
-        perturbed point into the update.
+        One rounding to the param dtype; ``delta`` is a 0-dim float32 device tensor.
+        """
+        raise NotImplementedError
+
+    def fd_fold(self, b: Bucket, acc: Sequence[Tensor], grads: Sequence[Tensor], baseline: Optional[Sequence[Tensor]],
+                delta: Tensor, keys: ProbeKeys, sample: int, coefficient: float, first: bool) -> None:
+        """``acc = (0 if first else acc) + coefficient / delta * z_sample * (g - baseline)``.
+
+        In the math dtype of the param; ``acc[j]`` may be ``grads[j]`` itself
+        (the first fold overwrites the pass's gradient in place).
+        """
+        raise NotImplementedError
+
+    def update(self, b: Bucket, x_t: Sequence[Tensor], grads: Sequence[Tensor], scalars: Tensor, power: float,
+               refresh: Optional[RefreshInput]) -> None:
+        """The SASSHA update of every param of ``b``, in place.
+
+        ``x_t[j]`` holds the point the update starts from (a backup, or the param
+        itself); ``scalars`` is the ``[len(b), UpdateCol.COUNT]`` table of
+        ``functional.update_scalars`` (the param's math dtype); ``power`` the
+        step's ``hessian_power``. Where ``LIVE`` is 0 the param is set to ``x_t``
+        and its state is not written. On refresh steps (``refresh`` given) ``D``
+        takes the EMA of ``|h|``; step counts and ``c2`` are committed by the caller.
         """
         raise NotImplementedError

@@ -1,8 +1,16 @@
 """The plain per-tensor reference: SASSHA's single source of truth.
 
 Every line here is the algorithm of SPEC section 1, one tensor at a time, in the
-simplest torch ops. Other backends are faster ways to compute the same thing and
-are tested against this one; keep it obvious rather than fast.
+simplest torch ops; the per-tensor scalars it reads (bias corrections, c2, whether
+the param is updated at all) are computed once for every backend in
+``functional.update_scalars``. Other backends are faster ways to compute the same
+thing and are tested against this one; keep it obvious rather than fast.
+
+Rounding, which the fused kernels follow: math in the param's math dtype (fp32 for
+16-bit params, one rounding to the param dtype at the store); ``a * b + c * d`` as
+two products and a sum (no fused multiply-add); the perturbation scale as
+``(1 / (sqrt(n) + perturb_eps)) * (sign * rho)``, the finite-difference quotient as
+``(y - g) * z / delta``.
 """
 
 from __future__ import annotations
@@ -12,43 +20,40 @@ from typing import List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ..probes import probe_key, rademacher
-from .base import Backend, GroupTensors, ProbeSpec, math_dtype
+from ..probes import param_key, rademacher
+from .base import Backend, Bucket, GroupCol, ProbeKeys, RefreshInput, RefreshMode, UpdateCol, math_dtype
 
-__all__ = ["EagerBackend", "norm_accumulator_dtype"]
-
-
-def norm_accumulator_dtype(groups: Sequence[GroupTensors]) -> torch.dtype:
-    """fp64 when any param is fp64, else fp32: the dtype global norms sum in."""
-    f64 = torch.float64
-    return f64 if any(p.dtype is f64 for g in groups for p in g.params) else torch.float32
+__all__ = ["EagerBackend", "probe"]
 
 
-def first_device(groups: Sequence[GroupTensors]) -> torch.device:
-    for g in groups:
-        if g.params:
-            return g.params[0].device
-    return torch.device("cpu")
-
-
-def sources(group: GroupTensors, source: str) -> List[Tensor]:
-    if source == "grads":
-        return group.grads
-    if source == "exp_avgs":
-        return group.exp_avgs
-    raise ValueError(f"unknown norm source {source!r}")
-
-
-def perturb_scale(group: GroupTensors, sq_norm: Tensor, sign: float) -> Tensor:
-    """``sign * rho / (sqrt(sq_norm) + perturb_eps)`` as a 0-dim device tensor."""
-    return sign * group.rho / (sq_norm.sqrt() + group.perturb_eps)
-
-
-def probe(group: GroupTensors, j: int, spec: ProbeSpec, sample: int, dtype: torch.dtype) -> Tensor:
-    """The Rademacher probe of param ``j`` of ``group`` for ``sample``."""
-    p = group.params[j]
-    key = probe_key(spec.seed, spec.refresh, sample, group.param_indices[j])
+def probe(b: Bucket, j: int, keys: ProbeKeys, sample: int, dtype: torch.dtype) -> Tensor:
+    """The Rademacher probe of param ``j`` of ``b`` for ``sample``, shaped like the param."""
+    p = b.params[j]
+    key = param_key(keys.prefixes[sample], b.param_index[j])
     return rademacher(p.numel(), key, dtype=dtype, device=p.device).view(p.shape)
+
+
+def group_value(groups, b: Bucket, j: int, col: int) -> float:
+    return groups.rows[b.group_index[j]][col]
+
+
+def hessian_sample_mean(b: Bucket, j: int, g: Tensor, refresh: RefreshInput, mdt: torch.dtype) -> Tensor:
+    """h for param ``j``: the sample mean of z * Hz, however Hz was obtained."""
+    ys = [sample[j] for sample in refresh.ys]
+    if refresh.mode == RefreshMode.AUTOGRAD:
+        # h = (1/S) sum_s z_s * (H z_s)
+        h = torch.zeros_like(g, dtype=mdt)
+        for s, y in enumerate(ys):
+            if y is not None:
+                h += probe(b, j, refresh.keys, s, mdt) * y.to(mdt)
+        return h / refresh.keys.n_samples
+    y = ys[0]
+    if y is None:  # absent from the second-order graph or an FD pass: Hz = 0
+        return torch.zeros_like(g, dtype=mdt)
+    if refresh.mode == RefreshMode.FD_DIRECT:
+        # h = z * (grad f(x~ + delta z) - grad f(x~)) / delta
+        return (y.to(mdt) - g.to(mdt)) * probe(b, j, refresh.keys, 0, mdt) / refresh.delta.to(mdt)
+    return y.to(mdt)  # PRECOMPUTED: folded pass by pass
 
 
 class EagerBackend(Backend):
@@ -56,63 +61,75 @@ class EagerBackend(Backend):
 
     name = "eager"
 
-    def sq_norm(self, groups: Sequence[GroupTensors], source: str, adaptive: bool) -> Tensor:
-        acc = norm_accumulator_dtype(groups)
-        device = first_device(groups)
-        total = torch.zeros((), dtype=acc, device=device)
-        for g in groups:
-            for x, v in zip(g.params, sources(g, source)):
-                v = v.to(acc)
-                if adaptive:
-                    v = x.to(acc).abs() * v
-                total += (v * v).sum().to(device)
+    def accepts(self, tensor: Tensor) -> bool:
+        return True  # any layout: probes index elements in logical order
+
+    def sq_norm(self, b: Bucket, sources: Sequence[Tensor], adaptive: bool, acc_dtype: torch.dtype) -> Tensor:
+        total = torch.zeros((), dtype=acc_dtype, device=b.device)
+        for x, v in zip(b.params, sources):
+            v = v.to(acc_dtype)
+            if adaptive:
+                v = x.to(acc_dtype).abs() * v
+            total += (v * v).sum()
         return total
 
-    def perturb(
-        self,
-        groups: Sequence[GroupTensors],
-        sq_norm: Tensor,
-        source: str,
-        sign: float,
-        adaptive: bool,
-    ) -> None:
-        for g in groups:
-            for j, (x, v) in enumerate(zip(g.params, sources(g, source))):
-                mdt = math_dtype(x.dtype)
-                scale = perturb_scale(g, sq_norm.to(x.device), sign).to(mdt)
-                g.backups[j].copy_(x)
-                x0 = x.to(mdt)
-                e = v.to(mdt) * scale
-                if adaptive:
-                    e = e * (x0 * x0)
-                x.copy_(x0 + e)
+    def perturb(self, b: Bucket, sources: Sequence[Tensor], sq_norm: Tensor, sign: float, adaptive: bool,
+                groups) -> None:
+        for j, (x, v) in enumerate(zip(b.params, sources)):
+            mdt = math_dtype(x.dtype)
+            rho = group_value(groups, b, j, GroupCol.RHO)
+            peps = group_value(groups, b, j, GroupCol.PERTURB_EPS)
+            # sign * rho / (||v|| + perturb_eps), as (1 / denominator) * (sign * rho)
+            scale = ((sq_norm.sqrt() + peps).reciprocal() * (sign * rho)).to(mdt)
+            b.backups[j].copy_(x)
+            x0 = x.to(mdt)
+            e = v.to(mdt) * scale
+            if adaptive:
+                e = e * (x0 * x0)
+            x.copy_(x0 + e)
 
-    def probes(self, groups: Sequence[GroupTensors], spec: ProbeSpec, sample: int) -> List[List[Tensor]]:
-        return [[probe(g, j, spec, sample, gr.dtype) for j, gr in enumerate(g.grads)] for g in groups]
+    def probes(self, b: Bucket, keys: ProbeKeys, sample: int) -> List[Tensor]:
+        return [probe(b, j, keys, sample, p.dtype) for j, p in enumerate(b.params)]
 
-    def update(
-        self,
-        groups: Sequence[GroupTensors],
-        hvps: Optional[Sequence[Sequence[Sequence[Optional[Tensor]]]]],
-        spec: Optional[ProbeSpec],
-    ) -> None:
-        for gi, g in enumerate(groups):
-            for j, x in enumerate(g.params):
-                mdt = math_dtype(x.dtype)
-                m, d = g.exp_avgs[j], g.exp_hessian_diags[j]
-                # m_t = beta1 m_{t-1} + (1 - beta1) g~_t
-                m.mul_(g.beta1).add_(g.grads[j].to(mdt), alpha=1 - g.beta1)
-                if hvps is not None:
-                    # h_t = (1/S) sum_s z_s * (H z_s);  D_t = beta2 D + (1 - beta2) |h_t|
-                    h = torch.zeros_like(d)
-                    for s, hz in enumerate(hvps[gi]):
-                        if hz[j] is not None:
-                            h += probe(g, j, spec, s, mdt) * hz[j].to(mdt)
-                    h /= spec.n_samples
-                    d.mul_(g.beta2).add_(h.abs(), alpha=1 - g.beta2)
-                # x_{t+1} = x_t (1 - lr wd) - lr / (1 - beta1^t) * m_t / (D_t^p / c2 + eps)
-                denom = d.pow(g.hessian_power).div_(g.bias_correction2[j]).add_(g.eps)
-                step_size = g.lr / (1 - g.beta1 ** g.steps[j])
-                x_new = g.backups[j].to(mdt).mul(1 - g.lr * g.weight_decay)
-                x_new.addcdiv_(m, denom, value=-step_size)
-                x.copy_(x_new)
+    def fd_move(self, b: Bucket, delta: Tensor, keys: ProbeKeys, sample: int, sign: float,
+                base: Optional[Sequence[Tensor]], save: Optional[Sequence[Tensor]]) -> None:
+        for j, x in enumerate(b.params):
+            mdt = math_dtype(x.dtype)
+            x0 = (x if base is None else base[j]).to(mdt)
+            if save is not None:
+                save[j].copy_(x)
+            # x = x~ + sign * delta * z (sign * delta * z is exact: z = +-1)
+            x.copy_(x0 + (sign * delta.to(mdt)) * probe(b, j, keys, sample, mdt))
+
+    def fd_fold(self, b: Bucket, acc: Sequence[Tensor], grads: Sequence[Tensor], baseline: Optional[Sequence[Tensor]],
+                delta: Tensor, keys: ProbeKeys, sample: int, coefficient: float, first: bool) -> None:
+        for j, g in enumerate(grads):
+            mdt = math_dtype(b.params[j].dtype)
+            diff = g.to(mdt) if baseline is None else g.to(mdt) - baseline[j].to(mdt)
+            # coefficient / delta * z * (g - baseline), z = +-1 multiplies exactly
+            term = diff * probe(b, j, keys, sample, mdt) * (torch.full((), coefficient, dtype=mdt, device=g.device)
+                                                             / delta.to(mdt))
+            acc[j].copy_(term if first else acc[j].to(mdt) + term)
+
+    def update(self, b: Bucket, x_t: Sequence[Tensor], grads: Sequence[Tensor], scalars: Tensor, power: float,
+               refresh: Optional[RefreshInput]) -> None:
+        for j, x in enumerate(b.params):
+            mdt = math_dtype(x.dtype)
+            s = scalars[j].to(mdt)
+            m, d, g = b.exp_avgs[j], b.exp_hessian_diags[j], grads[j].to(mdt)
+            live = s[UpdateCol.LIVE] > 0
+            # m_t = beta1 m_{t-1} + (1 - beta1) g~_t
+            m_new = m * s[UpdateCol.BETA1] + g * s[UpdateCol.ONE_MINUS_BETA1]
+            d_new = d
+            if refresh is not None:
+                # D_t = beta2 D_{t-1} + (1 - beta2) |h_t|
+                h = hessian_sample_mean(b, j, grads[j], refresh, mdt)
+                d_new = d * s[UpdateCol.BETA2] + h.abs() * s[UpdateCol.ONE_MINUS_BETA2]
+            # x_{t+1} = x_t (1 - lr wd) - lr / (1 - beta1^t) * m_t / (D_t^p / c2 + eps)
+            denom = d_new.pow(power) / s[UpdateCol.C2] + s[UpdateCol.EPS]
+            x_new = x_t[j].to(mdt) * s[UpdateCol.DECAY] + s[UpdateCol.NEG_STEP] * (m_new / denom)
+            # a param that is not live goes back to x_t and keeps its state
+            x.copy_(torch.where(live, x_new.to(x.dtype), x_t[j]))
+            m.copy_(torch.where(live, m_new, m))
+            if refresh is not None:
+                d.copy_(torch.where(live, d_new, d))

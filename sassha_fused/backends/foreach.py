@@ -1,131 +1,136 @@
 """``torch._foreach_*`` backend: the fast pure-PyTorch path.
 
 Same math as ``eager.py``, but each elementwise operation is one multi-tensor call
-per (param group, dtype). 16-bit params are lifted to fp32 lists for the math and
-written back once. This is the baseline the fused kernels have to beat.
+per dtype of the bucket. 16-bit params are lifted to fp32 lists for the math and
+written back once. Per-tensor scalars (``functional.update_scalars``) enter as
+lists of 0-dim device tensors, so nothing is read on the host; whether a param is
+updated at all (``LIVE``) is a ``torch.where`` per tensor, the one per-tensor call
+of a step. Probe generation is integer hashing with no foreach form: probes and the
+finite-difference moves share the reference's code.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from .base import Backend, GroupTensors, ProbeSpec, math_dtype
-from .eager import EagerBackend, first_device, norm_accumulator_dtype, perturb_scale, probe, sources
+from .base import Backend, Bucket, GroupCol, ProbeKeys, RefreshInput, UpdateCol, math_dtype
+from .eager import EagerBackend, hessian_sample_mean
 
 __all__ = ["ForeachBackend"]
 
+_EAGER = EagerBackend()
 
-def _by_dtype(group: GroupTensors) -> Dict[Tuple[torch.device, torch.dtype], List[int]]:
-    buckets: Dict[Tuple[torch.device, torch.dtype], List[int]] = defaultdict(list)
-    for j, p in enumerate(group.params):
-        if p.numel() > 0:
-            buckets[(p.device, p.dtype)].append(j)
-    return buckets
+
+def _by_dtype(b: Bucket) -> Dict[torch.dtype, List[int]]:
+    """Indices of the bucket's non-empty params by dtype (cached on the bucket)."""
+    cached = b.cache.get("foreach_by_dtype")
+    if cached is None:
+        cached = defaultdict(list)
+        for j, p in enumerate(b.params):
+            if p.numel() > 0:
+                cached[p.dtype].append(j)
+        cached = b.cache["foreach_by_dtype"] = dict(cached)
+    return cached
+
+
+def _index(b: Bucket, what: str, dt: torch.dtype, values: List[int]) -> Tensor:
+    """A cached device index tensor of the bucket."""
+    key = ("foreach_index", what, dt)
+    t = b.cache.get(key)
+    if t is None:
+        t = b.cache[key] = torch.tensor(values, dtype=torch.long).to(b.device)
+    return t
 
 
 def _lift(tensors: List[Tensor], mdt: torch.dtype) -> List[Tensor]:
-    # Views when already in the math dtype, fp32 copies for 16-bit tensors.
+    # the tensors themselves when already in the math dtype, fp32 copies for 16-bit ones
     return [t if t.dtype == mdt else t.to(mdt) for t in tensors]
 
 
+def _pick(xs: Sequence, idx: List[int]) -> list:
+    return [xs[j] for j in idx]
+
+
 class ForeachBackend(Backend):
-    """Multi-tensor torch ops, one call per (group, device, dtype)."""
+    """Multi-tensor torch ops, one call per (bucket, dtype)."""
 
     name = "foreach"
 
-    def sq_norm(self, groups: Sequence[GroupTensors], source: str, adaptive: bool) -> Tensor:
-        acc = norm_accumulator_dtype(groups)
-        device = first_device(groups)
-        total = torch.zeros((), dtype=acc, device=device)
-        for g in groups:
-            src = sources(g, source)
-            for (dev, dt), idx in _by_dtype(g).items():
-                v = _lift([src[j] for j in idx], acc)
-                if adaptive:
-                    v = torch._foreach_mul(_lift([g.params[j] for j in idx], acc), v)
-                    torch._foreach_abs_(v)
-                norms = torch._foreach_norm(v)
-                total += torch.stack(norms).square().sum().to(device)
+    def accepts(self, tensor: Tensor) -> bool:
+        return True
+
+    def sq_norm(self, b: Bucket, sources: Sequence[Tensor], adaptive: bool, acc_dtype: torch.dtype) -> Tensor:
+        total = torch.zeros((), dtype=acc_dtype, device=b.device)
+        for dt, idx in _by_dtype(b).items():
+            v = _lift(_pick(sources, idx), acc_dtype)
+            if adaptive:
+                v = torch._foreach_mul(_lift(_pick(b.params, idx), acc_dtype), v)
+                torch._foreach_abs_(v)
+            total += torch.stack(torch._foreach_norm(v)).square().sum()
         return total
 
-    def perturb(
-        self,
-        groups: Sequence[GroupTensors],
-        sq_norm: Tensor,
-        source: str,
-        sign: float,
-        adaptive: bool,
-    ) -> None:
-        for g in groups:
-            src = sources(g, source)
-            for (dev, dt), idx in _by_dtype(g).items():
-                mdt = math_dtype(dt)
-                xs = [g.params[j] for j in idx]
-                torch._foreach_copy_([g.backups[j] for j in idx], xs)
-                scale = perturb_scale(g, sq_norm.to(dev), sign).to(mdt)
-                if dev.type == "cpu" and mdt == dt and not adaptive:
-                    # No temporary list on the CPU: a fresh list of buffers is first-touched
-                    # on every step there, which costs more than the arithmetic. Reading the
-                    # scale on the host is no synchronisation on the CPU. ATen's vectorised
-                    # add with alpha uses a fused multiply-add, so x + e can differ from the
-                    # eager reference in the last bit (the restore is exact all the same:
-                    # it copies the backup taken above).
-                    torch._foreach_add_(xs, [src[j] for j in idx], alpha=float(scale))
-                    continue
-                e = torch._foreach_mul(_lift([src[j] for j in idx], mdt), scale)
-                x32 = _lift(xs, mdt)
-                if adaptive:
-                    torch._foreach_mul_(e, torch._foreach_mul(x32, x32))
-                if mdt == dt:
-                    torch._foreach_add_(xs, e)
-                else:
-                    torch._foreach_copy_(xs, torch._foreach_add(x32, e))
+    def perturb(self, b: Bucket, sources: Sequence[Tensor], sq_norm: Tensor, sign: float, adaptive: bool,
+                groups) -> None:
+        # (1 / (||v|| + perturb_eps)) * (sign * rho) per group, in the norm's dtype as the reference
+        table = groups.tensor(b.device).to(sq_norm.dtype)
+        inv = (sq_norm.sqrt() + table[:, GroupCol.PERTURB_EPS]).reciprocal()
+        scale_per_group = inv * (sign * groups.tensor(b.device)[:, GroupCol.RHO]).to(sq_norm.dtype)
+        for dt, idx in _by_dtype(b).items():
+            mdt = math_dtype(dt)
+            xs = _pick(b.params, idx)
+            torch._foreach_copy_(_pick(b.backups, idx), xs)
+            scales = scale_per_group.index_select(0, _index(b, "groups", dt, _pick(b.group_index, idx)))
+            scales = scales.to(mdt).unbind(0)
+            e = torch._foreach_mul(_lift(_pick(sources, idx), mdt), scales)
+            x32 = _lift(xs, mdt)
+            if adaptive:
+                torch._foreach_mul_(e, torch._foreach_mul(x32, x32))
+            if mdt == dt:
+                torch._foreach_add_(xs, e)
+            else:
+                torch._foreach_copy_(xs, torch._foreach_add(x32, e))
 
-    def probes(self, groups: Sequence[GroupTensors], spec: ProbeSpec, sample: int) -> List[List[Tensor]]:
-        # Probe generation is integer hashing with no foreach form; share the reference's.
-        return EagerBackend().probes(groups, spec, sample)
+    def probes(self, b: Bucket, keys: ProbeKeys, sample: int) -> List[Tensor]:
+        return _EAGER.probes(b, keys, sample)
 
-    def update(
-        self,
-        groups: Sequence[GroupTensors],
-        hvps: Optional[Sequence[Sequence[Sequence[Optional[Tensor]]]]],
-        spec: Optional[ProbeSpec],
-    ) -> None:
-        for gi, g in enumerate(groups):
-            for (dev, dt), idx in _by_dtype(g).items():
-                mdt = math_dtype(dt)
-                ms = [g.exp_avgs[j] for j in idx]
-                ds = [g.exp_hessian_diags[j] for j in idx]
-                torch._foreach_mul_(ms, g.beta1)
-                torch._foreach_add_(ms, _lift([g.grads[j] for j in idx], mdt), alpha=1 - g.beta1)
-                if hvps is not None:
-                    h = [torch.zeros_like(d) for d in ds]
-                    for s, hz in enumerate(hvps[gi]):
-                        live = [k for k, j in enumerate(idx) if hz[j] is not None]
-                        if live:
-                            zs = [probe(g, idx[k], spec, s, mdt) for k in live]
-                            torch._foreach_addcmul_([h[k] for k in live], zs, _lift([hz[idx[k]] for k in live], mdt))
-                    torch._foreach_div_(h, float(spec.n_samples))
-                    torch._foreach_abs_(h)
-                    torch._foreach_mul_(ds, g.beta2)
-                    torch._foreach_add_(ds, h, alpha=1 - g.beta2)
-                denom = torch._foreach_pow(ds, g.hessian_power)
-                torch._foreach_div_(denom, [g.bias_correction2[j] for j in idx])
-                torch._foreach_add_(denom, g.eps)
-                neg_step = [-g.lr / (1 - g.beta1 ** g.steps[j]) for j in idx]
-                xs = [g.params[j] for j in idx]
-                bs = [g.backups[j] for j in idx]
-                if mdt == dt:  # in place: no x_new list (the same operations, the same bits)
-                    if any(b is not x for b, x in zip(bs, xs)):
-                        torch._foreach_copy_(xs, bs)
-                    if g.weight_decay:
-                        torch._foreach_mul_(xs, 1 - g.lr * g.weight_decay)
-                    torch._foreach_addcdiv_(xs, ms, denom, neg_step)
-                else:
-                    x_new = torch._foreach_mul(_lift(bs, mdt), 1 - g.lr * g.weight_decay)
-                    torch._foreach_addcdiv_(x_new, ms, denom, neg_step)
-                    torch._foreach_copy_(xs, x_new)
+    def fd_move(self, b, delta, keys, sample, sign, base, save) -> None:
+        _EAGER.fd_move(b, delta, keys, sample, sign, base, save)
+
+    def fd_fold(self, b, acc, grads, baseline, delta, keys, sample, coefficient, first) -> None:
+        _EAGER.fd_fold(b, acc, grads, baseline, delta, keys, sample, coefficient, first)
+
+    def update(self, b: Bucket, x_t: Sequence[Tensor], grads: Sequence[Tensor], scalars: Tensor, power: float,
+               refresh: Optional[RefreshInput]) -> None:
+        for dt, idx in _by_dtype(b).items():
+            mdt = math_dtype(dt)
+            rows = scalars.index_select(0, _index(b, "rows", dt, idx)).to(mdt)
+            col = [c.unbind(0) for c in rows.unbind(1)]
+            ms, ds = _pick(b.exp_avgs, idx), _pick(b.exp_hessian_diags, idx)
+            gs = _lift(_pick(grads, idx), mdt)
+            m_new = torch._foreach_mul(ms, col[UpdateCol.BETA1])
+            torch._foreach_add_(m_new, torch._foreach_mul(gs, col[UpdateCol.ONE_MINUS_BETA1]))
+            d_new = ds
+            if refresh is not None:
+                h = [hessian_sample_mean(b, j, grads[j], refresh, mdt) for j in idx]
+                torch._foreach_abs_(h)
+                d_new = torch._foreach_mul(ds, col[UpdateCol.BETA2])
+                torch._foreach_add_(d_new, torch._foreach_mul(h, col[UpdateCol.ONE_MINUS_BETA2]))
+            denom = torch._foreach_pow(d_new, power)
+            torch._foreach_div_(denom, col[UpdateCol.C2])
+            torch._foreach_add_(denom, col[UpdateCol.EPS])
+            step = torch._foreach_div(m_new, denom)
+            torch._foreach_mul_(step, col[UpdateCol.NEG_STEP])
+            xts = _pick(x_t, idx)
+            x_new = torch._foreach_mul(_lift(xts, mdt), col[UpdateCol.DECAY])
+            torch._foreach_add_(x_new, step)
+            xs = _pick(b.params, idx)
+            live = (rows[:, UpdateCol.LIVE] > 0).unbind(0)
+            for k in range(len(idx)):  # a param that is not live goes back to x_t, state untouched
+                xs[k].copy_(torch.where(live[k], x_new[k].to(dt), xts[k]))
+                ms[k].copy_(torch.where(live[k], m_new[k], ms[k]))
+                if refresh is not None:
+                    ds[k].copy_(torch.where(live[k], d_new[k], ds[k]))

@@ -1,48 +1,47 @@
-"""Fused Triton backend: one multi-tensor launch per phase, per device and dtype.
+"""Fused Triton backend: one multi-tensor launch per phase, per bucket and dtype.
 
 The kernels are in ``triton_kernels/sassha.py`` (imported as
-``sassha_fused.triton_kernels.sassha``); this module is the host side:
+``sassha_fused.triton_kernels.sassha``); this module is the host side.
 
-* **Grouping.** The tensors of all param groups of a call are bucketed by the
-  dtypes of the arrays a kernel touches (device too). Empty tensors are skipped.
-  A tensor the kernels cannot address (non-contiguous, unexpected state dtype) is
-  handed to the eager reference, per tensor, so results stay correct.
-* **Tables (apex ``multi_tensor_apply`` style).** A launch gets an int64 table of
-  data pointers (one row per tensor, ``numel`` in the last column), a block map
-  (program -> tensor slot, first element) and small per-tensor tables of runtime
-  scalars (step size, c2, the group's hyper-parameters, probe keys). Pointer
-  tables and block maps are cached on the ``data_ptr()``s / ``numel``s and
-  rebuilt only when storage changes. A launch holds at most
-  ``max_tensors_per_launch`` tensors and ``max_blocks_per_launch`` tiles; the rest
-  is carried to a next launch (never reached by real models with the defaults).
-* **Device.** Triton launches on the *current* CUDA device's current stream, not
-  on the device of the pointers it is given, so every launch runs under
-  ``torch.cuda.device(<the tensors' device>)``: params on ``cuda:1`` while
-  ``cuda:0`` is current would otherwise be addressed from the wrong GPU.
+* **Launch plans, cached on the bucket.** A bucket's tensors are split once into
+  *kernel groups* by dtype and by whether every array of the tensor is 16-byte
+  aligned (so one misaligned view does not turn a whole launch into scalar
+  loads). Per kernel group the plan holds the block map (program -> tensor slot,
+  first element), the ``numels``/``param_index``/``group_index`` columns and the
+  pointer columns of the optimizer's own arrays (params, backups, state), all on
+  the device. A bucket lives as long as its parameters' storage (``plans.py``), so
+  none of this is rebuilt per step.
+* **Per step.** A pointer column of gradients (or of any other per-step list) is
+  rebuilt from ``data_ptr()``s only when the list's storage moved since the last
+  call (the caching allocator usually hands back the same blocks); scalars come as
+  the group table, the per-tensor update-scalar table and a few kernel arguments.
+  So the host makes a constant number of Python calls per kernel group, whatever
+  the number of tensors.
+* **Launch caps.** A launch holds at most ``max_tensors_per_launch`` tensors and
+  ``max_blocks_per_launch`` tiles; the rest is carried to the next launch (never
+  reached by real models with the defaults).
+* **Device.** Triton launches on the *current* CUDA device's current stream, so
+  every launch runs under ``torch.cuda.device(<the tensors' device>)``.
 * **No host synchronisation.** The global norm is reduced on the device in two
   deterministic stages (per-tile partials, then one fixed-order sum); the
-  perturbation scale is computed in the kernel from that tensor. Tables go to the
-  device from pinned memory with ``non_blocking=True``.
+  perturbation scale and the finite-difference step are read by the kernels from
+  device memory. Columns go to the device from pinned memory with
+  ``non_blocking=True``.
 
-Launches per step for one dtype bucket: SASSHA 4 (+ S probe launches on a refresh
-step), M-SASSHA the same (sq_norm 2, perturb 1, update 1, probes S). ``launches``
-counts them, for tests and benchmarks.
+``launches`` and ``uploads`` count kernel launches and host-to-device column copies
+(tests and benchmarks read them).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
-from collections import OrderedDict, defaultdict
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from ..probes import probe_key
-from .base import Backend, BackendUnavailable, GroupTensors, ProbeSpec, math_dtype
-from .eager import EagerBackend, first_device, sources
+from .base import Backend, BackendUnavailable, Bucket, ProbeKeys, RefreshInput, RefreshMode
 
 __all__ = ["TritonBackend", "load"]
 
@@ -59,20 +58,18 @@ except Exception as exc:  # ImportError, or a broken install raising something e
 
 _INTERPRET_HINT = "Triton kernels need CUDA tensors; set TRITON_INTERPRET=1 to run them on the CPU (slowly) for testing"
 
-# Elements per program. One size for every kernel, so one cached block map serves
-# all phases of a step. 2048 elements over 8 warps is 8 per thread: 16-byte vector
-# accesses for bf16 and 2 x 16 bytes for fp32, enough bytes in flight per SM for a
+# Elements per program. One size for every kernel, so one block map serves all
+# phases. 2048 elements over 8 warps is 8 per thread: 16-byte vector accesses for
+# bf16 and 2 x 16 bytes for fp32, enough bytes in flight per SM for a
 # bandwidth-bound pass without spilling the update kernel's ~10 live arrays.
 BLOCK = 2048
 NUM_WARPS = 8
 # The final norm reduction: one program, fixed-order loop over the partials.
 REDUCE_BLOCK = 1024
-# Probe buffers: each z view starts on a multiple of this many elements.
-_PROBE_ALIGN = 64
 
-_LIST_FIELDS = ("params", "grads", "exp_avgs", "exp_hessian_diags", "backups", "steps", "bias_correction2", "param_indices")
-
-Entry = Tuple[int, int]  # (group index, tensor index in the group)
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_data_ptr = Tensor.data_ptr
+_misaligned = (15).__and__
 
 
 def _interpreted() -> bool:
@@ -92,35 +89,17 @@ def _on(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _aligned(rows: Sequence[Sequence[int]]) -> bool:
-    """Every data pointer of a launch (all columns but the trailing numel) is 16-byte aligned."""
-    return all(ptr % 16 == 0 for row in rows for ptr in row[:-1])
+def _i32(key: int) -> int:
+    """A uint32 key as the int32 with the same bits: one kernel argument type for every key."""
+    return key - (1 << 32) if key >= 1 << 31 else key
 
 
 def _tl_dtype(dtype: torch.dtype):
     return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
 
 
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _subset(groups: Sequence[GroupTensors], entries: Sequence[Entry]) -> Tuple[List[GroupTensors], List[int], List[List[int]]]:
-    """GroupTensors holding only ``entries`` (for the eager fallback), with their origins."""
-    by_group: Dict[int, List[int]] = defaultdict(list)
-    for gi, j in entries:
-        by_group[gi].append(j)
-    subs, gis, jss = [], [], []
-    for gi, js in by_group.items():
-        g = groups[gi]
-        lists = {f: ([getattr(g, f)[j] for j in js] if getattr(g, f) else []) for f in _LIST_FIELDS}
-        subs.append(dataclasses.replace(g, **lists))
-        gis.append(gi)
-        jss.append(js)
-    return subs, gis, jss
-
-
 class _Launch:
-    """One kernel launch's share of a bucket: tensors ``lo:hi`` and the tiles' block map."""
+    """One kernel launch's share of a kernel group: tensors ``lo:hi`` and the tiles' block map."""
 
     __slots__ = ("lo", "hi", "blocks", "n_programs")
 
@@ -129,27 +108,70 @@ class _Launch:
         self.n_programs = blocks.shape[0]
 
 
+class _KernelGroup:
+    """The tensors of a bucket one launch sequence covers: one dtype, one alignment.
+
+    ``idx`` are the tensors' positions in the bucket (``None``: all of them, in
+    order); columns are device tensors, static ones built once.
+    """
+
+    def __init__(self, backend: "TritonBackend", b: Bucket, dtype: torch.dtype, aligned: bool,
+                 idx: Optional[List[int]]) -> None:
+        self.backend, self.dtype, self.aligned, self.idx = backend, dtype, aligned, idx
+        self.device = b.device
+        pick = self.pick
+        params = pick(b.params)
+        self.n = len(params)
+        numels = [p.numel() for p in params]
+        self.launches = backend._split(b.device, numels)
+        self.numels = backend._upload(torch.tensor(numels, dtype=torch.int64), b.device)
+        self.param_index = backend._upload(torch.tensor(pick(b.param_index), dtype=torch.int64), b.device)
+        self.group_index = backend._upload(torch.tensor(pick(b.group_index), dtype=torch.int64), b.device)
+        self._columns: Dict[str, Tuple[List[int], Tensor, bool]] = {}
+        self._rows: Optional[Tensor] = None if idx is None else backend._upload(
+            torch.tensor(idx, dtype=torch.int64), b.device)
+
+    def pick(self, xs: Sequence) -> list:
+        return list(xs) if self.idx is None else [xs[j] for j in self.idx]
+
+    def column(self, role: str, tensors: Sequence[Optional[Tensor]], maybe_none: bool = False) -> Tuple[Tensor, bool]:
+        """The pointer column of ``tensors`` and whether all are 16-byte aligned.
+
+        With ``maybe_none``, ``None`` entries become null pointers (refresh inputs of
+        absent params). Re-uploaded only when the pointers changed since the last
+        call for ``role``; the comparison and the pointer reads run at C speed.
+        """
+        picked = self.pick(tensors)
+        if maybe_none:
+            ptrs = [0 if t is None else t.data_ptr() for t in picked]
+        else:
+            ptrs = list(map(_data_ptr, picked))
+        cached = self._columns.get(role)
+        if cached is not None and cached[0] == ptrs:
+            return cached[1], cached[2]
+        column = self.backend._upload(torch.tensor(ptrs, dtype=torch.int64), self.device)
+        aligned = not any(map(_misaligned, ptrs))
+        self._columns[role] = (ptrs, column, aligned)
+        return column, aligned
+
+    def rows(self, table: Tensor) -> Tensor:
+        """This group's rows of a per-tensor table of the bucket."""
+        return table if self._rows is None else table.index_select(0, self._rows)
+
+
 class TritonBackend(Backend):
     """SASSHA's phases as fused multi-tensor Triton kernels (fp32, bf16, fp16 params)."""
 
     name = "triton"
     description = "fused multi-tensor Triton kernels: one launch per phase per (device, dtype)"
 
-    def __init__(
-        self,
-        max_tensors_per_launch: int = 1 << 16,
-        max_blocks_per_launch: int = 1 << 20,
-        cache_size: int = 64,
-    ) -> None:
+    def __init__(self, max_tensors_per_launch: int = 1 << 16, max_blocks_per_launch: int = 1 << 20) -> None:
         if _IMPORT_ERROR is not None:
             raise BackendUnavailable(f"triton could not be imported: {_IMPORT_ERROR}")
         self.max_tensors_per_launch = int(max_tensors_per_launch)
         self.max_blocks_per_launch = int(max_blocks_per_launch)
-        self.cache_size = int(cache_size)
         self.launches = 0  # kernel launches made so far
-        self.uploads = 0  # host -> device table copies made so far (cache misses and scalars)
-        self._tables: "OrderedDict[tuple, Tensor]" = OrderedDict()  # LRU: pointer tables
-        self._plans: "OrderedDict[tuple, List[_Launch]]" = OrderedDict()  # LRU: block maps
+        self.uploads = 0  # host -> device column copies made so far
 
     # ------------------------------------------------------------ capability
     def supports(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:
@@ -163,18 +185,7 @@ class TritonBackend(Backend):
             return None
         return _INTERPRET_HINT if device.type == "cpu" else f"Triton kernels need CUDA tensors, got {device.type}"
 
-    # ----------------------------------------------------------------- tables
-    def _lru_get(self, cache: OrderedDict, key: tuple):
-        hit = cache.get(key)
-        if hit is not None:
-            cache.move_to_end(key)
-        return hit
-
-    def _lru_put(self, cache: OrderedDict, key: tuple, value) -> None:
-        cache[key] = value
-        if len(cache) > self.cache_size:
-            cache.popitem(last=False)
-
+    # ----------------------------------------------------------------- plans
     def _upload(self, host: Tensor, device: torch.device) -> Tensor:
         """A small host table on ``device``, without synchronising the host."""
         self.uploads += 1
@@ -182,28 +193,15 @@ class TritonBackend(Backend):
             # pinned + non_blocking: the copy is queued on the stream; the caching
             # host allocator keeps the pinned block alive until the copy has run.
             return host.pin_memory().to(device, non_blocking=True)
-        return host.to(device)
+        return host
 
-    def _ptr_table(self, device: torch.device, rows: List[Tuple[int, ...]]) -> Tensor:
-        """int64 [n, cols] table of pointers and numels, cached on its contents."""
-        key = (device, tuple(rows))
-        table = self._lru_get(self._tables, key)
-        if table is None:
-            table = self._upload(torch.tensor(rows, dtype=torch.int64), device)
-            self._lru_put(self._tables, key, table)
-        return table
-
-    def _plan(self, device: torch.device, numels: Tuple[int, ...]) -> List[_Launch]:
-        """Split the tiles of tensors with these ``numels`` into launches (cached)."""
-        key = (device, numels, self.max_tensors_per_launch, self.max_blocks_per_launch)
-        plan = self._lru_get(self._plans, key)
-        if plan is not None:
-            return plan
+    def _split(self, device: torch.device, numels: List[int]) -> List[_Launch]:
+        """Split the tiles of tensors with these ``numels`` into launches."""
         tiles = torch.tensor([(n + BLOCK - 1) // BLOCK for n in numels], dtype=torch.int64)
         tensor_of = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int64), tiles)
         first_tile = torch.cumsum(tiles, 0) - tiles
         start = (torch.arange(tensor_of.numel(), dtype=torch.int64) - first_tile[tensor_of]) * BLOCK
-        plan = []
+        plan: List[_Launch] = []
         p, total = 0, tensor_of.numel()
         while p < total:
             lo = int(tensor_of[p])
@@ -216,234 +214,146 @@ class TritonBackend(Backend):
             blocks = torch.stack((tensor_of[p:q] - lo, start[p:q]), dim=1).contiguous()
             plan.append(_Launch(lo, hi, self._upload(blocks, device)))
             p = q
-        self._lru_put(self._plans, key, plan)
         return plan
 
-    def _scalars(self, device: torch.device, rows: List[Tuple[float, ...]]) -> Tensor:
-        # fp32, like the Python scalars eager's torch ops cast to fp32
-        return self._upload(torch.tensor(rows, dtype=torch.float32), device)
-
-    @staticmethod
-    def _bucket(
-        groups: Sequence[GroupTensors],
-        arrays: Callable[[GroupTensors, int], List[Optional[Tensor]]],
-        extra_ok: Callable[[GroupTensors, int], bool] = lambda g, j: True,
-    ) -> Tuple[Dict[tuple, List[Entry]], List[Entry]]:
-        """Non-empty tensors by (device, dtypes of their arrays); the rest for the eager fallback."""
-        buckets: Dict[tuple, List[Entry]] = {}
-        fallback: List[Entry] = []
-        for gi, g in enumerate(groups):
-            for j, x in enumerate(g.params):
-                if x.numel() == 0:
+    def _groups(self, b: Bucket) -> List[_KernelGroup]:
+        """The bucket's kernel groups (built on first use, cached in the bucket)."""
+        groups = b.cache.get("triton")
+        if groups is None:
+            keys: Dict[Tuple[torch.dtype, bool], List[int]] = {}
+            for j, p in enumerate(b.params):
+                if p.numel() == 0:
                     continue
-                ts = arrays(g, j)
-                ok = x.dtype in _KERNEL_DTYPES and extra_ok(g, j) and all(
-                    t is None or (t.is_contiguous() and t.numel() == x.numel() and t.device == x.device
-                                  and t.dtype in _KERNEL_DTYPES)
-                    for t in ts
-                )
-                if not ok:
-                    fallback.append((gi, j))
-                    continue
-                key = (x.device,) + tuple(None if t is None else t.dtype for t in ts)
-                buckets.setdefault(key, []).append((gi, j))
-        return buckets, fallback
+                own = [p, b.backups[j]] + ([b.exp_avgs[j], b.exp_hessian_diags[j]] if b.exp_avgs else [])
+                aligned = not any(t.data_ptr() % 16 for t in own)
+                keys.setdefault((p.dtype, aligned), []).append(j)
+            groups = []
+            for (dtype, aligned), idx in keys.items():
+                whole = len(keys) == 1 and len(idx) == len(b.params)
+                groups.append(_KernelGroup(self, b, dtype, aligned, None if whole else idx))
+            b.cache["triton"] = groups
+            b.cache["triton_state"] = bool(b.exp_avgs)
+        elif b.exp_avgs and not b.cache["triton_state"]:  # state attached since: alignment of state too
+            del b.cache["triton"]
+            return self._groups(b)
+        return groups
 
-    # ---------------------------------------------------------------- phase 1
-    def sq_norm(self, groups: Sequence[GroupTensors], source: str, adaptive: bool) -> Tensor:
-        device = first_device(groups)
-        buckets, fallback = self._bucket(groups, lambda g, j: [sources(g, source)[j], g.params[j]])
-        # per device: its launches and their partials (a kernel writes only its own device's memory)
-        jobs: Dict[torch.device, list] = {device: []}
-        n_partials: Dict[torch.device, int] = {device: 0}
-        for key, entries in buckets.items():
-            numels = tuple(groups[gi].params[j].numel() for gi, j in entries)
-            for launch in self._plan(key[0], numels):
-                base = n_partials.setdefault(key[0], 0)
-                jobs.setdefault(key[0], []).append((key, entries, launch, base))
-                n_partials[key[0]] = base + launch.n_programs
-        total: Optional[Tensor] = None
-        for dev, dev_jobs in jobs.items():  # ``device`` first: one sum launch even with no tiles
-            with _on(dev):
-                partials = torch.empty(max(n_partials[dev], 1), dtype=torch.float32, device=dev)
-                for key, entries, launch, base in dev_jobs:
-                    rows = []
-                    for gi, j in entries[launch.lo:launch.hi]:
-                        g = groups[gi]
-                        rows.append((sources(g, source)[j].data_ptr(), g.params[j].data_ptr(), g.params[j].numel()))
-                    _kernels.sq_norm_partials_kernel[(launch.n_programs,)](
-                        launch.blocks, self._ptr_table(dev, rows), partials, base,
-                        V_DTYPE=_tl_dtype(key[1]), X_DTYPE=_tl_dtype(key[2]), ADAPTIVE=bool(adaptive),
-                        ALIGNED=_aligned(rows), BLOCK=BLOCK, num_warps=NUM_WARPS,
-                    )
-                    self.launches += 1
-                part = torch.empty((), dtype=torch.float32, device=dev)
-                _kernels.sum_partials_kernel[(1,)](partials, n_partials[dev], part, BLOCK=REDUCE_BLOCK, num_warps=4)
-                self.launches += 1
-            total = part if total is None else total + part.to(device)
-        assert total is not None
-        if fallback:
-            subs, _, _ = _subset(groups, fallback)
-            total = total + EagerBackend().sq_norm(subs, source, adaptive).to(device, torch.float32)
-        return total
+    def _launch(self, kernel, g: _KernelGroup, launch: _Launch, columns: Sequence[Tensor], *args, **meta) -> None:
+        lo = launch.lo
+        with _on(g.device):
+            kernel[(launch.n_programs,)](launch.blocks, *[c[lo:] for c in columns], *args, BLOCK=BLOCK,
+                                         num_warps=NUM_WARPS, **meta)
+        self.launches += 1
 
-    # ---------------------------------------------------------------- phase 2
-    def perturb(
-        self,
-        groups: Sequence[GroupTensors],
-        sq_norm: Tensor,
-        source: str,
-        sign: float,
-        adaptive: bool,
-    ) -> None:
-        buckets, fallback = self._bucket(
-            groups, lambda g, j: [g.params[j], g.backups[j], sources(g, source)[j]],
-            lambda g, j: g.backups[j].dtype == g.params[j].dtype,
-        )
-        sq_cache: Dict[torch.device, Tensor] = {}
-        for key, entries in buckets.items():
-            device = key[0]
-            if device not in sq_cache:
-                sq_cache[device] = sq_norm.to(device=device, dtype=torch.float32).reshape(())
-            numels = tuple(groups[gi].params[j].numel() for gi, j in entries)
-            for launch in self._plan(device, numels):
-                rows, scal = [], []
-                for gi, j in entries[launch.lo:launch.hi]:
-                    g = groups[gi]
-                    x = g.params[j]
-                    rows.append((x.data_ptr(), g.backups[j].data_ptr(), sources(g, source)[j].data_ptr(), x.numel()))
-                    scal.append((sign * g.rho, g.perturb_eps))
-                with _on(device):
-                    _kernels.perturb_kernel[(launch.n_programs,)](
-                        launch.blocks, self._ptr_table(device, rows), self._scalars(device, scal), sq_cache[device],
-                        X_DTYPE=_tl_dtype(key[1]), V_DTYPE=_tl_dtype(key[3]), ADAPTIVE=bool(adaptive),
-                        ALIGNED=_aligned(rows), BLOCK=BLOCK, num_warps=NUM_WARPS,
-                    )
-                self.launches += 1
-        if fallback:
-            subs, _, _ = _subset(groups, fallback)
-            EagerBackend().perturb(subs, sq_norm, source, sign, adaptive)
+    # ---------------------------------------------------------------- phases
+    def sq_norm(self, b: Bucket, sources: Sequence[Tensor], adaptive: bool, acc_dtype: torch.dtype) -> Tensor:
+        groups = self._groups(b)
+        n_partials = sum(launch.n_programs for g in groups for launch in g.launches)
+        with _on(b.device):
+            partials = torch.empty(max(n_partials, 1), dtype=torch.float32, device=b.device)
+            base = 0
+            for g in groups:
+                v, v_aligned = g.column("sq_norm.v", sources)
+                x, _ = g.column("params", b.params)
+                v_dtype = g.pick(sources)[0].dtype
+                for launch in g.launches:
+                    self._launch(_kernels.sq_norm_partials_kernel, g, launch, (v, x, g.numels), partials, base,
+                                 V_DTYPE=_tl_dtype(v_dtype), X_DTYPE=_tl_dtype(g.dtype),
+                                 ADAPTIVE=bool(adaptive), ALIGNED=g.aligned and v_aligned)
+                    base += launch.n_programs
+            out = torch.empty((), dtype=torch.float32, device=b.device)
+            _kernels.sum_partials_kernel[(1,)](partials, n_partials, out, BLOCK=REDUCE_BLOCK, num_warps=4)
+            self.launches += 1
+        return out.to(acc_dtype)
 
-    # ---------------------------------------------------------------- phase 3
-    def probes(self, groups: Sequence[GroupTensors], spec: ProbeSpec, sample: int) -> List[List[Tensor]]:
-        out: List[List[Optional[Tensor]]] = [[None] * len(g.params) for g in groups]
-        by_key: Dict[tuple, List[Entry]] = {}
-        for gi, g in enumerate(groups):
-            for j, gr in enumerate(g.grads):
-                if gr.dtype in _KERNEL_DTYPES:
-                    by_key.setdefault((gr.device, gr.dtype), []).append((gi, j))
-                else:
-                    out[gi][j] = EagerBackend().probes([dataclasses.replace(g, params=[g.params[j]], grads=[gr], param_indices=[g.param_indices[j]])], spec, sample)[0][0]
-        for (device, dtype), entries in by_key.items():
-            # one buffer for the whole bucket; each z is a view shaped like its grad
-            # views start on 64-element boundaries: aligned for vector stores
-            numels = [groups[gi].grads[j].numel() for gi, j in entries]
-            padded = [(n + _PROBE_ALIGN - 1) // _PROBE_ALIGN * _PROBE_ALIGN for n in numels]
-            flat = torch.empty(sum(padded), dtype=dtype, device=device)
-            live: List[Entry] = []
-            offset = 0
-            for (gi, j), n, n_pad in zip(entries, numels, padded):
-                out[gi][j] = flat[offset:offset + n].view(groups[gi].grads[j].shape)
-                offset += n_pad
-                if n:
-                    live.append((gi, j))
-            if not live:
-                continue
-            numels_live = tuple(groups[gi].grads[j].numel() for gi, j in live)
-            for launch in self._plan(device, numels_live):
-                rows, keys = [], []
-                for gi, j in live[launch.lo:launch.hi]:
-                    z = out[gi][j]
-                    rows.append((z.data_ptr(), z.numel()))
-                    keys.append(probe_key(spec.seed, spec.refresh, sample, groups[gi].param_indices[j]))
-                with _on(device):
-                    _kernels.probes_kernel[(launch.n_programs,)](
-                        launch.blocks, self._ptr_table(device, rows),
-                        self._upload(torch.tensor(keys, dtype=torch.int64), device),
-                        Z_DTYPE=_tl_dtype(dtype), ALIGNED=_aligned(rows), BLOCK=BLOCK, num_warps=NUM_WARPS,
-                    )
-                self.launches += 1
-        return out  # type: ignore[return-value]
+    def perturb(self, b: Bucket, sources: Sequence[Tensor], sq_norm: Tensor, sign: float, adaptive: bool,
+                groups) -> None:
+        table = groups.tensor(b.device).to(torch.float32)
+        sq = sq_norm.to(device=b.device, dtype=torch.float32).reshape(())
+        for g in self._groups(b):
+            x, _ = g.column("params", b.params)
+            bk, _ = g.column("backups", b.backups)
+            v, v_aligned = g.column("perturb.v", sources)
+            v_dtype = g.pick(sources)[0].dtype
+            for launch in g.launches:
+                self._launch(_kernels.perturb_kernel, g, launch, (x, bk, v, g.numels, g.group_index), table, sq,
+                             float(sign), X_DTYPE=_tl_dtype(g.dtype), V_DTYPE=_tl_dtype(v_dtype),
+                             ADAPTIVE=bool(adaptive), ALIGNED=g.aligned and v_aligned)
 
-    # ---------------------------------------------------------------- phase 4
-    def update(
-        self,
-        groups: Sequence[GroupTensors],
-        hvps: Optional[Sequence[Sequence[Sequence[Optional[Tensor]]]]],
-        spec: Optional[ProbeSpec],
-    ) -> None:
-        refresh = hvps is not None
-        n_samples = spec.n_samples if refresh else 0
+    def probes(self, b: Bucket, keys: ProbeKeys, sample: int) -> List[Tensor]:
+        out = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in b.params]
+        for g in self._groups(b):
+            z, z_aligned = g.column("probes.z", out)
+            for launch in g.launches:
+                self._launch(_kernels.probes_kernel, g, launch, (z, g.numels, g.param_index), _i32(keys.prefixes[sample]),
+                             Z_DTYPE=_tl_dtype(g.dtype), ALIGNED=g.aligned and z_aligned)
+        return out
 
-        def arrays(g: GroupTensors, j: int) -> List[Optional[Tensor]]:
-            return [g.params[j], g.backups[j], g.exp_avgs[j], g.exp_hessian_diags[j], g.grads[j]]
+    def fd_move(self, b: Bucket, delta: Tensor, keys: ProbeKeys, sample: int, sign: float,
+                base: Optional[Sequence[Tensor]], save: Optional[Sequence[Tensor]]) -> None:
+        for g in self._groups(b):
+            x, _ = g.column("params", b.params)
+            bs, b_aligned = g.column("fd.base", base) if base is not None else (x, True)
+            sv, s_aligned = g.column("fd.save", save) if save is not None else (x, True)
+            for launch in g.launches:
+                self._launch(_kernels.fd_move_kernel, g, launch, (x, bs, sv, g.numels, g.param_index),
+                             _i32(keys.prefixes[sample]), delta, float(sign), X_DTYPE=_tl_dtype(g.dtype),
+                             HAS_BASE=base is not None, HAS_SAVE=save is not None,
+                             ALIGNED=g.aligned and b_aligned and s_aligned)
 
-        hz_of: Callable[[int, int, int], Optional[Tensor]] = lambda gi, s, j: hvps[gi][s][j]  # noqa: E731
-        gindex = {id(g): gi for gi, g in enumerate(groups)}
+    def fd_fold(self, b: Bucket, acc: Sequence[Tensor], grads: Sequence[Tensor], baseline: Optional[Sequence[Tensor]],
+                delta: Tensor, keys: ProbeKeys, sample: int, coefficient: float, first: bool) -> None:
+        for g in self._groups(b):
+            a, a_aligned = g.column("fd.acc", acc)
+            gr, g_aligned = g.column("fd.grad", grads)
+            bl, b_aligned = g.column("fd.baseline", baseline) if baseline is not None else (gr, True)
+            for launch in g.launches:
+                self._launch(_kernels.fd_fold_kernel, g, launch, (a, gr, bl, g.numels, g.param_index),
+                             _i32(keys.prefixes[sample]), delta, float(coefficient), X_DTYPE=_tl_dtype(g.dtype),
+                             HAS_BASELINE=baseline is not None, FIRST=bool(first),
+                             ALIGNED=g.aligned and a_aligned and g_aligned and b_aligned)
 
-        def ok(g: GroupTensors, j: int) -> bool:
-            x = g.params[j]
-            if g.backups[j].dtype != x.dtype or g.grads[j].dtype != x.dtype:
-                return False
-            if g.exp_avgs[j].dtype != math_dtype(x.dtype) or g.exp_hessian_diags[j].dtype != math_dtype(x.dtype):
-                return False
-            if refresh:
-                for s in range(n_samples):
-                    hz = hz_of(gindex[id(g)], s, j)
-                    if hz is not None and (hz.dtype != x.dtype or not hz.is_contiguous() or hz.numel() != x.numel()
-                                           or hz.device != x.device):
-                        return False
-            return True
-
-        buckets, fallback = self._bucket(groups, arrays, ok)
-        n_cols = 6 + n_samples
-        for key, entries in buckets.items():
-            device = key[0]
-            numels = tuple(groups[gi].params[j].numel() for gi, j in entries)
-            for launch in self._plan(device, numels):
-                rows, scal, keys, powers = [], [], [], set()
-                for gi, j in entries[launch.lo:launch.hi]:
-                    g = groups[gi]
-                    x = g.params[j]
-                    row = [x.data_ptr(), g.backups[j].data_ptr(), g.exp_avgs[j].data_ptr(),
-                           g.exp_hessian_diags[j].data_ptr(), g.grads[j].data_ptr()]
-                    if refresh:
-                        k: List[int] = []
-                        for s in range(n_samples):
-                            hz = hz_of(gi, s, j)
-                            row.append(0 if hz is None else hz.data_ptr())
-                            k.extend(probe_key(spec.seed, spec.refresh, s, g.param_indices[j]))
-                        keys.append(tuple(k))
-                    row.append(x.numel())
-                    rows.append(tuple(row))
-                    p = float(g.hessian_power)
-                    powers.add(p)
-                    scal.append((
-                        -g.lr / (1 - g.beta1 ** g.steps[j]), g.bias_correction2[j], 1 - g.lr * g.weight_decay,
-                        g.beta1, 1 - g.beta1, g.beta2, 1 - g.beta2, g.eps, p,
-                    ))
-                if powers == {0.5}:
-                    mode = _kernels.POWER_SQRT
-                elif powers == {1.0}:
-                    mode = _kernels.POWER_ONE
-                else:
-                    mode = _kernels.POWER_GENERAL
-                ptrs = self._ptr_table(device, rows)
-                key_table = self._upload(torch.tensor(keys, dtype=torch.int64), device) if refresh else ptrs
-                with _on(device):
+    def update(self, b: Bucket, x_t: Sequence[Tensor], grads: Sequence[Tensor], scalars: Tensor, power: float,
+               refresh: Optional[RefreshInput]) -> None:
+        if power == 0.5:
+            power_mode = _kernels.POWER_SQRT
+        elif power == 1.0:
+            power_mode = _kernels.POWER_ONE
+        else:
+            power_mode = _kernels.POWER_GENERAL
+        mode = RefreshMode.NONE if refresh is None else refresh.mode
+        table = scalars.to(torch.float32)
+        delta = refresh.delta if refresh is not None and refresh.delta is not None else table
+        prefixes = None
+        if refresh is not None and mode != RefreshMode.PRECOMPUTED:
+            prefixes = self._upload(torch.tensor(refresh.keys.prefixes[:len(refresh.ys)], dtype=torch.int64),
+                                    b.device)
+        for g in self._groups(b):
+            x, _ = g.column("params", b.params)
+            xt, xt_aligned = g.column("update.x_t", x_t)
+            gr, g_aligned = g.column("update.grad", grads)
+            m, _ = g.column("exp_avgs", b.exp_avgs)
+            d, _ = g.column("exp_hessian_diags", b.exp_hessian_diags)
+            aligned = g.aligned and xt_aligned and g_aligned
+            if refresh is not None:
+                ys = [g.column(f"update.y{s}", sample, maybe_none=True) for s, sample in enumerate(refresh.ys)]
+                y = torch.stack([c for c, _ in ys]) if len(ys) > 1 else ys[0][0].reshape(1, -1)
+                aligned = aligned and all(a for _, a in ys)
+            else:
+                y = gr.reshape(1, -1)
+            rows = g.rows(table)
+            for launch in g.launches:
+                lo = launch.lo
+                with _on(g.device):
                     _kernels.update_kernel[(launch.n_programs,)](
-                        launch.blocks, ptrs, key_table, self._scalars(device, scal),
-                        X_DTYPE=_tl_dtype(key[1]), G_DTYPE=_tl_dtype(key[5]), S_DTYPE=_tl_dtype(key[3]),
-                        REFRESH=refresh, N_SAMPLES=max(n_samples, 1), N_COLS=n_cols if refresh else 6,
-                        POWER_MODE=mode, ALIGNED=_aligned(rows), BLOCK=BLOCK, num_warps=NUM_WARPS,
+                        launch.blocks, x[lo:], xt[lo:], gr[lo:], m[lo:], d[lo:], y[:, lo:], g.numels[lo:],
+                        g.param_index[lo:], prefixes if prefixes is not None else g.param_index, y.stride(0),
+                        rows[lo:], float(power), delta,
+                        X_DTYPE=_tl_dtype(g.dtype), S_DTYPE=tl.float32, MODE=mode,
+                        N_SAMPLES=y.shape[0], POWER_MODE=power_mode, ALIGNED=aligned, BLOCK=BLOCK,
+                        num_warps=NUM_WARPS,
                     )
                 self.launches += 1
-        if fallback:
-            subs, gis, jss = _subset(groups, fallback)
-            sub_hvps = None
-            if refresh:
-                sub_hvps = [[[hvps[gi][s][j] for j in js] for s in range(n_samples)] for gi, js in zip(gis, jss)]
-            EagerBackend().update(subs, sub_hvps, spec)
 
 
 def load(name: str = "triton") -> Backend:

@@ -1,0 +1,319 @@
+r"""How :math:`Hz` is obtained on a Hessian-refresh step.
+
+* ``"autograd"``: a double backward through the graph of the pass at the HVP point
+  :math:`\tilde x` (``autograd_refresh``); exact, but it needs ``create_graph=True``
+  on that pass, which ``torch.compile``, fused attention, reentrant checkpointing,
+  FSDP2 and closures that call ``backward()`` cannot give.
+* ``"finite_difference"``: ordinary forward/backward passes at
+  :math:`\tilde x \pm \delta z` (``FiniteDifferences``):
+
+  forward (default): :math:`h = \tfrac1S \sum_s z_s \odot (\nabla f(\tilde x + \delta z_s) - \nabla f(\tilde x))/\delta`,
+  reusing the gradient :math:`\nabla f(\tilde x)` the step already has;
+  central: :math:`h = \tfrac1S \sum_s z_s \odot (\nabla f(\tilde x + \delta z_s) - \nabla f(\tilde x - \delta z_s))/(2\delta)`.
+
+  The moves regenerate :math:`z` from the probe counters (``fd_move``); with one
+  forward sample the difference quotient is taken inside the update itself
+  (``RefreshMode.FD_DIRECT``: no :math:`Hz` is materialised, the only transient
+  buffer is the pass's gradient). Otherwise each pass's gradient is folded into a
+  running sum held in the first pass's gradient buffer (``fd_fold``), and
+  :math:`\tilde x` is kept to return to it exactly between passes.
+
+The step :math:`\delta`. A forward difference errs by about
+:math:`\tfrac\delta2 |f'''|` (truncation) plus :math:`\epsilon_g |\nabla f| / \delta`
+(rounding of the two gradients, :math:`\epsilon_g` their relative precision), so the
+best :math:`\delta` is about :math:`\sqrt{\epsilon_g}` in the units the function
+varies on, the scale of the parameters; central differences err by
+:math:`\delta^2` and :math:`\epsilon_g/\delta`, best near :math:`\epsilon_g^{1/3}`.
+Finite-difference Newton methods take :math:`\delta = c\,(1 + \lVert x\rVert)/\lVert z\rVert`;
+with :math:`\lVert z\rVert = \sqrt N` for Rademacher probes this is
+:math:`c\,(1 + \lVert x_t\rVert_2)/\sqrt N`, about ``c`` times the parameters' RMS.
+``c = fd_eps``; ``"auto"`` takes it from ``FD_EPS`` by the precision the gradients
+were computed in. Float32 gradients carry :math:`\epsilon_g \approx 10^{-7}`; under
+bf16 autocast :math:`\epsilon_g \approx 4\cdot 10^{-3}` and, worse, a weight moved by
+less than a bf16 ulp (~0.4% of its value) is not moved at all inside the matmuls,
+so 16-bit arithmetic needs a step some 30 times larger. ``bench/fd_accuracy.py``
+measures the error of every setting against exact products on three models.
+
+The norm is taken at :math:`x_t` (identical on every data-parallel replica) and
+over every participating element, so every rank and every backend uses the same
+:math:`\delta`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .backends import Bucket, ProbeKeys, RefreshInput, RefreshMode
+from .functional import global_sq_norm
+from .plans import StepPlan, count_present, dense
+
+__all__ = [
+    "FD_EPS",
+    "FiniteDifferences",
+    "autograd_refresh",
+    "cannot_differentiate_twice",
+    "fd_relative_step",
+    "remap_refresh",
+]
+
+# fd_eps="auto": (scheme, precision class) -> relative step. Measured in
+# bench/fd_accuracy.py (BENCHMARKS.md): float32 forward 1e-3 errs by 1e-3..3e-3,
+# central 3e-3 by ~1e-4; under bf16 autocast 3e-2 keeps the error at 10-16%
+# (forward) and 3-8% (central), where 1e-3 would err by 140-390%.
+FD_EPS: Dict[Tuple[str, int], float] = {
+    ("forward", 64): 1e-7,
+    ("forward", 32): 1e-3,
+    ("forward", 16): 3e-2,
+    ("central", 64): 1e-5,
+    ("central", 32): 3e-3,
+    ("central", 16): 3e-2,
+}
+
+# Messages of the errors that mean "this model cannot be differentiated twice".
+_DOUBLE_BACKWARD_ERRORS = (
+    "is not implemented",  # derivative for aten::_scaled_dot_product_..._backward is not implemented
+    "double backward",  # torch.compile with aot_autograd does not currently support double backward
+    "donated buffers",  # compiled with non-empty donated buffers which requires create_graph=False
+    "incompatible with .grad()",  # reentrant activation checkpointing
+    "does not require grad and does not have a grad_fn",  # no second-order graph at all
+    "once_differentiable",  # custom Functions that refuse a second derivative
+)
+
+
+def cannot_differentiate_twice(exc: BaseException) -> bool:
+    """True for the errors PyTorch raises when a model has no double backward."""
+    text = str(exc)
+    if "is not implemented" in text and "derivative for" not in text:
+        return False
+    return isinstance(exc, RuntimeError) and any(m in text for m in _DOUBLE_BACKWARD_ERRORS)
+
+
+def is_reentrant_checkpoint_error(exc: BaseException) -> bool:
+    return isinstance(exc, RuntimeError) and "incompatible with .grad()" in str(exc)
+
+
+# ---------------------------------------------------------------------------- autograd
+_warned_partial_graph = False
+
+
+def autograd_refresh(plan: StepPlan, keys: ProbeKeys) -> Tuple[Optional[List[RefreshInput]], bool]:
+    """``H z_s`` by double backward at the params' current values, per bucket.
+
+    Returns ``(inputs, has_graph)``; ``has_graph`` is False when no gradient carries
+    a graph (then ``inputs`` is None). A param whose gradient carries none is
+    absent from the second-order graph: ``Hz = 0`` there. Gradients are detached
+    afterwards, whatever happens (no parameter/gradient reference cycle).
+    """
+    global _warned_partial_graph
+    live = [(bi, j, p) for bi, b in enumerate(plan.buckets) for j, p in enumerate(b.params)
+            if p.grad is not None and p.grad.requires_grad]
+    if not live:
+        return None, False
+    try:
+        missing = sum(1 for p in plan.participants if p.grad is not None and not p.grad.requires_grad)
+        if missing and not _warned_partial_graph:
+            _warned_partial_graph = True
+            warnings.warn(
+                f"{missing} of {len(plan.participants)} parameters' gradients carry no second-order graph, "
+                "so their Hessian estimate is zero. That is right for parameters the loss is linear in; "
+                "if the model uses reentrant activation checkpointing (use_reentrant=True) or detaches "
+                "inside, use hvp='finite_difference'.", RuntimeWarning, stacklevel=4)
+        inputs = [p for _, _, p in live]
+        outputs = [p.grad for p in inputs]
+        ys: List[List[List[Optional[Tensor]]]] = [[[None] * len(b.params) for _ in range(keys.n_samples)]
+                                                   for b in plan.buckets]
+        for s in range(keys.n_samples):
+            zs = [b.backend.probes(b, keys, s) for b in plan.buckets]
+            with torch.enable_grad():
+                hz = torch.autograd.grad(outputs, inputs, grad_outputs=[zs[bi][j] for bi, j, _ in live],
+                                         retain_graph=s < keys.n_samples - 1, allow_unused=True)
+            for (bi, j, _), h in zip(live, hz):
+                ys[bi][s][j] = None if h is None else h.detach().contiguous()
+    finally:
+        for p in plan.participants:
+            if p.grad is not None and p.grad.requires_grad:
+                p.grad = p.grad.detach()
+    return [RefreshInput(RefreshMode.AUTOGRAD, ys[bi], keys) for bi in range(len(plan.buckets))], True
+
+
+def remap_refresh(inputs: List[RefreshInput], src: StepPlan, dst: StepPlan) -> List[RefreshInput]:
+    """Refresh inputs taken over ``src``'s buckets, rearranged for ``dst``'s.
+
+    For a step whose participants changed between the HVP and the update (a
+    gradient cleared in between): params missing from ``src`` get ``h = 0``.
+    """
+    where = {id(p): (bi, j) for bi, b in enumerate(src.buckets) for j, p in enumerate(b.params)}
+    first = inputs[0]
+    out = []
+    for b in dst.buckets:
+        ys: List[List[Optional[Tensor]]] = [[None] * len(b.params) for _ in first.ys]
+        for j, p in enumerate(b.params):
+            loc = where.get(id(p))
+            if loc is not None:
+                for s in range(len(ys)):
+                    ys[s][j] = inputs[loc[0]].ys[s][loc[1]]
+        delta = None if first.delta is None else first.delta.to(b.device)
+        out.append(RefreshInput(first.mode, ys, first.keys, delta))
+    return out
+
+
+# ------------------------------------------------------------------ finite differences
+def fd_relative_step(plan: StepPlan, fd_eps, scheme: str):
+    """``fd_eps``, or for ``"auto"`` the table value for the gradients' precision.
+
+    16-bit arithmetic leaves the low mantissa bits of the float32 gradients it
+    produces zero: when most non-zero elements of the largest float32 gradients
+    have their low 13 bits clear, the forward ran in bf16/fp16 (autocast). Decided
+    on the device (a 0-dim tensor), without a host read.
+    """
+    if fd_eps != "auto":
+        return float(fd_eps)
+    if plan.has_16bit:
+        return FD_EPS[(scheme, 16)]
+    if plan.all_fp64:
+        return FD_EPS[(scheme, 64)]
+    if not plan.fingerprint:
+        return FD_EPS[(scheme, 32)]
+    low = nonzero = None
+    for bi, j in plan.fingerprint:
+        g = plan.buckets[bi].params[j].grad
+        if g is None:
+            continue
+        nz = g != 0
+        bits = (g.view(torch.int32) & 0x1FFF) == 0
+        a, n = (bits & nz).sum(), nz.sum()
+        low, nonzero = (a, n) if low is None else (low + a.to(low.device), nonzero + n.to(low.device))
+    if low is None:
+        return FD_EPS[(scheme, 32)]
+    return torch.where(low * 2 > nonzero, FD_EPS[(scheme, 16)], FD_EPS[(scheme, 32)]).to(torch.float64)
+
+
+def fd_delta(plan: StepPlan, x_t_of: Callable[[Bucket], List[Tensor]], relative) -> Tensor:
+    """``delta = relative * (1 + ||x_t||) / sqrt(N)`` as a 0-dim float32 device tensor."""
+    sq = global_sq_norm(plan, x_t_of).to(torch.float64)
+    if isinstance(relative, Tensor):
+        relative = relative.to(sq.device)
+    delta = relative * (1 + sq.sqrt()) / math.sqrt(max(plan.numel, 1))
+    return delta.to(torch.float32)
+
+
+class FiniteDifferences:
+    """The finite-difference passes of one refresh step.
+
+    Usage (both interfaces): ``begin()`` before the first pass, ``after_pass(i)``
+    after pass ``i`` (its gradients in ``.grad``), then ``finish()`` for the
+    update's input; ``abort()`` on any failure. Between ``begin`` and ``finish``
+    the gradient at :math:`\\tilde x` is held here and every ``.grad`` of the
+    participants is cleared before each pass; ``finish`` puts it back.
+    """
+
+    def __init__(self, plan: StepPlan, keys: ProbeKeys, scheme: str, fd_eps,
+                 x_t_of: Callable[[Bucket], List[Tensor]], inv_scale: Optional[Tensor] = None) -> None:
+        self.plan, self.keys, self.scheme = plan, keys, scheme
+        self.n_samples = keys.n_samples
+        self.n_passes = self.n_samples * (2 if scheme == "central" else 1)
+        self.direct = scheme == "forward" and self.n_samples == 1
+        self.fd_eps, self.x_t_of, self.inv_scale = fd_eps, x_t_of, inv_scale
+        self.stash: List[List[Optional[Tensor]]] = []
+        self.delta: Dict[torch.device, Tensor] = {}
+        self.saved: Optional[List[List[Tensor]]] = None  # x~, when there is more than one pass
+        self.acc: List[List[Optional[Tensor]]] = [[None] * len(b.params) for b in plan.buckets]
+        self.plus: List[Optional[List[Tensor]]] = [None] * len(plan.buckets)  # central: the + pass's gradients
+        self.complete: List[List[bool]] = [[True] * len(b.params) for b in plan.buckets]
+
+    def _pass_point(self, i: int) -> Tuple[int, float]:
+        """(sample, sign) of pass ``i``."""
+        if self.scheme == "central":
+            return i // 2, 1.0 if i % 2 == 0 else -1.0
+        return i, 1.0
+
+    def _move(self, i: int, save: bool) -> None:
+        sample, sign = self._pass_point(i)
+        for bi, b in enumerate(self.plan.buckets):
+            base = None if self.saved is None or save else self.saved[bi]
+            b.backend.fd_move(b, self.delta[b.device], self.keys, sample, sign, base,
+                              self.saved[bi] if save else None)
+
+    @torch.no_grad()
+    def begin(self) -> None:
+        plan = self.plan
+        # the precision fingerprint reads the gradients at x~, before they are put aside
+        delta = fd_delta(plan, self.x_t_of, fd_relative_step(plan, self.fd_eps, self.scheme))
+        self.step_size = delta
+        for b in plan.buckets:
+            if b.device not in self.delta:
+                self.delta[b.device] = delta.to(b.device)
+        self.stash = [[p.grad for p in b.params] for b in plan.buckets]
+        for p in plan.participants:
+            p.grad = None
+        if self.n_passes > 1:
+            self.saved = [[torch.empty_like(p) for p in b.params] for b in plan.buckets]
+        self._move(0, save=self.saved is not None)
+
+    @torch.no_grad()
+    def after_pass(self, i: int) -> None:
+        sample, sign = self._pass_point(i)
+        for bi, b in enumerate(self.plan.buckets):
+            grads = [p.grad for p in b.params]
+            for p in b.params:
+                p.grad = None
+            if count_present(grads) != len(grads):
+                for j, g in enumerate(grads):
+                    if g is None:  # absent from this pass: no estimate for the param this step
+                        self.complete[bi][j] = False
+                        grads[j] = torch.zeros_like(b.params[j])
+            grads = dense(grads)
+            if self.inv_scale is not None and grads:  # a GradScaler scaled this pass's loss
+                torch._foreach_mul_(grads, self.inv_scale.to(b.device, grads[0].dtype))
+            if self.direct:
+                self.acc[bi] = grads
+                continue
+            if self.scheme == "central":
+                if sign > 0:  # hold grad f(x~ + delta z) until its partner pass
+                    self.plus[bi] = grads
+                    continue
+                # fold c z (G+ - G-) as -c z (G- - G+): the difference is taken before
+                # scaling, so nothing of order |g| / delta is ever rounded
+                plus, first = self.plus[bi], sample == 0
+                acc = plus if first else self.acc[bi]
+                b.backend.fd_fold(b, acc, grads, plus, self.delta[b.device], self.keys, sample,
+                                  -1.0 / (2 * self.n_samples), first)
+                self.plus[bi] = None
+            else:
+                first = i == 0
+                acc = grads if first else self.acc[bi]
+                b.backend.fd_fold(b, acc, grads, self.stash[bi], self.delta[b.device], self.keys, sample,
+                                  1.0 / self.n_samples, first)
+            self.acc[bi] = acc
+        if i + 1 < self.n_passes:
+            self._move(i + 1, save=False)
+
+    @torch.no_grad()
+    def finish(self) -> List[RefreshInput]:
+        """The update's input per bucket; the gradients at x~ are back in ``.grad``."""
+        self._restore_grads()
+        self.saved = None
+        mode = RefreshMode.FD_DIRECT if self.direct else RefreshMode.PRECOMPUTED
+        out = []
+        for bi, b in enumerate(self.plan.buckets):
+            ys = [a if ok else None for a, ok in zip(self.acc[bi], self.complete[bi])]
+            out.append(RefreshInput(mode, [ys], self.keys, self.delta.get(b.device)))
+        return out
+
+    @torch.no_grad()
+    def abort(self) -> None:
+        self._restore_grads()
+        self.saved = None
+        self.acc = []
+        self.plus = []
+
+    def _restore_grads(self) -> None:
+        for b, grads in zip(self.plan.buckets, self.stash):
+            for p, g in zip(b.params, grads):
+                p.grad = g
+        self.stash = []

@@ -1,0 +1,169 @@
+"""Step plans: the tensors of a step, bucketed once per parameter set and storage.
+
+A plan answers, for the list of parameters taking part in a step, which backend runs
+each one (fallback routing happens here, once), and holds the parallel lists every
+phase needs: params, backups, optimizer state, probe counters and group rows.
+Plans are cached on the identity of the participating parameters and checked
+against their ``data_ptr()``s each step; a change of storage rebuilds the plan (and
+drops the backends' tables cached in it). So per step the host does a constant
+amount of Python work per bucket, whatever the number of tensors: lists of the
+gradients are the only thing gathered per tensor, at C speed.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import OrderedDict
+from itertools import repeat
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from .backends import Backend, Bucket, get_backend, math_dtype
+
+__all__ = ["StepPlan", "PlanCache", "dense", "count_present"]
+
+_data_ptr = Tensor.data_ptr
+_is_contiguous = Tensor.is_contiguous
+_EAGER: Optional[Backend] = None
+
+
+def _eager() -> Backend:
+    global _EAGER
+    if _EAGER is None:
+        _EAGER = get_backend("eager")
+    return _EAGER
+
+
+def count_present(items: Sequence[Optional[Tensor]]) -> int:
+    """How many entries are not None, at C speed (``list.count(None)`` would call Tensor.__eq__)."""
+    return sum(map(operator.is_not, items, repeat(None)))
+
+
+def dense(tensors: List[Tensor]) -> List[Tensor]:
+    """The tensors themselves when all are contiguous (checked at C speed), else contiguous copies."""
+    if all(map(_is_contiguous, tensors)):
+        return tensors
+    return [t.contiguous() for t in tensors]
+
+
+@dataclass(eq=False)
+class StepPlan:
+    """The participants of a step in buckets, with what the step's phases share."""
+
+    participants: List[Tensor]
+    buckets: List[Bucket]
+    ptrs: Tuple[int, ...]  # the participants' data_ptr()s the plan was built for
+    acc_dtype: torch.dtype  # global norms sum in fp64 when any param is fp64, else fp32
+    numel: int  # elements of all participants (the finite-difference step's scale)
+    has_16bit: bool  # some participant is bf16/fp16
+    all_fp64: bool
+    # (bucket, position) of the largest float32 participants: their gradients tell
+    # whether the forward ran in 16-bit arithmetic (autocast), for fd_eps="auto".
+    fingerprint: List[Tuple[int, int]] = field(default_factory=list)
+    has_state: bool = False
+
+    def grads(self, bucket: Bucket) -> List[Tensor]:
+        return [p.grad for p in bucket.params]
+
+
+class PlanCache:
+    """Builds and caches ``StepPlan``s for an optimizer.
+
+    ``index_of`` / ``group_of`` map ``id(param)`` to its position and group;
+    ``backup_of(param)`` gives the tensor that keeps x_t for it; ``backend_for(device,
+    dtype)`` resolves the optimizer's ``backend=`` argument. (Passed per call: the
+    cache holds no reference back to its optimizer.)
+    """
+
+    def __init__(self, size: int = 4) -> None:
+        self.size = size
+        self._plans: "OrderedDict[Tuple[int, ...], StepPlan]" = OrderedDict()
+        self.builds = 0  # plans built so far (tests and benchmarks read it)
+
+    def clear(self) -> None:
+        self._plans.clear()
+
+    def get(
+        self,
+        participants: List[Tensor],
+        index_of: Dict[int, int],
+        group_of: Dict[int, int],
+        backup_of: Callable[[Tensor], Tensor],
+        backend_for: Callable[[torch.device, torch.dtype], Backend],
+    ) -> StepPlan:
+        key = tuple(map(id, participants))
+        plan = self._plans.get(key)
+        if plan is not None and tuple(map(_data_ptr, participants)) == plan.ptrs:
+            self._plans.move_to_end(key)
+            return plan
+        plan = self._build(participants, index_of, group_of, backup_of, backend_for)
+        self._plans[key] = plan
+        self._plans.move_to_end(key)
+        while len(self._plans) > self.size:
+            self._plans.popitem(last=False)
+        return plan
+
+    def _build(self, participants, index_of, group_of, backup_of, backend_for) -> StepPlan:
+        self.builds += 1
+        by_key: Dict[Tuple[torch.device, int], Bucket] = {}
+        for pos, p in enumerate(participants):
+            backend = backend_for(p.device, p.dtype)
+            if not backend.accepts(p):
+                backend = _eager()  # a layout the kernels cannot address: the reference runs it
+            key = (p.device, id(backend))
+            b = by_key.get(key)
+            if b is None:
+                b = by_key[key] = Bucket(backend=backend, device=p.device, params=[], param_index=[],
+                                         group_index=[], backups=[])
+            b.positions.append(pos)
+            b.params.append(p)
+            b.param_index.append(index_of[id(p)])
+            b.group_index.append(group_of[id(p)])
+            b.backups.append(backup_of(p))
+        buckets = list(by_key.values())
+        dtypes = {p.dtype for p in participants}
+        sizes = [(p.numel(), bi, j) for bi, b in enumerate(buckets) for j, p in enumerate(b.params)
+                 if p.dtype == torch.float32]
+        sizes.sort(reverse=True)
+        return StepPlan(
+            participants=list(participants),
+            buckets=buckets,
+            ptrs=tuple(map(_data_ptr, participants)),
+            acc_dtype=torch.float64 if torch.float64 in dtypes else torch.float32,
+            numel=sum(p.numel() for p in participants),
+            has_16bit=bool(dtypes & {torch.bfloat16, torch.float16}),
+            all_fp64=dtypes == {torch.float64},
+            fingerprint=[(bi, j) for n, bi, j in sizes[:4] if n > 0],
+        )
+
+
+def attach_state(plan: StepPlan, state_of: Callable[[Tensor], dict]) -> None:
+    """Fill the buckets' state lists (once per plan: state tensors are stable)."""
+    if plan.has_state:
+        return
+    for b in plan.buckets:
+        states = [state_of(p) for p in b.params]
+        b.exp_avgs = [s["exp_avg"] for s in states]
+        b.exp_hessian_diags = [s["exp_hessian_diag"] for s in states]
+        b.steps = [s["step"] for s in states]
+        b.bias_corrections2 = [s["bias_correction2"] for s in states]
+    plan.has_state = True
+
+
+def new_state(p: Tensor) -> dict:
+    """Fresh optimizer state of a parameter (names as in the official code)."""
+    mdt = math_dtype(p.dtype)
+    return {
+        "step": torch.zeros((), dtype=torch.float32, device=p.device),
+        "exp_avg": torch.zeros_like(p, dtype=mdt, memory_format=torch.preserve_format),
+        "exp_hessian_diag": torch.zeros_like(p, dtype=mdt, memory_format=torch.preserve_format),
+        # 0 until the parameter's first Hessian refresh: the update skips it until then
+        "bias_correction2": torch.zeros((), dtype=torch.float64, device=p.device),
+    }
+
+
+def flat_numel(tensors: Sequence[Tensor]) -> int:
+    return sum(t.numel() for t in tensors)
