@@ -6,9 +6,10 @@
 // alignment, probe counter, group); the records and the block map built from them
 // go to the device once and are reused while the same records come back: the
 // cache is keyed on the records' bytes, so a change of storage (or of gradients'
-// addresses) is a new entry and an unchanged call uploads nothing. Per-call
-// values (the group table, refresh inputs, probe prefixes) travel in one small
-// pinned, non-blocking copy; the host never waits for the device.
+// addresses) is a new entry and an unchanged call uploads nothing. Per-step
+// values come as device tensors (the group and update-scalar tables, delta); the
+// refresh inputs and probe prefixes of a refresh step travel in one small pinned,
+// non-blocking copy. The host never waits for the device.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -176,7 +177,7 @@ at::Tensor sq_norm_cuda(at::TensorList sources, at::TensorList params, bool adap
 }
 
 void perturb_cuda(at::TensorList params, at::TensorList sources, at::TensorList backups, const at::Tensor& sq_norm,
-                  c10::ArrayRef<int64_t> group_index, c10::ArrayRef<double> groups, double sign, bool adaptive) {
+                  c10::ArrayRef<int64_t> group_index, const at::Tensor& groups, double sign, bool adaptive) {
   const size_t n = params.size();
   TORCH_CHECK(sources.size() == n && backups.size() == n && group_index.size() == n,
               "sassha_fused::perturb: params, sources, backups and group_index need one entry per param");
@@ -185,7 +186,11 @@ void perturb_cuda(at::TensorList params, at::TensorList sources, at::TensorList 
   TORCH_CHECK(sq_norm.numel() == 1 && sq_norm.device() == params[0].device() &&
                   (sq_norm.scalar_type() == at::kFloat || sq_norm.scalar_type() == at::kDouble),
               "sassha_fused::perturb: sq_norm must be a one-element float32/float64 tensor on the params' device");
-  const int64_t n_groups = static_cast<int64_t>(groups.size()) / GroupCol::kCount;
+  TORCH_CHECK(groups.dim() == 2 && groups.size(1) == GroupCol::kCount && groups.scalar_type() == at::kDouble &&
+                  groups.device() == params[0].device() && groups.is_contiguous(),
+              "sassha_fused::perturb: groups must be the contiguous float64 [n_groups, GroupCol.COUNT] group table "
+              "on the params' device (functional.GroupTable)");
+  const int64_t n_groups = groups.size(0);
   const c10::cuda::CUDAGuard guard(params[0].device());
   std::vector<TensorRec> recs;
   recs.reserve(n);
@@ -205,12 +210,9 @@ void perturb_cuda(at::TensorList params, at::TensorList sources, at::TensorList 
   }
   const DeviceTables t = table_cache().get(recs, params[0].device());
   if (t.n_blocks == 0) return;
-  std::vector<uint8_t> bytes(groups.size() * sizeof(double));
-  std::memcpy(bytes.data(), groups.data(), bytes.size());
-  const at::Tensor dev_groups = upload(bytes, params[0].device());
   const at::Tensor norm = sq_norm.contiguous();
   launch_perturb(t.recs, t.blocks, t.n_blocks, norm.const_data_ptr(), norm.scalar_type() == at::kDouble,
-                 static_cast<const double*>(dev_groups.const_data_ptr()), sign, adaptive, current_stream());
+                 groups.const_data_ptr<double>(), sign, adaptive, current_stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -286,16 +286,21 @@ SASSHA_CPU_CLONES void chunk_perturb(T* x, T* backup, const V* v, math_t<T> scal
   store_fence();
 }
 
-// Row g of the flat group table, checked.
-const double* group_row(const char* op, c10::ArrayRef<double> groups, int64_t g) {
-  TORCH_CHECK(g >= 0 && (g + 1) * GroupCol::kCount <= static_cast<int64_t>(groups.size()), "sassha_fused::", op,
-              ": group_index ", g, " is outside the group table of ", groups.size() / GroupCol::kCount,
-              " rows; pass the flat table of GroupCol.COUNT values per param group");
-  return groups.data() + g * GroupCol::kCount;
+// Row g of the group table, checked.
+const double* group_row(const char* op, const at::Tensor& groups, int64_t g) {
+  TORCH_CHECK(g >= 0 && g < groups.size(0), "sassha_fused::", op, ": group_index ", g,
+              " is outside the group table of ", groups.size(0), " rows");
+  return groups.const_data_ptr<double>() + g * GroupCol::kCount;
+}
+
+void check_group_table(const char* op, const at::Tensor& groups) {
+  TORCH_CHECK(groups.dim() == 2 && groups.size(1) == GroupCol::kCount && groups.scalar_type() == at::kDouble,
+              "sassha_fused::", op, ": groups must be the float64 [n_groups, GroupCol.COUNT] group table "
+              "(functional.GroupTable)");
 }
 
 void perturb_cpu(at::TensorList params, at::TensorList sources, at::TensorList backups, const at::Tensor& sq_norm,
-                 c10::ArrayRef<int64_t> group_index, c10::ArrayRef<double> groups, double sign, bool adaptive) {
+                 c10::ArrayRef<int64_t> group_index, const at::Tensor& groups_table, double sign, bool adaptive) {
   const size_t n = params.size();
   check_same_length("perturb", "params", n, "sources", sources.size());
   check_same_length("perturb", "params", n, "backups", backups.size());
@@ -313,6 +318,8 @@ void perturb_cpu(at::TensorList params, at::TensorList sources, at::TensorList b
   }
   TORCH_CHECK(sq_norm.numel() == 1 && (sq_norm.scalar_type() == at::kFloat || sq_norm.scalar_type() == at::kDouble),
               "sassha_fused::perturb: sq_norm must be a one-element float32/float64 tensor (from sq_norm)");
+  check_group_table("perturb", groups_table);
+  const at::Tensor groups = groups_table.to(at::kCPU).contiguous();
   // The scale is computed here from the norm tensor, per tensor, as eager.py does.
   const at::Tensor norm = sq_norm.to(at::kCPU);
   const bool acc64 = norm.scalar_type() == at::kDouble;
@@ -690,9 +697,9 @@ TORCH_LIBRARY(sassha_fused, m) {
   m.def("sq_norm(Tensor[] sources, Tensor[] params, bool adaptive, bool acc_fp64) -> Tensor");
   // backups[j] = params[j]; params[j] += sign * rho / (sqrt(sq_norm) + perturb_eps)
   //                                     * sources[j] [* params[j]^2 when adaptive]
-  // with rho, perturb_eps from row group_index[j] of the flat group table (GroupCol).
+  // with rho, perturb_eps from row group_index[j] of the float64 group table (GroupCol).
   m.def("perturb(Tensor(a!)[] params, Tensor[] sources, Tensor(b!)[] backups, Tensor sq_norm, int[] group_index, "
-        "float[] groups, float sign, bool adaptive) -> ()");
+        "Tensor groups, float sign, bool adaptive) -> ()");
   // out[j] = the Rademacher probe of parameter param_index[j] (probes.py), from the
   // probe vector's key prefix.
   m.def("probes(Tensor(a!)[] out, int[] param_index, int prefix) -> ()");

@@ -42,28 +42,40 @@ __all__ = [
 class GroupTable:
     """The step's hyper-parameters, one row per param group (layout: ``GroupCol``).
 
-    Built on the host from ``param_groups`` each step (a loop over groups, not
-    tensors); ``tensor(device)`` is the float64 table on a device, uploaded once
-    per device and step.
+    Built from ``param_groups`` each step (a loop over groups, not tensors).
+    ``tensor(device)`` is the float64 table on a device: uploaded from pinned memory
+    without waiting, or, ``on_device`` (capturable runs), assembled there by device
+    ops, so a CUDA graph can capture it (a tensor ``lr`` is then read at replay).
+    ``rows`` are the host values (the eager reference reads them).
     """
 
-    __slots__ = ("rows", "flat", "_on")
+    __slots__ = ("values", "on_device", "_on", "_rows")
 
-    def __init__(self, param_groups: Sequence[Dict[str, Any]]) -> None:
-        rows = []
-        for g in param_groups:
-            beta1, beta2 = g["betas"]
-            rows.append((float(g["lr"]), float(beta1), float(beta2), float(g["weight_decay"]), float(g["eps"]),
-                         float(g["rho"]), float(g["perturb_eps"])))
-        self.rows: Tuple[Tuple[float, ...], ...] = tuple(rows)
-        self.flat: List[float] = [v for row in rows for v in row]
+    def __init__(self, param_groups: Sequence[Dict[str, Any]], on_device: bool = False) -> None:
+        self.values = [(g["lr"], g["betas"][0], g["betas"][1], g["weight_decay"], g["eps"], g["rho"],
+                        g["perturb_eps"]) for g in param_groups]
+        self.on_device = on_device
         self._on: Dict[torch.device, Tensor] = {}
+        self._rows: Optional[List[Tuple[float, ...]]] = None
+
+    @property
+    def rows(self) -> List[Tuple[float, ...]]:
+        if self._rows is None:
+            self._rows = [tuple(float(v) for v in row) for row in self.values]
+        return self._rows
 
     def tensor(self, device: torch.device) -> Tensor:
         t = self._on.get(device)
         if t is None:
-            host = torch.tensor(self.rows, dtype=torch.float64).reshape(len(self.rows), GroupCol.COUNT)
-            t = self._on[device] = host if device.type == "cpu" else host.pin_memory().to(device, non_blocking=True)
+            if self.on_device:
+                t = torch.stack([torch.stack([
+                    v.to(device, torch.float64).reshape(()) if isinstance(v, Tensor)
+                    else torch.full((), float(v), dtype=torch.float64, device=device) for v in row])
+                    for row in self.values])
+            else:
+                host = torch.tensor(self.rows, dtype=torch.float64).reshape(len(self.values), GroupCol.COUNT)
+                t = host if device.type == "cpu" else host.pin_memory().to(device, non_blocking=True)
+            self._on[device] = t
         return t
 
 
@@ -182,14 +194,20 @@ class SkipMonitor:
     ``max_consecutive`` skips in a row raise ``FloatingPointError``.
     """
 
-    def __init__(self, owner: str, max_consecutive: Optional[int]) -> None:
+    def __init__(self, owner: str, max_consecutive: Optional[int], on_device: bool = False) -> None:
         self.owner = owner
         self.max_consecutive = max_consecutive
-        self.skipped = 0
+        self.on_device = on_device
+        self.skipped = 0  # found on the host so far
         self.consecutive = 0
         self._pending: Deque[Tuple[int, Tensor, Any]] = deque()
+        self._device_count: Optional[Tensor] = None  # on_device: skipped steps counted where they happen
 
     def record(self, ok: Tensor, step: int) -> None:
+        if self.on_device:  # capturable: no host copy, no event; counted on the device
+            count = self._device_count
+            self._device_count = (~ok).to(torch.int64) if count is None else count.add_((~ok).to(torch.int64))
+            return
         if ok.device.type == "cuda":
             host = torch.empty((), dtype=ok.dtype, pin_memory=True)
             host.copy_(ok, non_blocking=True)
@@ -198,6 +216,11 @@ class SkipMonitor:
             self._pending.append((step, host, event))
         else:
             self._pending.append((step, ok, None))
+
+    def total(self) -> int:
+        """Skipped steps so far; reads the device count (a synchronisation) in capturable runs."""
+        self.poll(wait=True, warn=False)
+        return self.skipped + (0 if self._device_count is None else int(self._device_count))
 
     def poll(self, wait: bool = False, warn: bool = True) -> List[int]:
         """Steps found skipped among the flags that have arrived (all, with ``wait``)."""

@@ -20,13 +20,8 @@ from . import functional as F
 from ._defaults import ARGS_DOC, DEFAULTS, GROUP_KEYS, MSASSHA_ONLY, SASSHA_ONLY, validate_group, validate_options
 from .backends import Backend, Bucket, ProbeKeys, RefreshInput, RefreshMode, math_dtype, resolve_backend
 from .distributed import BucketedAverager, is_distributed, participation, reject_sharded_params
-from .hvp import (
-    FiniteDifferences,
-    autograd_refresh,
-    cannot_differentiate_twice,
-    is_reentrant_checkpoint_error,
-    remap_refresh,
-)
+from ._passes import PassDriver
+from .hvp import autograd_refresh, cannot_differentiate_twice
 from .plans import PlanCache, StepPlan, attach_state, count_present, new_state
 from .probes import MAX_PROBE_NUMEL, key_prefix
 from .schedules import is_schedule
@@ -37,16 +32,17 @@ _EXTRA_KEY = "sassha_fused"
 _STATE_DTYPES = {"step": torch.float32, "bias_correction2": torch.float64}
 
 
-class _UseFiniteDifferences(Exception):
-    """Internal: this step cannot take an autograd HVP (the reason is the message)."""
-
-
 def _options(frame_locals: Dict[str, Any]) -> Dict[str, Any]:
     return {k: v for k, v in frame_locals.items() if k not in ("self", "params", "__class__")}
 
 
-class _SasshaBase(torch.optim.Optimizer):
-    """What SASSHA and M-SASSHA share: options, state, plans, the closure, the step skeleton."""
+class _SasshaBase(PassDriver, torch.optim.Optimizer):
+    """What SASSHA and M-SASSHA share: options, state, plans, the step skeleton.
+
+    The classes differ in four hooks: ``_closure_passes`` (the passes of a step
+    through a closure), ``_x_t_for_update`` (where x_t lives when the update
+    runs), ``_after_update`` and ``_abort_step``; plus ``_backup``/``_x_t_of``.
+    """
 
     def __init__(self, params: Iterable, options: Dict[str, Any]) -> None:
         validate_options(options)
@@ -63,7 +59,7 @@ class _SasshaBase(torch.optim.Optimizer):
         self._own_rho: List[bool] = []
         self._backend_cache: Dict[Tuple[torch.device, torch.dtype], Backend] = {}
         self._plans = PlanCache()
-        self._skips = F.SkipMonitor(type(self).__name__, options["max_consecutive_skips"])
+        self._skips = F.SkipMonitor(type(self).__name__, options["max_consecutive_skips"], on_device=self.capturable)
         self._averager = BucketedAverager(self.process_group)
         self.last_step_collectives = 0  # collectives the last step issued (data-parallel)
         self._hvp_method = "finite_difference" if self.hvp == "finite_difference" else "autograd"
@@ -163,8 +159,7 @@ class _SasshaBase(torch.optim.Optimizer):
     @property
     def skipped_steps(self) -> int:
         """Steps skipped for NaN/Inf so far (waits for flags still on the way from the GPU)."""
-        self._poll_skips(wait=True)
-        return self._skips.skipped
+        return self._skips.total()
 
     def _begin_step(self) -> None:
         """Advance the schedules once per optimizer step."""
@@ -232,208 +227,50 @@ class _SasshaBase(torch.optim.Optimizer):
             return None
         return scaler.scale(torch.ones((), dtype=torch.float32, device=device)).reciprocal()
 
-    # ------------------------------------------------------------ the closure
-    def _check_closure_allowed(self) -> None:
-        if self.grad_scaler is not None and self.grad_scaler.is_enabled():
-            raise ValueError(
-                "grad_scaler: with a GradScaler, drive the step with the official protocol "
-                "(scaler.scale(loss).backward(), perturb_weights, ..., scaler.step(opt)); "
-                "a closure's loss is never scaled, so step(closure) cannot use it")
-
-    def _closure_pass(self, closure: Callable[[], Any], create_graph: bool = False) -> Any:
-        """One forward/backward through the closure; the gradients land in ``.grad``.
-
-        A closure that returns the loss gets its backward from here (autograd.grad:
-        no parameter/gradient reference cycle); one that calls ``backward()``
-        itself, as torch.optim's closures do, is taken as it is, and then no
-        double-backward graph can be built.
-        """
-        for g in self.param_groups:  # frozen params too: a stale gradient must not update them
-            for p in g["params"]:
-                p.grad = None
-        params = self._trainable_now()
-        with torch.enable_grad():
-            loss = closure()
-        if count_present([p.grad for p in params]):
-            self._standard_closure = True
-            if create_graph:
-                raise _UseFiniteDifferences("the closure calls backward() itself")
-            return loss.detach() if isinstance(loss, Tensor) else loss
-        if not isinstance(loss, Tensor):
-            raise TypeError(f"the closure must return the loss as a tensor, got {type(loss).__name__}")
-        if not loss.requires_grad:
-            if any(p.numel() > 0 for p in params):
-                raise ValueError(
-                    "the closure's loss does not depend on any parameter: return the loss without calling "
-                    "backward() on it (the optimizer runs the backward passes), or call loss.backward() "
-                    "inside the closure as torch.optim's closures do")
-            return loss.detach()
-        if self._plain_backward and not create_graph:
-            loss.backward()
-            return loss.detach()
-        try:
-            grads = torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True)
-        except RuntimeError as exc:
-            if is_reentrant_checkpoint_error(exc) and not create_graph:
-                # autograd.grad cannot run reentrant checkpoints; plain backward() can.
-                self._plain_backward = True
-                if self.hvp != "finite_difference":
-                    self._use_finite_differences(exc)  # their double backward would miss the checkpointed part
-                return self._closure_pass(closure)
-            if "second time" in str(exc):
-                raise RuntimeError(
-                    "the closure's graph was already used by a backward pass: return the loss without "
-                    "calling backward() on it, or call backward() once and leave the loss to the optimizer"
-                ) from exc
-            raise
-        for p, g in zip(params, grads):
-            p.grad = g
-        return loss.detach()
-
-    def _use_finite_differences(self, cause: BaseException) -> None:
-        """Switch the run to finite differences, or raise if autograd was asked for."""
-        if self.hvp == "autograd":
-            raise RuntimeError(
-                f"{type(self).__name__}(hvp='autograd'): this model cannot be differentiated twice "
-                f"({cause}). Use hvp='finite_difference' (or 'auto'), which needs no double backward.") from cause
-        if self._hvp_method != "finite_difference":
-            self._hvp_method = "finite_difference"
-            if not isinstance(cause, _UseFiniteDifferences):
-                warnings.warn(
-                    f"{type(self).__name__}: switching to finite-difference Hessian-vector products for the rest "
-                    f"of the run: the model cannot be differentiated twice ({str(cause).splitlines()[0]}).",
-                    RuntimeWarning, stacklevel=4)
-
-    def _pass_and_refresh(self, closure: Callable[[], Any]) -> Any:
-        """The pass at the HVP point, and on refresh steps the Hessian-vector products.
-
-        Returns the pass's loss; leaves the update's refresh input in ``self._pending``.
+    # ---------------------------------------------------------- the step itself
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Optional[Tensor]:
+        """One step. With a ``closure`` the optimizer runs every pass itself and returns
+        the first loss; the closure either returns the loss (the optimizer runs
+        backward) or, as torch.optim's closures do, clears the gradients, calls
+        ``backward()`` and returns the loss (refresh steps then take finite
+        differences). Without one, it finishes the official protocol.
         """
         loss = None
-        if self.hessian_due:
+        if closure is not None:
+            self._check_closure_allowed()
+            self._standard_closure = False
             try:
-                loss = self._closure_pass(closure, create_graph=True)
-                self._take_autograd_refresh(_UseFiniteDifferences("no gradient carries a second-order graph"))
-            except Exception as exc:
-                if not (isinstance(exc, _UseFiniteDifferences) or cannot_differentiate_twice(exc)):
-                    raise
-                if isinstance(exc, _UseFiniteDifferences) and self.hvp == "autograd":
-                    if str(exc).startswith("no gradient"):
-                        raise self._missing_graph_error() from None
-                self._use_finite_differences(exc)
-                self._pending = None
-                self._detach_grads()  # what the failed pass left behind
-                if self._standard_closure_or_missing_grads():
-                    loss = self._closure_pass(closure)
-        else:
-            loss = self._closure_pass(closure)
-        if self.refresh_due and self._hvp_method == "finite_difference":
-            fd = self._finite_differences()
-            fd.begin()
-            self.last_fd_step = fd.step_size
-            try:
-                for i in range(fd.n_passes):
-                    self._closure_pass(closure)
-                    fd.after_pass(i)
+                loss = self._closure_passes(closure)
             except BaseException:
-                fd.abort()
+                # Whatever failed (the closure, an out-of-memory error, a backend), the
+                # parameters go back to where the step found them and nothing else moved.
+                self._abort_step()
                 raise
-            self._pending = (fd.plan, fd.finish())
+        with torch.no_grad():
+            self._finish_step()
         return loss
 
-    def _standard_closure_or_missing_grads(self) -> bool:
-        return getattr(self, "_standard_closure", False) or all(p.grad is None for p in self._trainable_now())
-
-    def _finite_differences(self) -> FiniteDifferences:
-        self._presence()  # data-parallel: no param without a gradient from here on
-        plan = self._plan(self._participants(), self._backup)
-        device = plan.participants[0].device if plan.participants else torch.device("cpu")
-        return FiniteDifferences(plan, self._probe_keys(), self.fd_scheme, self.fd_eps, self._x_t_of(plan),
-                                 self._inv_scale(device))
-
-    def _take_autograd_refresh(self, no_graph: Optional[BaseException] = None) -> None:
-        """Autograd HVPs at the params' current point, kept for the step's update."""
-        plan = self._plan(self._participants(), self._backup)
-        inputs, has_graph = autograd_refresh(plan, self._probe_keys())
-        if not has_graph and plan.participants:
-            raise no_graph if no_graph is not None else self._missing_graph_error()
-        self._pending = (plan, inputs)
-
-    def _refresh_input(self, plan: StepPlan) -> Optional[List[RefreshInput]]:
-        """The update's refresh input for ``plan``: taken earlier, or now by autograd."""
-        if not self.refresh_due:
-            return None
-        if self._pending is None:
-            if self._hvp_method == "finite_difference":
-                raise self._missing_fd_error()
-            self._take_autograd_refresh()
-        src, inputs = self._pending
-        return inputs if src is plan else remap_refresh(inputs, src, plan)
-
-    def _missing_graph_error(self) -> RuntimeError:
-        return RuntimeError(
-            f"{type(self).__name__}: step {self._global_step + 1} refreshes the Hessian "
-            "estimate, but the gradients carry no autograd graph. Run that backward "
-            "pass as loss.backward(create_graph=opt.hessian_due). (If the loss has no "
-            "curvature in any parameter, the Hessian is zero and this step cannot "
-            "estimate it; hvp='finite_difference' needs no graph.)")
-
-    def _missing_fd_error(self) -> RuntimeError:
-        return RuntimeError(
-            f"{type(self).__name__}: step {self._global_step + 1} refreshes the Hessian estimate with "
-            "finite differences, but its extra pass did not run. After the last backward of the step, "
-            "add:  for _ in opt.hvp_passes(): loss_fn(model(x), y).backward()  (the loop runs only on "
-            "refresh steps). Parameters and optimizer state are unchanged.")
-
-    def hvp_passes(self) -> Iterator[int]:
-        """The extra passes of a finite-difference Hessian refresh, in the official protocol.
-
-        Yields once per pass (n_samples, or 2 n_samples for ``fd_scheme="central"``)
-        with the parameters moved to where that pass's gradient is needed; run one
-        forward and backward per iteration. Yields nothing on steps that do not
-        refresh, or that take autograd HVPs (those are taken here, at the HVP point,
-        and an ``hvp="auto"`` run whose model cannot differentiate twice switches to
-        finite differences right here)::
-
-            loss_fn(model(x), y).backward(create_graph=opt.hessian_due)
-            for _ in opt.hvp_passes():
-                loss_fn(model(x), y).backward()
-        """
-        if not self.refresh_due or self._pending is not None:
-            return
-        if self._hvp_method == "autograd":
-            try:
-                with torch.no_grad():
-                    self._take_autograd_refresh()
-                return
-            except Exception as exc:
-                if not cannot_differentiate_twice(exc) or self.hvp == "autograd":
-                    self._abort_step()
-                    if cannot_differentiate_twice(exc):
-                        self._use_finite_differences(exc)
-                    raise
-                self._use_finite_differences(exc)
-                self._detach_grads()
-        with torch.no_grad():
-            fd = self._finite_differences()
-            fd.begin()
-            self.last_fd_step = fd.step_size
+    def _finish_step(self) -> None:
+        """The step skeleton: refresh input -> average / check -> update -> commit."""
+        self._begin_step()
+        participants = self._participants()
         try:
-            for i in range(fd.n_passes):
-                yield i
-                with torch.no_grad():
-                    fd.after_pass(i)
+            self._check_grads(participants)
+            plan = self._plan(participants, self._backup)
+            refresh = self._refresh_input(plan)
         except BaseException:
-            fd.abort()
             self._abort_step()
             raise
-        self._pending = (fd.plan, fd.finish())
+        self._pending = None
+        try:
+            self._apply_step(plan, self._x_t_for_update(plan), refresh)
+        finally:  # also after nonfinite="raise" (the update restored x_t and left the state alone)
+            self._after_update()
 
-    # ---------------------------------------------------------- the step itself
     def _apply_step(self, plan: StepPlan, x_t_of: Callable[[Bucket], List[Tensor]],
                     refresh: Optional[List[RefreshInput]]) -> None:
         """average / check -> update -> commit, for both classes."""
-        groups = F.GroupTable(self.param_groups)
+        groups = F.GroupTable(self.param_groups, on_device=self.capturable)
         ys_of = (lambda bi: [y for ys in refresh[bi].ys for y in ys if y is not None]) if refresh else None
         if refresh is not None and refresh[0].mode == RefreshMode.AUTOGRAD and plan.participants:  # unscale H z
             hz = [y for bi in range(len(plan.buckets)) for y in ys_of(bi)]
@@ -456,7 +293,7 @@ class _SasshaBase(torch.optim.Optimizer):
         self._step_begun = False
         if ok is not None:
             self._skips.record(ok, self._global_step)
-            if self.nonfinite == "raise" or ok.device.type == "cpu":
+            if self.nonfinite == "raise" or (ok.device.type == "cpu" and not self.capturable):
                 try:
                     skipped = self._skips.poll(wait=True, warn=self.nonfinite == "skip")
                 except FloatingPointError:
@@ -506,8 +343,20 @@ class _SasshaBase(torch.optim.Optimizer):
         self.last_step_collectives += self._averager.collectives
         return present
 
+    # ------------------------------------------------------------ class hooks
+    def _closure_passes(self, closure: Callable[[], Any]) -> Any:
+        """Every forward/backward of a step through the closure; returns the first loss."""
+        raise NotImplementedError
+
+    def _x_t_for_update(self, plan: StepPlan) -> Callable[[Bucket], List[Tensor]]:
+        """Where x_t is for the update of ``plan`` (restoring what cannot be fused into it)."""
+        raise NotImplementedError
+
+    def _after_update(self) -> None:
+        pass
+
     def _abort_step(self) -> None:
-        """Leave params and state as they were before the step began (per class)."""
+        """Leave params and state as they were before the step began."""
         raise NotImplementedError
 
     def _backup(self, p: Tensor) -> Tensor:
@@ -714,7 +563,7 @@ class SASSHA(_SasshaBase):
             inv = self._inv_scale(grads[0].device)
             if inv is not None:  # the perturbation follows the unscaled gradient
                 torch._foreach_mul_(grads, inv.to(grads[0].dtype))
-            F.perturb(plan, plan.grads, 1.0, self.adaptive, F.GroupTable(self.param_groups))
+            F.perturb(plan, plan.grads, 1.0, self.adaptive, F.GroupTable(self.param_groups, self.capturable))
         self._perturbed = plan
         if zero_grad:
             self.zero_grad()
@@ -788,52 +637,20 @@ class SASSHA(_SasshaBase):
         self._materialize_restore()
         return super().state_dict()
 
-    def step(self, closure: Optional[Callable[[], Any]] = None) -> Optional[Tensor]:
-        """One SASSHA step.
-
-        With a ``closure`` the optimizer runs every pass itself and returns the first
-        loss. The closure either returns the loss (the optimizer runs backward) or,
-        as torch.optim's closures do, clears the gradients, calls ``backward()`` and
-        returns the loss (then refresh steps take finite differences). Without one,
-        it finishes the official protocol.
-        """
-        if closure is None:
-            with torch.no_grad():
-                self._finish_step()
-            return None
-        self._check_closure_allowed()
-        self._standard_closure = False
-        try:
-            loss = self._closure_pass(closure)
-            self.perturb_weights(zero_grad=True)
-            self._pass_and_refresh(closure)
-            with torch.no_grad():
-                self._finish_step()
-        except BaseException:
-            # Whatever failed (the closure, an out-of-memory error, a backend), the
-            # parameters go back to x_t and the optimizer can take the step again.
-            self._abort_step()
-            raise
+    def _closure_passes(self, closure: Callable[[], Any]) -> Any:
+        loss = self._closure_pass(closure)
+        self.perturb_weights(zero_grad=True)
+        self._pass_and_refresh(closure)
         return loss
 
-    def _finish_step(self) -> None:
-        self._begin_step()
-        participants = self._participants()
-        try:
-            self._check_grads(participants)
-            plan = self._plan(participants, self._backup)
-            refresh = self._refresh_input(plan)
-        except BaseException:
-            self._abort_step()
-            raise
-        x_t_of = self._x_t_of(plan)  # the backups when the restore can be fused into the update
+    def _x_t_for_update(self, plan: StepPlan) -> Callable[[Bucket], List[Tensor]]:
         if self._perturbed is not plan:  # not perturbed, or perturbed along other params than take part now
             self._materialize_restore()
             if self._perturbed is not None:
-                with torch.no_grad():
-                    self._restore(self._perturbed)
-        self._perturbed, self._restore_pending, self._pending = None, False, None
-        self._apply_step(plan, x_t_of, refresh)
+                self._restore(self._perturbed)
+        x_t_of = self._x_t_of(plan)  # the backups when the restore is fused into the update
+        self._perturbed, self._restore_pending = None, False
+        return x_t_of
 
     def _abort_step(self) -> None:
         """Leave params and state as they were before the step began."""
@@ -902,6 +719,7 @@ class MSASSHA(_SasshaBase):
         capturable: bool = DEFAULTS["capturable"],
     ) -> None:
         self._is_perturbed = False
+        self._idle: List[Tensor] = []
         self._pending: Optional[List[RefreshInput]] = None
         super().__init__(params, _options(locals()))
 
@@ -943,7 +761,7 @@ class MSASSHA(_SasshaBase):
         plan = self._plan(self._with_state(), self._backup)
         if plan.participants:
             attach_state(plan, self._state_of)
-            F.perturb(plan, lambda b: b.exp_avgs, -1.0, False, F.GroupTable(self.param_groups))
+            F.perturb(plan, lambda b: b.exp_avgs, -1.0, False, F.GroupTable(self.param_groups, self.capturable))
             self._is_perturbed = True
         if zero_grad:
             self.zero_grad()
@@ -965,38 +783,19 @@ class MSASSHA(_SasshaBase):
             if was:
                 self.perturb_weights()
 
-    def step(self, closure: Optional[Callable[[], Any]] = None) -> Optional[Tensor]:
-        """One M-SASSHA step; with a closure it runs the pass(es) itself and returns the loss."""
-        loss = None
-        if closure is not None:
-            self._check_closure_allowed()
-            self._standard_closure = False
-            self._pending = None
-            try:
-                loss = self._pass_and_refresh(closure)
-            except BaseException:
-                self._abort_step()
-                raise
-        with torch.no_grad():
-            self._finish_step()
-        return loss
-
-    def _finish_step(self) -> None:
-        self._begin_step()
-        participants = self._participants()
-        try:
-            self._check_grads(participants)
-            plan = self._plan(participants, self._backup)
-            refresh = self._refresh_input(plan)
-        except BaseException:
-            self._abort_step()
-            raise
+    def _closure_passes(self, closure: Callable[[], Any]) -> Any:
         self._pending = None
-        x_t_of = self._x_t_of(plan)
-        idle = [p for p in self._with_state() if p.grad is None] if self._is_perturbed else []
-        self._apply_step(plan, x_t_of, refresh)
-        if idle:  # params with state that took no part still hold x~_t: bring them back
-            torch._foreach_copy_(idle, [self.state[p]["unperturbed_param"] for p in idle])
+        return self._pass_and_refresh(closure)
+
+    def _x_t_for_update(self, plan: StepPlan) -> Callable[[Bucket], List[Tensor]]:
+        # params with state that take no part this step still hold x~_t: restored after
+        self._idle = [p for p in self._with_state() if p.grad is None] if self._is_perturbed else []
+        return self._x_t_of(plan)
+
+    def _after_update(self) -> None:
+        if self._idle:
+            torch._foreach_copy_(self._idle, [self.state[p]["unperturbed_param"] for p in self._idle])
+        self._idle = []
         self._is_perturbed = False
         self.perturb_weights()
 

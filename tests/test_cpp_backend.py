@@ -208,7 +208,8 @@ def test_op_argument_errors_say_what_to_do():
     with pytest.raises(RuntimeError, match="one entry per parameter"):
         ops.probes([torch.zeros(4)], [1, 2], 7)
     with pytest.raises(RuntimeError, match="group table"):
-        ops.perturb(x, x, [torch.zeros(4), torch.zeros(5)], torch.ones(()), [0, 3], [0.0] * 7, 1.0, False)
+        ops.perturb(x, x, [torch.zeros(4), torch.zeros(5)], torch.ones(()), [0, 3],
+                    torch.zeros(1, 7, dtype=torch.float64), 1.0, False)
     assert cpp().supports(torch.device("meta"), torch.float32) is not None
 
 

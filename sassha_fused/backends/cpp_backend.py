@@ -59,7 +59,7 @@ class CppBackend(Backend):
 
     def perturb(self, b: Bucket, sources: Sequence[Tensor], sq_norm: Tensor, sign: float, adaptive: bool,
                 groups) -> None:
-        self._ops.perturb(b.params, sources, b.backups, sq_norm, b.group_index, groups.flat, sign, adaptive)
+        self._ops.perturb(b.params, sources, b.backups, sq_norm, b.group_index, groups.tensor(b.device), sign, adaptive)
 
     def probes(self, b: Bucket, keys: ProbeKeys, sample: int) -> List[Tensor]:
         out = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in b.params]

@@ -1,0 +1,236 @@
+"""How a step's forward/backward passes run, and where its Hessian-vector products come from.
+
+``PassDriver`` is the part of the optimizer classes that deals with autograd:
+
+* the closure: ours (returns the loss; the optimizer runs ``autograd.grad``) or
+  torch.optim's standard one (clears the grads, calls ``backward()``, returns the
+  loss), and reentrant activation checkpointing, which only plain ``backward()``
+  can run;
+* the pass at the HVP point and, on refresh steps, the products themselves: a
+  double backward (``hvp.autograd_refresh``) or the finite-difference passes
+  (``hvp.FiniteDifferences``), in the closure or in the official protocol's
+  ``hvp_passes()``;
+* ``hvp="auto"``: autograd while the model allows it, finite differences for good
+  once it does not (one warning), with nothing lost at the switch.
+
+It relies on the optimizer's plans, state and abort (``optimizer._SasshaBase``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Iterator, List, Optional
+
+import torch
+from torch import Tensor
+
+from .backends import RefreshInput
+from .hvp import (
+    FiniteDifferences,
+    autograd_refresh,
+    cannot_differentiate_twice,
+    is_reentrant_checkpoint_error,
+    remap_refresh,
+)
+from .plans import StepPlan, count_present
+
+__all__ = ["PassDriver"]
+
+
+class _UseFiniteDifferences(Exception):
+    """This step cannot take an autograd HVP; the message says why."""
+
+
+class PassDriver:
+    """Closure passes and Hessian-vector products of a step (a mixin of the optimizer classes)."""
+
+    # ------------------------------------------------------------ the closure
+    def _check_closure_allowed(self) -> None:
+        if self.grad_scaler is not None and self.grad_scaler.is_enabled():
+            raise ValueError(
+                "grad_scaler: with a GradScaler, drive the step with the official protocol "
+                "(scaler.scale(loss).backward(), perturb_weights, ..., scaler.step(opt)); "
+                "a closure's loss is never scaled, so step(closure) cannot use it")
+
+    def _closure_pass(self, closure: Callable[[], Any], create_graph: bool = False) -> Any:
+        """One forward/backward through the closure; the gradients land in ``.grad``.
+
+        A closure that returns the loss gets its backward from here (autograd.grad:
+        no parameter/gradient reference cycle); one that calls ``backward()``
+        itself, as torch.optim's closures do, is taken as it is, and then no
+        double-backward graph can be built.
+        """
+        for g in self.param_groups:  # frozen params too: a stale gradient must not update them
+            for p in g["params"]:
+                p.grad = None
+        params = self._trainable_now()
+        with torch.enable_grad():
+            loss = closure()
+        if count_present([p.grad for p in params]):
+            self._standard_closure = True
+            if create_graph:
+                raise _UseFiniteDifferences("the closure calls backward() itself")
+            return loss.detach() if isinstance(loss, Tensor) else loss
+        if not isinstance(loss, Tensor):
+            raise TypeError(f"the closure must return the loss as a tensor, got {type(loss).__name__}")
+        if not loss.requires_grad:
+            if any(p.numel() > 0 for p in params):
+                raise ValueError(
+                    "the closure's loss does not depend on any parameter: return the loss without calling "
+                    "backward() on it (the optimizer runs the backward passes), or call loss.backward() "
+                    "inside the closure as torch.optim's closures do")
+            return loss.detach()
+        if self._plain_backward and not create_graph:
+            loss.backward()
+            return loss.detach()
+        try:
+            grads = torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True)
+        except RuntimeError as exc:
+            if is_reentrant_checkpoint_error(exc) and not create_graph:
+                # autograd.grad cannot run reentrant checkpoints; plain backward() can
+                self._plain_backward = True
+                if self.hvp != "finite_difference":
+                    self._use_finite_differences(exc)  # their double backward would miss the checkpointed part
+                return self._closure_pass(closure)
+            if "second time" in str(exc):
+                raise RuntimeError(
+                    "the closure's graph was already used by a backward pass: return the loss without "
+                    "calling backward() on it, or call backward() once and leave the loss to the optimizer"
+                ) from exc
+            raise
+        for p, g in zip(params, grads):
+            p.grad = g
+        return loss.detach()
+
+    def _use_finite_differences(self, cause: BaseException) -> None:
+        """Switch the run to finite differences, or raise if autograd was asked for."""
+        if self.hvp == "autograd":
+            raise RuntimeError(
+                f"{type(self).__name__}(hvp='autograd'): this model cannot be differentiated twice "
+                f"({cause}). Use hvp='finite_difference' (or 'auto'), which needs no double backward.") from cause
+        if self._hvp_method != "finite_difference":
+            self._hvp_method = "finite_difference"
+            if not isinstance(cause, _UseFiniteDifferences):
+                warnings.warn(
+                    f"{type(self).__name__}: switching to finite-difference Hessian-vector products for the rest "
+                    f"of the run: the model cannot be differentiated twice ({str(cause).splitlines()[0]}).",
+                    RuntimeWarning, stacklevel=5)
+
+    def _pass_and_refresh(self, closure: Callable[[], Any]) -> Any:
+        """The pass at the HVP point, and on refresh steps the Hessian-vector products.
+
+        Returns the pass's loss; leaves the update's refresh input in ``self._pending``.
+        """
+        if self.hessian_due:
+            try:
+                loss = self._closure_pass(closure, create_graph=True)
+                self._take_autograd_refresh(_UseFiniteDifferences("no gradient carries a second-order graph"))
+                return loss
+            except Exception as exc:
+                if not (isinstance(exc, _UseFiniteDifferences) or cannot_differentiate_twice(exc)):
+                    raise
+                if self.hvp == "autograd" and str(exc).startswith("no gradient"):
+                    raise self._missing_graph_error() from None
+                self._use_finite_differences(exc)
+                self._pending = None
+                self._detach_grads()  # the pass's graph, if it got that far
+        loss = self._closure_pass(closure)
+        if self.refresh_due:
+            fd = self._finite_differences()
+            try:
+                for i in range(fd.n_passes):
+                    self._closure_pass(closure)
+                    fd.after_pass(i)
+            except BaseException:
+                fd.abort()
+                raise
+            self._pending = (fd.plan, fd.finish())
+        return loss
+
+    def hvp_passes(self) -> Iterator[int]:
+        """The extra passes of a finite-difference Hessian refresh, in the official protocol.
+
+        Yields once per pass (``n_samples``, or twice that for ``fd_scheme="central"``)
+        with the parameters moved to where that pass's gradient is needed; run one
+        forward and backward per iteration. Yields nothing on steps that do not
+        refresh, or that take autograd HVPs (those are taken here, at the HVP point;
+        an ``hvp="auto"`` run whose model cannot differentiate twice switches to
+        finite differences right here)::
+
+            loss_fn(model(x), y).backward(create_graph=opt.hessian_due)
+            for _ in opt.hvp_passes():
+                loss_fn(model(x), y).backward()
+        """
+        if not self.refresh_due or self._pending is not None:
+            return
+        if self._hvp_method == "autograd":
+            try:
+                with torch.no_grad():
+                    self._take_autograd_refresh()
+                return
+            except Exception as exc:
+                if not cannot_differentiate_twice(exc) or self.hvp == "autograd":
+                    self._abort_step()
+                    if cannot_differentiate_twice(exc):
+                        self._use_finite_differences(exc)
+                    raise
+                self._use_finite_differences(exc)
+                self._detach_grads()
+        with torch.no_grad():
+            fd = self._finite_differences()
+        try:
+            for i in range(fd.n_passes):
+                yield i
+                with torch.no_grad():
+                    fd.after_pass(i)
+        except BaseException:
+            fd.abort()
+            self._abort_step()
+            raise
+        self._pending = (fd.plan, fd.finish())
+
+    # ----------------------------------------------------------- refresh inputs
+    def _finite_differences(self) -> FiniteDifferences:
+        """The finite-difference passes of this refresh, begun: the params sit at the first point."""
+        self._presence()  # data-parallel: no param without a gradient from here on
+        plan = self._plan(self._participants(), self._backup)
+        device = plan.participants[0].device if plan.participants else torch.device("cpu")
+        fd = FiniteDifferences(plan, self._probe_keys(), self.fd_scheme, self.fd_eps, self._x_t_of(plan),
+                               self._inv_scale(device))
+        fd.begin()
+        self.last_fd_step = fd.step_size
+        return fd
+
+    def _take_autograd_refresh(self, no_graph: Optional[BaseException] = None) -> None:
+        """Autograd HVPs at the params' current point, kept for the step's update."""
+        plan = self._plan(self._participants(), self._backup)
+        inputs, has_graph = autograd_refresh(plan, self._probe_keys())
+        if not has_graph and plan.participants:
+            raise no_graph if no_graph is not None else self._missing_graph_error()
+        self._pending = (plan, inputs)
+
+    def _refresh_input(self, plan: StepPlan) -> Optional[List[RefreshInput]]:
+        """The update's refresh input for ``plan``: taken earlier, or now by autograd."""
+        if not self.refresh_due:
+            return None
+        if self._pending is None:
+            if self._hvp_method == "finite_difference":
+                raise self._missing_fd_error()
+            self._take_autograd_refresh()
+        src, inputs = self._pending
+        return inputs if src is plan else remap_refresh(inputs, src, plan)
+
+    def _missing_graph_error(self) -> RuntimeError:
+        return RuntimeError(
+            f"{type(self).__name__}: step {self._global_step + 1} refreshes the Hessian "
+            "estimate, but the gradients carry no autograd graph. Run that backward "
+            "pass as loss.backward(create_graph=opt.hessian_due). (If the loss has no "
+            "curvature in any parameter, the Hessian is zero and this step cannot "
+            "estimate it; hvp='finite_difference' needs no graph.)")
+
+    def _missing_fd_error(self) -> RuntimeError:
+        return RuntimeError(
+            f"{type(self).__name__}: step {self._global_step + 1} refreshes the Hessian estimate with "
+            "finite differences, but its extra pass did not run. After the last backward of the step, "
+            "add:  for _ in opt.hvp_passes(): loss_fn(model(x), y).backward()  (the loop runs only on "
+            "refresh steps). Parameters and optimizer state are unchanged.")
