@@ -41,7 +41,6 @@ from common import (  # noqa: E402
     pass_calls,
     sassha_backends,
     summarize,
-    synchronize,
     time_it,
 )
 from sassha_fused import SASSHA  # noqa: E402

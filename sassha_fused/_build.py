@@ -144,7 +144,6 @@ def _try_prebuilt(expected_hash: str) -> Tuple[Optional[ExtensionBuild], str]:
 
 
 def _jit(directory: str, digest: str, build_dir: Optional[str], verbose: bool) -> ExtensionBuild:
-    import torch
     from torch.utils import cpp_extension
 
     with_cuda, why_not = cuda_build_possible()

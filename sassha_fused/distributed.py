@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-__all__ = ["BucketedAverager", "is_distributed", "participation", "reject_sharded_params"]
+__all__ = ["BucketedAverager", "average_step_inputs", "is_distributed", "participation", "reject_sharded_params"]
 
 DEFAULT_BUCKET_BYTES = 64 * 1024 * 1024
 
@@ -100,3 +100,28 @@ class BucketedAverager:
         flat.div_(world)
         torch._foreach_copy_(bucket, _unflatten_dense_tensors(flat, bucket))
         self.collectives += 1
+
+
+def average_step_inputs(plan, refresh, mask: Tensor, averager: BucketedAverager) -> List[Tensor]:
+    """Average a step's gradients and refresh inputs over the group; returns each bucket's slice of ``mask``.
+
+    Every rank reduces the same list of tensors: an absent refresh input (a param
+    missing from a second-order graph or an FD pass) counts as zero.
+    """
+    present = []
+    for b in plan.buckets:
+        idx = b.cache.get("positions")
+        if idx is None:
+            idx = b.cache["positions"] = torch.tensor(b.positions, dtype=torch.long).to(mask.device)
+        present.append(mask.index_select(0, idx))
+    tensors = [g for b in plan.buckets for g in plan.grads(b)]
+    if refresh is not None:
+        for bi, b in enumerate(plan.buckets):
+            grads = plan.grads(b)
+            for ys in refresh[bi].ys:
+                for j, y in enumerate(ys):
+                    if y is None:
+                        ys[j] = torch.zeros_like(grads[j])
+                tensors += ys
+    averager.average(tensors)
+    return present

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ._defaults import GROUP_KEYS
-from .backends import Bucket, GroupCol, RefreshInput, UpdateCol
+from .backends import Bucket, GroupCol, RefreshInput
 from .plans import StepPlan, dense
 
 __all__ = [

@@ -10,33 +10,31 @@ once, in ``backends/eager.py`` and ``functional.update_scalars``.
 from __future__ import annotations
 
 import contextlib
-import warnings
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from . import functional as F
-from ._defaults import ARGS_DOC, DEFAULTS, GROUP_KEYS, MSASSHA_ONLY, SASSHA_ONLY, validate_group, validate_options
-from .backends import Backend, Bucket, ProbeKeys, RefreshInput, RefreshMode, math_dtype, resolve_backend
-from .distributed import BucketedAverager, is_distributed, participation, reject_sharded_params
+from ._defaults import ARGS_DOC, DEFAULTS, GROUP_KEYS, SASSHA_ONLY, validate_group, validate_options
+from .backends import Backend, Bucket, ProbeKeys, RefreshInput, RefreshMode, resolve_backend
+from ._state import StateDictMixin
+from .distributed import BucketedAverager, average_step_inputs, is_distributed, participation, reject_sharded_params
 from ._passes import PassDriver
-from .hvp import autograd_refresh, cannot_differentiate_twice
-from .plans import PlanCache, StepPlan, attach_state, count_present, new_state
+from .hvp import cannot_differentiate_twice
+from .plans import PlanCache, StepPlan, attach_state, new_state
 from .probes import MAX_PROBE_NUMEL, key_prefix
 from .schedules import is_schedule
 
 __all__ = ["SASSHA", "MSASSHA"]
 
-_EXTRA_KEY = "sassha_fused"
-_STATE_DTYPES = {"step": torch.float32, "bias_correction2": torch.float64}
 
 
 def _options(frame_locals: Dict[str, Any]) -> Dict[str, Any]:
     return {k: v for k, v in frame_locals.items() if k not in ("self", "params", "__class__")}
 
 
-class _SasshaBase(PassDriver, torch.optim.Optimizer):
+class _SasshaBase(PassDriver, StateDictMixin, torch.optim.Optimizer):
     """What SASSHA and M-SASSHA share: options, state, plans, the step skeleton.
 
     The classes differ in four hooks: ``_closure_passes`` (the passes of a step
@@ -322,24 +320,9 @@ class _SasshaBase(PassDriver, torch.optim.Optimizer):
         return self._presence_mask
 
     def _average(self, plan: StepPlan, refresh: Optional[List[RefreshInput]]) -> List[Tensor]:
-        """Data-parallel: average gradients and refresh inputs; returns who takes part, per bucket."""
-        mask = self._presence()
-        self._presence_mask = None
-        present = []
-        for b in plan.buckets:
-            idx = b.cache.get("positions")
-            if idx is None:
-                idx = b.cache["positions"] = torch.tensor(b.positions, dtype=torch.long).to(mask.device)
-            present.append(mask.index_select(0, idx))
-        tensors = [g for b in plan.buckets for g in plan.grads(b)]
-        if refresh is not None:
-            for bi, b in enumerate(plan.buckets):
-                for ys in refresh[bi].ys:  # every rank reduces the same list: absent entries count as 0
-                    for j, y in enumerate(ys):
-                        if y is None:
-                            ys[j] = torch.zeros_like(b.params[j], dtype=plan.grads(b)[j].dtype)
-                    tensors += ys
-        self._averager.average(tensors)
+        """Data-parallel: average the update's inputs; returns who takes part, per bucket."""
+        mask, self._presence_mask = self._presence(), None
+        present = average_step_inputs(plan, refresh, mask, self._averager)
         self.last_step_collectives += self._averager.collectives
         return present
 
@@ -366,67 +349,6 @@ class _SasshaBase(PassDriver, torch.optim.Optimizer):
         """Where the buckets of ``plan`` keep x_t now: their backups, or the params themselves."""
         raise NotImplementedError
 
-    # -------------------------------------------------------------- state dict
-    def _extra_state(self) -> Dict[str, Any]:
-        extra: Dict[str, Any] = {
-            "global_step": self._global_step,
-            "refreshes": self._refreshes,
-            "seed": self.seed,
-            "skipped_steps": self.skipped_steps,
-            "hvp_method": self._hvp_method,
-        }
-        if is_schedule(self.hessian_power) and hasattr(self.hessian_power, "state_dict"):
-            extra["hessian_power_schedule"] = self.hessian_power.state_dict()
-        if self.rho_schedule is not None and hasattr(self.rho_schedule, "state_dict"):
-            extra["rho_schedule"] = self.rho_schedule.state_dict()
-        return extra
-
-    def state_dict(self) -> Dict[str, Any]:
-        """torch's state dict plus the optimizer-wide counters, schedules and HVP method.
-
-        Take it between steps (for M-SASSHA the saved model holds the perturbed
-        point and this state holds the unperturbed one; both resume exactly).
-        """
-        sd = super().state_dict()
-        sd[_EXTRA_KEY] = self._extra_state()
-        return sd
-
-    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        """Resume exactly: steps, refresh phase, probe counter, schedules and HVP method."""
-        state_dict = dict(state_dict)
-        extra = state_dict.pop(_EXTRA_KEY, None)
-        saved_state = state_dict["state"]
-        super().load_state_dict(state_dict)
-        # torch casts floating state to the param dtype (16-bit params keep fp32
-        # state here) and may alias the given tensors: every tensor is copied, so
-        # loading a live optimizer's state_dict shares no buffer with it.
-        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        for p, i in zip(self._all_params(), ids):
-            for key, value in saved_state.get(i, {}).items():
-                if key in _STATE_DTYPES:
-                    dtype = _STATE_DTYPES[key]
-                elif key in ("exp_avg", "exp_hessian_diag"):
-                    dtype = math_dtype(p.dtype)
-                else:
-                    dtype = p.dtype
-                self.state[p][key] = torch.as_tensor(value).to(device=p.device, dtype=dtype, copy=True)
-        if extra is not None:
-            self._global_step = int(extra["global_step"])
-            self._refreshes = int(extra["refreshes"])
-            self.seed = int(extra.get("seed", self.seed))
-            self._skips.skipped = int(extra.get("skipped_steps", 0))
-            if self.hvp == "auto" and extra.get("hvp_method") in ("autograd", "finite_difference"):
-                self._hvp_method = extra["hvp_method"]
-            if "hessian_power_schedule" in extra and hasattr(self.hessian_power, "load_state_dict"):
-                self.hessian_power.load_state_dict(extra["hessian_power_schedule"])
-            if "rho_schedule" in extra and hasattr(self.rho_schedule, "load_state_dict"):
-                self.rho_schedule.load_state_dict(extra["rho_schedule"])
-        self._plans.clear()
-        self._step_begun = False
-        self._load_extra_state(extra or {})
-
-    def _load_extra_state(self, extra: Dict[str, Any]) -> None:
-        pass
 
 
 class SASSHA(_SasshaBase):

@@ -290,7 +290,7 @@ def check_phases_match_eager(backend, dtype: torch.dtype, sizes: Sequence[int] =
     aliasing), and the update in every refresh mode with some params not live.
     """
     from sassha_fused import functional as F
-    from sassha_fused.backends import ProbeKeys, RefreshInput, RefreshMode, get_backend, math_dtype
+    from sassha_fused.backends import ProbeKeys, RefreshInput, RefreshMode, get_backend
 
     eager = get_backend("eager")
     groups = phase_groups()

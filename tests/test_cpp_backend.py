@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-from typing import Dict, List, Optional, Sequence
 
 import pytest
 import torch
@@ -23,11 +22,8 @@ from parity import (
     SpyBackend,
     check_phases_match_eager,
     phase_bucket,
-    TOLERANCE,
-    assert_close_tensors,
     assert_same_trajectory,
     clone_params,
-    coupled_loss,
     make_params,
     run_trajectory,
 )
