@@ -115,14 +115,16 @@ def autograd_refresh(plan: StepPlan, keys: ProbeKeys) -> Tuple[Optional[List[Ref
     if not live:
         return None, False
     try:
-        missing = sum(1 for p in plan.participants if p.grad is not None and not p.grad.requires_grad)
-        if missing and not _warned_partial_graph:
+        # A few linear params (a last bias under a mean) legitimately carry no graph;
+        # most of the model's elements without one means the graph was cut.
+        missing = sum(p.numel() for p in plan.participants if p.grad is not None and not p.grad.requires_grad)
+        if missing > 0.1 * plan.numel and not _warned_partial_graph:
             _warned_partial_graph = True
             warnings.warn(
-                f"{missing} of {len(plan.participants)} parameters' gradients carry no second-order graph, "
-                "so their Hessian estimate is zero. That is right for parameters the loss is linear in; "
-                "if the model uses reentrant activation checkpointing (use_reentrant=True) or detaches "
-                "inside, use hvp='finite_difference'.", RuntimeWarning, stacklevel=4)
+                f"{missing} of {plan.numel} parameter elements have gradients without a second-order graph, "
+                "so their Hessian estimate is zero. That is right where the loss is linear in them; if the "
+                "model uses reentrant activation checkpointing (use_reentrant=True) or detaches inside, use "
+                "hvp='finite_difference'.", RuntimeWarning, stacklevel=4)
         inputs = [p for _, _, p in live]
         outputs = [p.grad for p in inputs]
         ys: List[List[List[Optional[Tensor]]]] = [[[None] * len(b.params) for _ in range(keys.n_samples)]

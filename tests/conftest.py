@@ -28,6 +28,21 @@ def _requires(name: str):
     return pytest.mark.skipif(not status.available, reason=f"backend {name!r} unavailable here: {status.reason}")
 
 
+def every_backend(*names: str):
+    """``pytest.param`` per backend: the unavailable ones show up as skipped, with the reason."""
+    names = names or ("eager", "foreach", "cpp", "triton", "cuda")
+    return [pytest.param(n, id=n, marks=pytest.mark.skipif(not _STATUS[n].available,
+                                                           reason=f"backend {n!r} unavailable here: {_STATUS[n].reason}"))
+            for n in names]
+
+
+def device_for(backend: str) -> str:
+    """Where a backend's tests put their params: the CPU for 'cpp', else the parity device."""
+    from parity import DEVICE
+
+    return "cpu" if backend == "cpp" else ("cuda" if backend == "cuda" else DEVICE)
+
+
 requires_triton = _requires("triton")
 requires_cpp = _requires("cpp")
 requires_cuda_backend = _requires("cuda")

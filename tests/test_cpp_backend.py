@@ -226,6 +226,22 @@ NEEDS_NINJA = pytest.mark.skipif(
 )
 
 
+def _compiler_and_ninja() -> bool:
+    return (shutil.which("c++") or shutil.which("g++")) is not None and (
+        shutil.which("ninja") is not None or os.path.exists(os.path.join(os.path.dirname(sys.executable), "ninja")))
+
+
+def test_the_extension_builds_where_it_can():
+    # The cpp tests skip when the extension is unavailable; where a compiler and
+    # ninja are present that can only mean a broken build, which must fail the suite.
+    from sassha_fused import available_backends
+
+    if not _compiler_and_ninja():
+        pytest.skip("no C++ compiler or ninja here: the extension is optional and 'auto' uses foreach")
+    status = available_backends()["cpp"]
+    assert status.available, f"the C++ extension did not build although a compiler and ninja are here:\n{status.reason}"
+
+
 def test_failed_build_becomes_backend_unavailable():
     from sassha_fused.backends import cpp_backend
 

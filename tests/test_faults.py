@@ -7,11 +7,9 @@ import warnings
 import pytest
 import torch
 
-from conftest import requires_cuda
+from conftest import device_for, every_backend, requires_cuda
 from parity import protocol_step
-from sassha_fused import MSASSHA, SASSHA, available_backends
-
-CPU_BACKENDS = [n for n in ("eager", "foreach", "cpp") if available_backends()[n].available]
+from sassha_fused import MSASSHA, SASSHA
 
 
 def _snapshot(opt, params):
@@ -40,14 +38,14 @@ def _loss(params, poison):
     return total * poison
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", every_backend())
 @pytest.mark.parametrize(
     "cls,where",
     # which gradient pass sees NaN; M-SASSHA has a single pass per step
     [(SASSHA, "first"), (SASSHA, "second"), (SASSHA, "both"), (MSASSHA, "second")],
 )
 def test_nan_gradients_skip_the_step(backend, cls, where):
-    params = [torch.nn.Parameter(torch.randn(n)) for n in (7, 40)]
+    params = [torch.nn.Parameter(torch.randn(n, device=device_for(backend))) for n in (7, 40)]
     opt = cls(params, lr=0.01, lazy_hessian=2, backend=backend)
     for _ in range(3):
         opt.step(lambda: _loss(params, 1.0))
@@ -76,10 +74,10 @@ def test_nan_gradients_skip_the_step(backend, cls, where):
     assert all(torch.isfinite(p).all() for p in params)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", every_backend())
 def test_infinite_hessian_estimate_skips_the_refresh_step(backend):
     # |x|^1.5 has a finite gradient at 0 but an infinite second derivative there.
-    p = torch.nn.Parameter(torch.tensor([0.0, 0.5, -1.0]))
+    p = torch.nn.Parameter(torch.tensor([0.0, 0.5, -1.0], device=device_for(backend)))
     opt = SASSHA([p], lr=0.01, rho=0.0, lazy_hessian=1, backend=backend)
     snap = _snapshot(opt, [p])
     with pytest.warns(RuntimeWarning, match="Hessian"):

@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from parity import clone_params, coupled_loss, make_params, protocol_step, run_trajectory
-from sassha_fused import MSASSHA, SASSHA, available_backends
+from conftest import device_for, every_backend
+from sassha_fused import MSASSHA, SASSHA
 from sassha_fused.hvp import FD_EPS, cannot_differentiate_twice
 
 DT = torch.float64
-BACKENDS = [n for n in ("eager", "foreach", "cpp") if available_backends()[n].available]
 
 
 def _d_after_one_refresh(cls, hvp, loss_fn, params, **kw):
@@ -82,11 +82,11 @@ def test_finite_differences_match_autograd_on_a_network(dtype, scheme, bound):
     assert _rel(fd.double(), exact.double()) < bound
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", every_backend())
 @pytest.mark.parametrize("cls,scheme,n_samples", [(SASSHA, "forward", 1), (SASSHA, "central", 2),
                                                   (MSASSHA, "forward", 2), (MSASSHA, "central", 1)])
 def test_every_backend_takes_the_reference_finite_differences(backend, cls, scheme, n_samples):
-    p0 = make_params([33, 0, 7, 1025], torch.float32, seed=5)
+    p0 = make_params([33, 0, 7, 1025], torch.float32, seed=5, device=device_for(backend))
     kw = dict(lazy_hessian=2, n_samples=n_samples, hvp="finite_difference", fd_scheme=scheme, lr=0.02)
     from parity import assert_same_trajectory
 

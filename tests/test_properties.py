@@ -1,26 +1,22 @@
 """Property-based: random shapes, dtypes, groups and hyper-parameters; every
 available backend equals the eager reference."""
 
-import os
-
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import device_for, every_backend
 from parity import assert_same_trajectory, clone_params, coupled_loss
-from sassha_fused import MSASSHA, SASSHA, available_backends
+from sassha_fused import MSASSHA, SASSHA
 
 # The Triton interpreter is slow on the CPU: it gets fewer examples here, and the
 # full count on a GPU.
 _ON_GPU = torch.cuda.is_available()
-BACKENDS = [
-    n for n in ("foreach", "cpp", "triton")
-    if available_backends()[n].available and (n != "triton" or _ON_GPU or os.environ.get("TRITON_INTERPRET") == "1")
-]
 DTYPES = {"foreach": [torch.float64, torch.float32, torch.bfloat16],
           "cpp": [torch.float64, torch.float32, torch.bfloat16],
-          "triton": [torch.float32, torch.bfloat16]}
+          "triton": [torch.float32, torch.bfloat16],
+          "cuda": [torch.float32, torch.bfloat16]}
 
 
 @st.composite
@@ -42,6 +38,8 @@ def problems(draw, backend):
         hessian_power=draw(st.sampled_from([0.5, 1.0, 0.75])),
         eps=draw(st.sampled_from([1e-4, 1e-3])),
         seed=draw(st.integers(0, 2**40)),
+        hvp=draw(st.sampled_from(["autograd", "finite_difference"])),
+        fd_scheme=draw(st.sampled_from(["forward", "central"])),
     )
     cls = draw(st.sampled_from([SASSHA, MSASSHA]))
     if cls is SASSHA:
@@ -50,12 +48,13 @@ def problems(draw, backend):
     return dtype, sizes, groups, options, cls, init_seed
 
 
-def _make(sizes, dtype, seed):
+def _make(sizes, dtype, seed, device):
     g = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter((torch.randn(n, generator=g, dtype=torch.float64) * 0.5).to(dtype)) for n in sizes]
+    return [torch.nn.Parameter((torch.randn(n, generator=g, dtype=torch.float64) * 0.5).to(device, dtype))
+            for n in sizes]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", every_backend("foreach", "cpp", "triton", "cuda"))
 def test_backend_equals_reference(backend):
     examples = 25 if backend != "triton" or _ON_GPU else 4
 
@@ -64,7 +63,7 @@ def test_backend_equals_reference(backend):
     @given(problems(backend))
     def check(problem):
         dtype, sizes, groups, options, cls, init_seed = problem
-        p0 = _make(sizes, dtype, init_seed)
+        p0 = _make(sizes, dtype, init_seed, device_for(backend))
 
         def run(name, params):
             split = [params[i::len(groups)] for i in range(len(groups))]
