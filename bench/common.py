@@ -284,16 +284,16 @@ def pass_calls(backend_name: str, device: torch.device, numel: int, n_tensors: i
     b = Bucket(backend=backend, device=device, params=xs, param_index=list(range(len(xs))),
                group_index=[0] * len(xs), backups=[torch.empty_like(x) for x in xs],
                positions=list(range(len(xs))), exp_avgs=[torch.zeros_like(x) for x in xs],
-               exp_hessian_diags=[torch.rand_like(x) + 0.1 for x in xs],
-               steps=[torch.tensor(5.0, device=device) for _ in xs],
-               bias_corrections2=[torch.tensor(0.07, dtype=torch.float64, device=device) for _ in xs])
+               exp_hessian_diags=[torch.rand_like(x) + 0.1 for x in xs])
     groups = F.GroupTable([dict(lr=1e-6, betas=(0.9, 0.999), weight_decay=0.0, eps=1e-4, rho=1e-6,
                                 perturb_eps=1e-12)])
     keys = ProbeKeys((0x12345,))
     delta = torch.tensor(1e-3, device=device)
     sq = backend.sq_norm(b, pb.g1, False, torch.float32)
-    table, _, _ = F.update_scalars(b, groups, 0.5, False, None)
-    refresh_table, _, _ = F.update_scalars(b, groups, 0.5, True, None)
+    steps = torch.full((len(xs),), 5.0, dtype=torch.float64, device=device)
+    c2 = torch.full((len(xs),), 0.07, dtype=torch.float64, device=device)
+    table, _, _ = F.update_scalars(b, groups, 0.5, False, steps, c2)
+    refresh_table, _, _ = F.update_scalars(b, groups, 0.5, True, steps, c2)
     autograd = RefreshInput(RefreshMode.AUTOGRAD, [pb.g2], keys)
     fd = RefreshInput(RefreshMode.FD_DIRECT, [pb.curvature], keys, delta)
     return {

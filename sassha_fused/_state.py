@@ -61,14 +61,19 @@ class StateDictMixin:
         # loading a live optimizer's state_dict shares no buffer with it.
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         for p, i in zip(self._all_params(), ids):
-            for key, value in saved_state.get(i, {}).items():
+            saved = saved_state.get(i, {})
+            if not saved:
+                continue
+            state = self.state[p]
+            # the counters live in the optimizer's banks; the state holds views of them
+            step, c2 = self._counter_views(p)
+            state["step"], state["bias_correction2"] = step, c2
+            for key, value in saved.items():
                 if key in _STATE_DTYPES:
-                    dtype = _STATE_DTYPES[key]
-                elif key in ("exp_avg", "exp_hessian_diag"):
-                    dtype = math_dtype(p.dtype)
-                else:
-                    dtype = p.dtype
-                self.state[p][key] = torch.as_tensor(value).to(device=p.device, dtype=dtype, copy=True)
+                    state[key].copy_(torch.as_tensor(value, dtype=_STATE_DTYPES[key]))
+                    continue
+                dtype = math_dtype(p.dtype) if key in ("exp_avg", "exp_hessian_diag") else p.dtype
+                state[key] = torch.as_tensor(value).to(device=p.device, dtype=dtype, copy=True)
         if extra is not None:
             self._global_step = int(extra["global_step"])
             self._refreshes = int(extra["refreshes"])

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ._defaults import GROUP_KEYS
 from .backends import Bucket, GroupCol, RefreshInput
-from .plans import StepPlan, dense
+from .plans import Counters, StepPlan, dense
 
 __all__ = [
     "GroupTable",
@@ -119,8 +119,8 @@ def all_finite(plan: StepPlan, refresh: Optional[Sequence[RefreshInput]]) -> Ten
 
 
 # ---------------------------------------------------------------------------- update
-def update_scalars(b: Bucket, groups: GroupTable, power: float, refresh: bool, ok: Optional[Tensor],
-                   present: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+def update_scalars(b: Bucket, groups: GroupTable, power: float, refresh: bool, steps: Tensor, c2_old: Tensor,
+                   ok: Optional[Tensor] = None, present: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     r"""The per-tensor scalars of the update, on the bucket's device (layout ``UpdateCol``).
 
     With :math:`t` the param's step count after this step,
@@ -128,8 +128,9 @@ def update_scalars(b: Bucket, groups: GroupTable, power: float, refresh: bool, o
     ``C2`` :math:`= (1 - \beta_2^t)^p` on refresh steps (else the stored value), and
     ``LIVE`` is 1 where the param is updated: the step's inputs are finite (``ok``),
     the param takes part on some rank (``present``), and it has had a Hessian
-    refresh (``c2 > 0``) or gets one now. Float64 here; backends cast to their
-    math dtype. Returns ``(table, c2_new, live)`` for ``commit``.
+    refresh (``c2 > 0``) or gets one now. ``steps`` and ``c2_old`` are the bucket's
+    counters before the step (``Counters.gather``). Float64 here; backends cast to
+    their math dtype. Returns ``(table, c2_new, live)`` for ``Counters.commit``.
     """
     device = b.device
     gidx = b.cache.get("group_index")
@@ -137,8 +138,7 @@ def update_scalars(b: Bucket, groups: GroupTable, power: float, refresh: bool, o
         gidx = b.cache["group_index"] = torch.tensor(b.group_index, dtype=torch.long).to(device)
     g = groups.tensor(device).index_select(0, gidx)
     lr, beta1, beta2 = g[:, GroupCol.LR], g[:, GroupCol.BETA1], g[:, GroupCol.BETA2]
-    t = torch.stack(b.steps).to(torch.float64) + 1
-    c2_old = torch.stack(b.bias_corrections2)
+    t = steps.to(torch.float64) + 1
     if refresh:
         c2 = (1 - torch.pow(beta2, t)) ** power
         live = torch.ones_like(c2)
@@ -164,24 +164,17 @@ def update_scalars(b: Bucket, groups: GroupTable, power: float, refresh: bool, o
 
 
 def update(plan: StepPlan, x_t_of: Callable[[Bucket], List[Tensor]], groups: GroupTable, power: float,
-           refresh: Optional[List[RefreshInput]], ok: Optional[Tensor],
+           refresh: Optional[List[RefreshInput]], counters: Counters, ok: Optional[Tensor],
            present: Optional[Sequence[Optional[Tensor]]] = None) -> None:
     """The update of every bucket, then its commit of step counts and ``c2``."""
     for i, b in enumerate(plan.buckets):
         if not b.params:
             continue
-        table, c2, live = update_scalars(b, groups, power, refresh is not None, ok,
+        steps, c2_old = counters.gather(b)
+        table, c2, live = update_scalars(b, groups, power, refresh is not None, steps, c2_old, ok,
                                          None if present is None else present[i])
         b.backend.update(b, x_t_of(b), dense(plan.grads(b)), table, power, None if refresh is None else refresh[i])
-        commit(b, c2, live, refresh is not None)
-
-
-def commit(b: Bucket, c2: Tensor, live: Tensor, refresh: bool) -> None:
-    """Step counts advance where the update was live; a refresh stores its ``c2`` there."""
-    torch._foreach_add_(b.steps, live.to(torch.float32).unbind())
-    if refresh:
-        c2_old = torch.stack(b.bias_corrections2)
-        torch._foreach_copy_(b.bias_corrections2, torch.where(live > 0, c2, c2_old).unbind())
+        counters.commit(b, live, c2 if refresh is not None else None)
 
 
 # ------------------------------------------------------------------------ skipped steps

@@ -10,6 +10,8 @@ once, in ``backends/eager.py`` and ``functional.update_scalars``.
 from __future__ import annotations
 
 import contextlib
+import functools
+import operator
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import torch
@@ -22,11 +24,14 @@ from ._state import StateDictMixin
 from .distributed import BucketedAverager, average_step_inputs, is_distributed, participation, reject_sharded_params
 from ._passes import PassDriver
 from .hvp import cannot_differentiate_twice
-from .plans import PlanCache, StepPlan, attach_state, new_state
+from .plans import Counters, PlanCache, StepPlan, attach_state, new_state
 from .probes import MAX_PROBE_NUMEL, key_prefix
 from .schedules import is_schedule
 
 __all__ = ["SASSHA", "MSASSHA"]
+
+_is_sparse = operator.attrgetter("is_sparse")
+_is_not_none = functools.partial(operator.is_not, None)
 
 
 
@@ -57,6 +62,7 @@ class _SasshaBase(PassDriver, StateDictMixin, torch.optim.Optimizer):
         self._own_rho: List[bool] = []
         self._backend_cache: Dict[Tuple[torch.device, torch.dtype], Backend] = {}
         self._plans = PlanCache()
+        self._counters = Counters()
         self._skips = F.SkipMonitor(type(self).__name__, options["max_consecutive_skips"], on_device=self.capturable)
         self._averager = BucketedAverager(self.process_group)
         self.last_step_collectives = 0  # collectives the last step issued (data-parallel)
@@ -208,13 +214,25 @@ class _SasshaBase(PassDriver, StateDictMixin, torch.optim.Optimizer):
     def _state_of(self, p: Tensor) -> dict:
         state = self.state[p]
         if "exp_avg" not in state:
-            state.update(new_state(p))
+            step, c2 = self._counter_views(p)
+            state.update(new_state(p, step, c2))
         return state
+
+    def _counter_views(self, p: Tensor) -> Tuple[Tensor, Tensor]:
+        """The (step, c2) bank views of param ``p`` (its state's counters)."""
+        index = self._index_of[id(p)]
+        size = len(self._index_of)
+
+        def states():  # params on this device whose state points into the bank
+            return [(self._index_of[id(q)], self.state[q]) for q in self._all_params()
+                    if q.device == p.device and "step" in self.state.get(q, ())]
+
+        return self._counters.views(p.device, index, size, states)
 
     @staticmethod
     def _check_grads(params: List[Tensor]) -> None:
-        grads = [p.grad for p in params]
-        if any(g is not None and g.is_sparse for g in grads):
+        # at C speed: this runs for every tensor of every step
+        if any(map(_is_sparse, filter(_is_not_none, [p.grad for p in params]))):
             raise RuntimeError("SASSHA does not support sparse gradients; use a dense embedding "
                                "(sparse=False) for parameters this optimizer updates")
 
@@ -281,10 +299,8 @@ class _SasshaBase(PassDriver, StateDictMixin, torch.optim.Optimizer):
         ok = None
         if self.nonfinite != "ignore" and plan.participants:
             ok = F.all_finite(plan, refresh)
-        for p in plan.participants:
-            self._state_of(p)
-        attach_state(plan, self._state_of)
-        F.update(plan, x_t_of, groups, self._power_t, refresh, ok, present)
+        attach_state(plan, self._state_of)  # creates missing state, once per plan
+        F.update(plan, x_t_of, groups, self._power_t, refresh, self._counters, ok, present)
         self._global_step += 1
         if refresh is not None:
             self._refreshes += 1

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .backends import Backend, Bucket, get_backend, math_dtype
 
-__all__ = ["StepPlan", "PlanCache", "dense", "count_present"]
+__all__ = ["StepPlan", "PlanCache", "Counters", "attach_state", "new_state", "dense", "count_present"]
 
 _data_ptr = Tensor.data_ptr
 _is_contiguous = Tensor.is_contiguous
@@ -148,20 +148,69 @@ def attach_state(plan: StepPlan, state_of: Callable[[Tensor], dict]) -> None:
         states = [state_of(p) for p in b.params]
         b.exp_avgs = [s["exp_avg"] for s in states]
         b.exp_hessian_diags = [s["exp_hessian_diag"] for s in states]
-        b.steps = [s["step"] for s in states]
-        b.bias_corrections2 = [s["bias_correction2"] for s in states]
     plan.has_state = True
 
 
-def new_state(p: Tensor) -> dict:
-    """Fresh optimizer state of a parameter (names as in the official code)."""
+class Counters:
+    """Every parameter's step count and ``c2``, one contiguous bank per device.
+
+    ``state[p]["step"]`` (float32) and ``state[p]["bias_correction2"]`` (float64)
+    are 0-dim views into the banks at the parameter's position, so a step reads
+    and commits the counters of a whole bucket in one indexed op each, on the
+    device, whatever the number of tensors.
+    """
+
+    def __init__(self) -> None:
+        self.steps: Dict[torch.device, Tensor] = {}
+        self.c2: Dict[torch.device, Tensor] = {}
+
+    def views(self, device: torch.device, index: int, size: int, states: Callable[[], List[Tuple[int, dict]]]
+              ) -> Tuple[Tensor, Tensor]:
+        """The (step, c2) views of position ``index`` (banks grow to ``size``, re-pointing ``states``)."""
+        bank = self.steps.get(device)
+        if bank is None or bank.numel() <= index:
+            n = max(size, index + 1)
+            steps = torch.zeros(n, dtype=torch.float32, device=device)
+            c2 = torch.zeros(n, dtype=torch.float64, device=device)
+            if bank is not None:
+                steps[:bank.numel()].copy_(bank)
+                c2[:bank.numel()].copy_(self.c2[device])
+            self.steps[device], self.c2[device] = steps, c2
+            for i, state in states():  # the views of the old banks move to the new ones
+                state["step"], state["bias_correction2"] = steps[i], c2[i]
+        return self.steps[device][index], self.c2[device][index]
+
+    @staticmethod
+    def index(b: Bucket) -> Tensor:
+        idx = b.cache.get("param_index")
+        if idx is None:
+            idx = b.cache["param_index"] = torch.tensor(b.param_index, dtype=torch.long).to(b.device)
+        return idx
+
+    def gather(self, b: Bucket) -> Tuple[Tensor, Tensor]:
+        """The bucket's step counts (float64) and c2, in bucket order."""
+        idx = self.index(b)
+        return self.steps[b.device].index_select(0, idx).to(torch.float64), self.c2[b.device].index_select(0, idx)
+
+    def commit(self, b: Bucket, live: Tensor, c2: Optional[Tensor]) -> None:
+        """Step counts advance where the update was live; a refresh stores its ``c2`` there."""
+        idx = self.index(b)
+        self.steps[b.device].index_add_(0, idx, live.to(torch.float32))
+        if c2 is not None:
+            bank = self.c2[b.device]
+            bank.index_copy_(0, idx, torch.where(live > 0, c2, bank.index_select(0, idx)))
+
+
+def new_state(p: Tensor, step: Tensor, c2: Tensor) -> dict:
+    """Fresh optimizer state of a parameter (names as in the official code); counters are bank views."""
     mdt = math_dtype(p.dtype)
+    step.zero_()
+    c2.zero_()  # 0 until the parameter's first Hessian refresh: the update skips it until then
     return {
-        "step": torch.zeros((), dtype=torch.float32, device=p.device),
+        "step": step,
         "exp_avg": torch.zeros_like(p, dtype=mdt, memory_format=torch.preserve_format),
         "exp_hessian_diag": torch.zeros_like(p, dtype=mdt, memory_format=torch.preserve_format),
-        # 0 until the parameter's first Hessian refresh: the update skips it until then
-        "bias_correction2": torch.zeros((), dtype=torch.float64, device=p.device),
+        "bias_correction2": c2,
     }
 
 

@@ -252,8 +252,6 @@ def phase_bucket(backend, dtype: torch.dtype, sizes: Sequence[int] = EDGE_SIZES,
         positions=list(range(len(sizes))),
         exp_avgs=[rnd(n, mdt, k) for k, n in enumerate(sizes)],
         exp_hessian_diags=[rnd(n, mdt, k).abs() for k, n in enumerate(sizes)],
-        steps=[torch.tensor(3.0 + j, device=device) for j in range(len(sizes))],
-        bias_corrections2=[torch.tensor(0.05 + 0.01 * j, dtype=torch.float64, device=device) for j in range(len(sizes))],
     )
 
 
@@ -267,8 +265,7 @@ def clone_bucket(b, backend):
         group_index=list(b.group_index),
         backups=[params[j] if bk is b.params[j] else bk.clone() for j, bk in enumerate(b.backups)],
         positions=list(b.positions), exp_avgs=[t.clone() for t in b.exp_avgs],
-        exp_hessian_diags=[t.clone() for t in b.exp_hessian_diags], steps=[t.clone() for t in b.steps],
-        bias_corrections2=[t.clone() for t in b.bias_corrections2],
+        exp_hessian_diags=[t.clone() for t in b.exp_hessian_diags],
     )
 
 
@@ -364,7 +361,9 @@ def check_phases_match_eager(backend, dtype: torch.dtype, sizes: Sequence[int] =
             ys = [[None if j % 4 == 1 else y for j, y in enumerate(like(ref))]]
             refresh = RefreshInput(mode, ys, ProbeKeys(keys.prefixes[:1]), delta)
         live = torch.tensor([0.0 if j % 5 == 3 else 1.0 for j in range(n)], device=ref.device)
-        table, _, _ = F.update_scalars(ref, groups, power, refresh is not None, None, live)
+        steps = torch.tensor([3.0 + j for j in range(n)], dtype=torch.float64, device=ref.device)
+        c2 = torch.tensor([0.05 + 0.01 * j for j in range(n)], dtype=torch.float64, device=ref.device)
+        table, _, _ = F.update_scalars(ref, groups, power, refresh is not None, steps, c2, None, live)
         x_t_ref = ref.params if alias else ref.backups
         x_t_new = new.params if alias else new.backups
         eager.update(ref, x_t_ref, grads, table, power, refresh)

@@ -145,8 +145,6 @@ class Bucket:
     positions: List[int] = field(default_factory=list)  # index of each param in the plan's participants
     exp_avgs: List[Tensor] = field(default_factory=list)  # m, in math_dtype(param.dtype)
     exp_hessian_diags: List[Tensor] = field(default_factory=list)  # D, in math_dtype(param.dtype)
-    steps: List[Tensor] = field(default_factory=list)  # 0-dim float32, this bucket's device
-    bias_corrections2: List[Tensor] = field(default_factory=list)  # 0-dim float64
     cache: Dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:

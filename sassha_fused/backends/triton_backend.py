@@ -35,6 +35,7 @@ The kernels are in ``triton_kernels/sassha.py`` (imported as
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -72,6 +73,7 @@ _data_ptr = Tensor.data_ptr
 _misaligned = (15).__and__
 
 
+@functools.lru_cache(maxsize=None)
 def _interpreted() -> bool:
     """True when the kernels were created under TRITON_INTERPRET=1 (run on CPU tensors)."""
     if _kernels is None:
