@@ -295,7 +295,7 @@ def pass_calls(backend_name: str, device: torch.device, numel: int, n_tensors: i
     table, _, _ = F.update_scalars(b, groups, 0.5, False, steps, c2)
     refresh_table, _, _ = F.update_scalars(b, groups, 0.5, True, steps, c2)
     autograd = RefreshInput(RefreshMode.AUTOGRAD, [pb.g2], keys)
-    fd = RefreshInput(RefreshMode.FD_DIRECT, [pb.curvature], keys, delta)
+    fd = RefreshInput(RefreshMode.FD_DIRECT, [pb.curvature], keys, torch.stack([delta, torch.tensor(1e-7, device=device)]))
     return {
         "sq_norm": lambda: backend.sq_norm(b, pb.g1, False, torch.float32),
         "perturb": lambda: backend.perturb(b, pb.g1, sq, 1.0, False, groups),

@@ -126,12 +126,13 @@ def plot_scaling(data: Dict[str, Dict[str, list]], path: str, title: str) -> boo
 
 
 class Block(nn.Module):
-    """A GPT-2 block. Attention is written out (softmax(QK^T)V): fused attention
-    kernels have no double backward, which SASSHA's Hessian-vector product needs."""
+    """A GPT-2 block. Attention is written out (softmax(QK^T)V) by default: fused
+    attention kernels have no double backward, which autograd Hessian-vector
+    products need; ``sdpa=True`` uses ``F.scaled_dot_product_attention``."""
 
-    def __init__(self, d: int, heads: int):
+    def __init__(self, d: int, heads: int, sdpa: bool = False):
         super().__init__()
-        self.heads = heads
+        self.heads, self.sdpa = heads, sdpa
         self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
         self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
         self.fc, self.out = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
@@ -140,18 +141,21 @@ class Block(nn.Module):
         b, t, d = x.shape
         q, k, v = self.qkv(self.ln1(x)).split(d, dim=2)
         q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
-        att = (q @ k.transpose(-2, -1)) / math.sqrt(d // self.heads)
-        mask = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
-        att = att.masked_fill(~mask, float("-inf")).softmax(-1)
-        x = x + self.proj((att @ v).transpose(1, 2).reshape(b, t, d))
+        if self.sdpa:
+            y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            att = (q @ k.transpose(-2, -1)) / math.sqrt(d // self.heads)
+            mask = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+            y = att.masked_fill(~mask, float("-inf")).softmax(-1) @ v
+        x = x + self.proj(y.transpose(1, 2).reshape(b, t, d))
         return x + self.out(nn.functional.gelu(self.fc(self.ln2(x))))
 
 
 class GPT(nn.Module):
-    def __init__(self, vocab: int, seq: int, d: int, layers: int, heads: int):
+    def __init__(self, vocab: int, seq: int, d: int, layers: int, heads: int, sdpa: bool = False):
         super().__init__()
         self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(seq, d)
-        self.blocks = nn.ModuleList(Block(d, heads) for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(d, heads, sdpa) for _ in range(layers))
         self.ln = nn.LayerNorm(d)
         self.head = nn.Linear(d, vocab, bias=False)
 
@@ -206,26 +210,33 @@ MODEL_SHAPES = {
 }
 
 
-def build(model_name: str, device: torch.device, quick: bool):
+def build(model_name: str, device: torch.device, quick: bool, sdpa: bool = False, compiled: bool = False):
+    """The model, a loss closure on a fixed synthetic batch, and its shape.
+
+    ``sdpa``: fused attention (GPT only); ``compiled``: the forward through
+    ``torch.compile`` (the optimizer still sees the model's own parameters).
+    """
     shape = dict(MODEL_SHAPES[model_name][0 if device.type == "cuda" and not quick else 1])
     batch = shape.pop("batch")
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     if model_name.startswith("gpt2"):
-        model = GPT(**shape).to(device)
+        model = GPT(**shape, sdpa=sdpa).to(device)
         idx = torch.randint(0, shape["vocab"], (batch, shape["seq"] + 1), generator=g).to(device)
         inputs, targets = idx[:, :-1], idx[:, 1:]
+        forward = torch.compile(model) if compiled else model
 
         def loss_fn():
-            logits = model(inputs)
+            logits = forward(inputs)
             return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
     else:
         model = ResNet(**shape).to(device)
         x = torch.randn(batch, 3, 32, 32, generator=g).to(device)
         y = torch.randint(0, 10, (batch,), generator=g).to(device)
+        forward = torch.compile(model) if compiled else model
 
         def loss_fn():
-            return nn.functional.cross_entropy(model(x), y)
+            return nn.functional.cross_entropy(forward(x), y)
     shape["batch"] = batch
     return model, loss_fn, shape
 
@@ -283,8 +294,10 @@ def training_step_fn(opt_name: str, model: nn.Module, loss_fn):
             for p in params:
                 p.grad = None  # break the parameter/gradient cycle it would otherwise leak
     elif opt_name.startswith("sassha"):
-        backend = opt_name.split(":", 1)[1] if ":" in opt_name else "auto"
-        opt = SASSHA(params, lr=1e-4, rho=0.05, lazy_hessian=10, backend=backend)
+        # sassha[-fd][-compiled-sdpa]:<backend>; "-fd": hvp="finite_difference", else "auto"
+        kind, _, backend = opt_name.partition(":")
+        opt = SASSHA(params, lr=1e-4, rho=0.05, lazy_hessian=10, backend=backend or "auto",
+                     hvp="finite_difference" if "-fd" in kind else "auto")
 
         def step():
             opt.step(loss_fn)
@@ -307,7 +320,9 @@ def peak_rss_mib() -> float:
 
 
 def run_one(model_name: str, opt_name: str, device: torch.device, steps: int, quick: bool) -> Dict:
-    model, loss_fn, shape = build(model_name, device, quick)
+    fused = "compiled-sdpa" in opt_name
+    model, loss_fn, shape = build(model_name, device, quick, sdpa=fused and model_name.startswith("gpt2"),
+                                  compiled=fused)
     step = training_step_fn(opt_name, model, loss_fn)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -332,6 +347,11 @@ def main(argv: List[str] = None) -> None:
     ap.add_argument("--steps", type=int, default=20, help="timed training steps per configuration (k=10: 2 refreshes)")
     ap.add_argument("--rounds", type=int, default=3, help="end-to-end rounds (configurations alternate)")
     ap.add_argument("--quick", action="store_true", help="small shapes and sizes everywhere (a smoke run)")
+    ap.add_argument("--models", nargs="+", default=list(MODEL_SHAPES), help="end-to-end models")
+    ap.add_argument("--optimizers", nargs="+", default=None,
+                    help="end-to-end configurations (default: adamw, sam, official-style and the fastest "
+                         "backend's sassha, sassha-fd and sassha-fd-compiled-sdpa)")
+    ap.add_argument("--end-to-end-only", action="store_true", help="skip the bandwidth and scaling sections")
     ap.add_argument("--only-end-to-end", dest="one", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -350,11 +370,28 @@ def main(argv: List[str] = None) -> None:
     print(f"# sassha_fused benchmark report\n\n{env['date']}, device: {env['device']}, "
           f"torch {env['torch']}, triton {env['triton']}\n")
 
+    backends = sassha_backends(device)
+    if not args.end_to_end_only:
+        kernel_sections(args, device, numel, backends, env, report)
+
+    fused = ("triton" if "triton" in backends else "cuda" if "cuda" in backends else
+             "cpp" if "cpp" in backends else "foreach")
+    optimizers = args.optimizers or ["adamw", "sam", "official-style", f"sassha:{fused}", f"sassha-fd:{fused}",
+                                     f"sassha-fd-compiled-sdpa:{fused}"]
+    end_to_end(args, device, optimizers, report)
+
+    out = args.out or os.path.join(HERE, "results", f"report-{device.type}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"\nwrote {out}")
+
+
+def kernel_sections(args, device: torch.device, numel: int, backends: List[str], env: Dict, report: Dict) -> None:
+    """Copy bandwidth, every pass's GB/s, the optimizer-side step vs AdamW, the scaling sweep."""
     bw = copy_bandwidth(device, max(numel, 1 << 24))
     report["copy_GBps"] = bw
     print(f"Copy bandwidth (dst.copy_(src), fp32): **{bw:.1f} GB/s**\n")
-
-    backends = sassha_backends(device)
     report["passes"] = {}
     print(f"## Passes at {numel:,} fp32 params in {args.tensors} tensors\n")
     print("| backend | pass | ms | GB/s (minimal bytes) | % of copy |")
@@ -386,15 +423,15 @@ def main(argv: List[str] = None) -> None:
     if plot_scaling(report["scaling"], png, f"{env['device']}, torch {env['torch']}, {env['date']}"):
         print(f"\nplot: {png}")
 
-    fused = "sassha:" + ("triton" if "triton" in backends else "cuda" if "cuda" in backends else
-                         "cpp" if "cpp" in backends else "foreach")
-    optimizers = ["adamw", "sam", "official-style", fused]
+
+def end_to_end(args, device: torch.device, optimizers: List[str], report: Dict) -> None:
+    """Whole training steps of each model and optimizer, each configuration in its own process."""
     report["end_to_end"] = []
     print(f"\n## End-to-end training steps (synthetic batches, k = 10; {args.rounds} rounds, configurations alternated)\n")
     print("| model | shape | params | optimizer | ms / step (median) | ms / step (mean, refreshes included) "
           "| time / SAM (mean) | time / official-style (mean) | peak MiB |")
     print("|---|---|---:|---|---:|---:|---:|---:|---:|")
-    for model_name in MODEL_SHAPES:
+    for model_name in args.models:
         # Each configuration runs in its own process (its own peak memory); rounds
         # alternate them, so a drift of the machine's speed hits all alike.
         runs: Dict[str, List[Dict]] = {o: [] for o in optimizers}
@@ -426,12 +463,6 @@ def main(argv: List[str] = None) -> None:
                   f"{r['mean_ms']:.1f} | {vs['sam']} | {vs['official-style']} | {r['peak_MiB']:.0f} |")
     if device.type == "cpu":
         print("\nCPU peak memory: the configuration's own process, peak resident set (VmHWM), torch included.")
-
-    out = args.out or os.path.join(HERE, "results", f"report-{device.type}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(report, f, indent=1)
-    print(f"\nwrote {out}")
 
 
 if __name__ == "__main__":

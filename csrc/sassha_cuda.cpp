@@ -293,7 +293,7 @@ void fd_fold_cuda(at::TensorList acc, at::TensorList grads, at::TensorList basel
 void update_cuda(at::TensorList params, at::TensorList x_t, at::TensorList grads, at::TensorList exp_avgs,
                  at::TensorList exp_hessian_diags, const at::Tensor& scalars, double power, int64_t refresh_mode,
                  const c10::List<std::optional<at::Tensor>>& ys, c10::ArrayRef<int64_t> param_index,
-                 c10::ArrayRef<int64_t> prefixes, const std::optional<at::Tensor>& delta) {
+                 c10::ArrayRef<int64_t> prefixes, const std::optional<at::Tensor>& fd) {
   const size_t n = params.size();
   TORCH_CHECK(x_t.size() == n && grads.size() == n && exp_avgs.size() == n && exp_hessian_diags.size() == n &&
                   param_index.size() == n,
@@ -306,8 +306,9 @@ void update_cuda(at::TensorList params, at::TensorList x_t, at::TensorList grads
   if (refresh) {
     TORCH_CHECK(n_samples >= 1 && ys.size() == static_cast<size_t>(n_samples) * n,
                 "sassha_fused::update: on a refresh step pass n_samples * n_params ys (None: 0)");
-    TORCH_CHECK(refresh_mode != RefreshMode::kFdDirect || delta.has_value(),
-                "sassha_fused::update: FD_DIRECT needs the finite-difference step delta");
+    TORCH_CHECK(refresh_mode == RefreshMode::kAutograd ||
+                    (fd.has_value() && fd->numel() == 2 && fd->scalar_type() == at::kFloat),
+                "sassha_fused::update: finite-difference modes need fd = [delta, h_floor] (float32)");
   }
   if (n == 0) return;
   check_params("update", params);
@@ -361,9 +362,14 @@ void update_cuda(at::TensorList params, at::TensorList x_t, at::TensorList grads
     d_ys = reinterpret_cast<const void* const*>(base);
     d_prefixes = reinterpret_cast<const uint32_t*>(base + o_prefixes);
   }
-  const float* d_delta = refresh_mode == RefreshMode::kFdDirect ? delta_ptr("update", *delta, params[0]) : nullptr;
+  const float* d_fd = nullptr;
+  if (refresh && refresh_mode != RefreshMode::kAutograd) {
+    TORCH_CHECK(fd->device() == params[0].device() && fd->is_contiguous(),
+                "sassha_fused::update: fd must be a contiguous tensor on the params' device");
+    d_fd = fd->const_data_ptr<float>();
+  }
   launch_update(t.recs, t.blocks, t.n_blocks, static_cast<int64_t>(n), scalars.const_data_ptr<double>(), power,
-                static_cast<int>(refresh_mode), d_ys, d_prefixes, n_samples, d_delta, current_stream());
+                static_cast<int>(refresh_mode), d_ys, d_prefixes, n_samples, d_fd, current_stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

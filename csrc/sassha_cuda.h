@@ -69,10 +69,11 @@ void launch_fd_fold(const TensorRec* recs, const BlockRec* blocks, int64_t n_blo
                     const float* delta, float coefficient, bool first, void* stream);
 // The SASSHA update. ``scalars`` is the float64 [n, UpdateCol] table; on refresh
 // steps ys[s * n_tensors + j] is the refresh input of sample s (null: 0) and
-// prefixes[s] the key prefix of its probe vector (refresh_mode: RefreshMode).
+// prefixes[s] the key prefix of its probe vector (refresh_mode: RefreshMode);
+// fd = [delta, h_floor] in the finite-difference modes.
 void launch_update(const TensorRec* recs, const BlockRec* blocks, int64_t n_blocks, int64_t n_tensors,
                    const double* scalars, double power, int refresh_mode, const void* const* ys,
-                   const uint32_t* prefixes, int64_t n_samples, const float* delta, void* stream);
+                   const uint32_t* prefixes, int64_t n_samples, const float* fd, void* stream);
 
 }  // namespace cuda
 }  // namespace sassha

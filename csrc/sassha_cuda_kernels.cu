@@ -254,12 +254,13 @@ __global__ void __launch_bounds__(kThreads) update_kernel(const TensorRec* __res
                                                           const double* __restrict__ scalars, double power,
                                                           const void* const* __restrict__ ys,
                                                           const uint32_t* __restrict__ prefixes, int64_t n_samples,
-                                                          const float* __restrict__ delta) {
+                                                          const float* __restrict__ fd) {
   const BlockRec b = blocks[blockIdx.x];
   const TensorRec r = recs[b.tensor];
   const Range range = block_range(r, b);
   const UpdateScalars<float> s = update_scalars<float>(scalars + b.tensor * UpdateCol::kCount, power);
-  const float dlt = MODE == RefreshMode::kFdDirect ? *delta : 1.f;
+  const float dlt = MODE == RefreshMode::kFdDirect ? fd[0] : 1.f;
+  const float h_floor = MODE == RefreshMode::kFdDirect || MODE == RefreshMode::kPrecomputed ? fd[1] : 0.f;
   dispatch_dtype(r.dtype, [&](auto tag) {
     using T = decltype(tag);
     T* x = static_cast<T*>(r.x);
@@ -296,6 +297,7 @@ __global__ void __launch_bounds__(kThreads) update_kernel(const TensorRec* __res
 #pragma unroll
         for (int k = 0; k < kVec; ++k) {
           if (MODE == RefreshMode::kAutograd) h[k] = h[k] / static_cast<float>(n_samples);
+          else h[k] = fd_magnitude<float>(h[k], g[k], h_floor);
           d[k] = hessian_ema<float>(d[k], h[k], s);
         }
       }
@@ -361,32 +363,32 @@ void launch_fd_fold(const TensorRec* recs, const BlockRec* blocks, int64_t n_blo
 template <int MODE>
 void launch_update_mode(const TensorRec* recs, const BlockRec* blocks, int64_t n_blocks, int64_t n_tensors,
                         const double* scalars, double power, const void* const* ys, const uint32_t* prefixes,
-                        int64_t n_samples, const float* delta, cudaStream_t st) {
+                        int64_t n_samples, const float* fd, cudaStream_t st) {
   if (power == 0.5) {
     update_kernel<MODE, true><<<n_blocks, kThreads, 0, st>>>(recs, blocks, n_tensors, scalars, power, ys, prefixes,
-                                                             n_samples, delta);
+                                                             n_samples, fd);
   } else {
     update_kernel<MODE, false><<<n_blocks, kThreads, 0, st>>>(recs, blocks, n_tensors, scalars, power, ys, prefixes,
-                                                              n_samples, delta);
+                                                              n_samples, fd);
   }
 }
 
 void launch_update(const TensorRec* recs, const BlockRec* blocks, int64_t n_blocks, int64_t n_tensors,
                    const double* scalars, double power, int refresh_mode, const void* const* ys,
-                   const uint32_t* prefixes, int64_t n_samples, const float* delta, void* stream) {
+                   const uint32_t* prefixes, int64_t n_samples, const float* fd, void* stream) {
   auto st = static_cast<cudaStream_t>(stream);
   switch (refresh_mode) {
     case RefreshMode::kNone:
-      launch_update_mode<RefreshMode::kNone>(recs, blocks, n_blocks, n_tensors, scalars, power, ys, prefixes, n_samples, delta, st);
+      launch_update_mode<RefreshMode::kNone>(recs, blocks, n_blocks, n_tensors, scalars, power, ys, prefixes, n_samples, fd, st);
       break;
     case RefreshMode::kAutograd:
-      launch_update_mode<RefreshMode::kAutograd>(recs, blocks, n_blocks, n_tensors, scalars, power, ys, prefixes, n_samples, delta, st);
+      launch_update_mode<RefreshMode::kAutograd>(recs, blocks, n_blocks, n_tensors, scalars, power, ys, prefixes, n_samples, fd, st);
       break;
     case RefreshMode::kFdDirect:
-      launch_update_mode<RefreshMode::kFdDirect>(recs, blocks, n_blocks, n_tensors, scalars, power, ys, prefixes, n_samples, delta, st);
+      launch_update_mode<RefreshMode::kFdDirect>(recs, blocks, n_blocks, n_tensors, scalars, power, ys, prefixes, n_samples, fd, st);
       break;
     default:
-      launch_update_mode<RefreshMode::kPrecomputed>(recs, blocks, n_blocks, n_tensors, scalars, power, ys, prefixes, n_samples, delta, st);
+      launch_update_mode<RefreshMode::kPrecomputed>(recs, blocks, n_blocks, n_tensors, scalars, power, ys, prefixes, n_samples, fd, st);
   }
 }
 

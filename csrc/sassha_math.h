@@ -55,6 +55,15 @@ struct RefreshMode {
   };
 };
 
+// Finite differences resolve |h| only down to h_floor * |g~| (the gradients'
+// relative precision over delta): below that, |h| is taken as that resolution.
+template <typename M>
+SASSHA_HD M fd_magnitude(M h, M g, M h_floor) {
+  const M floor = h_floor * std::fabs(g);
+  const M a = std::fabs(h);
+  return a < floor ? floor : a;
+}
+
 // ---- probes ---------------------------------------------------------------------
 // Elements per probe word: one 32-bit hash yields the signs of 32 elements.
 constexpr int64_t kProbeWordBits = 32;

@@ -504,7 +504,7 @@ void fd_fold_cpu(at::TensorList acc, at::TensorList grads, at::TensorList baseli
 // regenerated word by word from the counters, never read from memory.
 template <typename T, int MODE, bool SQRT_POWER>
 SASSHA_CPU_CLONES void chunk_update(T* x, const T* xt, const T* g, math_t<T>* m, math_t<T>* d, const T* const* ys,
-                                    const ProbeKey* keys, int64_t n_samples, math_t<T> delta,
+                                    const ProbeKey* keys, int64_t n_samples, math_t<T> delta, math_t<T> h_floor,
                                     const UpdateScalars<math_t<T>>& s, int64_t begin, int64_t end) {
   using M = math_t<T>;
   if (MODE == RefreshMode::kNone) {
@@ -557,6 +557,9 @@ SASSHA_CPU_CLONES void chunk_update(T* x, const T* xt, const T* g, math_t<T>* m,
         for (int64_t b = 0; b < len; ++b) h[b] = static_cast<M>(yw[b]);
       }
     }
+    if (MODE != RefreshMode::kAutograd) {
+      for (int64_t b = 0; b < len; ++b) h[b] = fd_magnitude<M>(h[b], static_cast<M>(g[w + b]), h_floor);
+    }
     const T* bw = xt + w;
     const T* gw = g + w;
     const M* mw = m + w;
@@ -577,18 +580,18 @@ SASSHA_CPU_CLONES void chunk_update(T* x, const T* xt, const T* g, math_t<T>* m,
 template <typename T, int MODE>
 void update_chunk_dispatch(bool sqrt_power, T* x, const T* xt, const T* g, math_t<T>* m, math_t<T>* d,
                            const T* const* ys, const ProbeKey* keys, int64_t n_samples, math_t<T> delta,
-                           const UpdateScalars<math_t<T>>& s, const Chunk& c) {
+                           math_t<T> h_floor, const UpdateScalars<math_t<T>>& s, const Chunk& c) {
   if (sqrt_power) {
-    chunk_update<T, MODE, true>(x, xt, g, m, d, ys, keys, n_samples, delta, s, c.begin, c.end);
+    chunk_update<T, MODE, true>(x, xt, g, m, d, ys, keys, n_samples, delta, h_floor, s, c.begin, c.end);
   } else {
-    chunk_update<T, MODE, false>(x, xt, g, m, d, ys, keys, n_samples, delta, s, c.begin, c.end);
+    chunk_update<T, MODE, false>(x, xt, g, m, d, ys, keys, n_samples, delta, h_floor, s, c.begin, c.end);
   }
 }
 
 void update_cpu(at::TensorList params, at::TensorList x_t, at::TensorList grads, at::TensorList exp_avgs,
                 at::TensorList exp_hessian_diags, const at::Tensor& scalars, double power, int64_t refresh_mode,
                 const c10::List<std::optional<at::Tensor>>& ys, c10::ArrayRef<int64_t> param_index,
-                c10::ArrayRef<int64_t> prefixes, const std::optional<at::Tensor>& delta) {
+                c10::ArrayRef<int64_t> prefixes, const std::optional<at::Tensor>& fd) {
   const size_t n = params.size();
   check_same_length("update", "params", n, "x_t", x_t.size());
   check_same_length("update", "params", n, "grads", grads.size());
@@ -608,8 +611,9 @@ void update_cpu(at::TensorList params, at::TensorList x_t, at::TensorList grads,
                 ys.size(), " ys for ", n_samples, " samples x ", n, " params; pass ys[s * n_params + j] (None: 0)");
     TORCH_CHECK(refresh_mode == RefreshMode::kAutograd || n_samples == 1,
                 "sassha_fused::update: finite-difference refresh modes take one list of ys (one prefix)");
-    TORCH_CHECK(refresh_mode != RefreshMode::kFdDirect || delta.has_value(),
-                "sassha_fused::update: FD_DIRECT needs the finite-difference step delta");
+    TORCH_CHECK(refresh_mode == RefreshMode::kAutograd ||
+                    (fd.has_value() && fd->numel() == 2 && fd->scalar_type() == at::kFloat),
+                "sassha_fused::update: finite-difference modes need fd = [delta, h_floor] (float32)");
   }
   if (n == 0) return;
   const auto device = params[0].device();
@@ -633,7 +637,12 @@ void update_cpu(at::TensorList params, at::TensorList x_t, at::TensorList grads,
   }
   const at::Tensor table = scalars.to(at::kCPU).contiguous();
   const double* rows = table.const_data_ptr<double>();
-  const double d = refresh_mode == RefreshMode::kFdDirect ? scalar_of("update", *delta, "delta") : 1.0;
+  float fd_host[2] = {1.f, 0.f};
+  if (refresh && refresh_mode != RefreshMode::kAutograd) {
+    const at::Tensor f = fd->to(at::kCPU).contiguous();
+    fd_host[0] = f.const_data_ptr<float>()[0];
+    fd_host[1] = f.const_data_ptr<float>()[1];
+  }
   const bool sqrt_power = power == 0.5;
   const auto chunks = make_chunks(params);
   for_each_chunk(chunks, [&](const Chunk& c) {
@@ -651,7 +660,8 @@ void update_cpu(at::TensorList params, at::TensorList x_t, at::TensorList grads,
       const T* g = static_cast<const T*>(grads[j].const_data_ptr());
       M* m = static_cast<M*>(exp_avgs[j].data_ptr());
       M* dd = static_cast<M*>(exp_hessian_diags[j].data_ptr());
-      const M delta_m = static_cast<M>(static_cast<float>(d));
+      const M delta_m = static_cast<M>(fd_host[0]);
+      const M floor_m = static_cast<M>(fd_host[1]);
       std::vector<const T*> yj(refresh ? n_samples : 0);
       std::vector<ProbeKey> kj(refresh ? n_samples : 0);
       for (int64_t smp = 0; smp < static_cast<int64_t>(yj.size()); ++smp) {
@@ -660,19 +670,20 @@ void update_cpu(at::TensorList params, at::TensorList x_t, at::TensorList grads,
       }
       switch (refresh_mode) {
         case RefreshMode::kNone:
-          update_chunk_dispatch<T, RefreshMode::kNone>(sqrt_power, x, xt, g, m, dd, nullptr, nullptr, 0, delta_m, s, c);
+          update_chunk_dispatch<T, RefreshMode::kNone>(sqrt_power, x, xt, g, m, dd, nullptr, nullptr, 0, delta_m,
+                                                       floor_m, s, c);
           break;
         case RefreshMode::kAutograd:
           update_chunk_dispatch<T, RefreshMode::kAutograd>(sqrt_power, x, xt, g, m, dd, yj.data(), kj.data(),
-                                                           n_samples, delta_m, s, c);
+                                                           n_samples, delta_m, floor_m, s, c);
           break;
         case RefreshMode::kFdDirect:
           update_chunk_dispatch<T, RefreshMode::kFdDirect>(sqrt_power, x, xt, g, m, dd, yj.data(), kj.data(),
-                                                           n_samples, delta_m, s, c);
+                                                           n_samples, delta_m, floor_m, s, c);
           break;
         default:
           update_chunk_dispatch<T, RefreshMode::kPrecomputed>(sqrt_power, x, xt, g, m, dd, yj.data(), kj.data(),
-                                                              n_samples, delta_m, s, c);
+                                                              n_samples, delta_m, floor_m, s, c);
       }
     });
   });
@@ -711,10 +722,11 @@ TORCH_LIBRARY(sassha_fused, m) {
         "int prefix, float coefficient, bool first) -> ()");
   // The SASSHA update of every param from x_t[j] (which may be params[j]); scalars is
   // the float64 [n, UpdateCol.COUNT] table of functional.update_scalars; on refresh
-  // steps ys[s * n + j] (None: 0) and the probe prefixes per sample (RefreshMode).
+  // steps ys[s * n + j] (None: 0) and the probe prefixes per sample (RefreshMode);
+  // fd = [delta, h_floor] (float32) in the finite-difference modes.
   m.def("update(Tensor(a!)[] params, Tensor[] x_t, Tensor[] grads, Tensor(b!)[] exp_avgs, "
         "Tensor(c!)[] exp_hessian_diags, Tensor scalars, float power, int refresh_mode, Tensor?[] ys, "
-        "int[] param_index, int[] prefixes, Tensor? delta) -> ()");
+        "int[] param_index, int[] prefixes, Tensor? fd) -> ()");
   // Which sources this library was built from (see sassha_fused/_build.py).
   m.def("build_info() -> str", &sassha::build_info);
 }

@@ -57,7 +57,8 @@ __all__ = [
     "FiniteDifferences",
     "autograd_refresh",
     "cannot_differentiate_twice",
-    "fd_relative_step",
+    "fd_precision",
+    "fd_scalars",
     "remap_refresh",
 ]
 
@@ -73,6 +74,10 @@ FD_EPS: Dict[Tuple[str, int], float] = {
     ("central", 32): 3e-3,
     ("central", 16): 3e-2,
 }
+
+# Relative precision of gradients by precision class: the resolution of a
+# difference of two of them (RefreshMode's h_floor = resolution / delta).
+RESOLUTION: Dict[int, float] = {64: 2.0**-53, 32: 2.0**-24, 16: 2.0**-8}
 
 # Messages of the errors that mean "this model cannot be differentiated twice".
 _DOUBLE_BACKWARD_ERRORS = (
@@ -159,28 +164,31 @@ def remap_refresh(inputs: List[RefreshInput], src: StepPlan, dst: StepPlan) -> L
             if loc is not None:
                 for s in range(len(ys)):
                     ys[s][j] = inputs[loc[0]].ys[s][loc[1]]
-        delta = None if first.delta is None else first.delta.to(b.device)
-        out.append(RefreshInput(first.mode, ys, first.keys, delta))
+        fd = None if first.fd is None else first.fd.to(b.device)
+        out.append(RefreshInput(first.mode, ys, first.keys, fd))
     return out
 
 
 # ------------------------------------------------------------------ finite differences
-def fd_relative_step(plan: StepPlan, fd_eps, scheme: str):
-    """``fd_eps``, or for ``"auto"`` the table value for the gradients' precision.
+def fd_precision(plan: StepPlan, fd_eps, scheme: str):
+    """``(relative step, resolution)`` for the gradients' precision class (16, 32 or 64 bits).
 
-    16-bit arithmetic leaves the low mantissa bits of the float32 gradients it
-    produces zero: when most non-zero elements of the largest float32 gradients
-    have their low 13 bits clear, the forward ran in bf16/fp16 (autocast). Decided
-    on the device (a 0-dim tensor), without a host read.
+    The class is 16 for bf16/fp16 params, 64 when every param is fp64, else 32,
+    unless the gradients betray 16-bit arithmetic: it leaves the low mantissa bits
+    of the float32 gradients it produces zero, so when most non-zero elements of
+    the largest float32 gradients have their low 13 bits clear, the forward ran in
+    bf16/fp16 (autocast). That decision is taken on the device (0-dim tensors are
+    returned), without a host read. An explicit ``fd_eps`` sets the step only.
     """
-    if fd_eps != "auto":
-        return float(fd_eps)
+    def pick(bits):
+        return (float(fd_eps) if fd_eps != "auto" else FD_EPS[(scheme, bits)]), RESOLUTION[bits]
+
     if plan.has_16bit:
-        return FD_EPS[(scheme, 16)]
+        return pick(16)
     if plan.all_fp64:
-        return FD_EPS[(scheme, 64)]
+        return pick(64)
     if not plan.fingerprint:
-        return FD_EPS[(scheme, 32)]
+        return pick(32)
     low = nonzero = None
     for bi, j in plan.fingerprint:
         g = plan.buckets[bi].params[j].grad
@@ -191,17 +199,24 @@ def fd_relative_step(plan: StepPlan, fd_eps, scheme: str):
         a, n = (bits & nz).sum(), nz.sum()
         low, nonzero = (a, n) if low is None else (low + a.to(low.device), nonzero + n.to(low.device))
     if low is None:
-        return FD_EPS[(scheme, 32)]
-    return torch.where(low * 2 > nonzero, FD_EPS[(scheme, 16)], FD_EPS[(scheme, 32)]).to(torch.float64)
+        return pick(32)
+    is16 = low * 2 > nonzero
+    (rel16, res16), (rel32, res32) = pick(16), pick(32)
+    return (torch.where(is16, rel16, rel32).to(torch.float64), torch.where(is16, res16, res32).to(torch.float64))
 
 
-def fd_delta(plan: StepPlan, x_t_of: Callable[[Bucket], List[Tensor]], relative) -> Tensor:
-    """``delta = relative * (1 + ||x_t||) / sqrt(N)`` as a 0-dim float32 device tensor."""
+def fd_scalars(plan: StepPlan, x_t_of: Callable[[Bucket], List[Tensor]], fd_eps, scheme: str) -> Tensor:
+    """``[delta, h_floor]`` as a float32 device tensor.
+
+    ``delta = relative * (1 + ||x_t||) / sqrt(N)``; ``h_floor = resolution / delta``.
+    """
+    relative, resolution = fd_precision(plan, fd_eps, scheme)
     sq = global_sq_norm(plan, x_t_of).to(torch.float64)
-    if isinstance(relative, Tensor):
-        relative = relative.to(sq.device)
-    delta = relative * (1 + sq.sqrt()) / math.sqrt(max(plan.numel, 1))
-    return delta.to(torch.float32)
+    delta = torch.as_tensor(relative, dtype=torch.float64).to(sq.device) * (1 + sq.sqrt()) \
+        / math.sqrt(max(plan.numel, 1))
+    delta32 = delta.to(torch.float32)
+    floor = torch.as_tensor(resolution, dtype=torch.float64).to(sq.device) / delta32.to(torch.float64)
+    return torch.stack([delta32, floor.to(torch.float32)])
 
 
 class FiniteDifferences:
@@ -222,7 +237,8 @@ class FiniteDifferences:
         self.direct = scheme == "forward" and self.n_samples == 1
         self.fd_eps, self.x_t_of, self.inv_scale = fd_eps, x_t_of, inv_scale
         self.stash: List[List[Optional[Tensor]]] = []
-        self.delta: Dict[torch.device, Tensor] = {}
+        self.fd: Dict[torch.device, Tensor] = {}  # [delta, h_floor] per device
+        self.delta: Dict[torch.device, Tensor] = {}  # the step, a 0-dim view of fd
         self.saved: Optional[List[List[Tensor]]] = None  # x~, when there is more than one pass
         self.acc: List[List[Optional[Tensor]]] = [[None] * len(b.params) for b in plan.buckets]
         self.plus: List[Optional[List[Tensor]]] = [None] * len(plan.buckets)  # central: the + pass's gradients
@@ -245,11 +261,12 @@ class FiniteDifferences:
     def begin(self) -> None:
         plan = self.plan
         # the precision fingerprint reads the gradients at x~, before they are put aside
-        delta = fd_delta(plan, self.x_t_of, fd_relative_step(plan, self.fd_eps, self.scheme))
-        self.step_size = delta
+        fd = fd_scalars(plan, self.x_t_of, self.fd_eps, self.scheme)
+        self.step_size = fd[0]
         for b in plan.buckets:
-            if b.device not in self.delta:
-                self.delta[b.device] = delta.to(b.device)
+            if b.device not in self.fd:
+                self.fd[b.device] = fd.to(b.device)
+                self.delta[b.device] = self.fd[b.device][0]
         self.stash = [[p.grad for p in b.params] for b in plan.buckets]
         for p in plan.participants:
             p.grad = None
@@ -304,7 +321,7 @@ class FiniteDifferences:
         out = []
         for bi, b in enumerate(self.plan.buckets):
             ys = [a if ok else None for a, ok in zip(self.acc[bi], self.complete[bi])]
-            out.append(RefreshInput(mode, [ys], self.keys, self.delta.get(b.device)))
+            out.append(RefreshInput(mode, [ys], self.keys, self.fd.get(b.device)))
         return out
 
     @torch.no_grad()

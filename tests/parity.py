@@ -359,7 +359,9 @@ def check_phases_match_eager(backend, dtype: torch.dtype, sizes: Sequence[int] =
             refresh = RefreshInput(mode, ys, keys)
         elif mode != RefreshMode.NONE:
             ys = [[None if j % 4 == 1 else y for j, y in enumerate(like(ref))]]
-            refresh = RefreshInput(mode, ys, ProbeKeys(keys.prefixes[:1]), delta)
+            # a floor that some elements' |h| falls below (FD_DIRECT's |h| ~ |y - g| / delta)
+            floor = torch.tensor(300.0 if mode == RefreshMode.FD_DIRECT else 0.5, device=ref.device)
+            refresh = RefreshInput(mode, ys, ProbeKeys(keys.prefixes[:1]), torch.stack([delta, floor]))
         live = torch.tensor([0.0 if j % 5 == 3 else 1.0 for j in range(n)], device=ref.device)
         steps = torch.tensor([3.0 + j for j in range(n)], dtype=torch.float64, device=ref.device)
         c2 = torch.tensor([0.05 + 0.01 * j for j in range(n)], dtype=torch.float64, device=ref.device)

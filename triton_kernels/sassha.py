@@ -460,7 +460,7 @@ def _hutchinson(y_ptrs, prefixes, pidx, slot, n, gp, g, word, bits, offs, mask, 
 @triton.jit
 def _update_tile(
     x_ptrs, xt_ptrs, g_ptrs, m_ptrs, d_ptrs, y_ptrs, prefixes, pidx, slot, n, start, offs, word, bits, mask,
-    neg_step, decay, beta1, omb1, beta2, omb2, c2, eps, power, delta,
+    neg_step, decay, beta1, omb1, beta2, omb2, c2, eps, power, delta, h_floor,
     X_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, MODE: tl.constexpr, N_SAMPLES: tl.constexpr,
     POWER_MODE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr, EVEN: tl.constexpr,
 ):
@@ -475,6 +475,8 @@ def _update_tile(
     if MODE != 0:
         h = _hutchinson(y_ptrs, prefixes, pidx, slot, n, gp, g, word, bits, offs, mask, delta, X_DTYPE, MODE,
                         N_SAMPLES, ALIGNED, BLOCK, EVEN)
+        if MODE != 1:  # finite differences resolve |h| only down to h_floor * |g~|
+            h = tl.maximum(tl.abs(h), h_floor * tl.abs(g))
         d = _hessian_ema(d, h, beta2, omb2)
         _st(dp, offs, d, mask, EVEN)
     _st(mp, offs, m, mask, EVEN)
@@ -505,7 +507,7 @@ def update_kernel(
     n,  # tensors of the launch (the row length of y_ptrs)
     scalars,  # fp32 [n, U_COUNT]: per-tensor update scalars (functional.update_scalars)
     power,  # hessian_power of the step
-    delta,  # fp32 [1]: the finite-difference step (read if MODE == FD_DIRECT)
+    fd,  # fp32 [2]: the finite-difference step delta and h_floor (read in the FD modes)
     X_DTYPE: tl.constexpr,  # element type of x, x_t, g~ and y
     S_DTYPE: tl.constexpr,  # element type of exp_avg and exp_hessian_diag (fp32)
     MODE: tl.constexpr,  # MODE_NONE / MODE_AUTOGRAD / MODE_FD_DIRECT / MODE_PRECOMPUTED
@@ -530,16 +532,19 @@ def update_kernel(
         c2 = tl.load(sc + U_C2)
         eps = tl.load(sc + U_EPS)
         dlt = 1.0
+        h_floor = 0.0
         if MODE == 2:
-            dlt = tl.load(delta)
+            dlt = tl.load(fd)
+        if MODE >= 2:
+            h_floor = tl.load(fd + 1)
         pidx = tl.load(param_index + slot)
         if start + BLOCK <= numel:
             _update_tile(x_ptrs, xt_ptrs, g_ptrs, m_ptrs, d_ptrs, y_ptrs, prefixes, pidx, slot, n, start, offs,
-                         word, bits, mask, neg_step, decay, beta1, omb1, beta2, omb2, c2, eps, power, dlt,
+                         word, bits, mask, neg_step, decay, beta1, omb1, beta2, omb2, c2, eps, power, dlt, h_floor,
                          X_DTYPE, S_DTYPE, MODE, N_SAMPLES, POWER_MODE, ALIGNED, BLOCK, True)
         else:
             _update_tile(x_ptrs, xt_ptrs, g_ptrs, m_ptrs, d_ptrs, y_ptrs, prefixes, pidx, slot, n, start, offs,
-                         word, bits, mask, neg_step, decay, beta1, omb1, beta2, omb2, c2, eps, power, dlt,
+                         word, bits, mask, neg_step, decay, beta1, omb1, beta2, omb2, c2, eps, power, dlt, h_floor,
                          X_DTYPE, S_DTYPE, MODE, N_SAMPLES, POWER_MODE, ALIGNED, BLOCK, False)
     else:
         if start + BLOCK <= numel:

@@ -94,6 +94,10 @@ class RefreshMode:
     AUTOGRAD = 1  # ys[s] = H z_s:  h = (1/S) sum_s z_s * ys[s]
     FD_DIRECT = 2  # S = 1, forward differences: ys[0] = grad f(x~ + delta z):  h = z * (ys[0] - g~) / delta
     PRECOMPUTED = 3  # ys[0] = h, folded by fd_fold over the passes
+    # In both finite-difference modes |h| is taken as at least the differences'
+    # resolution, h_floor * |g~| (RefreshInput.fd): an estimate below it cannot be told
+    # from the rounding of the two gradients, and a zero would leave only eps to
+    # divide the step by.
 
 
 @dataclass(frozen=True)
@@ -117,14 +121,15 @@ class RefreshInput:
 
     ``ys[s][j]``: per sample ``s`` and tensor ``j`` of the bucket (``None``: zero
     contribution, a parameter absent from the second-order graph or the FD pass).
-    ``delta``: the finite-difference step, a 0-dim float32 tensor on the bucket's
-    device (``FD_DIRECT`` only).
+    ``fd``: the finite-difference scalars, a float32 ``[2]`` tensor on the bucket's
+    device: ``delta`` (the step) and ``h_floor`` (the gradients' relative precision
+    over ``delta``, see ``RefreshMode``); finite-difference modes only.
     """
 
     mode: int
     ys: List[List[Optional[Tensor]]]
     keys: ProbeKeys
-    delta: Optional[Tensor] = None
+    fd: Optional[Tensor] = None
 
 
 @dataclass(eq=False)

@@ -83,7 +83,7 @@ class CppBackend(Backend):
         ys = [y for sample in refresh.ys for y in sample]
         prefixes = list(refresh.keys.prefixes if refresh.mode == RefreshMode.AUTOGRAD else refresh.keys.prefixes[:1])
         self._ops.update(b.params, x_t, grads, b.exp_avgs, b.exp_hessian_diags, scalars, power, refresh.mode, ys,
-                         b.param_index, prefixes, refresh.delta)
+                         b.param_index, prefixes, refresh.fd)
 
 
 class CudaBackend(CppBackend):

@@ -23,7 +23,7 @@ from torch import Tensor
 from ..probes import param_key, rademacher
 from .base import Backend, Bucket, GroupCol, ProbeKeys, RefreshInput, RefreshMode, UpdateCol, math_dtype
 
-__all__ = ["EagerBackend", "probe"]
+__all__ = ["EagerBackend", "probe", "hessian_sample_mean", "hessian_magnitude"]
 
 
 def probe(b: Bucket, j: int, keys: ProbeKeys, sample: int, dtype: torch.dtype) -> Tensor:
@@ -52,8 +52,15 @@ def hessian_sample_mean(b: Bucket, j: int, g: Tensor, refresh: RefreshInput, mdt
         return torch.zeros_like(g, dtype=mdt)
     if refresh.mode == RefreshMode.FD_DIRECT:
         # h = z * (grad f(x~ + delta z) - grad f(x~)) / delta
-        return (y.to(mdt) - g.to(mdt)) * probe(b, j, refresh.keys, 0, mdt) / refresh.delta.to(mdt)
+        return (y.to(mdt) - g.to(mdt)) * probe(b, j, refresh.keys, 0, mdt) / refresh.fd[0].to(mdt)
     return y.to(mdt)  # PRECOMPUTED: folded pass by pass
+
+
+def hessian_magnitude(h: Tensor, g: Tensor, refresh: RefreshInput, mdt: torch.dtype) -> Tensor:
+    """|h|, for finite differences at least their resolution h_floor * |g~| (see RefreshMode)."""
+    if refresh.mode == RefreshMode.AUTOGRAD:
+        return h.abs()
+    return torch.maximum(h.abs(), refresh.fd[1].to(mdt) * g.to(mdt).abs())
 
 
 class EagerBackend(Backend):
@@ -123,8 +130,8 @@ class EagerBackend(Backend):
             d_new = d
             if refresh is not None:
                 # D_t = beta2 D_{t-1} + (1 - beta2) |h_t|
-                h = hessian_sample_mean(b, j, grads[j], refresh, mdt)
-                d_new = d * s[UpdateCol.BETA2] + h.abs() * s[UpdateCol.ONE_MINUS_BETA2]
+                h = hessian_magnitude(hessian_sample_mean(b, j, grads[j], refresh, mdt), grads[j], refresh, mdt)
+                d_new = d * s[UpdateCol.BETA2] + h * s[UpdateCol.ONE_MINUS_BETA2]
             # x_{t+1} = x_t (1 - lr wd) - lr / (1 - beta1^t) * m_t / (D_t^p / c2 + eps)
             denom = d_new.pow(power) / s[UpdateCol.C2] + s[UpdateCol.EPS]
             x_new = x_t[j].to(mdt) * s[UpdateCol.DECAY] + s[UpdateCol.NEG_STEP] * (m_new / denom)

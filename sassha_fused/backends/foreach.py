@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .base import Backend, Bucket, GroupCol, ProbeKeys, RefreshInput, UpdateCol, math_dtype
-from .eager import EagerBackend, hessian_sample_mean
+from .eager import EagerBackend, hessian_magnitude, hessian_sample_mean
 
 __all__ = ["ForeachBackend"]
 
@@ -115,8 +115,8 @@ class ForeachBackend(Backend):
             torch._foreach_add_(m_new, torch._foreach_mul(gs, col[UpdateCol.ONE_MINUS_BETA1]))
             d_new = ds
             if refresh is not None:
-                h = [hessian_sample_mean(b, j, grads[j], refresh, mdt) for j in idx]
-                torch._foreach_abs_(h)
+                h = [hessian_magnitude(hessian_sample_mean(b, j, grads[j], refresh, mdt), grads[j], refresh, mdt)
+                     for j in idx]
                 d_new = torch._foreach_mul(ds, col[UpdateCol.BETA2])
                 torch._foreach_add_(d_new, torch._foreach_mul(h, col[UpdateCol.ONE_MINUS_BETA2]))
             denom = torch._foreach_pow(d_new, power)

@@ -325,7 +325,7 @@ class TritonBackend(Backend):
             power_mode = _kernels.POWER_GENERAL
         mode = RefreshMode.NONE if refresh is None else refresh.mode
         table = scalars.to(torch.float32)
-        delta = refresh.delta if refresh is not None and refresh.delta is not None else table
+        fd = refresh.fd if refresh is not None and refresh.fd is not None else table
         prefixes = None
         if refresh is not None and mode != RefreshMode.PRECOMPUTED:
             prefixes = self._upload(torch.tensor(refresh.keys.prefixes[:len(refresh.ys)], dtype=torch.int64),
@@ -350,7 +350,7 @@ class TritonBackend(Backend):
                     _kernels.update_kernel[(launch.n_programs,)](
                         launch.blocks, x[lo:], xt[lo:], gr[lo:], m[lo:], d[lo:], y[:, lo:], g.numels[lo:],
                         g.param_index[lo:], prefixes if prefixes is not None else g.param_index, y.stride(0),
-                        rows[lo:], float(power), delta,
+                        rows[lo:], float(power), fd,
                         X_DTYPE=_tl_dtype(g.dtype), S_DTYPE=tl.float32, MODE=mode,
                         N_SAMPLES=y.shape[0], POWER_MODE=power_mode, ALIGNED=aligned, BLOCK=BLOCK,
                         num_warps=NUM_WARPS,
