@@ -239,6 +239,14 @@ def implementations(device: torch.device) -> Dict[str, Callable[[Problem, bool],
     return impls
 
 
+def copy_bandwidth_gbps(device: torch.device, numel: int) -> float:
+    """Bytes read and written per second by ``dst.copy_(src)`` of ``numel`` fp32 elements (median)."""
+    src = torch.empty(numel, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    samples = time_it(lambda: dst.copy_(src), device, reps=20)
+    return 2 * 4 * numel / sorted(samples)[len(samples) // 2] / 1e9
+
+
 def time_it(fn: Callable[[], None], device: torch.device, reps: int, warmup: int = 3) -> List[float]:
     """Seconds per call, ``reps`` samples after ``warmup`` calls, synchronised inside."""
     for _ in range(warmup):
@@ -260,31 +268,41 @@ def summarize(samples: List[float]) -> Dict[str, float]:
             "q1_ms": 1e3 * q[0], "q3_ms": 1e3 * q[2], "min_ms": 1e3 * min(samples), "reps": len(samples)}
 
 
-# Minimal bytes per fp32 element each pass must move (read + write).
-PASS_BYTES = {
-    "sq_norm": 4,                 # read g
-    "perturb": 16,                # read x, g; write backup, x
-    "restore": 8,                 # read backup; write x (torch._foreach_copy_)
-    "probes": 4,                  # write z (autograd HVPs only)
-    "fd_move": 8,                 # read x; write x (finite differences, refresh steps)
-    "update": 24,                 # read x_t, g~, m, D; write x, m
-    "update+refresh (autograd)": 32,   # read x_t, g~, m, D, Hz; write x, m, D
-    "update+refresh (FD)": 32,         # read x_t, g~, m, D, grad f(x~ + delta z); write x, m, D
+# Arrays each pass must move once (read or written): (in the param dtype, in fp32 state).
+PASS_ARRAYS = {
+    "sq_norm": (1, 0),                    # read g
+    "perturb": (4, 0),                    # read x, g; write backup, x
+    "restore": (2, 0),                    # read backup; write x (torch._foreach_copy_)
+    "probes": (1, 0),                     # write z (autograd HVPs only)
+    "fd_move": (2, 0),                    # read x; write x (finite differences, refresh steps)
+    "update": (3, 3),                     # read x_t, g~, m, D; write x, m
+    "update+refresh (autograd)": (4, 4),  # read x_t, g~, m, D, Hz; write x, m, D
+    "update+refresh (FD)": (4, 4),        # read x_t, g~, m, D, grad f(x~ + delta z); write x, m, D
 }
 
 
-def pass_calls(backend_name: str, device: torch.device, numel: int, n_tensors: int) -> Dict[str, Callable[[], None]]:
-    """One call of each numeric pass of a step on ``numel`` fp32 params, through the backend API."""
+def pass_bytes(name: str, dtype: torch.dtype = torch.float32) -> int:
+    """Minimal bytes per element a pass moves for params of ``dtype`` (fp32 state)."""
+    p, f = PASS_ARRAYS[name]
+    return p * torch.empty((), dtype=dtype).element_size() + 4 * f
+
+
+PASS_BYTES = {name: pass_bytes(name) for name in PASS_ARRAYS}  # fp32 params
+
+
+def pass_calls(backend_name: str, device: torch.device, numel: int, n_tensors: int,
+               dtype: torch.dtype = torch.float32) -> Dict[str, Callable[[], None]]:
+    """One call of each numeric pass of a step on ``numel`` params of ``dtype``, through the backend API."""
     from sassha_fused import functional as F
     from sassha_fused.backends import Bucket, ProbeKeys, RefreshInput, RefreshMode, get_backend
 
     backend = get_backend(backend_name)
-    pb = make_problem(numel, n_tensors, device)
+    pb = make_problem(numel, n_tensors, device, dtype)
     xs = [p.detach() for p in pb.params]
     b = Bucket(backend=backend, device=device, params=xs, param_index=list(range(len(xs))),
                group_index=[0] * len(xs), backups=[torch.empty_like(x) for x in xs],
-               positions=list(range(len(xs))), exp_avgs=[torch.zeros_like(x) for x in xs],
-               exp_hessian_diags=[torch.rand_like(x) + 0.1 for x in xs])
+               positions=list(range(len(xs))), exp_avgs=[torch.zeros_like(x, dtype=torch.float32) for x in xs],
+               exp_hessian_diags=[torch.rand_like(x, dtype=torch.float32) + 0.1 for x in xs])
     groups = F.GroupTable([dict(lr=1e-6, betas=(0.9, 0.999), weight_decay=0.0, eps=1e-4, rho=1e-6,
                                 perturb_eps=1e-12)])
     keys = ProbeKeys((0x12345,))

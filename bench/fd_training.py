@@ -11,7 +11,7 @@ everything else equal) from the same starts:
 The claim checked: FD reaches the same loss and accuracy as autograd within the
 spread over seeds.
 
-    python bench/fd_training.py            # about 5 minutes on 2 CPU cores
+    python bench/fd_training.py            # about 12 minutes on 2 CPU cores
     python bench/fd_training.py --quick    # a smoke run
 """
 

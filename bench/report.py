@@ -38,6 +38,7 @@ from common import (  # noqa: E402
     env_info,
     make_problem,
     PASS_BYTES,
+    copy_bandwidth_gbps,
     pass_calls,
     sassha_backends,
     summarize,
@@ -46,13 +47,6 @@ from common import (  # noqa: E402
 from sassha_fused import SASSHA  # noqa: E402
 
 # ----------------------------------------------------------------- bandwidth
-
-
-def copy_bandwidth(device: torch.device, numel: int) -> float:
-    src = torch.empty(numel, dtype=torch.float32, device=device).uniform_()
-    dst = torch.empty_like(src)
-    samples = time_it(lambda: dst.copy_(src), device, reps=20)
-    return 2 * 4 * numel / sorted(samples)[len(samples) // 2] / 1e9
 
 
 def pass_bandwidth(device: torch.device, numel: int, n_tensors: int, backend_name: str) -> Dict[str, float]:
@@ -389,7 +383,7 @@ def main(argv: List[str] = None) -> None:
 
 def kernel_sections(args, device: torch.device, numel: int, backends: List[str], env: Dict, report: Dict) -> None:
     """Copy bandwidth, every pass's GB/s, the optimizer-side step vs AdamW, the scaling sweep."""
-    bw = copy_bandwidth(device, max(numel, 1 << 24))
+    bw = copy_bandwidth_gbps(device, max(numel, 1 << 24))
     report["copy_GBps"] = bw
     print(f"Copy bandwidth (dst.copy_(src), fp32): **{bw:.1f} GB/s**\n")
     report["passes"] = {}
