@@ -11,6 +11,7 @@
 // refresh inputs and probe prefixes of a refresh step travel in one small pinned,
 // non-blocking copy. The host never waits for the device.
 #include <ATen/ATen.h>
+#include <cuda_runtime_api.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -85,6 +86,8 @@ void finish_rec(TensorRec& r) {
 // The device copy of a call's records and block map.
 struct DeviceTables {
   at::Tensor buffer;  // keeps the device memory alive
+  at::Tensor host;    // the pinned source of the copy (kept while a captured graph may replay it)
+  bool pinned = false;  // used inside a CUDA graph capture: never evicted
   const TensorRec* recs = nullptr;
   const BlockRec* blocks = nullptr;
   int64_t n_blocks = 0;
@@ -92,24 +95,37 @@ struct DeviceTables {
 
 size_t align16(size_t n) { return (n + 15) & ~size_t(15); }
 
-// Host bytes to the device through pinned memory, without waiting.
-at::Tensor upload(const std::vector<uint8_t>& bytes, const at::Device& device) {
-  at::Tensor host = at::empty({static_cast<int64_t>(bytes.size())},
-                              at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-  std::memcpy(host.data_ptr(), bytes.data(), bytes.size());
-  return host.to(device, /*non_blocking=*/true);
+bool capturing() {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream().stream(), &status);
+  return status != cudaStreamCaptureStatusNone;
 }
 
-// Records -> device tables, cached on the records' bytes (a bounded map: cleared
-// when it grows past kMaxEntries, which only churning storage causes).
+// Host bytes to the device through pinned memory, without waiting; ``host`` gets
+// the pinned source (a captured copy reads it again at every replay).
+at::Tensor upload(const std::vector<uint8_t>& bytes, const at::Device& device, at::Tensor* host = nullptr) {
+  at::Tensor pinned = at::empty({static_cast<int64_t>(bytes.size())},
+                                at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  std::memcpy(pinned.data_ptr(), bytes.data(), bytes.size());
+  if (host != nullptr) *host = pinned;
+  return pinned.to(device, /*non_blocking=*/true);
+}
+
+// Records -> device tables, cached on the records' bytes (a bounded map: when it
+// grows past kMaxEntries, which only churning storage causes, the entries no CUDA
+// graph capture used are dropped; those a capture used live as long as the process).
 class TableCache {
  public:
   DeviceTables get(const std::vector<TensorRec>& recs, const at::Device& device) {
     std::string key(reinterpret_cast<const char*>(recs.data()), recs.size() * sizeof(TensorRec));
     key.push_back(static_cast<char>(device.index()));
+    const bool in_capture = capturing();
     std::lock_guard<std::mutex> lock(mu_);
     auto it = map_.find(key);
-    if (it != map_.end()) return it->second;
+    if (it != map_.end()) {
+      it->second.pinned = it->second.pinned || in_capture;
+      return it->second;
+    }
     std::vector<BlockRec> blocks;
     for (size_t t = 0; t < recs.size(); ++t)
       for (int64_t c = 0; c * kBlockElems < recs[t].numel; ++c)
@@ -119,12 +135,15 @@ class TableCache {
     std::memcpy(bytes.data(), recs.data(), recs.size() * sizeof(TensorRec));
     if (!blocks.empty()) std::memcpy(bytes.data() + o_blocks, blocks.data(), blocks.size() * sizeof(BlockRec));
     DeviceTables t;
-    t.buffer = upload(bytes, device);
+    t.buffer = upload(bytes, device, &t.host);
+    t.pinned = in_capture;
     const auto* base = static_cast<const uint8_t*>(t.buffer.const_data_ptr());
     t.recs = reinterpret_cast<const TensorRec*>(base);
     t.blocks = reinterpret_cast<const BlockRec*>(base + o_blocks);
     t.n_blocks = static_cast<int64_t>(blocks.size());
-    if (map_.size() >= kMaxEntries) map_.clear();
+    if (map_.size() >= kMaxEntries) {
+      for (auto e = map_.begin(); e != map_.end();) e = e->second.pinned ? std::next(e) : map_.erase(e);
+    }
     map_.emplace(std::move(key), t);
     return t;
   }
@@ -341,6 +360,8 @@ void update_cuda(at::TensorList params, at::TensorList x_t, at::TensorList grads
   const void* const* d_ys = nullptr;
   const uint32_t* d_prefixes = nullptr;
   if (refresh) {
+    TORCH_CHECK(!capturing(), "sassha_fused::update: a Hessian-refresh step cannot be captured in a CUDA graph "
+                "(its probes change every refresh); capture a non-refresh step and run refresh steps eagerly");
     std::vector<const void*> y_ptrs(ys.size(), nullptr);
     for (size_t k = 0; k < ys.size(); ++k) {
       const std::optional<at::Tensor> y = ys[k];

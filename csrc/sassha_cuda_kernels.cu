@@ -227,7 +227,7 @@ __global__ void __launch_bounds__(kThreads) fd_fold_kernel(const TensorRec* __re
   const TensorRec r = recs[b.tensor];
   const Range range = block_range(r, b);
   const ProbeKey key = param_key(prefix, r.param_index);
-  const float scale = coefficient / *delta;
+  const float dlt = *delta;
   dispatch_dtype(r.dtype, [&](auto tag) {
     using T = decltype(tag);
     T* acc = static_cast<T*>(r.x);
@@ -239,7 +239,7 @@ __global__ void __launch_bounds__(kThreads) fd_fold_kernel(const TensorRec* __re
       probe_vec(i, key, z);
 #pragma unroll
       for (int k = 0; k < kVec; ++k) {
-        const float term = fd_term<float>(g[k], base[k], z[k], scale);
+        const float term = fd_term<float>(g[k], base[k], z[k], coefficient, dlt);
         out[k] = FIRST ? term : a[k] + term;
       }
       store_vec(acc, i, range.end, r.aligned, out);

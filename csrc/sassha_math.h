@@ -126,10 +126,11 @@ SASSHA_HD M perturb_value(M x0, M v, M scale) {
 }
 
 // ---- finite differences ------------------------------------------------------------
-// One term folded into the running sum: (g - baseline) * z * (coefficient / delta).
+// One term folded into the running sum: (g - baseline) * z * coefficient / delta,
+// rounded as the update's quotient (y - g) * z / delta when the coefficient is 1.
 template <typename M>
-SASSHA_HD M fd_term(M g, M baseline, M z, M scale) {
-  return (g - baseline) * z * scale;
+SASSHA_HD M fd_term(M g, M baseline, M z, M coefficient, M delta) {
+  return (g - baseline) * z * coefficient / delta;
 }
 
 // ---- the update ---------------------------------------------------------------------

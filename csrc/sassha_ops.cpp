@@ -445,10 +445,10 @@ void fd_move_cpu(at::TensorList params, at::TensorList bases, at::TensorList sav
   });
 }
 
-// acc = (first ? 0 : acc) + (g - baseline) * z * scale; acc may alias g or baseline.
+// acc = (first ? 0 : acc) + (g - baseline) * z * coefficient / delta; acc may alias g or baseline.
 template <typename T, bool BASELINE>
-SASSHA_CPU_CLONES void chunk_fd_fold(T* acc, const T* g, const T* baseline, ProbeKey key, math_t<T> scale, bool first,
-                                     int64_t begin, int64_t end) {
+SASSHA_CPU_CLONES void chunk_fd_fold(T* acc, const T* g, const T* baseline, ProbeKey key, math_t<T> coefficient,
+                                     math_t<T> delta, bool first, int64_t begin, int64_t end) {
   using M = math_t<T>;
   alignas(64) T out[kProbeWordBits];
   for (int64_t w = begin; w < end; w += kProbeWordBits) {
@@ -456,7 +456,8 @@ SASSHA_CPU_CLONES void chunk_fd_fold(T* acc, const T* g, const T* baseline, Prob
     const uint32_t bits = probe_bits(static_cast<uint32_t>(w >> 5), key);
     for (int64_t b = 0; b < len; ++b) {
       const M base = BASELINE ? static_cast<M>(baseline[w + b]) : M(0);
-      const M term = fd_term<M>(static_cast<M>(g[w + b]), base, probe_sign<M>(bits, static_cast<uint32_t>(b)), scale);
+      const M term = fd_term<M>(static_cast<M>(g[w + b]), base, probe_sign<M>(bits, static_cast<uint32_t>(b)),
+                                coefficient, delta);
       out[b] = static_cast<T>(first ? term : static_cast<M>(acc[w + b]) + term);
     }
     std::memcpy(acc + w, out, len * sizeof(T));
@@ -484,15 +485,15 @@ void fd_fold_cpu(at::TensorList acc, at::TensorList grads, at::TensorList baseli
     dispatch_param_dtype(acc[j].scalar_type(), [&](auto tag) {
       using T = decltype(tag);
       using M = math_t<T>;
-      // coefficient / delta in M, one rounding, as the reference
-      const M scale = static_cast<M>(coefficient) / static_cast<M>(static_cast<float>(d));
+      const M coef = static_cast<M>(coefficient);
+      const M delta_m = static_cast<M>(static_cast<float>(d));
       T* a = static_cast<T*>(acc[j].data_ptr());
       const T* g = static_cast<const T*>(grads[j].const_data_ptr());
       if (baselines.empty()) {
-        chunk_fd_fold<T, false>(a, g, nullptr, key, scale, first, c.begin, c.end);
+        chunk_fd_fold<T, false>(a, g, nullptr, key, coef, delta_m, first, c.begin, c.end);
       } else {
-        chunk_fd_fold<T, true>(a, g, static_cast<const T*>(baselines[j].const_data_ptr()), key, scale, first,
-                               c.begin, c.end);
+        chunk_fd_fold<T, true>(a, g, static_cast<const T*>(baselines[j].const_data_ptr()), key, coef, delta_m,
+                               first, c.begin, c.end);
       }
     });
   });

@@ -183,4 +183,7 @@ def validate_options(options: Mapping[str, Any]) -> None:
     if fd_eps != "auto" and not (_is_number(fd_eps) and math.isfinite(fd_eps) and fd_eps > 0):
         raise ValueError(f"fd_eps: expected 'auto' or a finite number > 0 (the relative finite-difference step), "
                          f"got {fd_eps!r}")
+    if options["capturable"] and options["nonfinite"] == "raise":
+        raise ValueError("nonfinite: 'raise' reads the finite flag on the host every step, which a captured "
+                         "CUDA graph cannot; with capturable=True use 'skip' (and read opt.skipped_steps) or 'ignore'")
     check_backend_name(options["backend"])

@@ -33,6 +33,7 @@ from .hvp import (
     remap_refresh,
 )
 from .plans import StepPlan, count_present
+from .distributed import is_distributed
 
 __all__ = ["PassDriver"]
 
@@ -136,8 +137,10 @@ class PassDriver:
                 self._detach_grads()  # the pass's graph, if it got that far
         loss = self._closure_pass(closure)
         if self.refresh_due:
-            fd = self._finite_differences()
+            fd = self._finite_differences(direct=True)
             try:
+                fd.begin()
+                self.last_fd_step = fd.step_size
                 for i in range(fd.n_passes):
                     self._closure_pass(closure)
                     fd.after_pass(i)
@@ -176,30 +179,40 @@ class PassDriver:
                     raise
                 self._use_finite_differences(exc)
                 self._detach_grads()
-        with torch.no_grad():
-            fd = self._finite_differences()
+        # the user may change .grad before step() (clipping): the quotient is finished here
+        fd = self._finite_differences(direct=False)
         try:
+            fd.begin()
+            self.last_fd_step = fd.step_size
+            self._fd_displaced = True
+            self._in_hvp_passes = True  # a zero_grad() in the loop clears .grad only
             for i in range(fd.n_passes):
                 yield i
-                with torch.no_grad():
-                    fd.after_pass(i)
+                fd.after_pass(i)
         except BaseException:
             fd.abort()
             self._abort_step()
             raise
+        finally:
+            self._in_hvp_passes = False
         self._pending = (fd.plan, fd.finish())
 
+    def _reduce_max(self) -> Optional[Callable[[Tensor], None]]:
+        """Data-parallel: an in-place MAX over the group (the FD precision decision), else None."""
+        if not (self.distributed and is_distributed(self.process_group)):
+            return None
+        import torch.distributed as dist
+
+        return lambda t: dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.process_group)
+
     # ----------------------------------------------------------- refresh inputs
-    def _finite_differences(self) -> FiniteDifferences:
-        """The finite-difference passes of this refresh, begun: the params sit at the first point."""
+    def _finite_differences(self, direct: bool) -> FiniteDifferences:
+        """The finite-difference passes of this refresh (``begin()`` moves the params to the first point)."""
         self._presence()  # data-parallel: no param without a gradient from here on
         plan = self._plan(self._participants(), self._backup)
         device = plan.participants[0].device if plan.participants else torch.device("cpu")
-        fd = FiniteDifferences(plan, self._probe_keys(), self.fd_scheme, self.fd_eps, self._x_t_of(plan),
-                               self._inv_scale(device))
-        fd.begin()
-        self.last_fd_step = fd.step_size
-        return fd
+        return FiniteDifferences(plan, self._probe_keys(), self.fd_scheme, self.fd_eps, self._fd_x_t(plan),
+                                 self._inv_scale(device), direct=direct, reduce_max=self._reduce_max())
 
     def _take_autograd_refresh(self, no_graph: Optional[BaseException] = None) -> None:
         """Autograd HVPs at the params' current point, kept for the step's update."""

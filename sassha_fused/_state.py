@@ -1,26 +1,119 @@
-"""``state_dict`` / ``load_state_dict`` of the optimizer classes.
+"""The optimizer's parameters and state (mixins of ``_SasshaBase``).
 
-torch's state dict plus what makes a resumed run continue exactly: the global step
-and refresh counters (the probes' counter), the seed, skipped steps, the HVP
-method in use and the schedules' positions, under the ``"sassha_fused"`` key.
-State tensors are copied on load and cast to the dtypes this package keeps them in
-(``step`` float32, ``bias_correction2`` float64, ``exp_avg``/``exp_hessian_diag``
-in the param's math dtype); checkpoints with integer or float counters load too.
+``ParamStateMixin``: which parameters take part in a step, their cached step plans,
+the backend of each (device, dtype), and per-parameter state created lazily with
+its step counters as views into one bank per device.
+
+``StateDictMixin``: torch's state dict plus what makes a resumed run continue
+exactly: the global step and refresh counters (the probes' counter), the seed,
+skipped steps, the HVP method in use and the schedules' positions, under the
+``"sassha_fused"`` key. State tensors are copied on load and cast to the dtypes this
+package keeps them in (``step`` float32, ``bias_correction2`` float64,
+``exp_avg``/``exp_hessian_diag`` in the param's math dtype); checkpoints with
+integer or float counters load too.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict
+import functools
+import operator
+from typing import Any, Callable, Dict, Iterator, List, Tuple
 
 import torch
+from torch import Tensor
 
-from .backends import math_dtype
+from .backends import Backend, math_dtype, resolve_backend
+from .distributed import is_distributed
+from .plans import StepPlan, new_state
 from .schedules import is_schedule
 
-__all__ = ["StateDictMixin", "EXTRA_KEY"]
+__all__ = ["ParamStateMixin", "StateDictMixin", "EXTRA_KEY"]
+
+_is_sparse = operator.attrgetter("is_sparse")
+_is_not_none = functools.partial(operator.is_not, None)
 
 EXTRA_KEY = "sassha_fused"
 _STATE_DTYPES = {"step": torch.float32, "bias_correction2": torch.float64}
+
+
+class ParamStateMixin:
+    """Parameters, plans and lazily created state (a mixin of ``_SasshaBase``)."""
+
+    def _index_maps(self) -> None:
+        """id(param) -> position (the probes' counter) and -> group; cached lists."""
+        self._index_of = {id(p): i for i, p in enumerate(self._all_params())}
+        self._group_of = {id(p): gi for gi, g in enumerate(self.param_groups) for p in g["params"]}
+        self._trainable = [p for p in self._all_params() if p.requires_grad]
+        self._plans.clear()
+
+    def _all_params(self) -> Iterator[Tensor]:
+        for group in self.param_groups:
+            yield from group["params"]
+
+    def _backend_for(self, device: torch.device, dtype: torch.dtype) -> Backend:
+        key = (device, dtype)
+        backend = self._backend_cache.get(key)
+        if backend is None:
+            backend = self._backend_cache[key] = resolve_backend(self.backend, device, dtype)
+        return backend
+
+    @property
+    def backends(self) -> Dict[str, str]:
+        """The backend running each (device, dtype) seen so far, e.g. ``{"cpu/float32": "cpp"}``."""
+        return {f"{d}/{str(dt).replace('torch.', '')}": b.name for (d, dt), b in self._backend_cache.items()}
+
+    def _participants(self) -> List[Tensor]:
+        """Params taking part in the step: those with a gradient (every trainable one
+        when data-parallel, so that all ranks bucket the same tensors)."""
+        if self.distributed and is_distributed(self.process_group):
+            return self._trainable_now()
+        return [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+
+    def _trainable_now(self) -> List[Tensor]:
+        self._trainable = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+        return self._trainable
+
+    def _detach_grads(self) -> None:
+        """Gradients that carry a graph are detached (no parameter/gradient reference cycle)."""
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is not None and p.grad.requires_grad:
+                    p.grad = p.grad.detach()
+
+    def _plan(self, participants: List[Tensor], backup_of: Callable[[Tensor], Tensor]) -> StepPlan:
+        if not hasattr(self, "_index_of"):
+            self._index_maps()
+        plan = self._plans.get(participants, self._index_of, self._group_of, backup_of, self._backend_for)
+        if self.capturable and torch.cuda.is_current_stream_capturing() and plan not in self._captured_plans:
+            # a CUDA graph replays the plan's device tables, indices and block maps:
+            # they live as long as the optimizer, whatever the plan cache evicts
+            self._captured_plans.append(plan)
+        return plan
+
+    def _state_of(self, p: Tensor) -> dict:
+        state = self.state[p]
+        if "exp_avg" not in state:
+            step, c2 = self._counter_views(p)
+            state.update(new_state(p, step, c2))
+        return state
+
+    def _counter_views(self, p: Tensor) -> Tuple[Tensor, Tensor]:
+        """The (step, c2) bank views of param ``p`` (its state's counters)."""
+        index = self._index_of[id(p)]
+        size = len(self._index_of)
+
+        def states():  # params on this device whose state points into the bank
+            return [(self._index_of[id(q)], self.state[q]) for q in self._all_params()
+                    if q.device == p.device and "step" in self.state.get(q, ())]
+
+        return self._counters.views(p.device, index, size, states)
+
+    @staticmethod
+    def _check_grads(params: List[Tensor]) -> None:
+        # at C speed: this runs for every tensor of every step
+        if any(map(_is_sparse, filter(_is_not_none, [p.grad for p in params]))):
+            raise RuntimeError("SASSHA does not support sparse gradients; use a dense embedding "
+                               "(sparse=False) for parameters this optimizer updates")
 
 
 class StateDictMixin:

@@ -24,6 +24,8 @@ import torch.distributed as dist
 from torch import Tensor
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from .backends.base import RefreshMode
+
 __all__ = ["BucketedAverager", "average_step_inputs", "is_distributed", "participation", "reject_sharded_params"]
 
 DEFAULT_BUCKET_BYTES = 64 * 1024 * 1024
@@ -118,10 +120,11 @@ def average_step_inputs(plan, refresh, mask: Tensor, averager: BucketedAverager)
     if refresh is not None:
         for bi, b in enumerate(plan.buckets):
             grads = plan.grads(b)
+            direct = refresh[bi].mode == RefreshMode.FD_DIRECT  # y - g~ is the estimate
             for ys in refresh[bi].ys:
                 for j, y in enumerate(ys):
-                    if y is None:
-                        ys[j] = torch.zeros_like(grads[j])
+                    if y is None:  # no estimate: y = g~ (a zero difference) or a zero product
+                        ys[j] = grads[j].clone() if direct else torch.zeros_like(grads[j])
                 tensors += ys
     averager.average(tensors)
     return present

@@ -170,7 +170,7 @@ def remap_refresh(inputs: List[RefreshInput], src: StepPlan, dst: StepPlan) -> L
 
 
 # ------------------------------------------------------------------ finite differences
-def fd_precision(plan: StepPlan, fd_eps, scheme: str):
+def fd_precision(plan: StepPlan, fd_eps, scheme: str, reduce_max: Optional[Callable[[Tensor], None]] = None):
     """``(relative step, resolution)`` for the gradients' precision class (16, 32 or 64 bits).
 
     The class is 16 for bf16/fp16 params, 64 when every param is fp64, else 32,
@@ -178,7 +178,8 @@ def fd_precision(plan: StepPlan, fd_eps, scheme: str):
     of the float32 gradients it produces zero, so when most non-zero elements of
     the largest float32 gradients have their low 13 bits clear, the forward ran in
     bf16/fp16 (autocast). That decision is taken on the device (0-dim tensors are
-    returned), without a host read. An explicit ``fd_eps`` sets the step only.
+    returned), without a host read; ``reduce_max`` (data-parallel) makes every rank
+    take the same one. An explicit ``fd_eps`` sets the step only.
     """
     def pick(bits):
         return (float(fd_eps) if fd_eps != "auto" else FD_EPS[(scheme, bits)]), RESOLUTION[bits]
@@ -200,22 +201,27 @@ def fd_precision(plan: StepPlan, fd_eps, scheme: str):
         low, nonzero = (a, n) if low is None else (low + a.to(low.device), nonzero + n.to(low.device))
     if low is None:
         return pick(32)
-    is16 = low * 2 > nonzero
+    is16 = (low * 2 > nonzero).to(torch.float32)
+    if reduce_max is not None:
+        reduce_max(is16)
     (rel16, res16), (rel32, res32) = pick(16), pick(32)
-    return (torch.where(is16, rel16, rel32).to(torch.float64), torch.where(is16, res16, res32).to(torch.float64))
+    # a blend with a 0/1 weight, in device ops: no host value reaches the device
+    return is16 * (rel16 - rel32) + rel32, is16 * (res16 - res32) + res32
 
 
-def fd_scalars(plan: StepPlan, x_t_of: Callable[[Bucket], List[Tensor]], fd_eps, scheme: str) -> Tensor:
-    """``[delta, h_floor]`` as a float32 device tensor.
+def fd_scalars(plan: StepPlan, x_t_of: Callable[[Bucket], List[Tensor]], fd_eps, scheme: str,
+               reduce_max: Optional[Callable[[Tensor], None]] = None) -> Tensor:
+    """``[delta, h_floor]`` as a float32 device tensor (no host-to-device copy).
 
     ``delta = relative * (1 + ||x_t||) / sqrt(N)``; ``h_floor = resolution / delta``.
     """
-    relative, resolution = fd_precision(plan, fd_eps, scheme)
+    relative, resolution = fd_precision(plan, fd_eps, scheme, reduce_max)
     sq = global_sq_norm(plan, x_t_of).to(torch.float64)
-    delta = torch.as_tensor(relative, dtype=torch.float64).to(sq.device) * (1 + sq.sqrt()) \
-        / math.sqrt(max(plan.numel, 1))
+    scale = (sq.sqrt() + 1) / math.sqrt(max(plan.numel, 1))
+    delta = (scale * (relative.to(scale.device, torch.float64) if isinstance(relative, Tensor) else relative))
     delta32 = delta.to(torch.float32)
-    floor = torch.as_tensor(resolution, dtype=torch.float64).to(sq.device) / delta32.to(torch.float64)
+    inv = delta32.to(torch.float64).reciprocal()
+    floor = inv * (resolution.to(inv.device, torch.float64) if isinstance(resolution, Tensor) else resolution)
     return torch.stack([delta32, floor.to(torch.float32)])
 
 
@@ -225,24 +231,35 @@ class FiniteDifferences:
     Usage (both interfaces): ``begin()`` before the first pass, ``after_pass(i)``
     after pass ``i`` (its gradients in ``.grad``), then ``finish()`` for the
     update's input; ``abort()`` on any failure. Between ``begin`` and ``finish``
-    the gradient at :math:`\\tilde x` is held here and every ``.grad`` of the
+    the gradient at :math:`\tilde x` is held here and every ``.grad`` of the
     participants is cleared before each pass; ``finish`` puts it back.
+
+    ``direct``: with one forward probe, leave the difference quotient to the update
+    (``RefreshMode.FD_DIRECT``), which reads the gradient at :math:`\tilde x` from
+    ``.grad`` then. Only the closure takes it: in the official protocol the user
+    may change ``.grad`` (clip it, say) between the passes and ``step()``, so there
+    the quotient is finished before ``hvp_passes()`` returns (one fold pass).
+    ``inv_scale``: a GradScaler's 1/scale; the folded sum is unscaled at the end
+    (every gradient it was built from carried the scale).
     """
 
     def __init__(self, plan: StepPlan, keys: ProbeKeys, scheme: str, fd_eps,
-                 x_t_of: Callable[[Bucket], List[Tensor]], inv_scale: Optional[Tensor] = None) -> None:
+                 x_t_of: Callable[[Bucket], List[Tensor]], inv_scale: Optional[Tensor] = None,
+                 direct: bool = True, reduce_max: Optional[Callable[[Tensor], None]] = None) -> None:
         self.plan, self.keys, self.scheme = plan, keys, scheme
         self.n_samples = keys.n_samples
         self.n_passes = self.n_samples * (2 if scheme == "central" else 1)
-        self.direct = scheme == "forward" and self.n_samples == 1
-        self.fd_eps, self.x_t_of, self.inv_scale = fd_eps, x_t_of, inv_scale
-        self.stash: List[List[Optional[Tensor]]] = []
+        self.direct = direct and scheme == "forward" and self.n_samples == 1
+        self.fd_eps, self.x_t_of, self.inv_scale, self.reduce_max = fd_eps, x_t_of, inv_scale, reduce_max
+        self.stash: List[List[Optional[Tensor]]] = []  # the gradients at x~, as they were
+        self.baseline: List[List[Tensor]] = []  # the same, contiguous (the fold reads them)
         self.fd: Dict[torch.device, Tensor] = {}  # [delta, h_floor] per device
         self.delta: Dict[torch.device, Tensor] = {}  # the step, a 0-dim view of fd
         self.saved: Optional[List[List[Tensor]]] = None  # x~, when there is more than one pass
         self.acc: List[List[Optional[Tensor]]] = [[None] * len(b.params) for b in plan.buckets]
         self.plus: List[Optional[List[Tensor]]] = [None] * len(plan.buckets)  # central: the + pass's gradients
         self.complete: List[List[bool]] = [[True] * len(b.params) for b in plan.buckets]
+        self.step_size: Optional[Tensor] = None
 
     def _pass_point(self, i: int) -> Tuple[int, float]:
         """(sample, sign) of pass ``i``."""
@@ -261,13 +278,15 @@ class FiniteDifferences:
     def begin(self) -> None:
         plan = self.plan
         # the precision fingerprint reads the gradients at x~, before they are put aside
-        fd = fd_scalars(plan, self.x_t_of, self.fd_eps, self.scheme)
+        fd = fd_scalars(plan, self.x_t_of, self.fd_eps, self.scheme, self.reduce_max)
         self.step_size = fd[0]
         for b in plan.buckets:
             if b.device not in self.fd:
                 self.fd[b.device] = fd.to(b.device)
                 self.delta[b.device] = self.fd[b.device][0]
         self.stash = [[p.grad for p in b.params] for b in plan.buckets]
+        self.baseline = [dense([g if g is not None else torch.zeros_like(p) for g, p in zip(grads, b.params)])
+                         for grads, b in zip(self.stash, plan.buckets)]
         for p in plan.participants:
             p.grad = None
         if self.n_passes > 1:
@@ -277,8 +296,13 @@ class FiniteDifferences:
     @torch.no_grad()
     def after_pass(self, i: int) -> None:
         sample, sign = self._pass_point(i)
+        taken = [[p.grad for p in b.params] for b in self.plan.buckets]
+        if self.plan.participants and not any(count_present(grads) for grads in taken):
+            raise RuntimeError(
+                "a finite-difference pass produced no gradients: run one forward and backward per iteration "
+                "of opt.hvp_passes() (for _ in opt.hvp_passes(): loss_fn(model(x), y).backward())")
         for bi, b in enumerate(self.plan.buckets):
-            grads = [p.grad for p in b.params]
+            grads = taken[bi]
             for p in b.params:
                 p.grad = None
             if count_present(grads) != len(grads):
@@ -287,9 +311,9 @@ class FiniteDifferences:
                         self.complete[bi][j] = False
                         grads[j] = torch.zeros_like(b.params[j])
             grads = dense(grads)
-            if self.inv_scale is not None and grads:  # a GradScaler scaled this pass's loss
-                torch._foreach_mul_(grads, self.inv_scale.to(b.device, grads[0].dtype))
             if self.direct:
+                if self.inv_scale is not None and grads:  # a GradScaler scaled this pass's loss
+                    torch._foreach_mul_(grads, self.inv_scale.to(b.device, grads[0].dtype))
                 self.acc[bi] = grads
                 continue
             if self.scheme == "central":
@@ -306,7 +330,7 @@ class FiniteDifferences:
             else:
                 first = i == 0
                 acc = grads if first else self.acc[bi]
-                b.backend.fd_fold(b, acc, grads, self.stash[bi], self.delta[b.device], self.keys, sample,
+                b.backend.fd_fold(b, acc, grads, self.baseline[bi], self.delta[b.device], self.keys, sample,
                                   1.0 / self.n_samples, first)
             self.acc[bi] = acc
         if i + 1 < self.n_passes:
@@ -318,16 +342,42 @@ class FiniteDifferences:
         self._restore_grads()
         self.saved = None
         mode = RefreshMode.FD_DIRECT if self.direct else RefreshMode.PRECOMPUTED
+        # Single-process official protocol: |h| is floored here, from the gradients at
+        # x~ as they were, and the update gets h_floor = 0 (a .grad clipped before
+        # step() changes the step only). Data-parallel runs floor in the update, after
+        # the estimates and the gradients are averaged (an average of floored
+        # magnitudes is not the floored magnitude of the average).
+        floor_here = not self.direct and self.reduce_max is None
         out = []
-        for bi, b in enumerate(self.plan.buckets):
-            ys = [a if ok else None for a, ok in zip(self.acc[bi], self.complete[bi])]
-            out.append(RefreshInput(mode, [ys], self.keys, self.fd.get(b.device)))
+        for bi, (b, ys) in enumerate(zip(self.plan.buckets, self._present_acc())):
+            pairs = [(y, g) for y, g in zip(ys, self.baseline[bi]) if y is not None]
+            fd = self.fd.get(b.device)
+            if pairs and not self.direct and self.inv_scale is not None:  # every gradient carried the scale
+                torch._foreach_mul_([y for y, _ in pairs], self.inv_scale.to(b.device, pairs[0][0].dtype))
+            if pairs and floor_here:
+                acc, base = map(list, zip(*pairs))
+                floor = fd[1].to(acc[0].dtype)
+                if self.inv_scale is not None:  # the baseline is still scaled
+                    floor = floor * self.inv_scale.to(b.device, acc[0].dtype)
+                magnitude = torch._foreach_abs(base)
+                torch._foreach_mul_(magnitude, floor)
+                torch._foreach_abs_(acc)
+                torch._foreach_maximum_(acc, magnitude)
+                fd = torch.cat([fd[:1], torch.zeros_like(fd[1:])])
+            out.append(RefreshInput(mode, [ys], self.keys, fd))
+        self.baseline = []
         return out
+
+    def _present_acc(self) -> List[List[Optional[Tensor]]]:
+        """Per bucket, the folded estimate of each param (None where a pass lacked its gradient)."""
+        return [[a if ok else None for a, ok in zip(accs, complete)]
+                for accs, complete in zip(self.acc, self.complete)]
 
     @torch.no_grad()
     def abort(self) -> None:
         self._restore_grads()
         self.saved = None
+        self.baseline = []
         self.acc = []
         self.plus = []
 

@@ -10,8 +10,6 @@ once, in ``backends/eager.py`` and ``functional.update_scalars``.
 from __future__ import annotations
 
 import contextlib
-import functools
-import operator
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import torch
@@ -19,19 +17,17 @@ from torch import Tensor
 
 from . import functional as F
 from ._defaults import ARGS_DOC, DEFAULTS, GROUP_KEYS, SASSHA_ONLY, validate_group, validate_options
-from .backends import Backend, Bucket, ProbeKeys, RefreshInput, RefreshMode, resolve_backend
-from ._state import StateDictMixin
+from .backends import Backend, Bucket, ProbeKeys, RefreshInput, RefreshMode
+from ._state import ParamStateMixin, StateDictMixin
 from .distributed import BucketedAverager, average_step_inputs, is_distributed, participation, reject_sharded_params
 from ._passes import PassDriver
 from .hvp import cannot_differentiate_twice
-from .plans import Counters, PlanCache, StepPlan, attach_state, new_state
+from .plans import Counters, PlanCache, StepPlan, attach_state
 from .probes import MAX_PROBE_NUMEL, key_prefix
 from .schedules import is_schedule
 
 __all__ = ["SASSHA", "MSASSHA"]
 
-_is_sparse = operator.attrgetter("is_sparse")
-_is_not_none = functools.partial(operator.is_not, None)
 
 
 
@@ -39,7 +35,7 @@ def _options(frame_locals: Dict[str, Any]) -> Dict[str, Any]:
     return {k: v for k, v in frame_locals.items() if k not in ("self", "params", "__class__")}
 
 
-class _SasshaBase(PassDriver, StateDictMixin, torch.optim.Optimizer):
+class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optimizer):
     """What SASSHA and M-SASSHA share: options, state, plans, the step skeleton.
 
     The classes differ in four hooks: ``_closure_passes`` (the passes of a step
@@ -62,6 +58,7 @@ class _SasshaBase(PassDriver, StateDictMixin, torch.optim.Optimizer):
         self._own_rho: List[bool] = []
         self._backend_cache: Dict[Tuple[torch.device, torch.dtype], Backend] = {}
         self._plans = PlanCache()
+        self._captured_plans: List[StepPlan] = []  # plans a CUDA graph capture used (capturable)
         self._counters = Counters()
         self._skips = F.SkipMonitor(type(self).__name__, options["max_consecutive_skips"], on_device=self.capturable)
         self._averager = BucketedAverager(self.process_group)
@@ -71,6 +68,9 @@ class _SasshaBase(PassDriver, StateDictMixin, torch.optim.Optimizer):
         self._presence_mask: Optional[Tensor] = None  # data-parallel participation of the step
         #: the finite-difference step delta of the last refresh that took one (a 0-dim device tensor)
         self.last_fd_step: Optional[Tensor] = None
+        self._fd_displaced = False  # hvp_passes() moved the params and no step() came yet
+        self._in_closure = False
+        self._in_hvp_passes = False
         self._global_step = 0  # optimizer steps taken
         self._refreshes = 0  # Hessian refreshes taken: the probes' counter
         self._power_t: Optional[float] = None
@@ -111,29 +111,6 @@ class _SasshaBase(PassDriver, StateDictMixin, torch.optim.Optimizer):
             raise
         self._own_rho.append(own_rho)
         self._index_maps()
-
-    def _index_maps(self) -> None:
-        """id(param) -> position (the probes' counter) and -> group; cached lists."""
-        self._index_of = {id(p): i for i, p in enumerate(self._all_params())}
-        self._group_of = {id(p): gi for gi, g in enumerate(self.param_groups) for p in g["params"]}
-        self._trainable = [p for p in self._all_params() if p.requires_grad]
-        self._plans.clear()
-
-    def _all_params(self) -> Iterator[Tensor]:
-        for group in self.param_groups:
-            yield from group["params"]
-
-    def _backend_for(self, device: torch.device, dtype: torch.dtype) -> Backend:
-        key = (device, dtype)
-        backend = self._backend_cache.get(key)
-        if backend is None:
-            backend = self._backend_cache[key] = resolve_backend(self.backend, device, dtype)
-        return backend
-
-    @property
-    def backends(self) -> Dict[str, str]:
-        """The backend running each (device, dtype) seen so far, e.g. ``{"cpu/float32": "cpp"}``."""
-        return {f"{d}/{str(dt).replace('torch.', '')}": b.name for (d, dt), b in self._backend_cache.items()}
 
     # --------------------------------------------------------------- schedules
     @property
@@ -187,55 +164,6 @@ class _SasshaBase(PassDriver, StateDictMixin, torch.optim.Optimizer):
     def _probe_keys(self) -> ProbeKeys:
         return ProbeKeys(tuple(key_prefix(self.seed, self._refreshes, s) for s in range(self.n_samples)))
 
-    # ------------------------------------------------------------------- plans
-    def _participants(self) -> List[Tensor]:
-        """Params taking part in the step: those with a gradient (every trainable one
-        when data-parallel, so that all ranks bucket the same tensors)."""
-        if self.distributed and is_distributed(self.process_group):
-            return self._trainable_now()
-        return [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-
-    def _trainable_now(self) -> List[Tensor]:
-        self._trainable = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
-        return self._trainable
-
-    def _detach_grads(self) -> None:
-        """Gradients that carry a graph are detached (no parameter/gradient reference cycle)."""
-        for g in self.param_groups:
-            for p in g["params"]:
-                if p.grad is not None and p.grad.requires_grad:
-                    p.grad = p.grad.detach()
-
-    def _plan(self, participants: List[Tensor], backup_of: Callable[[Tensor], Tensor]) -> StepPlan:
-        if not hasattr(self, "_index_of"):
-            self._index_maps()
-        return self._plans.get(participants, self._index_of, self._group_of, backup_of, self._backend_for)
-
-    def _state_of(self, p: Tensor) -> dict:
-        state = self.state[p]
-        if "exp_avg" not in state:
-            step, c2 = self._counter_views(p)
-            state.update(new_state(p, step, c2))
-        return state
-
-    def _counter_views(self, p: Tensor) -> Tuple[Tensor, Tensor]:
-        """The (step, c2) bank views of param ``p`` (its state's counters)."""
-        index = self._index_of[id(p)]
-        size = len(self._index_of)
-
-        def states():  # params on this device whose state points into the bank
-            return [(self._index_of[id(q)], self.state[q]) for q in self._all_params()
-                    if q.device == p.device and "step" in self.state.get(q, ())]
-
-        return self._counters.views(p.device, index, size, states)
-
-    @staticmethod
-    def _check_grads(params: List[Tensor]) -> None:
-        # at C speed: this runs for every tensor of every step
-        if any(map(_is_sparse, filter(_is_not_none, [p.grad for p in params]))):
-            raise RuntimeError("SASSHA does not support sparse gradients; use a dense embedding "
-                               "(sparse=False) for parameters this optimizer updates")
-
     def _inv_scale(self, device: torch.device) -> Optional[Tensor]:
         """1 / the grad scaler's current scale, as a device tensor (no host sync)."""
         scaler = self.grad_scaler
@@ -252,9 +180,15 @@ class _SasshaBase(PassDriver, StateDictMixin, torch.optim.Optimizer):
         differences). Without one, it finishes the official protocol.
         """
         loss = None
+        if self.capturable and self.refresh_due and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                f"{type(self).__name__}: step {self._global_step + 1} refreshes the Hessian estimate, which a CUDA "
+                "graph cannot capture (its probes and passes change at every refresh): capture a step on which "
+                "opt.refresh_due is False and run refresh steps eagerly")
         if closure is not None:
             self._check_closure_allowed()
             self._standard_closure = False
+            self._in_closure = True  # a standard closure's zero_grad() is part of the step
             try:
                 loss = self._closure_passes(closure)
             except BaseException:
@@ -262,15 +196,17 @@ class _SasshaBase(PassDriver, StateDictMixin, torch.optim.Optimizer):
                 # parameters go back to where the step found them and nothing else moved.
                 self._abort_step()
                 raise
+            finally:
+                self._in_closure = False
         with torch.no_grad():
             self._finish_step()
         return loss
 
     def _finish_step(self) -> None:
         """The step skeleton: refresh input -> average / check -> update -> commit."""
-        self._begin_step()
-        participants = self._participants()
         try:
+            self._begin_step()
+            participants = self._participants()
             self._check_grads(participants)
             plan = self._plan(participants, self._backup)
             refresh = self._refresh_input(plan)
@@ -278,6 +214,7 @@ class _SasshaBase(PassDriver, StateDictMixin, torch.optim.Optimizer):
             self._abort_step()
             raise
         self._pending = None
+        self._fd_displaced = False
         try:
             self._apply_step(plan, self._x_t_for_update(plan), refresh)
         finally:  # also after nonfinite="raise" (the update restored x_t and left the state alone)
@@ -358,11 +295,36 @@ class _SasshaBase(PassDriver, StateDictMixin, torch.optim.Optimizer):
         """Leave params and state as they were before the step began."""
         raise NotImplementedError
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch's zero_grad; it also ends a step that never reached ``step()``.
+
+        A GradScaler skips ``step()`` on inf/NaN gradients: the Hessian-vector
+        products taken for it are dropped with the gradients, and parameters an
+        ``hvp_passes()`` loop moved go back where the step found them.
+        """
+        super().zero_grad(set_to_none)
+        if getattr(self, "_in_closure", False) or getattr(self, "_in_hvp_passes", False):
+            return  # part of the step: a standard closure's, or a habit inside the hvp_passes() loop
+        if getattr(self, "_fd_displaced", False):
+            with torch.no_grad():
+                self._return_from_fd_point()
+        self._fd_displaced = False
+        self._pending = None
+        self._presence_mask = None
+
+    def _return_from_fd_point(self) -> None:
+        """Parameters an ``hvp_passes()`` loop moved go back where the step had them."""
+        raise NotImplementedError
+
     def _backup(self, p: Tensor) -> Tensor:
         raise NotImplementedError
 
     def _x_t_of(self, plan: StepPlan) -> Callable[[Bucket], List[Tensor]]:
         """Where the buckets of ``plan`` keep x_t now: their backups, or the params themselves."""
+        raise NotImplementedError
+
+    def _fd_x_t(self, plan: StepPlan) -> Callable[[Bucket], List[Tensor]]:
+        """Make the backups of ``plan`` hold x_t (the finite-difference passes move the params)."""
         raise NotImplementedError
 
 
@@ -474,6 +436,28 @@ class SASSHA(_SasshaBase):
         # the backups hold x_t while these very params are perturbed
         return (lambda b: b.backups) if self._perturbed is plan else (lambda b: b.params)
 
+    def _fd_x_t(self, plan: StepPlan) -> Callable[[Bucket], List[Tensor]]:
+        """x_t of the finite-difference passes' params, in their backups (the passes move them)."""
+        if self._perturbed is None or self._restore_pending:
+            raise RuntimeError(
+                "SASSHA: hvp_passes() takes its passes at the perturbed point: run it after the second "
+                "backward and before unperturb() (see the README's loop). Parameters and state are unchanged.")
+        if self._perturbed is not plan:
+            # params with a gradient at x~ that were not perturbed (no first-pass gradient):
+            # their x_t is where they are; keep it with the others', and restore them all
+            covered = set(map(id, self._perturbed.participants))
+            extra = [p for p in plan.participants if id(p) not in covered]
+            if extra:
+                with torch.no_grad():
+                    torch._foreach_copy_([self._backup(p) for p in extra], extra)
+            self._perturbed = self._plan(self._perturbed.participants + extra, self._backup)
+        return lambda b: b.backups
+
+    def _return_from_fd_point(self) -> None:
+        if self._perturbed is not None:  # unperturb() was skipped as well
+            self._restore(self._perturbed)
+        self._perturbed, self._restore_pending = None, False
+
     @torch.no_grad()
     def perturb_weights(self, zero_grad: bool = True) -> None:
         """Climb to ``x + rho * g / ||g||`` along the current gradients.
@@ -488,6 +472,7 @@ class SASSHA(_SasshaBase):
         # A step that never reached step() (GradScaler skipped it on inf/NaN) leaves
         # nothing behind: this is a new step, with new Hessian-vector products.
         self._pending = None
+        self._presence_mask = None
         self._begin_step()
         participants = self._participants()
         self._check_grads(participants)
@@ -582,7 +567,7 @@ class SASSHA(_SasshaBase):
         return loss
 
     def _x_t_for_update(self, plan: StepPlan) -> Callable[[Bucket], List[Tensor]]:
-        if self._perturbed is not plan:  # not perturbed, or perturbed along other params than take part now
+        if self._perturbed is not plan:  # not perturbed, or along other params than take part now
             self._materialize_restore()
             if self._perturbed is not None:
                 self._restore(self._perturbed)
@@ -597,6 +582,7 @@ class SASSHA(_SasshaBase):
                 self._restore(self._perturbed)
         self._perturbed = None
         self._restore_pending = False
+        self._fd_displaced = False
         self._pending = None
         self._presence_mask = None
         self._detach_grads()
@@ -657,6 +643,7 @@ class MSASSHA(_SasshaBase):
         capturable: bool = DEFAULTS["capturable"],
     ) -> None:
         self._is_perturbed = False
+        self._x_t_saved: Optional[StepPlan] = None  # a plan whose x_t the FD passes saved in its backups
         self._idle: List[Tensor] = []
         self._pending: Optional[List[RefreshInput]] = None
         super().__init__(params, _options(locals()))
@@ -679,7 +666,25 @@ class MSASSHA(_SasshaBase):
 
     def _x_t_of(self, plan: StepPlan) -> Callable[[Bucket], List[Tensor]]:
         # unperturbed_param holds x_t of every param with state (a newcomer's is a copy of it)
-        return (lambda b: b.backups) if self._is_perturbed else (lambda b: b.params)
+        return (lambda b: b.backups) if self._is_perturbed or self._x_t_saved is plan else (lambda b: b.params)
+
+    def _fd_x_t(self, plan: StepPlan) -> Callable[[Bucket], List[Tensor]]:
+        """x_t of the finite-difference passes' params, in ``unperturbed_param`` (the passes move them)."""
+        if not self._is_perturbed:  # the params hold x_t (first step, or after unperturb()): keep it
+            with torch.no_grad():
+                for b in plan.buckets:
+                    torch._foreach_copy_(b.backups, b.params)
+            self._x_t_saved = plan
+        return lambda b: b.backups
+
+    def _return_from_fd_point(self) -> None:
+        if self._is_perturbed:  # x_t, then x~_t again (recomputed exactly from x_t and m)
+            self.unperturb()
+            self.perturb_weights()
+        elif self._x_t_saved is not None:
+            for b in self._x_t_saved.buckets:
+                torch._foreach_copy_(b.params, b.backups)
+        self._x_t_saved = None
 
     @torch.no_grad()
     def unperturb(self) -> None:
@@ -726,6 +731,10 @@ class MSASSHA(_SasshaBase):
         return self._pass_and_refresh(closure)
 
     def _x_t_for_update(self, plan: StepPlan) -> Callable[[Bucket], List[Tensor]]:
+        if self._x_t_saved is not None and self._x_t_saved is not plan:  # FD passes over other params
+            for b in self._x_t_saved.buckets:
+                torch._foreach_copy_(b.params, b.backups)
+            self._x_t_saved = None
         # params with state that take no part this step still hold x~_t: restored after
         self._idle = [p for p in self._with_state() if p.grad is None] if self._is_perturbed else []
         return self._x_t_of(plan)
@@ -734,17 +743,18 @@ class MSASSHA(_SasshaBase):
         if self._idle:
             torch._foreach_copy_(self._idle, [self.state[p]["unperturbed_param"] for p in self._idle])
         self._idle = []
+        self._x_t_saved = None
         self._is_perturbed = False
         self.perturb_weights()
 
     def _abort_step(self) -> None:
-        """Back to where the step found the params: x~_t (recomputed exactly from x_t and m)."""
+        """Back to where the step found the params: x~_t, or x_t where it found them unperturbed."""
         self._pending = None
         self._presence_mask = None
+        self._fd_displaced = False
         self._detach_grads()
-        if self._is_perturbed:  # an FD pass may have moved them: x_t, then x~_t again
-            self.unperturb()
-            self.perturb_weights()
+        with torch.no_grad():
+            self._return_from_fd_point()
 
     def _extra_state(self) -> Dict[str, Any]:
         extra = super()._extra_state()

@@ -65,9 +65,10 @@ def _worker(rank, world, init_file, out_dir, backend):
     try:
         a, b = _problem(rank)
         results = {}
-        for protocol in ("closure", "official"):
+        for protocol, hvp in (("closure", "autograd"), ("official", "autograd"),
+                              ("closure", "finite_difference"), ("official", "finite_difference")):
             params = [torch.nn.Parameter(v.clone()) for v in _split(_x0())]
-            opt = SASSHA(params, lr=LR, rho=RHO, weight_decay=WD, eps=EPS, lazy_hessian=K, backend=backend)
+            opt = SASSHA(params, lr=LR, rho=RHO, weight_decay=WD, eps=EPS, lazy_hessian=K, backend=backend, hvp=hvp)
 
             def loss():
                 x = torch.cat([p.reshape(-1) for p in params])
@@ -77,7 +78,7 @@ def _worker(rank, world, init_file, out_dir, backend):
             for _ in range(STEPS):
                 protocol_step(opt, loss, protocol)
                 collectives.append(opt.last_step_collectives)
-            results[protocol] = (torch.cat([p.detach().reshape(-1) for p in params]), collectives)
+            results[protocol, hvp] = (torch.cat([p.detach().reshape(-1) for p in params]), collectives)
 
         # Collectives per step do not grow with the number of tensors.
         counts = {}
@@ -88,12 +89,31 @@ def _worker(rank, world, init_file, out_dir, backend):
             counts[n_tensors] = opt.last_step_collectives
 
         # Rank 1 does not use param b on odd steps; rank 0 always does.
-        a_, b_ = torch.nn.Parameter(torch.ones(4, dtype=torch.float64)), torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
-        uopt = SASSHA([a_, b_], lr=0.05, lazy_hessian=2, backend=backend)
-        for t in range(6):
-            use_b = rank == 0 or t % 2 == 0
-            protocol_step(uopt, lambda: (a_**4).sum() * (1 + rank) + ((b_**4).sum() if use_b else 0), "closure")
-        uneven = torch.cat([a_.detach(), b_.detach()])
+        uneven = {}
+        for hvp in ("autograd", "finite_difference"):
+            a_ = torch.nn.Parameter(torch.ones(4, dtype=torch.float64))
+            b_ = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+            uopt = SASSHA([a_, b_], lr=0.05, lazy_hessian=2, backend=backend, hvp=hvp)
+            for t in range(6):
+                use_b = rank == 0 or t % 2 == 0
+                protocol_step(uopt, lambda: (a_**4).sum() * (1 + rank) + ((b_**4).sum() if use_b else 0), "closure")
+            uneven[hvp] = torch.cat([a_.detach(), b_.detach()])
+
+        # Finite differences, float32 (the precision decision is all-reduced): rank 1's
+        # difference pass does not reach param b, so its estimate for b is no difference
+        # (y = g~), and D_b is half rank 0's curvature.
+        curv = torch.tensor([[2.0, 3.0, 4.0], [6.0, 1.0, 5.0]])[rank]
+        pa, pb = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(1))
+        fopt = SASSHA([pa, pb], lazy_hessian=1, backend=backend, hvp="finite_difference")
+        calls = [0]
+
+        def partial_loss():
+            calls[0] += 1
+            x = torch.cat([pa, pb if rank == 0 or calls[0] < 3 else pb.detach()])
+            return 0.5 * (curv * x * x).sum()
+
+        fopt.step(partial_loss)
+        fd_diag = torch.cat([fopt.state[pa]["exp_hessian_diag"], fopt.state[pb]["exp_hessian_diag"]])
 
         # M-SASSHA replicas stay bitwise equal too.
         ps = [torch.nn.Parameter(v.clone()) for v in _split(_x0())]
@@ -102,7 +122,7 @@ def _worker(rank, world, init_file, out_dir, backend):
             mopt.step(lambda: sum(((1 + rank) * p**4).sum() for p in ps))
         with mopt.unperturbed():
             msassha = torch.cat([p.detach().reshape(-1) for p in ps])
-        torch.save({"results": results, "counts": counts, "msassha": msassha, "uneven": uneven},
+        torch.save({"results": results, "counts": counts, "msassha": msassha, "uneven": uneven, "fd_diag": fd_diag},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -116,18 +136,24 @@ def test_two_gloo_ranks(backend):
         r0 = torch.load(os.path.join(tmp, "rank0.pt"))
         r1 = torch.load(os.path.join(tmp, "rank1.pt"))
     expected = _simulate(STEPS)
-    for protocol in ("closure", "official"):
-        x0, coll0 = r0["results"][protocol]
-        x1, coll1 = r1["results"][protocol]
-        assert torch.equal(x0, x1), f"{protocol}: replicas differ"
-        torch.testing.assert_close(x0, expected, rtol=1e-11, atol=1e-13)
-        # the participation mask, then g~ and (on refresh steps) H z in flat buckets:
-        # one bucket for these small tensors
-        assert coll0 == [2] * STEPS
+    for (protocol, hvp), (x0, coll0) in r0["results"].items():
+        x1, coll1 = r1["results"][protocol, hvp]
+        assert torch.equal(x0, x1), f"{protocol}, {hvp}: replicas differ"
+        # On a quadratic the finite differences are exact up to the rounding of two
+        # gradients over the step delta (about 1e-8 relative in float64).
+        tol = dict(rtol=1e-11, atol=1e-13) if hvp == "autograd" else dict(rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(x0, expected, **tol)
+        # the participation mask, then g~ and (on refresh steps) H z or the gradients
+        # at the difference point in flat buckets: one bucket for these small tensors
+        assert coll0 == [2] * STEPS, (protocol, hvp)
     assert r0["counts"][5] == r0["counts"][500] == 2
     # ranks that differ in which params get a gradient still agree
-    assert torch.equal(r0["uneven"], r1["uneven"])
+    for hvp in ("autograd", "finite_difference"):
+        assert torch.equal(r0["uneven"][hvp], r1["uneven"][hvp]), hvp
+    torch.testing.assert_close(r0["uneven"]["finite_difference"], r0["uneven"]["autograd"], rtol=1e-5, atol=0)
     assert torch.equal(r0["msassha"], r1["msassha"])
+    assert torch.equal(r0["fd_diag"], r1["fd_diag"])
+    torch.testing.assert_close(r0["fd_diag"], (1 - 0.999) * torch.tensor([4.0, 2.0, 2.0]), rtol=1e-3, atol=0)
 
 
 def test_fsdp2_parameters_get_a_clear_error():

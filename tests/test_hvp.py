@@ -4,6 +4,7 @@ interfaces (closure, torch.optim's standard closure, the official protocol)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import warnings
@@ -295,3 +296,218 @@ def test_step_size_follows_the_parameters_scale_and_precision():
 def test_bad_hvp_options_name_the_argument(cls, kwargs, name):
     with pytest.raises(ValueError, match=name):
         cls([torch.nn.Parameter(torch.zeros(3))], **kwargs)
+
+
+# ------------------------------------------------- the user's loop around finite differences
+@pytest.mark.parametrize("scheme,n_samples", [("forward", 1), ("forward", 2), ("central", 1)])
+@pytest.mark.parametrize("cls", [SASSHA, MSASSHA])
+def test_a_zero_learning_rate_step_leaves_the_parameters_where_they_were(cls, scheme, n_samples):
+    # The difference points x~ + delta z are visited and left: with lr = 0 and no decay
+    # the step returns every parameter to x exactly (MSASSHA: to x, seen unperturbed).
+    x = torch.nn.Parameter(torch.randn(5, dtype=DT, generator=torch.Generator().manual_seed(0)))
+    w = torch.nn.Parameter(torch.randn(3, dtype=DT))  # gets a gradient from the second pass on only
+    x0, w0 = x.detach().clone(), w.detach().clone()
+    opt = cls([x, w], lr=0.0, hvp="finite_difference", fd_scheme=scheme, n_samples=n_samples,
+              backend="eager", fd_eps=1e-2)
+    calls = [0]
+
+    def closure():
+        calls[0] += 1
+        return (x**4).sum() + (0 if calls[0] == 1 else (w**4).sum())
+
+    opt.step(closure)
+    with opt.unperturbed() if cls is MSASSHA else contextlib.nullcontext():
+        assert torch.equal(x, x0) and torch.equal(w, w0)
+
+
+@pytest.mark.parametrize("cls", [SASSHA, MSASSHA])
+def test_an_error_inside_a_finite_difference_pass_loses_nothing(cls):
+    x = torch.nn.Parameter(torch.randn(5, dtype=DT))
+    opt = cls([x], hvp="finite_difference", backend="eager")
+    with opt.unperturbed() if cls is MSASSHA else contextlib.nullcontext():
+        x0 = x.detach().clone()
+    state0 = copy.deepcopy(opt.state[x])
+    calls = [0]
+
+    def closure():
+        calls[0] += 1
+        if calls[0] == (2 if cls is MSASSHA else 3):  # the first finite-difference pass
+            raise KeyboardInterrupt
+        return (x**4).sum()
+
+    with pytest.raises(KeyboardInterrupt):
+        opt.step(closure)
+    with opt.unperturbed() if cls is MSASSHA else contextlib.nullcontext():
+        assert torch.equal(x, x0)
+    assert opt.global_step == 0
+    for key, value in state0.items():
+        assert torch.equal(opt.state[x][key], value), key
+    # Entries the step began to create are at their initial values: the run goes on
+    # as if the aborted step had never begun.
+    twin = torch.nn.Parameter(x0.clone())
+    fresh = cls([twin], hvp="finite_difference", backend="eager")
+    for o, p in ((opt, x), (fresh, twin)):
+        for _ in range(2):
+            o.step(lambda p=p: (p**4).sum())
+    assert torch.equal(x, twin)
+
+
+def test_hvp_passes_without_a_backward_or_after_unperturb_raise_and_lose_nothing():
+    x = torch.nn.Parameter(torch.randn(5, dtype=DT))
+    x0 = x.detach().clone()
+    f = lambda: (x**4).sum()  # noqa: E731
+    opt = SASSHA([x], hvp="finite_difference", backend="eager")
+    f().backward()
+    opt.perturb_weights()
+    f().backward()
+    with pytest.raises(RuntimeError, match="one forward and backward per iteration"):
+        for _ in opt.hvp_passes():
+            pass
+    assert torch.equal(x, x0) and not opt.is_perturbed and opt.global_step == 0  # the step was abandoned
+    opt.zero_grad()
+    f().backward()
+    opt.perturb_weights()
+    f().backward()
+    opt.unperturb()
+    with pytest.raises(RuntimeError, match="before unperturb"):
+        for _ in opt.hvp_passes():
+            f().backward()
+    assert torch.equal(x, x0) and opt.global_step == 0
+
+
+def _official_refresh(cls, hvp, clip=False, zero_grad_in_loop=False, **kw):
+    """exp_hessian_diag after one official-protocol refresh step, gradients clipped before step() or not.
+
+    The network's head ``w`` enters the loss linearly (exact curvature 0): its
+    finite-difference estimate sits on the resolution floor.
+    """
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(10, 32), torch.nn.Tanh(), torch.nn.Linear(32, 3))
+    w = torch.nn.Parameter(torch.randn(3))
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(64, 10, generator=g), torch.randint(0, 3, (64,), generator=g)
+    params = [*m.parameters(), w]
+    opt = cls(params, lazy_hessian=1, hvp=hvp, backend="eager", **kw)
+    loss = lambda: F.cross_entropy(m(x), y) + (w * torch.tensor([1.0, -2.0, 3.0])).sum()  # noqa: E731
+    if cls is SASSHA:
+        loss().backward()
+        opt.perturb_weights(zero_grad=True)
+    loss().backward(create_graph=opt.hessian_due)
+    for _ in opt.hvp_passes():
+        if zero_grad_in_loop:
+            opt.zero_grad()
+        loss().backward()
+    if cls is SASSHA:
+        opt.unperturb()
+    if clip:
+        torch.nn.utils.clip_grad_norm_(params, 0.1)
+    opt.step()
+    return torch.cat([opt.state[p]["exp_hessian_diag"].flatten() for p in params])
+
+
+@pytest.mark.parametrize("hvp,kw", [("autograd", {}), ("finite_difference", {}),
+                                    ("finite_difference", dict(n_samples=2, fd_scheme="central"))])
+@pytest.mark.parametrize("cls", [SASSHA, MSASSHA])
+def test_clipping_after_hvp_passes_leaves_the_hessian_estimate_alone(cls, hvp, kw):
+    # hvp_passes() finishes the estimate from the gradients as they were, its floor
+    # included; clipping the step's gradient afterwards changes the step, not D.
+    assert torch.equal(_official_refresh(cls, hvp, **kw), _official_refresh(cls, hvp, clip=True, **kw))
+
+
+@pytest.mark.parametrize("kw", [{}, dict(n_samples=2), dict(fd_scheme="central")])
+@pytest.mark.parametrize("cls", [SASSHA, MSASSHA])
+def test_zero_grad_inside_the_hvp_passes_loop_changes_nothing(cls, kw):
+    plain = _official_refresh(cls, "finite_difference", **kw)
+    assert torch.equal(plain, _official_refresh(cls, "finite_difference", zero_grad_in_loop=True, **kw))
+
+
+def _scaled_model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(10, 32), torch.nn.GELU(), torch.nn.Linear(32, 4))
+
+
+@pytest.mark.parametrize("scheme,n_samples", [("forward", 1), ("forward", 2), ("central", 1)])
+def test_a_grad_scaler_changes_nothing_with_finite_differences(scheme, n_samples):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 10, generator=g)
+    y = (x[:, :4] * 2 + x[:, 4:8]).argmax(1)
+    a, b = _scaled_model(), _scaled_model()
+    kw = dict(lr=0.02, lazy_hessian=2, backend="eager", hvp="finite_difference", n_samples=n_samples,
+              fd_scheme=scheme)
+    plain = SASSHA(a.parameters(), **kw)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=1000)
+    scaled = SASSHA(b.parameters(), grad_scaler=scaler, **kw)
+    loss = lambda m: F.cross_entropy(m(x), y)  # noqa: E731
+    for _ in range(3):
+        plain.step(lambda: loss(a))
+        scaler.scale(loss(b)).backward()
+        scaled.perturb_weights(zero_grad=True)
+        scaler.scale(loss(b)).backward(create_graph=scaled.hessian_due)
+        for _ in scaled.hvp_passes():
+            scaler.scale(loss(b)).backward()
+        scaled.unperturb()
+        scaler.step(scaled)
+        scaler.update()
+        scaled.zero_grad()
+    for p, q in zip(a.parameters(), b.parameters()):  # power-of-two scales: exact
+        assert torch.equal(p, q)
+        assert torch.equal(plain.state[p]["exp_hessian_diag"], scaled.state[q]["exp_hessian_diag"])
+
+
+def test_a_refresh_step_the_scaler_skips_is_taken_again():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    x, y = torch.randn(16, 4), torch.randn(16, 2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    opt = MSASSHA(model.parameters(), lr=0.01, lazy_hessian=2, hvp="finite_difference", grad_scaler=scaler,
+                  backend="eager")
+
+    def iteration(poison=1.0):
+        scaler.scale(F.mse_loss(model(x), y) * poison).backward()
+        passes = 0
+        for _ in opt.hvp_passes():
+            scaler.scale(F.mse_loss(model(x), y)).backward()
+            passes += 1
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        return passes
+
+    assert [iteration(), iteration()] == [1, 0]
+    before = [p.detach().clone() for p in model.parameters()]
+    assert iteration(poison=float("inf")) == 1  # step 3 refreshes; the scaler skips it
+    assert opt.global_step == 2 and all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert iteration() == 1 and opt.global_step == 3  # the refresh is taken again
+
+
+def test_capturable_refuses_raising_on_nonfinite_steps():
+    with pytest.raises(ValueError, match="nonfinite"):
+        SASSHA([torch.nn.Parameter(torch.zeros(3))], capturable=True, nonfinite="raise")
+
+
+def test_unscale_and_clip_under_a_grad_scaler_equal_clipping_without_one():
+    def run(scaled):
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(10, 32), torch.nn.Tanh(), torch.nn.Linear(32, 3))
+        g = torch.Generator().manual_seed(1)
+        x, y = torch.randn(64, 10, generator=g), torch.randint(0, 3, (64,), generator=g)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, enabled=scaled)
+        opt = SASSHA(m.parameters(), lazy_hessian=2, hvp="finite_difference", backend="eager",
+                     grad_scaler=scaler if scaled else None)
+        loss = lambda: scaler.scale(F.cross_entropy(m(x), y))  # noqa: E731
+        for _ in range(3):
+            loss().backward()
+            opt.perturb_weights(zero_grad=True)
+            loss().backward()
+            for _ in opt.hvp_passes():
+                loss().backward()
+            opt.unperturb()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(m.parameters(), 0.1)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+        return list(m.parameters())
+
+    for p, q in zip(run(False), run(True)):
+        assert torch.equal(p, q)

@@ -28,7 +28,7 @@ def test_diagonal_quadratic_closed_form():
     # x_{t+1} = x_t (1 - lr wd) - lr * mhat_t / (sqrt|a| + eps).
     a = torch.tensor([3.0, -2.0, 0.5, 7.0, -0.1], dtype=DT)  # indefinite: |.| matters
     x0 = torch.tensor([1.0, -0.5, 2.0, 0.3, -1.5], dtype=DT)
-    lr, rho, wd, eps, (b1, b2) = 0.05, 0.1, 0.01, 1e-4, (0.9, 0.999)
+    lr, rho, wd, eps, (b1, _b2) = 0.05, 0.1, 0.01, 1e-4, (0.9, 0.999)
     x = torch.nn.Parameter(x0.clone())
     opt = SASSHA([x], lr=lr, rho=rho, weight_decay=wd, eps=eps, lazy_hessian=1, backend="eager")
     f = quadratic(a)

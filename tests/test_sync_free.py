@@ -98,7 +98,12 @@ def test_captured_step_replays_like_eager_steps(backend):
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        for _ in range(3):  # warm-up (the first step refreshes), as torch.cuda.graphs asks
+        # Warm-up, as torch.cuda.graphs asks. The first step refreshes the Hessian
+        # estimate, which needs a loss to differentiate: a real closure step. The
+        # later ones are plain steps, like the captured one.
+        for o, ps in ((opt, params), (ref, twin)):
+            o.step(lambda ps=ps: sum((p * p * p * p).sum() for p in ps))
+        for _ in range(2):
             step(opt, params)
             step(ref, twin)
     torch.cuda.current_stream().wait_stream(side)
@@ -106,7 +111,11 @@ def test_captured_step_replays_like_eager_steps(backend):
     with torch.cuda.graph(graph):
         step(opt, params)
     step(ref, twin)  # the captured step's eager counterpart
+    opt._plans.clear()  # the graph's tables must outlive the plan cache (eviction, add_param_group)
+    torch.cuda.empty_cache()
+    scratch = [torch.full_like(p, float("nan")) for p in params for _ in range(4)]  # reuse of freed blocks
     graph.replay()
+    del scratch
     for _ in range(4):
         for g in g1 + g2:
             g.copy_(torch.randn_like(g))

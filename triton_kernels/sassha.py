@@ -224,6 +224,15 @@ def _word_tile(start, BLOCK: tl.constexpr):
     return offs, word, bits.to(tl.uint32)
 
 
+@triton.jit
+def _probe_tile(blocks, numels, param_index, prefix, BLOCK: tl.constexpr):
+    """This program's tile and its probe z (fp32 +-1): (slot, start, numel, offs, mask, z)."""
+    slot, start, numel = _tile(blocks, numels)
+    k0, k1 = _param_key(prefix, tl.load(param_index + slot))
+    offs, word, bits = _word_tile(start, BLOCK)
+    return slot, start, numel, offs, offs < numel, _rademacher(word, bits, k0, k1)
+
+
 # ------------------------------------------------------------------- norms
 @triton.jit
 def _sq_norm_tile(vp, xp, offs, mask, ADAPTIVE: tl.constexpr, EVEN: tl.constexpr):
@@ -330,15 +339,12 @@ def probes_kernel(
     ALIGNED: tl.constexpr,  # every data pointer of the launch is 16-byte aligned
     BLOCK: tl.constexpr,  # elements per tile, a multiple of 32 (tiles start on a word)
 ):
-    slot, start, numel = _tile(blocks, numels)
-    k0, k1 = _param_key(prefix, tl.load(param_index + slot))
-    offs, word, bits = _word_tile(start, BLOCK)
-    z = _rademacher(word, bits, k0, k1).to(Z_DTYPE)
+    slot, start, numel, offs, mask, z = _probe_tile(blocks, numels, param_index, prefix, BLOCK)
     zp = _ptr(z_ptrs, slot, Z_DTYPE, ALIGNED)
     if start + BLOCK <= numel:
-        _st(zp, offs, z, offs < numel, True)
+        _st(zp, offs, z.to(Z_DTYPE), mask, True)
     else:
-        _st(zp, offs, z, offs < numel, False)
+        _st(zp, offs, z.to(Z_DTYPE), mask, False)
 
 
 # -------------------------------------------------------- finite differences
@@ -371,11 +377,7 @@ def fd_move_kernel(
     ALIGNED: tl.constexpr,  # every data pointer of the launch is 16-byte aligned
     BLOCK: tl.constexpr,  # elements per tile, a multiple of 32
 ):
-    slot, start, numel = _tile(blocks, numels)
-    k0, k1 = _param_key(prefix, tl.load(param_index + slot))
-    offs, word, bits = _word_tile(start, BLOCK)
-    mask = offs < numel
-    z = _rademacher(word, bits, k0, k1)
+    slot, start, numel, offs, mask, z = _probe_tile(blocks, numels, param_index, prefix, BLOCK)
     step = sign * tl.load(delta)  # exact: sign is +-1
     xp = _ptr(x_ptrs, slot, X_DTYPE, ALIGNED)
     bp = _ptr(base_ptrs, slot, X_DTYPE, ALIGNED)
@@ -387,12 +389,13 @@ def fd_move_kernel(
 
 
 @triton.jit
-def _fd_fold_tile(ap, gp, bp, offs, mask, scale, z, X_DTYPE: tl.constexpr, HAS_BASELINE: tl.constexpr,
-                  FIRST: tl.constexpr, EVEN: tl.constexpr):
+def _fd_fold_tile(ap, gp, bp, offs, mask, coefficient, delta, z, X_DTYPE: tl.constexpr,
+                  HAS_BASELINE: tl.constexpr, FIRST: tl.constexpr, EVEN: tl.constexpr):
     diff = _ld(gp, offs, mask, EVEN).to(tl.float32)
     if HAS_BASELINE:
         diff = diff - _ld(bp, offs, mask, EVEN).to(tl.float32)
-    term = diff * z * scale
+    # (g - baseline) * z * coefficient / delta: the update's quotient's roundings when coefficient = 1
+    term = tl.div_rn(diff * z * coefficient, delta)
     if not FIRST:
         term = _ld(ap, offs, mask, EVEN).to(tl.float32) + term
     _st(ap, offs, _round_to(term, X_DTYPE), mask, EVEN)
@@ -415,19 +418,15 @@ def fd_fold_kernel(
     ALIGNED: tl.constexpr,  # every data pointer of the launch is 16-byte aligned
     BLOCK: tl.constexpr,  # elements per tile, a multiple of 32
 ):
-    slot, start, numel = _tile(blocks, numels)
-    k0, k1 = _param_key(prefix, tl.load(param_index + slot))
-    offs, word, bits = _word_tile(start, BLOCK)
-    mask = offs < numel
-    z = _rademacher(word, bits, k0, k1)
-    scale = tl.div_rn(coefficient, tl.load(delta))
+    slot, start, numel, offs, mask, z = _probe_tile(blocks, numels, param_index, prefix, BLOCK)
+    dlt = tl.load(delta)
     ap = _ptr(acc_ptrs, slot, X_DTYPE, ALIGNED)
     gp = _ptr(g_ptrs, slot, X_DTYPE, ALIGNED)
     bp = _ptr(base_ptrs, slot, X_DTYPE, ALIGNED)
     if start + BLOCK <= numel:
-        _fd_fold_tile(ap, gp, bp, offs, mask, scale, z, X_DTYPE, HAS_BASELINE, FIRST, True)
+        _fd_fold_tile(ap, gp, bp, offs, mask, coefficient, dlt, z, X_DTYPE, HAS_BASELINE, FIRST, True)
     else:
-        _fd_fold_tile(ap, gp, bp, offs, mask, scale, z, X_DTYPE, HAS_BASELINE, FIRST, False)
+        _fd_fold_tile(ap, gp, bp, offs, mask, coefficient, dlt, z, X_DTYPE, HAS_BASELINE, FIRST, False)
 
 
 # ------------------------------------------------------------------- update

@@ -10,7 +10,8 @@ Rounding, which the fused kernels follow: math in the param's math dtype (fp32 f
 16-bit params, one rounding to the param dtype at the store); ``a * b + c * d`` as
 two products and a sum (no fused multiply-add); the perturbation scale as
 ``(1 / (sqrt(n) + perturb_eps)) * (sign * rho)``, the finite-difference quotient as
-``(y - g) * z / delta``.
+``(y - g) * z / delta`` and a fold's term as ``(g - baseline) * z * coefficient / delta``
+(the same roundings as the quotient when the coefficient is 1).
 """
 
 from __future__ import annotations
@@ -113,9 +114,8 @@ class EagerBackend(Backend):
         for j, g in enumerate(grads):
             mdt = math_dtype(b.params[j].dtype)
             diff = g.to(mdt) if baseline is None else g.to(mdt) - baseline[j].to(mdt)
-            # coefficient / delta * z * (g - baseline), z = +-1 multiplies exactly
-            term = diff * probe(b, j, keys, sample, mdt) * (torch.full((), coefficient, dtype=mdt, device=g.device)
-                                                             / delta.to(mdt))
+            # (g - baseline) * z * coefficient / delta; z = +-1 multiplies exactly
+            term = diff * probe(b, j, keys, sample, mdt) * coefficient / delta.to(mdt)
             acc[j].copy_(term if first else acc[j].to(mdt) + term)
 
     def update(self, b: Bucket, x_t: Sequence[Tensor], grads: Sequence[Tensor], scalars: Tensor, power: float,

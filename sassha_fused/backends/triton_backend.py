@@ -150,6 +150,7 @@ class _KernelGroup:
             ptrs = list(map(_data_ptr, picked))
         cached = self._columns.get(role)
         if cached is not None and cached[0] == ptrs:
+            self.backend._keep_if_capturing(self.device, cached[1])
             return cached[1], cached[2]
         column = self.backend._upload(torch.tensor(ptrs, dtype=torch.int64), self.device)
         aligned = not any(map(_misaligned, ptrs))
@@ -174,6 +175,7 @@ class TritonBackend(Backend):
         self.max_blocks_per_launch = int(max_blocks_per_launch)
         self.launches = 0  # kernel launches made so far
         self.uploads = 0  # host -> device column copies made so far
+        self._captured: List[Tensor] = []  # columns and their pinned sources a captured graph reads
 
     # ------------------------------------------------------------ capability
     def supports(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:
@@ -194,8 +196,16 @@ class TritonBackend(Backend):
         if device.type == "cuda":
             # pinned + non_blocking: the copy is queued on the stream; the caching
             # host allocator keeps the pinned block alive until the copy has run.
-            return host.pin_memory().to(device, non_blocking=True)
+            pinned = host.pin_memory()
+            out = pinned.to(device, non_blocking=True)
+            self._keep_if_capturing(device, pinned, out)
+            return out
         return host
+
+    def _keep_if_capturing(self, device: torch.device, *tensors: Tensor) -> None:
+        """Tensors a CUDA graph capture uses live as long as the backend: a replay reads them again."""
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            self._captured.extend(tensors)
 
     def _split(self, device: torch.device, numels: List[int]) -> List[_Launch]:
         """Split the tiles of tensors with these ``numels`` into launches."""
@@ -344,6 +354,7 @@ class TritonBackend(Backend):
             else:
                 y = gr.reshape(1, -1)
             rows = g.rows(table)
+            self._keep_if_capturing(g.device, rows, table)
             for launch in g.launches:
                 lo = launch.lo
                 with _on(g.device):
