@@ -22,6 +22,15 @@ then), never dropped. The whole run stays inside ``--budget`` seconds (default 4
 
 Writes ``gpu_check.json`` (every record names the device, versions and date),
 ``gpu_check.md`` (the tables), ``build.log`` and ``tests.log``: four files.
+
+Versions. The lent machine has torch 2.11 (CUDA 13) and triton 3.6; this project
+pins torch 2.13 and triton 3.9 on the CPU. Checked here on 2026-12-02: the Triton
+kernels pass the Triton tests under triton 3.6's interpreter too (with numpy < 2.4:
+3.6's interpreter converts loop bounds with ``int(ndarray)``, which numpy 2.4
+refuses; it also widens float kernel arguments to fp64, so the one product that met
+``div_rn`` that way is cast to fp32). torch 2.11 itself could not be tried (only a
+2.13 wheel is at hand): the build and tests stages are where an incompatibility
+would show; the extension is built just in time against the installed torch.
 """
 
 from __future__ import annotations

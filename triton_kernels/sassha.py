@@ -151,7 +151,9 @@ def _new_param(x, m, d, neg_step, c2, decay, eps, power, POWER_MODE: tl.constexp
         dp = d
     else:
         # d >= 0; pow(0, p) = 0 for p > 0 and 1 for p == 0, as torch.pow
-        dp = tl.where(d > 0, tl.exp2(power * tl.log2(tl.maximum(d, 1e-38))), tl.where(power == 0, 1.0, 0.0))
+        # (the product cast: Triton 3.6's interpreter widens a float argument to fp64)
+        log_dp = (power * tl.log2(tl.maximum(d, 1e-38))).to(tl.float32)
+        dp = tl.where(d > 0, tl.exp2(log_dp), tl.where(power == 0, 1.0, 0.0))
     denom = tl.div_rn(dp, c2) + eps
     return x * decay + neg_step * tl.div_rn(m, denom)
 
