@@ -137,18 +137,30 @@ class PassDriver:
                 self._detach_grads()  # the pass's graph, if it got that far
         loss = self._closure_pass(closure)
         if self.refresh_due:
-            fd = self._finite_differences(direct=True)
-            try:
-                fd.begin()
-                self.last_fd_step = fd.step_size
-                for i in range(fd.n_passes):
-                    self._closure_pass(closure)
-                    fd.after_pass(i)
-            except BaseException:
-                fd.abort()
-                raise
-            self._pending = (fd.plan, fd.finish())
+            for _ in self._fd_passes(direct=True):
+                self._closure_pass(closure)
         return loss
+
+    def _fd_passes(self, direct: bool) -> Iterator[int]:
+        """The finite-difference passes of this refresh: yields once per pass, with the
+        params at that pass's point; the caller runs one forward and backward. Leaves
+        the update's refresh input in ``self._pending``; on any failure the params and
+        gradients are back where the passes found them."""
+        fd = self._finite_differences(direct)
+        try:
+            fd.begin()
+            self.last_fd_step = fd.step_size
+            self._fd_displaced = True
+            self._in_fd_passes = True  # a zero_grad() between the passes clears .grad only
+            for i in range(fd.n_passes):
+                yield i
+                fd.after_pass(i)
+        except BaseException:
+            fd.abort()
+            raise
+        finally:
+            self._in_fd_passes = False
+        self._pending = (fd.plan, fd.finish())
 
     def hvp_passes(self) -> Iterator[int]:
         """The extra passes of a finite-difference Hessian refresh, in the official protocol.
@@ -179,23 +191,11 @@ class PassDriver:
                     raise
                 self._use_finite_differences(exc)
                 self._detach_grads()
-        # the user may change .grad before step() (clipping): the quotient is finished here
-        fd = self._finite_differences(direct=False)
-        try:
-            fd.begin()
-            self.last_fd_step = fd.step_size
-            self._fd_displaced = True
-            self._in_hvp_passes = True  # a zero_grad() in the loop clears .grad only
-            for i in range(fd.n_passes):
-                yield i
-                fd.after_pass(i)
+        try:  # the user may change .grad before step() (clipping): the quotient is finished here
+            yield from self._fd_passes(direct=False)
         except BaseException:
-            fd.abort()
             self._abort_step()
             raise
-        finally:
-            self._in_hvp_passes = False
-        self._pending = (fd.plan, fd.finish())
 
     def _reduce_max(self) -> Optional[Callable[[Tensor], None]]:
         """Data-parallel: an in-place MAX over the group (the FD precision decision), else None."""

@@ -70,7 +70,7 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
         self.last_fd_step: Optional[Tensor] = None
         self._fd_displaced = False  # hvp_passes() moved the params and no step() came yet
         self._in_closure = False
-        self._in_hvp_passes = False
+        self._in_fd_passes = False
         self._global_step = 0  # optimizer steps taken
         self._refreshes = 0  # Hessian refreshes taken: the probes' counter
         self._power_t: Optional[float] = None
@@ -303,14 +303,25 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
         ``hvp_passes()`` loop moved go back where the step found them.
         """
         super().zero_grad(set_to_none)
-        if getattr(self, "_in_closure", False) or getattr(self, "_in_hvp_passes", False):
+        if getattr(self, "_in_closure", False) or getattr(self, "_in_fd_passes", False):
             return  # part of the step: a standard closure's, or a habit inside the hvp_passes() loop
         if getattr(self, "_fd_displaced", False):
             with torch.no_grad():
                 self._return_from_fd_point()
+        self._forget_step()
+
+    def _forget_step(self) -> None:
+        """Drop what a step in progress kept for ``step()``: its HVPs, participation, FD move."""
         self._fd_displaced = False
         self._pending = None
         self._presence_mask = None
+
+    @staticmethod
+    def _restore(plan: StepPlan) -> None:
+        """Params of ``plan`` back to x_t, bit for bit, from the buckets' backups."""
+        for b in plan.buckets:
+            if b.params:
+                torch._foreach_copy_(b.params, b.backups)
 
     def _return_from_fd_point(self) -> None:
         """Parameters an ``hvp_passes()`` loop moved go back where the step had them."""
@@ -520,12 +531,6 @@ class SASSHA(_SasshaBase):
         self._restore(self._perturbed)
         self._perturbed = None
 
-    @staticmethod
-    def _restore(plan: StepPlan) -> None:
-        for b in plan.buckets:
-            if b.params:
-                torch._foreach_copy_(b.params, b.backups)
-
     def _materialize_restore(self) -> None:
         """Carry out a restore that ``defer_unperturb`` left for ``step()``."""
         if self._restore_pending:
@@ -582,9 +587,7 @@ class SASSHA(_SasshaBase):
                 self._restore(self._perturbed)
         self._perturbed = None
         self._restore_pending = False
-        self._fd_displaced = False
-        self._pending = None
-        self._presence_mask = None
+        self._forget_step()
         self._detach_grads()
 
 
@@ -682,8 +685,7 @@ class MSASSHA(_SasshaBase):
             self.unperturb()
             self.perturb_weights()
         elif self._x_t_saved is not None:
-            for b in self._x_t_saved.buckets:
-                torch._foreach_copy_(b.params, b.backups)
+            self._restore(self._x_t_saved)
         self._x_t_saved = None
 
     @torch.no_grad()
@@ -732,8 +734,7 @@ class MSASSHA(_SasshaBase):
 
     def _x_t_for_update(self, plan: StepPlan) -> Callable[[Bucket], List[Tensor]]:
         if self._x_t_saved is not None and self._x_t_saved is not plan:  # FD passes over other params
-            for b in self._x_t_saved.buckets:
-                torch._foreach_copy_(b.params, b.backups)
+            self._restore(self._x_t_saved)
             self._x_t_saved = None
         # params with state that take no part this step still hold x~_t: restored after
         self._idle = [p for p in self._with_state() if p.grad is None] if self._is_perturbed else []
@@ -749,9 +750,7 @@ class MSASSHA(_SasshaBase):
 
     def _abort_step(self) -> None:
         """Back to where the step found the params: x~_t, or x_t where it found them unperturbed."""
-        self._pending = None
-        self._presence_mask = None
-        self._fd_displaced = False
+        self._forget_step()
         self._detach_grads()
         with torch.no_grad():
             self._return_from_fd_point()
