@@ -121,6 +121,7 @@ class _KernelGroup:
                  idx: Optional[List[int]]) -> None:
         self.backend, self.dtype, self.aligned, self.idx = backend, dtype, aligned, idx
         self.device = b.device
+        self.cache = b.cache  # the bucket's: "captured" once a CUDA graph capture used it
         pick = self.pick
         params = pick(b.params)
         self.n = len(params)
@@ -149,9 +150,11 @@ class _KernelGroup:
         else:
             ptrs = list(map(_data_ptr, picked))
         cached = self._columns.get(role)
-        if cached is not None and cached[0] == ptrs:
-            self.backend._keep_if_capturing(self.device, cached[1])
-            return cached[1], cached[2]
+        if cached is not None:
+            if cached[0] == ptrs:
+                return cached[1], cached[2]
+            if self.cache.get("captured"):  # a captured graph may still read the old column
+                self.backend._captured.append(cached[1])
         column = self.backend._upload(torch.tensor(ptrs, dtype=torch.int64), self.device)
         aligned = not any(map(_misaligned, ptrs))
         self._columns[role] = (ptrs, column, aligned)
@@ -203,7 +206,12 @@ class TritonBackend(Backend):
         return host
 
     def _keep_if_capturing(self, device: torch.device, *tensors: Tensor) -> None:
-        """Tensors a CUDA graph capture uses live as long as the backend: a replay reads them again."""
+        """Tensors a CUDA graph capture uses live as long as the backend: a replay reads them again.
+
+        Device tensors made during the capture are the graph's (its private memory
+        pool); what the graph reads from outside it is kept: pinned sources of its
+        copies here, and a captured bucket's replaced pointer columns in ``column``.
+        """
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             self._captured.extend(tensors)
 
@@ -354,7 +362,6 @@ class TritonBackend(Backend):
             else:
                 y = gr.reshape(1, -1)
             rows = g.rows(table)
-            self._keep_if_capturing(g.device, rows, table)
             for launch in g.launches:
                 lo = launch.lo
                 with _on(g.device):
