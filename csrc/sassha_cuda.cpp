@@ -3,10 +3,10 @@
 // Compiled only when torch has CUDA and nvcc is present.
 //
 // Tables. Each call describes its tensors as TensorRecs (pointers, sizes, dtype,
-// alignment, probe counter, group); the records and the block map built from them
-// go to the device once and are reused while the same records come back: the
-// cache is keyed on the records' bytes, so a change of storage (or of gradients'
-// addresses) is a new entry and an unchanged call uploads nothing. Per-step
+// alignment, probe counter and element offset, group); the records and the block
+// map built from them go to the device once and are reused while the same records
+// come back: the cache is keyed on the records' bytes, so a change of storage (or
+// of gradients' addresses) is a new entry and an unchanged call uploads nothing. Per-step
 // values come as device tensors (the group and update-scalar tables, delta); the
 // refresh inputs and probe prefixes of a refresh step travel in one small pinned,
 // non-blocking copy. The host never waits for the device.
@@ -43,6 +43,23 @@ int32_t dtype_code(const at::Tensor& t, const char* op, int64_t j) {
 }
 
 bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// element_offset (the global probe element of each tensor's first element, a shard's
+// place in its unsharded tensor, FSDP2): one per tensor, or none (all 0).
+void check_element_offsets(const char* op, c10::ArrayRef<int64_t> element_offset, at::TensorList tensors) {
+  TORCH_CHECK(element_offset.empty() || element_offset.size() == tensors.size(), "sassha_fused::", op, ": got ",
+              element_offset.size(), " element_offset values for ", tensors.size(),
+              " tensors; pass exactly one entry per parameter, or none (all 0)");
+  for (size_t j = 0; j < element_offset.size(); ++j) {
+    TORCH_CHECK(element_offset[j] >= 0 && element_offset[j] <= kMaxProbeNumel - tensors[j].numel(),
+                "sassha_fused::", op, ": element_offset[", j, "] = ", element_offset[j], " with ", tensors[j].numel(),
+                " elements is outside the probes' range [0, 2**37)");
+  }
+}
+
+int64_t offset_of(c10::ArrayRef<int64_t> element_offset, size_t j) {
+  return element_offset.empty() ? 0 : element_offset[j];
+}
 
 void check_tensor(const char* op, const char* what, const at::Tensor& t, int64_t j, const at::Tensor& p,
                   at::ScalarType expected) {
@@ -235,9 +252,11 @@ void perturb_cuda(at::TensorList params, at::TensorList sources, at::TensorList 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void probes_cuda(at::TensorList out, c10::ArrayRef<int64_t> param_index, int64_t prefix) {
+void probes_cuda(at::TensorList out, c10::ArrayRef<int64_t> param_index, c10::ArrayRef<int64_t> element_offset,
+                 int64_t prefix) {
   TORCH_CHECK(param_index.size() == out.size(), "sassha_fused::probes: got ", out.size(), " tensors but ",
               param_index.size(), " param_index values; pass exactly one entry per parameter in every list");
+  check_element_offsets("probes", element_offset, out);
   if (out.empty()) return;
   check_params("probes", out);
   const c10::cuda::CUDAGuard guard(out[0].device());
@@ -246,6 +265,7 @@ void probes_cuda(at::TensorList out, c10::ArrayRef<int64_t> param_index, int64_t
   for (size_t j = 0; j < out.size(); ++j) {
     TensorRec r = make_rec(out[j], j, "probes");
     r.param_index = static_cast<uint32_t>(param_index[j]);
+    r.element_offset = offset_of(element_offset, j);
     finish_rec(r);
     recs.push_back(r);
   }
@@ -256,10 +276,12 @@ void probes_cuda(at::TensorList out, c10::ArrayRef<int64_t> param_index, int64_t
 }
 
 void fd_move_cuda(at::TensorList params, at::TensorList bases, at::TensorList saves, const at::Tensor& delta,
-                  c10::ArrayRef<int64_t> param_index, int64_t prefix, double sign) {
+                  c10::ArrayRef<int64_t> param_index, c10::ArrayRef<int64_t> element_offset, int64_t prefix,
+                  double sign) {
   const size_t n = params.size();
   TORCH_CHECK(param_index.size() == n && (bases.empty() || bases.size() == n) && (saves.empty() || saves.size() == n),
               "sassha_fused::fd_move: pass one param_index per param, and no bases/saves or one per param");
+  check_element_offsets("fd_move", element_offset, params);
   if (n == 0) return;
   check_params("fd_move", params);
   const c10::cuda::CUDAGuard guard(params[0].device());
@@ -272,6 +294,7 @@ void fd_move_cuda(at::TensorList params, at::TensorList bases, at::TensorList sa
     r.src = bases.empty() ? r.x : bases[j].const_data_ptr();
     r.aux = saves.empty() ? nullptr : saves[j].data_ptr();
     r.param_index = static_cast<uint32_t>(param_index[j]);
+    r.element_offset = offset_of(element_offset, j);
     finish_rec(r);
     recs.push_back(r);
   }
@@ -283,10 +306,12 @@ void fd_move_cuda(at::TensorList params, at::TensorList bases, at::TensorList sa
 }
 
 void fd_fold_cuda(at::TensorList acc, at::TensorList grads, at::TensorList baselines, const at::Tensor& delta,
-                  c10::ArrayRef<int64_t> param_index, int64_t prefix, double coefficient, bool first) {
+                  c10::ArrayRef<int64_t> param_index, c10::ArrayRef<int64_t> element_offset, int64_t prefix,
+                  double coefficient, bool first) {
   const size_t n = acc.size();
   TORCH_CHECK(grads.size() == n && param_index.size() == n && (baselines.empty() || baselines.size() == n),
               "sassha_fused::fd_fold: pass one grad and one param_index per tensor, and no baselines or one each");
+  check_element_offsets("fd_fold", element_offset, acc);
   if (n == 0) return;
   check_params("fd_fold", acc);
   const c10::cuda::CUDAGuard guard(acc[0].device());
@@ -299,6 +324,7 @@ void fd_fold_cuda(at::TensorList acc, at::TensorList grads, at::TensorList basel
     r.src = grads[j].const_data_ptr();
     r.aux = baselines.empty() ? nullptr : const_cast<void*>(baselines[j].const_data_ptr());
     r.param_index = static_cast<uint32_t>(param_index[j]);
+    r.element_offset = offset_of(element_offset, j);
     finish_rec(r);
     recs.push_back(r);
   }
@@ -312,12 +338,14 @@ void fd_fold_cuda(at::TensorList acc, at::TensorList grads, at::TensorList basel
 void update_cuda(at::TensorList params, at::TensorList x_t, at::TensorList grads, at::TensorList exp_avgs,
                  at::TensorList exp_hessian_diags, const at::Tensor& scalars, double power, int64_t refresh_mode,
                  const c10::List<std::optional<at::Tensor>>& ys, c10::ArrayRef<int64_t> param_index,
-                 c10::ArrayRef<int64_t> prefixes, const std::optional<at::Tensor>& fd) {
+                 c10::ArrayRef<int64_t> element_offset, c10::ArrayRef<int64_t> prefixes,
+                 const std::optional<at::Tensor>& fd) {
   const size_t n = params.size();
   TORCH_CHECK(x_t.size() == n && grads.size() == n && exp_avgs.size() == n && exp_hessian_diags.size() == n &&
                   param_index.size() == n,
               "sassha_fused::update: params, x_t, grads, exp_avgs, exp_hessian_diags and param_index need one "
               "entry per param");
+  check_element_offsets("update", element_offset, params);
   TORCH_CHECK(refresh_mode >= RefreshMode::kNone && refresh_mode <= RefreshMode::kPrecomputed,
               "sassha_fused::update: unknown refresh_mode ", refresh_mode);
   const bool refresh = refresh_mode != RefreshMode::kNone;
@@ -351,6 +379,7 @@ void update_cuda(at::TensorList params, at::TensorList x_t, at::TensorList grads
     r.m = exp_avgs[j].data_ptr<float>();
     r.d = exp_hessian_diags[j].data_ptr<float>();
     r.param_index = static_cast<uint32_t>(param_index[j]);
+    r.element_offset = offset_of(element_offset, j);
     finish_rec(r);
     recs.push_back(r);
   }

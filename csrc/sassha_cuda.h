@@ -29,6 +29,8 @@ enum DType : int32_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 //   fd_move: x = params, src = base (x itself when moving in place), aux = save
 //   fd_fold: x = acc, src = this pass's gradient, aux = baseline
 //   update:  x = params, src = g~, aux = x_t (may alias x), m, d = state
+// The probe ops (probes, fd_move, fd_fold, update) draw local element i's probe at
+// global element element_offset + i (a shard of a larger tensor, FSDP2; else 0).
 struct TensorRec {
   void* x;
   const void* src;
@@ -36,6 +38,7 @@ struct TensorRec {
   float* m;
   float* d;
   int64_t numel;
+  int64_t element_offset;  // global probe element of the tensor's first element
   int32_t dtype;       // DType of x, src, aux (src may be fp32 when src_fp32)
   int32_t src_fp32;    // 1 when ``src`` is fp32 while x is 16-bit (M-SASSHA's exp_avg)
   int32_t aligned;     // 1 when every pointer is 16-byte aligned: vector loads allowed
@@ -43,6 +46,10 @@ struct TensorRec {
   int32_t group;       // row of the group table
   int32_t pad;
 };
+// The host (sassha_cuda.cpp, a C++ compiler) and the kernels (nvcc) must agree on it,
+// and the table cache keys on its bytes: no implicit padding.
+static_assert(sizeof(TensorRec) == 5 * sizeof(void*) + 2 * sizeof(int64_t) + 6 * sizeof(int32_t),
+              "TensorRec has padding");
 
 // One CUDA block: which tensor, which kBlockElems-sized chunk of it.
 struct BlockRec {
@@ -59,7 +66,8 @@ void launch_sq_norm(const TensorRec* recs, const BlockRec* blocks, int64_t n_blo
 // norm64) and the tensor's group row of ``groups`` (float64, GroupCol).
 void launch_perturb(const TensorRec* recs, const BlockRec* blocks, int64_t n_blocks, const void* sq_norm,
                     bool norm64, const double* groups, double sign, bool adaptive, void* stream);
-// x = z, the Rademacher probe of the tensor's param_index under ``prefix``.
+// x = z, the Rademacher probe of the tensor's param_index under ``prefix`` (from
+// its element_offset).
 void launch_probes(const TensorRec* recs, const BlockRec* blocks, int64_t n_blocks, uint32_t prefix, void* stream);
 // aux = x (if save); x = src + sign * (*delta) * z.
 void launch_fd_move(const TensorRec* recs, const BlockRec* blocks, int64_t n_blocks, uint32_t prefix,

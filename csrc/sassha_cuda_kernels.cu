@@ -14,7 +14,9 @@ namespace cuda {
 namespace {
 
 // Every thread starts its kVec elements at a multiple of kVec, so they never span
-// two 32-element probe words (the probe kernels hash once per kVec elements).
+// two 32-element probe words when the tensor's element_offset is a multiple of kVec
+// (one hash per kVec elements); otherwise a thread's run may cross a word, and
+// probe_bits_at takes a second hash for it.
 static_assert(kBlockElems % kVec == 0 && kProbeWordBits % kVec == 0, "kVec must divide the probe word");
 
 // ---- loads and stores in the param dtype, math in fp32 -----------------------
@@ -171,11 +173,12 @@ __global__ void __launch_bounds__(kThreads) perturb_kernel(const TensorRec* __re
 }
 
 // ---- probes ------------------------------------------------------------------------
-// One hash per kVec elements: i is a multiple of kVec, so they share a probe word.
-__device__ __forceinline__ void probe_vec(int64_t i, ProbeKey key, float (&z)[kVec]) {
-  const uint32_t bits = probe_bits(static_cast<uint32_t>(i >> 5), key);
+// z of the kVec elements at global probe element e = element_offset + i (int64):
+// one hash, two when the run crosses a probe word (an offset not a multiple of kVec).
+__device__ __forceinline__ void probe_vec(int64_t e, ProbeKey key, float (&z)[kVec]) {
+  const uint32_t bits = probe_bits_at(e, key, kVec);
 #pragma unroll
-  for (int k = 0; k < kVec; ++k) z[k] = probe_sign<float>(bits, static_cast<uint32_t>(i & 31) + k);
+  for (int k = 0; k < kVec; ++k) z[k] = probe_sign<float>(bits, static_cast<uint32_t>(k));
 }
 
 __global__ void __launch_bounds__(kThreads) probes_kernel(const TensorRec* __restrict__ recs,
@@ -188,7 +191,7 @@ __global__ void __launch_bounds__(kThreads) probes_kernel(const TensorRec* __res
     using T = decltype(tag);
     for (int64_t i = range.begin + threadIdx.x * kVec; i < range.end; i += kThreads * kVec) {
       float z[kVec];
-      probe_vec(i, key, z);
+      probe_vec(r.element_offset + i, key, z);
       store_vec(static_cast<T*>(r.x), i, range.end, r.aligned, z);
     }
   });
@@ -211,7 +214,7 @@ __global__ void __launch_bounds__(kThreads) fd_move_kernel(const TensorRec* __re
       float base[kVec], z[kVec], out[kVec];
       load_vec(static_cast<const T*>(r.src), i, range.end, r.aligned, base);
       if (SAVE) copy_vec(static_cast<T*>(r.aux), static_cast<const T*>(x), i, range.end, r.aligned);
-      probe_vec(i, key, z);
+      probe_vec(r.element_offset + i, key, z);
 #pragma unroll
       for (int k = 0; k < kVec; ++k) out[k] = base[k] + step * z[k];
       store_vec(x, i, range.end, r.aligned, out);
@@ -236,7 +239,7 @@ __global__ void __launch_bounds__(kThreads) fd_fold_kernel(const TensorRec* __re
       load_vec(static_cast<const T*>(r.src), i, range.end, r.aligned, g);
       if (r.aux != nullptr) load_vec(static_cast<const T*>(r.aux), i, range.end, r.aligned, base);
       if (!FIRST) load_vec(static_cast<const T*>(acc), i, range.end, r.aligned, a);
-      probe_vec(i, key, z);
+      probe_vec(r.element_offset + i, key, z);
 #pragma unroll
       for (int k = 0; k < kVec; ++k) {
         const float term = fd_term<float>(g[k], base[k], z[k], coefficient, dlt);
@@ -289,7 +292,7 @@ __global__ void __launch_bounds__(kThreads) update_kernel(const TensorRec* __res
             for (int k = 0; k < kVec; ++k) h[k] += yv[k];
             continue;
           }
-          probe_vec(i, param_key(prefixes[smp], r.param_index), z);
+          probe_vec(r.element_offset + i, param_key(prefixes[smp], r.param_index), z);
 #pragma unroll
           for (int k = 0; k < kVec; ++k)
             h[k] += MODE == RefreshMode::kFdDirect ? (yv[k] - g[k]) * z[k] / dlt : z[k] * yv[k];

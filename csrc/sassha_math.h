@@ -67,6 +67,8 @@ SASSHA_HD M fd_magnitude(M h, M g, M h_floor) {
 // ---- probes ---------------------------------------------------------------------
 // Elements per probe word: one 32-bit hash yields the signs of 32 elements.
 constexpr int64_t kProbeWordBits = 32;
+// Largest tensor the probes address (probes.py: MAX_PROBE_NUMEL): words fit in 32 bits.
+constexpr int64_t kMaxProbeNumel = int64_t(1) << 37;
 constexpr uint32_t kKey1Salt = 0x9E3779B9u;
 
 // MurmurHash3's 32-bit finaliser (probes.py: fmix32), wrapping uint32 math.
@@ -91,6 +93,20 @@ SASSHA_HD ProbeKey param_key(uint32_t prefix, uint32_t param_index) {
 // The 32 signs of probe word `word` of the stream (k0, k1): bit b set means
 // z[32 * word + b] = +1, clear means -1.
 SASSHA_HD uint32_t probe_bits(uint32_t word, ProbeKey key) { return fmix32(fmix32(word ^ key.k0) ^ key.k1); }
+
+// The signs of elements [element, element + n) of the stream (1 <= n <= 32) as
+// bits 0 .. n-1: bit b set means z[element + b] = +1. ``element`` is the global
+// element (a shard's element_offset plus its local index), any value, not only a
+// multiple of 32: a run that crosses a word boundary takes the second word's low
+// bits (two hashes); one inside a word, as every run of an unsharded tensor, one.
+SASSHA_HD uint32_t probe_bits_at(int64_t element, ProbeKey key, int64_t n = kProbeWordBits) {
+  const uint32_t word = static_cast<uint32_t>(element >> 5);
+  const uint32_t shift = static_cast<uint32_t>(element & 31);
+  uint32_t bits = probe_bits(word, key) >> shift;
+  // shift > 0 here (n <= 32), so the left shift is by less than 32
+  if (shift + n > kProbeWordBits) bits |= probe_bits(word + 1u, key) << (32u - shift);
+  return bits;
+}
 
 // z for bit `bit` of a probe word, as +1/-1 in M. Integer arithmetic, not a
 // branch or a select on the bit: the bits are random, so a branch mispredicts

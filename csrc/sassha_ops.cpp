@@ -359,12 +359,29 @@ ProbeKey key_of(int64_t prefix, int64_t param_index) {
   return param_key(static_cast<uint32_t>(prefix), static_cast<uint32_t>(param_index));
 }
 
+// element_offset: the global probe element of each tensor's first element (a
+// shard's place in its unsharded tensor, FSDP2); empty means 0 for every tensor.
+void check_element_offsets(const char* op, c10::ArrayRef<int64_t> element_offset, at::TensorList tensors) {
+  TORCH_CHECK(element_offset.empty() || element_offset.size() == tensors.size(), "sassha_fused::", op, ": got ",
+              element_offset.size(), " element_offset values for ", tensors.size(),
+              " tensors; pass exactly one entry per parameter, or none (all 0)");
+  for (size_t j = 0; j < element_offset.size(); ++j) {
+    TORCH_CHECK(element_offset[j] >= 0 && element_offset[j] <= kMaxProbeNumel - tensors[j].numel(),
+                "sassha_fused::", op, ": element_offset[", j, "] = ", element_offset[j], " with ", tensors[j].numel(),
+                " elements is outside the probes' range [0, 2**37)");
+  }
+}
+
+inline int64_t offset_of(c10::ArrayRef<int64_t> element_offset, int64_t j) {
+  return element_offset.empty() ? 0 : element_offset[j];
+}
+
 // Whole words take a fixed-trip-count loop (vectorised); only a tensor's last
 // word can be partial.
 template <typename T>
-SASSHA_CPU_CLONES void chunk_probes(T* z, ProbeKey key, int64_t begin, int64_t end) {
+SASSHA_CPU_CLONES void chunk_probes(T* z, ProbeKey key, int64_t offset, int64_t begin, int64_t end) {
   for (int64_t w = begin; w < end; w += kProbeWordBits) {
-    const uint32_t bits = probe_bits(static_cast<uint32_t>(w >> 5), key);
+    const uint32_t bits = probe_bits_at(offset + w, key, std::min<int64_t>(end - w, kProbeWordBits));
     T* zw = z + w;
     if (end - w >= kProbeWordBits) {
       for (uint32_t b = 0; b < kProbeWordBits; ++b) zw[b] = static_cast<T>(probe_sign<float>(bits, b));
@@ -374,8 +391,10 @@ SASSHA_CPU_CLONES void chunk_probes(T* z, ProbeKey key, int64_t begin, int64_t e
   }
 }
 
-void probes_cpu(at::TensorList out, c10::ArrayRef<int64_t> param_index, int64_t prefix) {
+void probes_cpu(at::TensorList out, c10::ArrayRef<int64_t> param_index, c10::ArrayRef<int64_t> element_offset,
+                int64_t prefix) {
   check_same_length("probes", "tensors", out.size(), "param_index values", param_index.size());
+  check_element_offsets("probes", element_offset, out);
   if (out.empty()) return;
   const auto device = out[0].device();
   for (size_t j = 0; j < out.size(); ++j) check_param("probes", out[j], j, device);
@@ -385,7 +404,7 @@ void probes_cpu(at::TensorList out, c10::ArrayRef<int64_t> param_index, int64_t 
     const ProbeKey key = key_of(prefix, param_index[j]);
     dispatch_param_dtype(out[j].scalar_type(), [&](auto tag) {
       using T = decltype(tag);
-      chunk_probes<T>(static_cast<T*>(out[j].data_ptr()), key, c.begin, c.end);
+      chunk_probes<T>(static_cast<T*>(out[j].data_ptr()), key, offset_of(element_offset, j), c.begin, c.end);
     });
   });
 }
@@ -399,13 +418,13 @@ double scalar_of(const char* op, const at::Tensor& t, const char* what) {
 
 // x = base + sign * delta * z (one rounding); save = x first when asked.
 template <typename T>
-SASSHA_CPU_CLONES void chunk_fd_move(T* x, const T* base, T* save, ProbeKey key, math_t<T> step, int64_t begin,
-                                     int64_t end) {
+SASSHA_CPU_CLONES void chunk_fd_move(T* x, const T* base, T* save, ProbeKey key, int64_t offset, math_t<T> step,
+                                     int64_t begin, int64_t end) {
   using M = math_t<T>;
   alignas(64) T x_new[kProbeWordBits];
   for (int64_t w = begin; w < end; w += kProbeWordBits) {
     const int64_t len = std::min<int64_t>(end - w, kProbeWordBits);
-    const uint32_t bits = probe_bits(static_cast<uint32_t>(w >> 5), key);
+    const uint32_t bits = probe_bits_at(offset + w, key, len);
     for (int64_t b = 0; b < len; ++b) {
       x_new[b] = static_cast<T>(static_cast<M>(base[w + b]) + step * probe_sign<M>(bits, static_cast<uint32_t>(b)));
     }
@@ -415,9 +434,11 @@ SASSHA_CPU_CLONES void chunk_fd_move(T* x, const T* base, T* save, ProbeKey key,
 }
 
 void fd_move_cpu(at::TensorList params, at::TensorList bases, at::TensorList saves, const at::Tensor& delta,
-                 c10::ArrayRef<int64_t> param_index, int64_t prefix, double sign) {
+                 c10::ArrayRef<int64_t> param_index, c10::ArrayRef<int64_t> element_offset, int64_t prefix,
+                 double sign) {
   const size_t n = params.size();
   check_same_length("fd_move", "params", n, "param_index values", param_index.size());
+  check_element_offsets("fd_move", element_offset, params);
   TORCH_CHECK(bases.empty() || bases.size() == n, "sassha_fused::fd_move: pass no bases (move in place) or one per param");
   TORCH_CHECK(saves.empty() || saves.size() == n, "sassha_fused::fd_move: pass no saves or one per param");
   if (n == 0) return;
@@ -440,20 +461,20 @@ void fd_move_cpu(at::TensorList params, at::TensorList bases, at::TensorList sav
       T* save = saves.empty() ? nullptr : static_cast<T*>(saves[j].data_ptr());
       // sign * delta in M, as the reference multiplies the float32 delta by the sign there
       const M step = static_cast<M>(sign) * static_cast<M>(static_cast<float>(d));
-      chunk_fd_move<T>(x, base, save, key, step, c.begin, c.end);
+      chunk_fd_move<T>(x, base, save, key, offset_of(element_offset, j), step, c.begin, c.end);
     });
   });
 }
 
 // acc = (first ? 0 : acc) + (g - baseline) * z * coefficient / delta; acc may alias g or baseline.
 template <typename T, bool BASELINE>
-SASSHA_CPU_CLONES void chunk_fd_fold(T* acc, const T* g, const T* baseline, ProbeKey key, math_t<T> coefficient,
-                                     math_t<T> delta, bool first, int64_t begin, int64_t end) {
+SASSHA_CPU_CLONES void chunk_fd_fold(T* acc, const T* g, const T* baseline, ProbeKey key, int64_t offset,
+                                     math_t<T> coefficient, math_t<T> delta, bool first, int64_t begin, int64_t end) {
   using M = math_t<T>;
   alignas(64) T out[kProbeWordBits];
   for (int64_t w = begin; w < end; w += kProbeWordBits) {
     const int64_t len = std::min<int64_t>(end - w, kProbeWordBits);
-    const uint32_t bits = probe_bits(static_cast<uint32_t>(w >> 5), key);
+    const uint32_t bits = probe_bits_at(offset + w, key, len);
     for (int64_t b = 0; b < len; ++b) {
       const M base = BASELINE ? static_cast<M>(baseline[w + b]) : M(0);
       const M term = fd_term<M>(static_cast<M>(g[w + b]), base, probe_sign<M>(bits, static_cast<uint32_t>(b)),
@@ -465,10 +486,12 @@ SASSHA_CPU_CLONES void chunk_fd_fold(T* acc, const T* g, const T* baseline, Prob
 }
 
 void fd_fold_cpu(at::TensorList acc, at::TensorList grads, at::TensorList baselines, const at::Tensor& delta,
-                 c10::ArrayRef<int64_t> param_index, int64_t prefix, double coefficient, bool first) {
+                 c10::ArrayRef<int64_t> param_index, c10::ArrayRef<int64_t> element_offset, int64_t prefix,
+                 double coefficient, bool first) {
   const size_t n = acc.size();
   check_same_length("fd_fold", "acc", n, "grads", grads.size());
   check_same_length("fd_fold", "acc", n, "param_index values", param_index.size());
+  check_element_offsets("fd_fold", element_offset, acc);
   TORCH_CHECK(baselines.empty() || baselines.size() == n, "sassha_fused::fd_fold: pass no baselines or one per tensor");
   if (n == 0) return;
   const auto device = acc[0].device();
@@ -482,6 +505,7 @@ void fd_fold_cpu(at::TensorList acc, at::TensorList grads, at::TensorList baseli
   for_each_chunk(chunks, [&](const Chunk& c) {
     const int64_t j = c.tensor;
     const ProbeKey key = key_of(prefix, param_index[j]);
+    const int64_t offset = offset_of(element_offset, j);
     dispatch_param_dtype(acc[j].scalar_type(), [&](auto tag) {
       using T = decltype(tag);
       using M = math_t<T>;
@@ -490,10 +514,10 @@ void fd_fold_cpu(at::TensorList acc, at::TensorList grads, at::TensorList baseli
       T* a = static_cast<T*>(acc[j].data_ptr());
       const T* g = static_cast<const T*>(grads[j].const_data_ptr());
       if (baselines.empty()) {
-        chunk_fd_fold<T, false>(a, g, nullptr, key, coef, delta_m, first, c.begin, c.end);
+        chunk_fd_fold<T, false>(a, g, nullptr, key, offset, coef, delta_m, first, c.begin, c.end);
       } else {
-        chunk_fd_fold<T, true>(a, g, static_cast<const T*>(baselines[j].const_data_ptr()), key, coef, delta_m,
-                               first, c.begin, c.end);
+        chunk_fd_fold<T, true>(a, g, static_cast<const T*>(baselines[j].const_data_ptr()), key, offset, coef,
+                               delta_m, first, c.begin, c.end);
       }
     });
   });
@@ -505,8 +529,8 @@ void fd_fold_cpu(at::TensorList acc, at::TensorList grads, at::TensorList baseli
 // regenerated word by word from the counters, never read from memory.
 template <typename T, int MODE, bool SQRT_POWER>
 SASSHA_CPU_CLONES void chunk_update(T* x, const T* xt, const T* g, math_t<T>* m, math_t<T>* d, const T* const* ys,
-                                    const ProbeKey* keys, int64_t n_samples, math_t<T> delta, math_t<T> h_floor,
-                                    const UpdateScalars<math_t<T>>& s, int64_t begin, int64_t end) {
+                                    const ProbeKey* keys, int64_t n_samples, int64_t offset, math_t<T> delta,
+                                    math_t<T> h_floor, const UpdateScalars<math_t<T>>& s, int64_t begin, int64_t end) {
   using M = math_t<T>;
   if (MODE == RefreshMode::kNone) {
     alignas(64) T x_new[kTile];
@@ -542,7 +566,7 @@ SASSHA_CPU_CLONES void chunk_update(T* x, const T* xt, const T* g, math_t<T>* m,
       for (int64_t smp = 0; smp < n_samples; ++smp) {
         const T* hs = ys[smp];
         if (hs == nullptr) continue;  // param absent from the graph: Hz = 0
-        const uint32_t bits = probe_bits(static_cast<uint32_t>(w >> 5), keys[smp]);
+        const uint32_t bits = probe_bits_at(offset + w, keys[smp], len);
         const T* hw = hs + w;
         for (int64_t b = 0; b < len; ++b) h[b] += probe_sign<M>(bits, static_cast<uint32_t>(b)) * static_cast<M>(hw[b]);
       }
@@ -550,7 +574,7 @@ SASSHA_CPU_CLONES void chunk_update(T* x, const T* xt, const T* g, math_t<T>* m,
     } else if (ys[0] != nullptr) {
       const T* yw = ys[0] + w;
       if (MODE == RefreshMode::kFdDirect) {
-        const uint32_t bits = probe_bits(static_cast<uint32_t>(w >> 5), keys[0]);
+        const uint32_t bits = probe_bits_at(offset + w, keys[0], len);
         for (int64_t b = 0; b < len; ++b) {
           h[b] = (static_cast<M>(yw[b]) - static_cast<M>(g[w + b])) * probe_sign<M>(bits, static_cast<uint32_t>(b)) / delta;
         }
@@ -580,25 +604,27 @@ SASSHA_CPU_CLONES void chunk_update(T* x, const T* xt, const T* g, math_t<T>* m,
 
 template <typename T, int MODE>
 void update_chunk_dispatch(bool sqrt_power, T* x, const T* xt, const T* g, math_t<T>* m, math_t<T>* d,
-                           const T* const* ys, const ProbeKey* keys, int64_t n_samples, math_t<T> delta,
-                           math_t<T> h_floor, const UpdateScalars<math_t<T>>& s, const Chunk& c) {
+                           const T* const* ys, const ProbeKey* keys, int64_t n_samples, int64_t offset,
+                           math_t<T> delta, math_t<T> h_floor, const UpdateScalars<math_t<T>>& s, const Chunk& c) {
   if (sqrt_power) {
-    chunk_update<T, MODE, true>(x, xt, g, m, d, ys, keys, n_samples, delta, h_floor, s, c.begin, c.end);
+    chunk_update<T, MODE, true>(x, xt, g, m, d, ys, keys, n_samples, offset, delta, h_floor, s, c.begin, c.end);
   } else {
-    chunk_update<T, MODE, false>(x, xt, g, m, d, ys, keys, n_samples, delta, h_floor, s, c.begin, c.end);
+    chunk_update<T, MODE, false>(x, xt, g, m, d, ys, keys, n_samples, offset, delta, h_floor, s, c.begin, c.end);
   }
 }
 
 void update_cpu(at::TensorList params, at::TensorList x_t, at::TensorList grads, at::TensorList exp_avgs,
                 at::TensorList exp_hessian_diags, const at::Tensor& scalars, double power, int64_t refresh_mode,
                 const c10::List<std::optional<at::Tensor>>& ys, c10::ArrayRef<int64_t> param_index,
-                c10::ArrayRef<int64_t> prefixes, const std::optional<at::Tensor>& fd) {
+                c10::ArrayRef<int64_t> element_offset, c10::ArrayRef<int64_t> prefixes,
+                const std::optional<at::Tensor>& fd) {
   const size_t n = params.size();
   check_same_length("update", "params", n, "x_t", x_t.size());
   check_same_length("update", "params", n, "grads", grads.size());
   check_same_length("update", "params", n, "exp_avgs", exp_avgs.size());
   check_same_length("update", "params", n, "exp_hessian_diags", exp_hessian_diags.size());
   check_same_length("update", "params", n, "param_index values", param_index.size());
+  check_element_offsets("update", element_offset, params);
   TORCH_CHECK(refresh_mode >= RefreshMode::kNone && refresh_mode <= RefreshMode::kPrecomputed,
               "sassha_fused::update: unknown refresh_mode ", refresh_mode);
   TORCH_CHECK(scalars.dim() == 2 && scalars.size(0) == static_cast<int64_t>(n) &&
@@ -663,6 +689,7 @@ void update_cpu(at::TensorList params, at::TensorList x_t, at::TensorList grads,
       M* dd = static_cast<M*>(exp_hessian_diags[j].data_ptr());
       const M delta_m = static_cast<M>(fd_host[0]);
       const M floor_m = static_cast<M>(fd_host[1]);
+      const int64_t offset = offset_of(element_offset, j);
       std::vector<const T*> yj(refresh ? n_samples : 0);
       std::vector<ProbeKey> kj(refresh ? n_samples : 0);
       for (int64_t smp = 0; smp < static_cast<int64_t>(yj.size()); ++smp) {
@@ -671,20 +698,20 @@ void update_cpu(at::TensorList params, at::TensorList x_t, at::TensorList grads,
       }
       switch (refresh_mode) {
         case RefreshMode::kNone:
-          update_chunk_dispatch<T, RefreshMode::kNone>(sqrt_power, x, xt, g, m, dd, nullptr, nullptr, 0, delta_m,
-                                                       floor_m, s, c);
+          update_chunk_dispatch<T, RefreshMode::kNone>(sqrt_power, x, xt, g, m, dd, nullptr, nullptr, 0, offset,
+                                                       delta_m, floor_m, s, c);
           break;
         case RefreshMode::kAutograd:
           update_chunk_dispatch<T, RefreshMode::kAutograd>(sqrt_power, x, xt, g, m, dd, yj.data(), kj.data(),
-                                                           n_samples, delta_m, floor_m, s, c);
+                                                           n_samples, offset, delta_m, floor_m, s, c);
           break;
         case RefreshMode::kFdDirect:
           update_chunk_dispatch<T, RefreshMode::kFdDirect>(sqrt_power, x, xt, g, m, dd, yj.data(), kj.data(),
-                                                           n_samples, delta_m, floor_m, s, c);
+                                                           n_samples, offset, delta_m, floor_m, s, c);
           break;
         default:
           update_chunk_dispatch<T, RefreshMode::kPrecomputed>(sqrt_power, x, xt, g, m, dd, yj.data(), kj.data(),
-                                                              n_samples, delta_m, floor_m, s, c);
+                                                              n_samples, offset, delta_m, floor_m, s, c);
       }
     });
   });
@@ -713,21 +740,23 @@ TORCH_LIBRARY(sassha_fused, m) {
   m.def("perturb(Tensor(a!)[] params, Tensor[] sources, Tensor(b!)[] backups, Tensor sq_norm, int[] group_index, "
         "Tensor groups, float sign, bool adaptive) -> ()");
   // out[j] = the Rademacher probe of parameter param_index[j] (probes.py), from the
-  // probe vector's key prefix.
-  m.def("probes(Tensor(a!)[] out, int[] param_index, int prefix) -> ()");
+  // probe vector's key prefix. element_offset[j]: the global element of out[j]'s first
+  // element (a shard of a larger tensor, FSDP2): local element i draws the probe of
+  // element element_offset[j] + i. Every op below takes it the same way; [] means 0.
+  m.def("probes(Tensor(a!)[] out, int[] param_index, int[] element_offset, int prefix) -> ()");
   // saves[j] = params[j] (if given); params[j] = (bases[j] or params[j]) + sign * delta * z_j
   m.def("fd_move(Tensor(a!)[] params, Tensor[] bases, Tensor(b!)[] saves, Tensor delta, int[] param_index, "
-        "int prefix, float sign) -> ()");
+        "int[] element_offset, int prefix, float sign) -> ()");
   // acc[j] = (first ? 0 : acc[j]) + (grads[j] - baselines[j]) * z_j * coefficient / delta
   m.def("fd_fold(Tensor(a!)[] acc, Tensor[] grads, Tensor[] baselines, Tensor delta, int[] param_index, "
-        "int prefix, float coefficient, bool first) -> ()");
+        "int[] element_offset, int prefix, float coefficient, bool first) -> ()");
   // The SASSHA update of every param from x_t[j] (which may be params[j]); scalars is
   // the float64 [n, UpdateCol.COUNT] table of functional.update_scalars; on refresh
   // steps ys[s * n + j] (None: 0) and the probe prefixes per sample (RefreshMode);
   // fd = [delta, h_floor] (float32) in the finite-difference modes.
   m.def("update(Tensor(a!)[] params, Tensor[] x_t, Tensor[] grads, Tensor(b!)[] exp_avgs, "
         "Tensor(c!)[] exp_hessian_diags, Tensor scalars, float power, int refresh_mode, Tensor?[] ys, "
-        "int[] param_index, int[] prefixes, Tensor? fd) -> ()");
+        "int[] param_index, int[] element_offset, int[] prefixes, Tensor? fd) -> ()");
   // Which sources this library was built from (see sassha_fused/_build.py).
   m.def("build_info() -> str", &sassha::build_info);
 }

@@ -13,7 +13,10 @@ memory, so ``z`` is a pure function of integer counters instead:
 * ``param``   -- 0-based position of the parameter in the optimizer's ordered list
   of all parameters, across param groups, including parameters without a gradient.
 * ``element`` -- 0-based index of the element in the parameter's logical row-major
-  order (``p.reshape(-1)[element]``).
+  order (``p.reshape(-1)[element]``), always of the whole (unsharded) parameter: a
+  shard holding the run of elements that starts at global element ``offset`` (FSDP2)
+  draws element ``offset + i`` for its local element ``i`` (``Bucket.element_offset``,
+  ``rademacher(..., offset=offset)``), so sharded and unsharded runs see the same z.
 
 The mapping, with all arithmetic on unsigned 32-bit integers (wrapping)::
 
@@ -140,20 +143,32 @@ def rademacher(
     numel: int,
     key: Tuple[int, int],
     *,
+    offset: int = 0,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """The probe ``z`` of one tensor (flat, ``numel`` entries of +1/-1) in ``dtype``.
+    """Elements ``offset .. offset + numel - 1`` of a probe stream (flat, +1/-1) in ``dtype``.
+
+    With ``offset = 0`` this is the probe ``z`` of a whole tensor; a shard of a
+    tensor that starts at its global row-major element ``offset`` passes it, and
+    gets ``rademacher(offset + numel, key)[offset:]`` without the prefix being
+    generated (only words ``offset >> 5 .. (offset + numel - 1) >> 5`` are hashed).
 
     This is the reference implementation in plain torch ops (int64 arithmetic,
     masked to 32 bits); fused kernels implement the same function natively.
     """
-    if numel < 0 or numel > MAX_PROBE_NUMEL:
-        raise ValueError(f"probes address tensors of at most 2**37 elements, got {numel}")
+    offset = int(offset)
+    if offset < 0:
+        raise ValueError(f"probe element offset must be >= 0, got {offset}")
+    if numel < 0 or offset + numel > MAX_PROBE_NUMEL:
+        raise ValueError(f"probes address tensors of at most 2**37 elements, got {numel} elements"
+                         + (f" from element offset {offset}" if offset else ""))
     k0, k1 = key
-    n_words = (numel + 31) >> 5
-    words = torch.arange(n_words, dtype=torch.int64, device=device)
+    first = offset >> 5
+    skip = offset & 31  # elements of the first word before the offset
+    n_words = (skip + numel + 31) >> 5
+    words = torch.arange(first, first + n_words, dtype=torch.int64, device=device)
     h = _fmix32_tensor(_fmix32_tensor(words ^ k0) ^ k1)
     shifts = torch.arange(32, dtype=torch.int64, device=device)
-    bits = ((h.unsqueeze(1) >> shifts) & 1).reshape(-1)[:numel]
+    bits = ((h.unsqueeze(1) >> shifts) & 1).reshape(-1)[skip:skip + numel]
     return (bits * 2 - 1).to(dtype)

@@ -234,8 +234,11 @@ def phase_groups():
 
 
 def phase_bucket(backend, dtype: torch.dtype, sizes: Sequence[int] = EDGE_SIZES, seed: int = 0,
-                 alias_backups: bool = False, device: str = DEVICE):
-    """A Bucket of random params and state (steps 3.., c2 > 0) for one backend."""
+                 alias_backups: bool = False, device: str = DEVICE, element_offset: Sequence[int] = ()):
+    """A Bucket of random params and state (steps 3.., c2 > 0) for one backend.
+
+    ``element_offset``: the params' places in the probes (FSDP2 shards); () for none.
+    """
     from sassha_fused.backends import Bucket, math_dtype
 
     gen = torch.Generator().manual_seed(seed)
@@ -249,7 +252,7 @@ def phase_bucket(backend, dtype: torch.dtype, sizes: Sequence[int] = EDGE_SIZES,
         backend=backend, device=torch.device(device), params=params,
         param_index=[5 * j + 2 for j in range(len(sizes))], group_index=[j % 2 for j in range(len(sizes))],
         backups=[p if alias_backups else rnd(p.numel(), dtype, k) for k, p in enumerate(params)],
-        positions=list(range(len(sizes))),
+        positions=list(range(len(sizes))), element_offset=list(element_offset),
         exp_avgs=[rnd(n, mdt, k) for k, n in enumerate(sizes)],
         exp_hessian_diags=[rnd(n, mdt, k).abs() for k, n in enumerate(sizes)],
     )
@@ -264,7 +267,7 @@ def clone_bucket(b, backend):
         backend=backend, device=b.device, params=params, param_index=list(b.param_index),
         group_index=list(b.group_index),
         backups=[params[j] if bk is b.params[j] else bk.clone() for j, bk in enumerate(b.backups)],
-        positions=list(b.positions), exp_avgs=[t.clone() for t in b.exp_avgs],
+        positions=list(b.positions), element_offset=list(b.element_offset), exp_avgs=[t.clone() for t in b.exp_avgs],
         exp_hessian_diags=[t.clone() for t in b.exp_hessian_diags],
     )
 
@@ -279,12 +282,15 @@ def assert_buckets_close(ref, new, dtype, what):
             assert_close_tensors(a, c, dtype, f"{what}: {name}[{j}]")
 
 
-def check_phases_match_eager(backend, dtype: torch.dtype, sizes: Sequence[int] = EDGE_SIZES) -> None:
+def check_phases_match_eager(backend, dtype: torch.dtype, sizes: Sequence[int] = EDGE_SIZES,
+                             element_offset: Sequence[int] = (), device: str = DEVICE) -> None:
     """Every phase of ``backend`` against the eager reference on one bucket.
 
     sq_norm (three sources, adaptive or not), perturb (both signs), probes (bitwise),
     the finite-difference move and fold (with and without base, save, baseline,
     aliasing), and the update in every refresh mode with some params not live.
+    ``element_offset``: the buckets' (FSDP2 shards' places in the probes; () for none);
+    ``device``: where the buckets live.
     """
     from sassha_fused import functional as F
     from sassha_fused.backends import ProbeKeys, RefreshInput, RefreshMode, get_backend
@@ -300,7 +306,7 @@ def check_phases_match_eager(backend, dtype: torch.dtype, sizes: Sequence[int] =
                 for p in b.params]
 
     # --- norms and the perturbation
-    ref = phase_bucket(eager, dtype, sizes, seed=1)
+    ref = phase_bucket(eager, dtype, sizes, seed=1, element_offset=element_offset, device=device)
     new = clone_bucket(ref, backend)
     grads = like(ref)
     for sources in (grads, ref.exp_avgs, ref.params):
@@ -350,7 +356,8 @@ def check_phases_match_eager(backend, dtype: torch.dtype, sizes: Sequence[int] =
     n = len(sizes)
     for mode, power, alias in ((RefreshMode.NONE, 0.5, True), (RefreshMode.AUTOGRAD, 0.75, False),
                                (RefreshMode.FD_DIRECT, 0.5, False), (RefreshMode.PRECOMPUTED, 1.0, True)):
-        ref = phase_bucket(eager, dtype, sizes, seed=2, alias_backups=alias)
+        ref = phase_bucket(eager, dtype, sizes, seed=2, alias_backups=alias, element_offset=element_offset,
+                           device=device)
         new = clone_bucket(ref, backend)
         grads = like(ref)
         refresh = None

@@ -28,7 +28,7 @@ def _cpp_enum(struct: str):
 
 def _triton(prefix: str):
     src = open(os.path.join(REPO, "triton_kernels", "sassha.py")).read()
-    return {name: int(v) for name, v in re.findall(r"^%s_(\w+) = (\d+)" % prefix, src, re.M)}
+    return {name: int(v) for name, v in re.findall(r"^%s_(\w+) = tl\.constexpr\((\d+)\)" % prefix, src, re.M)}
 
 
 def test_group_table_layout():

@@ -15,7 +15,11 @@ Layout shared by every kernel (apex ``multi_tensor_apply`` style, see
   dtypes are ``tl.constexpr``). Columns of the optimizer's own arrays (params,
   backups, state) are built once per parameter set and storage; gradient columns
   are uploaded only when the gradients' storage moved. ``numels``,
-  ``param_index`` and ``group_index`` are static columns too.
+  ``param_index``, ``element_offset`` and ``group_index`` are static columns too.
+* Probes draw the *global* element of a shard (FSDP2): local element ``i`` of a
+  tensor with ``element_offset`` ``o`` uses probe element ``o + i`` (word
+  ``(o + i) >> 5``, bit ``(o + i) & 31``, computed in int64). ``o`` need not be a
+  multiple of 32, so a tile's row of 32 elements spans two probe words.
 * Per-step values are few: a row per tensor of the update-scalar table
   (``U_*`` columns), a row per group of the group table (``G_*``), the probe
   vector's key prefix, the finite-difference step ``delta`` as a device scalar,
@@ -50,36 +54,36 @@ __all__ = [
 ]
 
 # hessian_power variants (a constexpr: the exponent itself stays a runtime value)
-POWER_SQRT = 0  # p == 0.5: IEEE square root, as torch.pow(d, 0.5)
-POWER_ONE = 1  # p == 1: D itself
-POWER_GENERAL = 2  # any p: exp2(p * log2(D))
+POWER_SQRT = tl.constexpr(0)  # p == 0.5: IEEE square root, as torch.pow(d, 0.5)
+POWER_ONE = tl.constexpr(1)  # p == 1: D itself
+POWER_GENERAL = tl.constexpr(2)  # any p: exp2(p * log2(D))
 
 # Group table columns (GroupCol of backends/base.py; tests/test_layouts.py checks them)
-G_LR = 0
-G_BETA1 = 1
-G_BETA2 = 2
-G_WEIGHT_DECAY = 3
-G_EPS = 4
-G_RHO = 5
-G_PERTURB_EPS = 6
-G_COUNT = 7
+G_LR = tl.constexpr(0)
+G_BETA1 = tl.constexpr(1)
+G_BETA2 = tl.constexpr(2)
+G_WEIGHT_DECAY = tl.constexpr(3)
+G_EPS = tl.constexpr(4)
+G_RHO = tl.constexpr(5)
+G_PERTURB_EPS = tl.constexpr(6)
+G_COUNT = tl.constexpr(7)
 # Update-scalar table columns (UpdateCol of backends/base.py)
-U_NEG_STEP = 0
-U_DECAY = 1
-U_BETA1 = 2
-U_ONE_MINUS_BETA1 = 3
-U_BETA2 = 4
-U_ONE_MINUS_BETA2 = 5
-U_C2 = 6
-U_EPS = 7
-U_LIVE = 8
-U_COUNT = 9
+U_NEG_STEP = tl.constexpr(0)
+U_DECAY = tl.constexpr(1)
+U_BETA1 = tl.constexpr(2)
+U_ONE_MINUS_BETA1 = tl.constexpr(3)
+U_BETA2 = tl.constexpr(4)
+U_ONE_MINUS_BETA2 = tl.constexpr(5)
+U_C2 = tl.constexpr(6)
+U_EPS = tl.constexpr(7)
+U_LIVE = tl.constexpr(8)
+U_COUNT = tl.constexpr(9)
 # Refresh modes (RefreshMode of backends/base.py)
-MODE_NONE = 0
-MODE_AUTOGRAD = 1
-MODE_FD_DIRECT = 2
-MODE_PRECOMPUTED = 3
-KEY1_SALT = 0x9E3779B9
+MODE_NONE = tl.constexpr(0)
+MODE_AUTOGRAD = tl.constexpr(1)
+MODE_FD_DIRECT = tl.constexpr(2)
+MODE_PRECOMPUTED = tl.constexpr(3)
+KEY1_SALT = tl.constexpr(0x9E3779B9)
 
 
 # --------------------------------------------------------------------------- math
@@ -104,13 +108,17 @@ def _param_key(prefix, param_index):
 
 @triton.jit
 def _rademacher(word, bit, k0, k1):
-    """+1/-1 (fp32) of ``probes.rademacher_element``: word = element >> 5, bit = element & 31.
+    """+1/-1 (fp32) of ``probes.rademacher_element`` for element ``32 * word + bit``.
 
-    ``word`` may be a ``[R, 1]`` column and ``bit`` a ``[1, 32]`` row: the hash is then
-    computed once per 32 elements and broadcast.
+    ``bit`` is in [0, 64): bits 32.. are those of the next word (an element offset
+    that is not a multiple of 32 starts a row of 32 elements inside a word). ``word``
+    (uint32) may be a ``[R, 1]`` column and ``bit`` a ``[1, 32]`` row: the two hashes
+    are then computed once per 32 elements and broadcast.
     """
-    h = _fmix32(_fmix32(word ^ k0) ^ k1)
-    return tl.where(((h >> bit) & 1) != 0, 1.0, -1.0)
+    lo = _fmix32(_fmix32(word ^ k0) ^ k1)
+    hi = _fmix32(_fmix32((word + tl.full((), 1, tl.uint32)) ^ k0) ^ k1)  # wraps only past the last element
+    h = tl.where(bit < 32, lo, hi)
+    return tl.where(((h >> (bit & 31)) & 1) != 0, 1.0, -1.0)
 
 
 @triton.jit
@@ -217,21 +225,30 @@ def _st(p, offs, v, mask, EVEN: tl.constexpr):
 
 
 @triton.jit
-def _word_tile(start, BLOCK: tl.constexpr):
-    """Offsets of a [BLOCK/32, 32] tile and the probe word of each row (hashed once per 32 elements)."""
+def _word_tile(start, element_offset, BLOCK: tl.constexpr):
+    """Local offsets of a [BLOCK/32, 32] tile, and where its probes are (hashed once per 32 elements).
+
+    Row r holds the local elements ``start + 32 r + c``, global probe elements
+    ``e = element_offset + start + 32 r + c``. Returns the probe word of each row's
+    first element (``[R, 1]``, uint32) and each column's bit counted from that word
+    (``[1, 32]``, uint32 in [0, 64)): ``_rademacher(word, bit, ...)`` is then z[e].
+    The global index is formed in int64 (it may exceed 2**31).
+    """
     rows = tl.arange(0, BLOCK // 32)[:, None]
-    bits = tl.arange(0, 32)[None, :]
-    offs = start + rows * 32 + bits
-    word = ((start >> 5) + rows).to(tl.uint32)
-    return offs, word, bits.to(tl.uint32)
+    cols = tl.arange(0, 32)[None, :]
+    offs = start + rows * 32 + cols
+    first = element_offset.to(tl.int64) + start.to(tl.int64)  # global element of the tile's first element
+    word = ((first >> 5) + rows).to(tl.uint32)  # start is a multiple of 32: every row starts at bit first & 31
+    bits = ((first & 31) + cols).to(tl.uint32)
+    return offs, word, bits
 
 
 @triton.jit
-def _probe_tile(blocks, numels, param_index, prefix, BLOCK: tl.constexpr):
+def _probe_tile(blocks, numels, param_index, element_offset, prefix, BLOCK: tl.constexpr):
     """This program's tile and its probe z (fp32 +-1): (slot, start, numel, offs, mask, z)."""
     slot, start, numel = _tile(blocks, numels)
     k0, k1 = _param_key(prefix, tl.load(param_index + slot))
-    offs, word, bits = _word_tile(start, BLOCK)
+    offs, word, bits = _word_tile(start, tl.load(element_offset + slot), BLOCK)
     return slot, start, numel, offs, offs < numel, _rademacher(word, bits, k0, k1)
 
 
@@ -336,12 +353,13 @@ def probes_kernel(
     z_ptrs,  # int64 [n]: z (output, contiguous)
     numels,  # int64 [n]
     param_index,  # int64 [n]: the tensor's position in the optimizer (probe counter)
+    element_offset,  # int64 [n]: global probe element of the tensor's first element (a shard's offset)
     prefix,  # the probe vector's key prefix (uint32 value)
     Z_DTYPE: tl.constexpr,  # element type of z (the param's)
     ALIGNED: tl.constexpr,  # every data pointer of the launch is 16-byte aligned
     BLOCK: tl.constexpr,  # elements per tile, a multiple of 32 (tiles start on a word)
 ):
-    slot, start, numel, offs, mask, z = _probe_tile(blocks, numels, param_index, prefix, BLOCK)
+    slot, start, numel, offs, mask, z = _probe_tile(blocks, numels, param_index, element_offset, prefix, BLOCK)
     zp = _ptr(z_ptrs, slot, Z_DTYPE, ALIGNED)
     if start + BLOCK <= numel:
         _st(zp, offs, z.to(Z_DTYPE), mask, True)
@@ -370,6 +388,7 @@ def fd_move_kernel(
     save_ptrs,  # int64 [n]: x is copied here first (if HAS_SAVE)
     numels,  # int64 [n]
     param_index,  # int64 [n]: probe counters
+    element_offset,  # int64 [n]: global probe element of each tensor's first element
     prefix,  # the probe vector's key prefix
     delta,  # fp32 [1]: the finite-difference step (a device scalar)
     sign,  # +1 or -1: which side of x~
@@ -379,7 +398,7 @@ def fd_move_kernel(
     ALIGNED: tl.constexpr,  # every data pointer of the launch is 16-byte aligned
     BLOCK: tl.constexpr,  # elements per tile, a multiple of 32
 ):
-    slot, start, numel, offs, mask, z = _probe_tile(blocks, numels, param_index, prefix, BLOCK)
+    slot, start, numel, offs, mask, z = _probe_tile(blocks, numels, param_index, element_offset, prefix, BLOCK)
     step = sign * tl.load(delta)  # exact: sign is +-1
     xp = _ptr(x_ptrs, slot, X_DTYPE, ALIGNED)
     bp = _ptr(base_ptrs, slot, X_DTYPE, ALIGNED)
@@ -411,6 +430,7 @@ def fd_fold_kernel(
     base_ptrs,  # int64 [n]: subtracted from it (if HAS_BASELINE)
     numels,  # int64 [n]
     param_index,  # int64 [n]: probe counters
+    element_offset,  # int64 [n]: global probe element of each tensor's first element
     prefix,  # the probe vector's key prefix
     delta,  # fp32 [1]: the finite-difference step
     coefficient,  # the pass's weight: 1/S (forward) or -1/(2S) (central)
@@ -420,7 +440,7 @@ def fd_fold_kernel(
     ALIGNED: tl.constexpr,  # every data pointer of the launch is 16-byte aligned
     BLOCK: tl.constexpr,  # elements per tile, a multiple of 32
 ):
-    slot, start, numel, offs, mask, z = _probe_tile(blocks, numels, param_index, prefix, BLOCK)
+    slot, start, numel, offs, mask, z = _probe_tile(blocks, numels, param_index, element_offset, prefix, BLOCK)
     dlt = tl.load(delta)
     ap = _ptr(acc_ptrs, slot, X_DTYPE, ALIGNED)
     gp = _ptr(g_ptrs, slot, X_DTYPE, ALIGNED)
@@ -504,6 +524,7 @@ def update_kernel(
     y_ptrs,  # int64 [N_SAMPLES, n]: refresh input per sample (MODE; 0: absent, counts as 0)
     numels,  # int64 [n]
     param_index,  # int64 [n]: probe counters
+    element_offset,  # int64 [n]: global probe element of each tensor's first element
     prefixes,  # int64 [N_SAMPLES]: key prefix of each sample's probe vector
     n,  # tensors of the launch (the row length of y_ptrs)
     scalars,  # fp32 [n, U_COUNT]: per-tensor update scalars (functional.update_scalars)
@@ -519,9 +540,9 @@ def update_kernel(
 ):
     slot, start, numel = _tile(blocks, numels)
     sc = scalars + slot * U_COUNT
-    # A [BLOCK/32, 32] tile: row r holds probe word (start >> 5) + r, so on refresh
-    # steps the hash is computed once per 32 elements.
-    offs, word, bits = _word_tile(start, BLOCK)
+    # A [BLOCK/32, 32] tile: row r starts in probe word ((element_offset + start) >> 5) + r,
+    # so on refresh steps the hashes are computed once per 32 elements.
+    offs, word, bits = _word_tile(start, tl.load(element_offset + slot), BLOCK)
     mask = offs < numel
     if tl.load(sc + U_LIVE) != 0:
         neg_step = tl.load(sc + U_NEG_STEP)

@@ -6,7 +6,8 @@ it runs on one device):
 
     sq_norm   -> squared norm of a list of tensors (gradients, momentum, params)
     perturb   -> backup = x;  x += scale * direction, scale computed on the device
-    probes    -> the Rademacher vectors z of ``sassha_fused.probes``
+    probes    -> the Rademacher vectors z of ``sassha_fused.probes`` (a shard's element
+                 i draws the probe of element ``element_offset + i`` of the whole tensor)
     fd_move   -> x = base + sign * delta * z   (finite-difference Hessian-vector products)
     fd_fold   -> acc (+)= coefficient / delta * z * (g - baseline)
     update    -> momentum EMA, |z * Hz| EMA on refresh steps, bias-corrected power,
@@ -148,12 +149,24 @@ class Bucket:
     group_index: List[int]  # row of the group table
     backups: List[Tensor]  # where x_t is kept while the params hold a perturbed point
     positions: List[int] = field(default_factory=list)  # index of each param in the plan's participants
+    # global row-major index of each param's first element in the probes (FSDP2
+    # shards); empty means 0 for every param
+    element_offset: List[int] = field(default_factory=list)
     exp_avgs: List[Tensor] = field(default_factory=list)  # m, in math_dtype(param.dtype)
     exp_hessian_diags: List[Tensor] = field(default_factory=list)  # D, in math_dtype(param.dtype)
     cache: Dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.params)
+
+    def offsets(self) -> List[int]:
+        """``element_offset`` with one entry per param (zeros when it is empty)."""
+        if not self.element_offset:
+            return [0] * len(self.params)
+        if len(self.element_offset) != len(self.params):
+            raise ValueError(f"Bucket.element_offset has {len(self.element_offset)} entries for "
+                             f"{len(self.params)} params; give one per param or none (all 0)")
+        return list(self.element_offset)
 
     @property
     def has_state(self) -> bool:

@@ -8,6 +8,9 @@ travel as the group table, the per-tensor update-scalar table and a few scalars,
 so nothing is recompiled when the learning rate changes and the host's work does
 not grow with the number of tensors beyond the op's C++ argument handling.
 
+Every probe op takes the bucket's ``element_offset`` (a shard's place in its
+unsharded tensor's probes, FSDP2) as is: an empty list means 0 for every tensor.
+
 Tensors the kernels cannot take (non-contiguous ones: the probes address elements
 in logical row-major order) are routed to the eager reference by the step plan
 (``accepts``).
@@ -63,27 +66,29 @@ class CppBackend(Backend):
 
     def probes(self, b: Bucket, keys: ProbeKeys, sample: int) -> List[Tensor]:
         out = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in b.params]
-        self._ops.probes(out, b.param_index, keys.prefixes[sample])
+        self._ops.probes(out, b.param_index, b.element_offset, keys.prefixes[sample])
         return out
 
     def fd_move(self, b: Bucket, delta: Tensor, keys: ProbeKeys, sample: int, sign: float,
                 base: Optional[Sequence[Tensor]], save: Optional[Sequence[Tensor]]) -> None:
-        self._ops.fd_move(b.params, base or [], save or [], delta, b.param_index, keys.prefixes[sample], sign)
+        self._ops.fd_move(b.params, base or [], save or [], delta, b.param_index, b.element_offset,
+                          keys.prefixes[sample], sign)
 
     def fd_fold(self, b: Bucket, acc: Sequence[Tensor], grads: Sequence[Tensor], baseline: Optional[Sequence[Tensor]],
                 delta: Tensor, keys: ProbeKeys, sample: int, coefficient: float, first: bool) -> None:
-        self._ops.fd_fold(acc, grads, baseline or [], delta, b.param_index, keys.prefixes[sample], coefficient, first)
+        self._ops.fd_fold(acc, grads, baseline or [], delta, b.param_index, b.element_offset, keys.prefixes[sample],
+                          coefficient, first)
 
     def update(self, b: Bucket, x_t: Sequence[Tensor], grads: Sequence[Tensor], scalars: Tensor, power: float,
                refresh: Optional[RefreshInput]) -> None:
         if refresh is None:
             self._ops.update(b.params, x_t, grads, b.exp_avgs, b.exp_hessian_diags, scalars, power, 0, [],
-                             b.param_index, [], None)
+                             b.param_index, b.element_offset, [], None)
             return
         ys = [y for sample in refresh.ys for y in sample]
         prefixes = list(refresh.keys.prefixes if refresh.mode == RefreshMode.AUTOGRAD else refresh.keys.prefixes[:1])
         self._ops.update(b.params, x_t, grads, b.exp_avgs, b.exp_hessian_diags, scalars, power, refresh.mode, ys,
-                         b.param_index, prefixes, refresh.fd)
+                         b.param_index, b.element_offset, prefixes, refresh.fd)
 
 
 class CudaBackend(CppBackend):

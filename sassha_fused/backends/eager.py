@@ -28,10 +28,15 @@ __all__ = ["EagerBackend", "probe", "hessian_sample_mean", "hessian_magnitude"]
 
 
 def probe(b: Bucket, j: int, keys: ProbeKeys, sample: int, dtype: torch.dtype) -> Tensor:
-    """The Rademacher probe of param ``j`` of ``b`` for ``sample``, shaped like the param."""
+    """The Rademacher probe of param ``j`` of ``b`` for ``sample``, shaped like the param.
+
+    A shard (``b.element_offset[j]``, FSDP2) draws its elements' probes in the whole
+    tensor's stream: local element i is global element ``element_offset[j] + i``.
+    """
     p = b.params[j]
     key = param_key(keys.prefixes[sample], b.param_index[j])
-    return rademacher(p.numel(), key, dtype=dtype, device=p.device).view(p.shape)
+    offset = b.element_offset[j] if b.element_offset else 0
+    return rademacher(p.numel(), key, offset=offset, dtype=dtype, device=p.device).view(p.shape)
 
 
 def group_value(groups, b: Bucket, j: int, col: int) -> float:

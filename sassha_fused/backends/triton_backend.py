@@ -7,7 +7,8 @@ The kernels are in ``triton_kernels/sassha.py`` (imported as
   *kernel groups* by dtype and by whether every array of the tensor is 16-byte
   aligned (so one misaligned view does not turn a whole launch into scalar
   loads). Per kernel group the plan holds the block map (program -> tensor slot,
-  first element), the ``numels``/``param_index``/``group_index`` columns and the
+  first element), the ``numels``/``param_index``/``element_offset``/``group_index``
+  columns (``element_offset``: where a shard's elements are in the probes) and the
   pointer columns of the optimizer's own arrays (params, backups, state), all on
   the device. A bucket lives as long as its parameters' storage (``plans.py``), so
   none of this is rebuilt per step.
@@ -129,6 +130,8 @@ class _KernelGroup:
         self.launches = backend._split(b.device, numels)
         self.numels = backend._upload(torch.tensor(numels, dtype=torch.int64), b.device)
         self.param_index = backend._upload(torch.tensor(pick(b.param_index), dtype=torch.int64), b.device)
+        # global probe element of each tensor's first element (FSDP2 shards; zeros otherwise)
+        self.element_offset = backend._upload(torch.tensor(pick(b.offsets()), dtype=torch.int64), b.device)
         self.group_index = backend._upload(torch.tensor(pick(b.group_index), dtype=torch.int64), b.device)
         self._columns: Dict[str, Tuple[List[int], Tensor, bool]] = {}
         self._rows: Optional[Tensor] = None if idx is None else backend._upload(
@@ -305,7 +308,8 @@ class TritonBackend(Backend):
         for g in self._groups(b):
             z, z_aligned = g.column("probes.z", out)
             for launch in g.launches:
-                self._launch(_kernels.probes_kernel, g, launch, (z, g.numels, g.param_index), _i32(keys.prefixes[sample]),
+                self._launch(_kernels.probes_kernel, g, launch, (z, g.numels, g.param_index, g.element_offset),
+                             _i32(keys.prefixes[sample]),
                              Z_DTYPE=_tl_dtype(g.dtype), ALIGNED=g.aligned and z_aligned)
         return out
 
@@ -316,7 +320,8 @@ class TritonBackend(Backend):
             bs, b_aligned = g.column("fd.base", base) if base is not None else (x, True)
             sv, s_aligned = g.column("fd.save", save) if save is not None else (x, True)
             for launch in g.launches:
-                self._launch(_kernels.fd_move_kernel, g, launch, (x, bs, sv, g.numels, g.param_index),
+                self._launch(_kernels.fd_move_kernel, g, launch, (x, bs, sv, g.numels, g.param_index,
+                                                                    g.element_offset),
                              _i32(keys.prefixes[sample]), delta, float(sign), X_DTYPE=_tl_dtype(g.dtype),
                              HAS_BASE=base is not None, HAS_SAVE=save is not None,
                              ALIGNED=g.aligned and b_aligned and s_aligned)
@@ -328,7 +333,8 @@ class TritonBackend(Backend):
             gr, g_aligned = g.column("fd.grad", grads)
             bl, b_aligned = g.column("fd.baseline", baseline) if baseline is not None else (gr, True)
             for launch in g.launches:
-                self._launch(_kernels.fd_fold_kernel, g, launch, (a, gr, bl, g.numels, g.param_index),
+                self._launch(_kernels.fd_fold_kernel, g, launch, (a, gr, bl, g.numels, g.param_index,
+                                                                    g.element_offset),
                              _i32(keys.prefixes[sample]), delta, float(coefficient), X_DTYPE=_tl_dtype(g.dtype),
                              HAS_BASELINE=baseline is not None, FIRST=bool(first),
                              ALIGNED=g.aligned and a_aligned and g_aligned and b_aligned)
@@ -336,11 +342,11 @@ class TritonBackend(Backend):
     def update(self, b: Bucket, x_t: Sequence[Tensor], grads: Sequence[Tensor], scalars: Tensor, power: float,
                refresh: Optional[RefreshInput]) -> None:
         if power == 0.5:
-            power_mode = _kernels.POWER_SQRT
+            power_mode = _kernels.POWER_SQRT.value
         elif power == 1.0:
-            power_mode = _kernels.POWER_ONE
+            power_mode = _kernels.POWER_ONE.value
         else:
-            power_mode = _kernels.POWER_GENERAL
+            power_mode = _kernels.POWER_GENERAL.value
         mode = RefreshMode.NONE if refresh is None else refresh.mode
         table = scalars.to(torch.float32)
         fd = refresh.fd if refresh is not None and refresh.fd is not None else table
@@ -367,8 +373,8 @@ class TritonBackend(Backend):
                 with _on(g.device):
                     _kernels.update_kernel[(launch.n_programs,)](
                         launch.blocks, x[lo:], xt[lo:], gr[lo:], m[lo:], d[lo:], y[:, lo:], g.numels[lo:],
-                        g.param_index[lo:], prefixes if prefixes is not None else g.param_index, y.stride(0),
-                        rows[lo:], float(power), fd,
+                        g.param_index[lo:], g.element_offset[lo:],
+                        prefixes if prefixes is not None else g.param_index, y.stride(0), rows[lo:], float(power), fd,
                         X_DTYPE=_tl_dtype(g.dtype), S_DTYPE=tl.float32, MODE=mode,
                         N_SAMPLES=y.shape[0], POWER_MODE=power_mode, ALIGNED=aligned, BLOCK=BLOCK,
                         num_warps=NUM_WARPS,

@@ -1,0 +1,285 @@
+"""Every Triton kernel compiles for an H200 (sm_90), checked on a machine without a GPU.
+
+Without a GPU the other tests run the kernels under Triton's interpreter
+(``TRITON_INTERPRET=1``, set by conftest.py), which never runs the compiler's front
+end: a kernel the compiler rejects (a global that is not ``tl.constexpr``, a type
+error in a branch the interpreter took differently, ...) passes there and fails at
+its first launch on a GPU. Here every kernel of ``triton_kernels/sassha.py``, in each
+constexpr variant ``backends/triton_backend.py`` launches, goes through
+``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` down to a cubin (ptxas ships in
+the triton wheel): the front end, the TTIR/TTGIR/LLVM passes and ptxas all run.
+
+* The arguments of each compile are built like the backend's launch call (same
+  positional order, tensor dtypes, Python ``int``/``float`` scalars, keyword
+  constexprs, ``num_warps``) and turned into a signature, constexprs, specialisation
+  attributes and options by Triton's own binder, the code ``JITFunction.run`` uses
+  at a launch; so a launch's ``int`` that equals 1 becomes a constexpr here too.
+* Under ``TRITON_INTERPRET=1`` ``triton.jit`` makes interpreted functions, which
+  ``triton.compile`` cannot take, and the variable is read when triton is first
+  imported: the compiles run in subprocesses started without it (this file run as a
+  script, ``--worker``), sharing the variants between the machine's CPUs, with a
+  fresh Triton cache (a cached kernel would not be compiled again).
+* Variants (``_variants``): the product of each kernel's constexprs over the values
+  the backend passes (param dtype fp32/bf16/fp16, v dtype param or fp32, ADAPTIVE,
+  ALIGNED, HAS_BASE/HAS_SAVE as hvp.py pairs them, HAS_BASELINE, FIRST, the refresh
+  MODE with its N_SAMPLES), except ``update_kernel``'s POWER_MODE, taken pairwise
+  (see there). About 140 compiles, 20-40 s of a 2-CPU machine.
+* Skipped only when triton cannot be imported or its CUDA backend or ptxas is
+  missing (the skip says which).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TARGET = ("cuda", 90, 32)  # H200: compute capability 9.0, 32 threads per warp
+WORKER_TIMEOUT_S = 600
+
+F32, BF16, F16 = "float32", "bfloat16", "float16"
+PARAM_DTYPES = (F32, BF16, F16)  # triton_backend._KERNEL_DTYPES
+# RefreshMode of backends/base.py (checked against it in the worker)
+MODE_NONE, MODE_AUTOGRAD, MODE_FD_DIRECT, MODE_PRECOMPUTED = 0, 1, 2, 3
+# POWER_SQRT, POWER_ONE, POWER_GENERAL of triton_kernels/sassha.py, with the
+# hessian_power that selects each in TritonBackend.update
+POWERS = {0: 0.5, 1: 1.0, 2: 0.75}
+
+
+# ------------------------------------------------------------------- variants
+def _sources(x: str):
+    """dtypes of a norm's or a perturbation's v: the gradient (the param's dtype) or exp_avg (fp32)."""
+    return (x,) if x == F32 else (x, F32)
+
+
+def _variants():
+    """(id, kernel, variant) of every compile: each kernel with the constexprs its launches take."""
+    out = []
+
+    def add(kernel, **v):
+        vid = "-".join([kernel.replace("_kernel", "")] + [f"{k}={v[k]}" for k in v])
+        out.append((vid, kernel, v))
+
+    for xi, x in enumerate(PARAM_DTYPES):
+        for v_dtype, adaptive, aligned in itertools.product(_sources(x), (False, True), (True, False)):
+            # TritonBackend.sq_norm: v = grads, exp_avgs or the params themselves
+            add("sq_norm_partials_kernel", X=x, V=v_dtype, ADAPTIVE=adaptive, ALIGNED=aligned)
+            # TritonBackend.perturb: v = grads (SASSHA) or exp_avgs (M-SASSHA)
+            add("perturb_kernel", X=x, V=v_dtype, ADAPTIVE=adaptive, ALIGNED=aligned)
+        for ai, aligned in enumerate((True, False)):
+            add("probes_kernel", X=x, ALIGNED=aligned)
+            # hvp.FiniteDifferences._move: (base, save) = (None, None) with one pass,
+            # (None, saved) on the first of several, (saved, None) after; never both
+            for has_base, has_save in ((False, False), (False, True), (True, False)):
+                add("fd_move_kernel", X=x, HAS_BASE=has_base, HAS_SAVE=has_save, ALIGNED=aligned)
+            for has_baseline, first in itertools.product((True, False), (True, False)):
+                add("fd_fold_kernel", X=x, HAS_BASELINE=has_baseline, FIRST=first, ALIGNED=aligned)
+            # update: every refresh mode (MODE, N_SAMPLES) with every dtype and alignment.
+            # N_SAMPLES is the probes of an AUTOGRAD refresh (n_samples), 1 in the other modes;
+            # n the tensors of the kernel group (y's row stride; a constexpr when it is 1).
+            # POWER_MODE only picks D**p in _new_param, on fp32 values whatever the other
+            # constexprs: all three with MODE_NONE, and each refresh mode with the three
+            # across the dtypes (pairwise, not the full product, which doubles the runtime).
+            for power_mode in POWERS:
+                add("update_kernel", X=x, MODE=MODE_NONE, N_SAMPLES=1, POWER_MODE=power_mode, ALIGNED=aligned, n=3)
+            for mi, (mode, n_samples) in enumerate(((MODE_AUTOGRAD, 1), (MODE_AUTOGRAD, 2), (MODE_FD_DIRECT, 1),
+                                                    (MODE_PRECOMPUTED, 1))):
+                add("update_kernel", X=x, MODE=mode, N_SAMPLES=n_samples, POWER_MODE=(xi + ai + mi) % 3,
+                    ALIGNED=aligned, n=3)
+            # a group of one tensor: n == 1 is a constexpr, which y's rows s > 0 are offset by
+            add("update_kernel", X=x, MODE=MODE_AUTOGRAD, N_SAMPLES=2, POWER_MODE=0, ALIGNED=aligned, n=1)
+    add("sum_partials_kernel")
+    return out
+
+
+VARIANTS = _variants()
+
+
+# --------------------------------------------------------------------- worker
+def _launch(kernel: str, v: dict):
+    """(args, kwargs) of the launch of ``kernel`` in variant ``v``, as TritonBackend makes it."""
+    import torch
+
+    from sassha_fused.backends import triton_backend as tb
+
+    k = tb._kernels  # sassha_fused.triton_kernels.sassha, as the backend imported it
+    dt = {F32: torch.float32, BF16: torch.bfloat16, F16: torch.float16}
+    tensors, programs = 3, 5
+
+    def col():  # a pointer or index column, ``c[lo:]`` of an int64 [n] tensor
+        return torch.zeros(tensors, dtype=torch.int64)
+
+    def f32(*shape):
+        return torch.zeros(shape, dtype=torch.float32)
+
+    blocks = torch.zeros((programs, 2), dtype=torch.int64)
+    common = dict(BLOCK=tb.BLOCK, num_warps=tb.NUM_WARPS)
+    if kernel == "sum_partials_kernel":  # TritonBackend.sq_norm, second stage
+        return (f32(programs), programs, f32()), dict(BLOCK=tb.REDUCE_BLOCK, num_warps=4)
+    x = tb._tl_dtype(dt[v["X"]])
+    if kernel == "sq_norm_partials_kernel":
+        return (blocks, col(), col(), col(), f32(programs), 0), dict(
+            V_DTYPE=tb._tl_dtype(dt[v["V"]]), X_DTYPE=x, ADAPTIVE=v["ADAPTIVE"], ALIGNED=v["ALIGNED"], **common)
+    if kernel == "perturb_kernel":
+        return (blocks, col(), col(), col(), col(), col(), f32(2, 8), f32(), 1.0), dict(
+            X_DTYPE=x, V_DTYPE=tb._tl_dtype(dt[v["V"]]), ADAPTIVE=v["ADAPTIVE"], ALIGNED=v["ALIGNED"], **common)
+    prefix = tb._i32(0x9E3779B9)  # do_not_specialize: any int32 compiles the same
+    if kernel == "probes_kernel":
+        return (blocks, col(), col(), col(), col(), prefix), dict(Z_DTYPE=x, ALIGNED=v["ALIGNED"], **common)
+    fd = f32(2)  # [delta, h_floor]; delta is a 0-dim view of it
+    if kernel == "fd_move_kernel":
+        return (blocks, col(), col(), col(), col(), col(), col(), prefix, fd[0], -1.0), dict(
+            X_DTYPE=x, HAS_BASE=v["HAS_BASE"], HAS_SAVE=v["HAS_SAVE"], ALIGNED=v["ALIGNED"], **common)
+    if kernel == "fd_fold_kernel":
+        return (blocks, col(), col(), col(), col(), col(), col(), prefix, fd[0], 0.5), dict(
+            X_DTYPE=x, HAS_BASELINE=v["HAS_BASELINE"], FIRST=v["FIRST"], ALIGNED=v["ALIGNED"], **common)
+    if kernel == "update_kernel":
+        n = v["n"]
+        y = torch.zeros((v["N_SAMPLES"], n), dtype=torch.int64)
+        power_mode = {k.POWER_SQRT.value: 0.5, k.POWER_ONE.value: 1.0, k.POWER_GENERAL.value: 0.75}
+        assert power_mode[v["POWER_MODE"]] == POWERS[v["POWER_MODE"]]
+        prefixes = torch.zeros(v["N_SAMPLES"], dtype=torch.int64)
+        cols = [torch.zeros(n, dtype=torch.int64) for _ in range(9)]
+        return (blocks, *cols[:5], y, *cols[5:8], prefixes, y.stride(0), f32(n, k.U_COUNT.value),
+                float(POWERS[v["POWER_MODE"]]), fd), dict(
+            X_DTYPE=x, S_DTYPE=k.tl.float32, MODE=v["MODE"], N_SAMPLES=y.shape[0], POWER_MODE=v["POWER_MODE"],
+            ALIGNED=v["ALIGNED"], **common)
+    raise KeyError(kernel)
+
+
+def _compile(kernel_name: str, v: dict):
+    """Bind the launch's arguments as JITFunction.run does, then compile for TARGET."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    from sassha_fused.backends import triton_backend as tb
+
+    if tb._IMPORT_ERROR is not None:
+        raise tb._IMPORT_ERROR
+    kernel = getattr(tb._kernels, kernel_name)
+    target = GPUTarget(*TARGET)
+    backend = make_backend(target)
+    args, kwargs = _launch(kernel_name, v)
+    kwargs["debug"] = kernel.debug or triton.knobs.runtime.debug
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound_args, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization, options)
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
+                              options=options.__dict__)
+    if not compiled.asm.get("cubin"):
+        raise RuntimeError("no cubin produced")
+
+
+def _worker(ids, out_path: str) -> None:
+    """Compile the variants ``ids``; write {id: null or the error} to ``out_path``."""
+    import triton
+
+    from sassha_fused.backends import triton_backend as tb
+    from sassha_fused.backends.base import RefreshMode
+
+    # the constants the variants were written with are still the backend's
+    assert (RefreshMode.NONE, RefreshMode.AUTOGRAD, RefreshMode.FD_DIRECT, RefreshMode.PRECOMPUTED) == (
+        MODE_NONE, MODE_AUTOGRAD, MODE_FD_DIRECT, MODE_PRECOMPUTED)
+    assert tuple(str(d).removeprefix("torch.") for d in tb._KERNEL_DTYPES) == PARAM_DTYPES
+    by_id = {vid: (kernel, v) for vid, kernel, v in VARIANTS}
+    results = {"": {"triton": f"triton {triton.__version__} ({os.path.dirname(triton.__file__)})"}}
+    for vid in ids:
+        t0 = time.perf_counter()
+        try:
+            _compile(*by_id[vid])
+            results[vid] = {"error": None}
+        except Exception:
+            results[vid] = {"error": traceback.format_exc(limit=-8)}
+        results[vid]["seconds"] = round(time.perf_counter() - t0, 3)
+        with open(out_path, "w") as f:  # after each: a crash still reports what went before
+            json.dump(results, f)
+
+
+# ---------------------------------------------------------------------- tests
+def _unavailable():
+    """Why the compiles cannot run here, or None."""
+    try:
+        import triton
+        from triton.backends import backends
+    except Exception as exc:  # ImportError, or a broken install raising something else
+        return f"triton cannot be imported: {type(exc).__name__}: {exc}"
+    if "nvidia" not in backends:
+        return f"triton {triton.__version__} has no CUDA backend (backends: {sorted(backends)})"
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        ptxas = get_ptxas(TARGET[1])
+        if not os.path.isfile(ptxas.path):
+            return f"triton {triton.__version__}'s ptxas is not a file: {ptxas.path}"
+    except Exception as exc:
+        return f"triton {triton.__version__} cannot find ptxas: {type(exc).__name__}: {exc}"
+    return None
+
+
+@pytest.fixture(scope="module")
+def compiled(request):
+    """{variant id: {"error": ..., "seconds": ...}} of the selected variants, from workers run once."""
+    reason = _unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([REPO] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    here = os.path.realpath(__file__)
+    selected = {item.callspec.params["vid"] for item in request.session.items
+                if hasattr(item, "callspec") and os.path.realpath(str(item.fspath)) == here}
+    # the variants of this session's tests (pytest -k ...), or all
+    ids = [vid for vid, _, _ in VARIANTS if vid in selected] or [vid for vid, _, _ in VARIANTS]
+    n_workers = max(1, min(cpus, 8, len(ids)))
+    results, logs = {}, []
+    with tempfile.TemporaryDirectory(prefix="sassha-triton-compile-") as tmp:
+        env["TRITON_CACHE_DIR"] = os.path.join(tmp, "cache")
+        procs = []
+        for w in range(n_workers):
+            out = os.path.join(tmp, f"worker{w}.json")
+            log = open(os.path.join(tmp, f"worker{w}.log"), "w+")
+            cmd = [sys.executable, os.path.abspath(__file__), "--worker", out, *ids[w::n_workers]]
+            procs.append((subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), out, log))
+        deadline = time.monotonic() + WORKER_TIMEOUT_S
+        for proc, out, log in procs:
+            try:
+                proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            if os.path.exists(out):
+                with open(out) as f:
+                    results.update(json.load(f))
+            log.seek(0)
+            logs.append(f"worker exit status {proc.returncode}:\n{log.read()[-4000:]}")
+            log.close()
+    for vid in ids:
+        if vid not in results:
+            results[vid] = {"error": "the worker for this variant stopped before reporting it\n" + "\n".join(logs)}
+    results.setdefault("", {"triton": "triton (the workers did not say which)"})
+    return results
+
+
+@pytest.mark.parametrize("vid", [vid for vid, _, _ in VARIANTS])
+def test_kernel_compiles_for_sm90(compiled, vid):
+    error = compiled[vid]["error"]
+    if error is not None:
+        pytest.fail(f"{vid} does not compile for sm_{TARGET[1]} with {compiled['']['triton']}:\n{error}",
+                    pytrace=False)
+
+
+if __name__ == "__main__" and len(sys.argv) > 2 and sys.argv[1] == "--worker":
+    _worker(sys.argv[3:], sys.argv[2])
