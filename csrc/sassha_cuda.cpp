@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "sassha_cuda.h"
+#include "sassha_host.h"
 #include "sassha_math.h"
 
 namespace sassha {
@@ -43,19 +44,6 @@ int32_t dtype_code(const at::Tensor& t, const char* op, int64_t j) {
 }
 
 bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
-// element_offset (the global probe element of each tensor's first element, a shard's
-// place in its unsharded tensor, FSDP2): one per tensor, or none (all 0).
-void check_element_offsets(const char* op, c10::ArrayRef<int64_t> element_offset, at::TensorList tensors) {
-  TORCH_CHECK(element_offset.empty() || element_offset.size() == tensors.size(), "sassha_fused::", op, ": got ",
-              element_offset.size(), " element_offset values for ", tensors.size(),
-              " tensors; pass exactly one entry per parameter, or none (all 0)");
-  for (size_t j = 0; j < element_offset.size(); ++j) {
-    TORCH_CHECK(element_offset[j] >= 0 && element_offset[j] <= kMaxProbeNumel - tensors[j].numel(),
-                "sassha_fused::", op, ": element_offset[", j, "] = ", element_offset[j], " with ", tensors[j].numel(),
-                " elements is outside the probes' range [0, 2**37)");
-  }
-}
 
 int64_t offset_of(c10::ArrayRef<int64_t> element_offset, size_t j) {
   return element_offset.empty() ? 0 : element_offset[j];

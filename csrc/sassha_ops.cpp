@@ -27,6 +27,7 @@
 #include <string>
 #include <vector>
 
+#include "sassha_host.h"
 #include "sassha_math.h"
 
 #define SASSHA_STR_(x) #x
@@ -359,18 +360,6 @@ ProbeKey key_of(int64_t prefix, int64_t param_index) {
   return param_key(static_cast<uint32_t>(prefix), static_cast<uint32_t>(param_index));
 }
 
-// element_offset: the global probe element of each tensor's first element (a
-// shard's place in its unsharded tensor, FSDP2); empty means 0 for every tensor.
-void check_element_offsets(const char* op, c10::ArrayRef<int64_t> element_offset, at::TensorList tensors) {
-  TORCH_CHECK(element_offset.empty() || element_offset.size() == tensors.size(), "sassha_fused::", op, ": got ",
-              element_offset.size(), " element_offset values for ", tensors.size(),
-              " tensors; pass exactly one entry per parameter, or none (all 0)");
-  for (size_t j = 0; j < element_offset.size(); ++j) {
-    TORCH_CHECK(element_offset[j] >= 0 && element_offset[j] <= kMaxProbeNumel - tensors[j].numel(),
-                "sassha_fused::", op, ": element_offset[", j, "] = ", element_offset[j], " with ", tensors[j].numel(),
-                " elements is outside the probes' range [0, 2**37)");
-  }
-}
 
 inline int64_t offset_of(c10::ArrayRef<int64_t> element_offset, int64_t j) {
   return element_offset.empty() ? 0 : element_offset[j];

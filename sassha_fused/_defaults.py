@@ -49,7 +49,7 @@ DEFAULTS: Dict[str, Any] = dict(
     grad_scaler=None,
     capturable=False,
 )
-SASSHA_ONLY: Dict[str, Any] = dict(adaptive=False, defer_unperturb=False)
+SASSHA_ONLY: Dict[str, Any] = dict(adaptive=False, defer_unperturb=False, no_sync=None)
 MSASSHA_ONLY: Dict[str, Any] = dict()
 
 # What a param group may set for itself (torch.optim's per-group hyper-parameters).
@@ -117,7 +117,9 @@ ARGS_DOC = r"""
         distributed: when ``torch.distributed`` is initialised, average the
             perturbed gradients and Hessian-vector products over ``process_group``
             in flat buckets before the update (default True). Turn off when a
-            wrapper already averages them.
+            wrapper already averages them. FSDP2 (``fully_shard``) parameters are
+            recognised: FSDP averages every pass, the optimizer steps each rank's
+            shards and only sums scalars (norms, the finite check) over the mesh.
         process_group: the group to average over (default: the default group).
         grad_scaler: a ``torch.amp.GradScaler`` for fp16 training: the optimizer
             unscales the first-pass gradients before perturbing and the

@@ -33,7 +33,6 @@ from .hvp import (
     remap_refresh,
 )
 from .plans import StepPlan, count_present
-from .distributed import is_distributed
 
 __all__ = ["PassDriver"]
 
@@ -81,7 +80,7 @@ class PassDriver:
                     "backward() on it (the optimizer runs the backward passes), or call loss.backward() "
                     "inside the closure as torch.optim's closures do")
             return loss.detach()
-        if self._plain_backward and not create_graph:
+        if (self._plain_backward or self._backward_reduces()) and not create_graph:
             loss.backward()
             return loss.detach()
         try:
@@ -199,7 +198,9 @@ class PassDriver:
 
     def _reduce_max(self) -> Optional[Callable[[Tensor], None]]:
         """Data-parallel: an in-place MAX over the group (the FD precision decision), else None."""
-        if not (self.distributed and is_distributed(self.process_group)):
+        if self._shards is not None:  # FSDP2: every rank decides over its shards, then the mesh agrees
+            return self._shards.max_
+        if not self._data_parallel():
             return None
         import torch.distributed as dist
 
@@ -212,7 +213,16 @@ class PassDriver:
         plan = self._plan(self._participants(), self._backup)
         device = plan.participants[0].device if plan.participants else torch.device("cpu")
         return FiniteDifferences(plan, self._probe_keys(), self.fd_scheme, self.fd_eps, self._fd_x_t(plan),
-                                 self._inv_scale(device), direct=direct, reduce_max=self._reduce_max())
+                                 self._inv_scale(device), direct=direct, reduce_max=self._reduce_max(),
+                                 averaged_later=self._data_parallel(), copy_gradients=self._gradients_reused())
+
+    def _gradients_reused(self) -> bool:
+        """Whether the next backward may write into the tensors now in ``.grad``: DDP with
+        ``gradient_as_bucket_view=True`` (or a wrapper we cannot inspect), not FSDP2."""
+        if self._shards is not None or not self._backward_reduces():
+            return False
+        ddp = getattr(self.no_sync, "__self__", None)
+        return bool(getattr(ddp, "gradient_as_bucket_view", True))
 
     def _take_autograd_refresh(self, no_graph: Optional[BaseException] = None) -> None:
         """Autograd HVPs at the params' current point, kept for the step's update."""

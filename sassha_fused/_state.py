@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .backends import Backend, math_dtype, resolve_backend
-from .distributed import is_distributed
+from .distributed import is_distributed, is_sharded
 from .plans import StepPlan, new_state
 from .schedules import is_schedule
 
@@ -65,9 +65,24 @@ class ParamStateMixin:
     def _participants(self) -> List[Tensor]:
         """Params taking part in the step: those with a gradient (every trainable one
         when data-parallel, so that all ranks bucket the same tensors)."""
-        if self.distributed and is_distributed(self.process_group):
+        if self._data_parallel():
             return self._trainable_now()
         return [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+
+    def _data_parallel(self) -> bool:
+        """Whether the optimizer itself averages the step's inputs over ``process_group``.
+
+        Not under FSDP2 (FSDP averages every pass) nor with ``no_sync`` (DDP's
+        reducer averages the passes after the first).
+        """
+        return (self.distributed and self._shards is None and self.no_sync is None
+                and is_distributed(self.process_group))
+
+    def _backward_reduces(self) -> bool:
+        """Whether a wrapper averages gradients in ``backward()``'s hooks (FSDP2, DDP),
+        which ``torch.autograd.grad`` would bypass: closure passes then call ``backward()``."""
+        return (self._shards is not None or self.no_sync is not None
+                or (not self.distributed and is_distributed(self.process_group)))
 
     def _trainable_now(self) -> List[Tensor]:
         self._trainable = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
@@ -83,7 +98,8 @@ class ParamStateMixin:
     def _plan(self, participants: List[Tensor], backup_of: Callable[[Tensor], Tensor]) -> StepPlan:
         if not hasattr(self, "_index_of"):
             self._index_maps()
-        plan = self._plans.get(participants, self._index_of, self._group_of, backup_of, self._backend_for)
+        plan = self._plans.get(participants, self._index_of, self._group_of, backup_of, self._backend_for,
+                               self._shards)
         if self.capturable and torch.cuda.is_current_stream_capturing() and plan not in self._captured_plans:
             # a CUDA graph replays the plan's device tables, indices and block maps:
             # they live as long as the optimizer, whatever the plan cache evicts
@@ -140,21 +156,32 @@ class StateDictMixin:
 
         Take it between steps (for M-SASSHA the saved model holds the perturbed
         point and this state holds the unperturbed one; both resume exactly).
+        The counters are under ``"sassha_fused"`` and also in every param group:
+        ``torch.distributed.checkpoint.state_dict`` keeps only ``state`` and
+        ``param_groups``.
         """
         sd = super().state_dict()
-        sd[EXTRA_KEY] = self._extra_state()
+        extra = sd[EXTRA_KEY] = self._extra_state()
+        for group in sd["param_groups"]:
+            group[EXTRA_KEY] = extra
         return sd
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Resume exactly: steps, refresh phase, probe counter, schedules and HVP method."""
         state_dict = dict(state_dict)
         extra = state_dict.pop(EXTRA_KEY, None)
+        groups = [dict(g) for g in state_dict["param_groups"]]
+        for group in groups:  # the copy a distributed state dict carries (see state_dict)
+            in_group = group.pop(EXTRA_KEY, None)
+            extra = in_group if extra is None else extra
+        state_dict["param_groups"] = groups
         saved_state = state_dict["state"]
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        self._check_loadable(saved_state, ids, extra)
         super().load_state_dict(state_dict)
         # torch casts floating state to the param dtype (16-bit params keep fp32
         # state here) and may alias the given tensors: every tensor is copied, so
         # loading a live optimizer's state_dict shares no buffer with it.
-        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         for p, i in zip(self._all_params(), ids):
             saved = saved_state.get(i, {})
             if not saved:
@@ -174,7 +201,8 @@ class StateDictMixin:
             self._refreshes = int(extra["refreshes"])
             self.seed = int(extra.get("seed", self.seed))
             self._skips.skipped = int(extra.get("skipped_steps", 0))
-            if self.hvp == "auto" and extra.get("hvp_method") in ("autograd", "finite_difference"):
+            if (self.hvp == "auto" and extra.get("hvp_method") in ("autograd", "finite_difference")
+                    and not self._backward_reduces()):  # FSDP2 / DDP-native: finite differences only
                 self._hvp_method = extra["hvp_method"]
             if "hessian_power_schedule" in extra and hasattr(self.hessian_power, "load_state_dict"):
                 self.hessian_power.load_state_dict(extra["hessian_power_schedule"])
@@ -186,3 +214,23 @@ class StateDictMixin:
 
     def _load_extra_state(self, extra: Dict[str, Any]) -> None:
         pass
+
+    def _check_loadable(self, saved_state: Dict[Any, Dict[str, Any]], ids: List[Any], extra: Any) -> None:
+        """Refuse, before anything changes, a state dict that would load into a wrong run."""
+        name = type(self).__name__
+        if extra is None and any(float(s.get("step", 0)) > 0 for s in saved_state.values()):
+            raise ValueError(
+                f"{name}.load_state_dict: the state dict has per-parameter steps but not the optimizer-wide "
+                f"counters ('{EXTRA_KEY}': global step, refresh count, seed, schedules), so the refresh phase "
+                "and the probes would restart. torch.distributed.checkpoint with "
+                "StateDictOptions(flatten_optimizer_state_dict=True) drops them: save and load without that "
+                "option. Nothing was loaded.")
+        for p, i in zip(self._all_params(), ids):
+            for key, value in saved_state.get(i, {}).items():
+                if key in _STATE_DTYPES or not isinstance(value, Tensor) or is_sharded(value) == is_sharded(p):
+                    continue
+                raise ValueError(
+                    f"{name}.load_state_dict: state '{key}' is {'sharded' if is_sharded(value) else 'whole'} "
+                    f"but its parameter is {'an FSDP2 shard' if is_sharded(p) else 'a whole tensor'}. Move "
+                    "optimizer state between sharded and unsharded runs with torch.distributed.checkpoint "
+                    "(get_state_dict / set_state_dict and dcp.save / dcp.load). Nothing was loaded.")

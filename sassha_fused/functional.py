@@ -83,15 +83,27 @@ assert GroupCol.COUNT == len(GROUP_KEYS) + 1  # betas is two columns
 
 
 # ------------------------------------------------------------------ norms, perturbation
-def global_sq_norm(plan: StepPlan, sources_of: Callable[[Bucket], List[Tensor]], adaptive: bool = False) -> Tensor:
-    """One squared norm over every bucket, on the first bucket's device (no host sync)."""
+def global_sq_norm(plan: StepPlan, sources_of: Callable[[Bucket], List[Tensor]], adaptive: bool = False,
+                   reduce: bool = True) -> Tensor:
+    """One squared norm over every bucket, on the first bucket's device (no host sync).
+
+    Under FSDP2 each rank sums its shards and ``reduce`` makes the sum global (one
+    scalar all-reduce over the mesh); ``reduce=False`` leaves the local part.
+    """
     total: Optional[Tensor] = None
     for b in plan.buckets:
         part = b.backend.sq_norm(b, dense(sources_of(b)), adaptive, plan.acc_dtype)
         total = part if total is None else total + part.to(total.device)
     if total is None:
-        return torch.zeros((), dtype=plan.acc_dtype)
-    return total
+        total = torch.zeros((), dtype=plan.acc_dtype, device=_reduction_device(plan))
+    return plan.reduce_sum(total) if reduce else total
+
+
+def _reduction_device(plan: StepPlan) -> torch.device:
+    """Where a rank without buckets keeps its (zero) part of a global sum."""
+    if plan.shards is not None and plan.participants:
+        return plan.participants[0].device
+    return torch.device("cpu")
 
 
 def perturb(plan: StepPlan, sources_of: Callable[[Bucket], List[Tensor]], sign: float, adaptive: bool,
@@ -109,13 +121,15 @@ def all_finite(plan: StepPlan, refresh: Optional[Sequence[RefreshInput]]) -> Ten
     The backends' fused squared norm over each list, then ``isfinite``; a sum of
     squares that overflows (|g| beyond ~1e19 in fp32) counts as non-finite as well.
     """
-    total = global_sq_norm(plan, plan.grads)
+    total = global_sq_norm(plan, plan.grads, reduce=False)
     n_lists = 0 if refresh is None else len(refresh[0].ys)
     for s in range(n_lists):
         # an absent entry (None) is checked as the gradient, which is checked anyway
         total = total + global_sq_norm(plan, lambda b: [g if y is None else y for g, y in
-                                                        zip(plan.grads(b), refresh[plan.buckets.index(b)].ys[s])])
-    return torch.isfinite(total)
+                                                        zip(plan.grads(b), refresh[plan.buckets.index(b)].ys[s])],
+                                       reduce=False)
+    # FSDP2: NaN/Inf in any shard skips the step on every rank (one scalar all-reduce)
+    return torch.isfinite(plan.reduce_sum(total))
 
 
 # ---------------------------------------------------------------------------- update

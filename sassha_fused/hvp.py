@@ -188,11 +188,11 @@ def fd_precision(plan: StepPlan, fd_eps, scheme: str, reduce_max: Optional[Calla
         return pick(16)
     if plan.all_fp64:
         return pick(64)
-    if not plan.fingerprint:
+    if not plan.fingerprint and reduce_max is None:
         return pick(32)
     low = nonzero = None
     for bi, j in plan.fingerprint:
-        g = plan.buckets[bi].params[j].grad
+        g = plan.grads(plan.buckets[bi])[j]
         if g is None:
             continue
         nz = g != 0
@@ -200,7 +200,12 @@ def fd_precision(plan: StepPlan, fd_eps, scheme: str, reduce_max: Optional[Calla
         a, n = (bits & nz).sum(), nz.sum()
         low, nonzero = (a, n) if low is None else (low + a.to(low.device), nonzero + n.to(low.device))
     if low is None:
-        return pick(32)
+        if reduce_max is None:
+            return pick(32)
+        # this rank has nothing to go by (FSDP2: empty shards); it still takes part in the MAX
+        device = plan.participants[0].device if plan.participants else torch.device("cpu")
+        low, nonzero = torch.zeros((), dtype=torch.int64, device=device), torch.ones((), dtype=torch.int64,
+                                                                                      device=device)
     is16 = (low * 2 > nonzero).to(torch.float32)
     if reduce_max is not None:
         reduce_max(is16)
@@ -240,17 +245,24 @@ class FiniteDifferences:
     may change ``.grad`` (clip it, say) between the passes and ``step()``, so there
     the quotient is finished before ``hvp_passes()`` returns (one fold pass).
     ``inv_scale``: a GradScaler's 1/scale; the folded sum is unscaled at the end
-    (every gradient it was built from carried the scale).
+    (every gradient it was built from carried the scale). ``averaged_later``: the
+    optimizer averages the estimates and gradients after the passes, so the
+    resolution floor is left to the update (else it is applied in ``finish``, from
+    the gradients as they are then: FSDP2 and DDP have averaged them already).
+    ``copy_gradients``: keep a copy of the gradients at :math:`\tilde x` (DDP with
+    ``gradient_as_bucket_view=True`` writes the next pass's into the same memory).
     """
 
     def __init__(self, plan: StepPlan, keys: ProbeKeys, scheme: str, fd_eps,
                  x_t_of: Callable[[Bucket], List[Tensor]], inv_scale: Optional[Tensor] = None,
-                 direct: bool = True, reduce_max: Optional[Callable[[Tensor], None]] = None) -> None:
+                 direct: bool = True, reduce_max: Optional[Callable[[Tensor], None]] = None,
+                 averaged_later: bool = False, copy_gradients: bool = False) -> None:
         self.plan, self.keys, self.scheme = plan, keys, scheme
         self.n_samples = keys.n_samples
         self.n_passes = self.n_samples * (2 if scheme == "central" else 1)
         self.direct = direct and scheme == "forward" and self.n_samples == 1
         self.fd_eps, self.x_t_of, self.inv_scale, self.reduce_max = fd_eps, x_t_of, inv_scale, reduce_max
+        self.averaged_later, self.copy_gradients = averaged_later, copy_gradients
         self.stash: List[List[Optional[Tensor]]] = []  # the gradients at x~, as they were
         self.baseline: List[List[Tensor]] = []  # the same, contiguous (the fold reads them)
         self.fd: Dict[torch.device, Tensor] = {}  # [delta, h_floor] per device
@@ -284,9 +296,14 @@ class FiniteDifferences:
             if b.device not in self.fd:
                 self.fd[b.device] = fd.to(b.device)
                 self.delta[b.device] = self.fd[b.device][0]
-        self.stash = [[p.grad for p in b.params] for b in plan.buckets]
-        self.baseline = [dense([g if g is not None else torch.zeros_like(p) for g, p in zip(grads, b.params)])
-                         for grads, b in zip(self.stash, plan.buckets)]
+        self.stash = [[p.grad for p in plan.params_of(b)] for b in plan.buckets]
+        if self.copy_gradients:  # DDP(gradient_as_bucket_view=True): the next backward overwrites them
+            self.stash = [[None if g is None else g.clone() for g in grads] for grads in self.stash]
+            for b, grads in zip(plan.buckets, self.stash):
+                for p, g in zip(plan.params_of(b), grads):
+                    p.grad = g
+        self.baseline = [dense([g if g is not None else torch.zeros_like(p)
+                                for g, p in zip(plan.grads(b), b.params)]) for b in plan.buckets]
         for p in plan.participants:
             p.grad = None
         if self.n_passes > 1:
@@ -296,14 +313,14 @@ class FiniteDifferences:
     @torch.no_grad()
     def after_pass(self, i: int) -> None:
         sample, sign = self._pass_point(i)
-        taken = [[p.grad for p in b.params] for b in self.plan.buckets]
+        taken = [self.plan.grads(b) for b in self.plan.buckets]
         if self.plan.participants and not any(count_present(grads) for grads in taken):
             raise RuntimeError(
                 "a finite-difference pass produced no gradients: run one forward and backward per iteration "
                 "of opt.hvp_passes() (for _ in opt.hvp_passes(): loss_fn(model(x), y).backward())")
         for bi, b in enumerate(self.plan.buckets):
             grads = taken[bi]
-            for p in b.params:
+            for p in self.plan.params_of(b):
                 p.grad = None
             if count_present(grads) != len(grads):
                 for j, g in enumerate(grads):
@@ -342,12 +359,12 @@ class FiniteDifferences:
         self._restore_grads()
         self.saved = None
         mode = RefreshMode.FD_DIRECT if self.direct else RefreshMode.PRECOMPUTED
-        # Single-process official protocol: |h| is floored here, from the gradients at
-        # x~ as they were, and the update gets h_floor = 0 (a .grad clipped before
-        # step() changes the step only). Data-parallel runs floor in the update, after
-        # the estimates and the gradients are averaged (an average of floored
+        # Official protocol: |h| is floored here, from the gradients at x~ as they were,
+        # and the update gets h_floor = 0 (a .grad clipped before step() changes the
+        # step only). When the optimizer averages over ranks it floors in the update,
+        # after the estimates and the gradients are averaged (an average of floored
         # magnitudes is not the floored magnitude of the average).
-        floor_here = not self.direct and self.reduce_max is None
+        floor_here = not self.direct and not self.averaged_later
         out = []
         for bi, (b, ys) in enumerate(zip(self.plan.buckets, self._present_acc())):
             pairs = [(y, g) for y, g in zip(ys, self.baseline[bi]) if y is not None]
@@ -383,6 +400,6 @@ class FiniteDifferences:
 
     def _restore_grads(self) -> None:
         for b, grads in zip(self.plan.buckets, self.stash):
-            for p, g in zip(b.params, grads):
+            for p, g in zip(self.plan.params_of(b), grads):
                 p.grad = g
         self.stash = []

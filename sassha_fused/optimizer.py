@@ -19,7 +19,7 @@ from . import functional as F
 from ._defaults import ARGS_DOC, DEFAULTS, GROUP_KEYS, SASSHA_ONLY, validate_group, validate_options
 from .backends import Backend, Bucket, ProbeKeys, RefreshInput, RefreshMode
 from ._state import ParamStateMixin, StateDictMixin
-from .distributed import BucketedAverager, average_step_inputs, is_distributed, participation, reject_sharded_params
+from .distributed import BucketedAverager, average_step_inputs, copy_, local, participation, shard_group_of
 from ._passes import PassDriver
 from .hvp import cannot_differentiate_twice
 from .plans import Counters, PlanCache, StepPlan, attach_state
@@ -42,6 +42,8 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
     through a closure), ``_x_t_for_update`` (where x_t lives when the update
     runs), ``_after_update`` and ``_abort_step``; plus ``_backup``/``_x_t_of``.
     """
+
+    no_sync: Optional[Callable[[], Any]] = None  # DDP-native mode (SASSHA's no_sync argument)
 
     def __init__(self, params: Iterable, options: Dict[str, Any]) -> None:
         validate_options(options)
@@ -75,8 +77,16 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
         self._refreshes = 0  # Hessian refreshes taken: the probes' counter
         self._power_t: Optional[float] = None
         self._step_begun = False
+        self._shards = None  # FSDP2: the mesh's group (set by add_param_group)
         super().__init__(params, defaults)
-        reject_sharded_params(list(self._all_params()))
+        if self._shards is not None or self.no_sync is not None:
+            # FSDP2 and DDP's reducer average ordinary backward passes: no double backward
+            who = "FSDP2 (fully_shard) parameters" if self._shards is not None else "no_sync (DDP averages the passes)"
+            if self.hvp == "autograd":
+                raise ValueError(
+                    f"hvp: 'autograd' needs a double backward, which {who} cannot give; use "
+                    "hvp='finite_difference' (or 'auto'): every pass is then an ordinary forward and backward")
+            self._hvp_method = "finite_difference"
         if self.capturable and any(p.device.type != "cuda" for p in self._all_params()):
             raise ValueError("capturable: CUDA graphs capture CUDA work only; capturable=True needs every "
                              "parameter on a CUDA device (leave it False on the CPU)")
@@ -92,6 +102,9 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
         group = self.param_groups[-1]
         try:
             validate_group(group)
+            shards = shard_group_of(self._all_params())  # FSDP1, mixed or unsupported layouts raise
+            if shards is not None and self._shards is not None:
+                shards = self._shards  # one counter of the mesh's collectives
             ids = [id(p) for p in group["params"]]
             if len(set(ids)) != len(ids):
                 raise ValueError("params: a parameter appears twice in one param group; pass each "
@@ -110,6 +123,7 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
             self.param_groups.pop()
             raise
         self._own_rho.append(own_rho)
+        self._shards = shards
         self._index_maps()
 
     # --------------------------------------------------------------- schedules
@@ -178,7 +192,17 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
         backward) or, as torch.optim's closures do, clears the gradients, calls
         ``backward()`` and returns the loss (refresh steps then take finite
         differences). Without one, it finishes the official protocol.
+
+        A step without a closure on an optimizer that has no state yet, with every
+        ``lr`` 0 and every gradient zero, only creates the state: that is how
+        ``torch.distributed.checkpoint.state_dict`` initialises an optimizer before
+        it saves or loads one, and a SASSHA step needs passes it would not have.
         """
+        if closure is None and self._is_state_initialisation():
+            with torch.no_grad():
+                participants = self._participants()
+                attach_state(self._plan(participants, self._backup), self._state_of)
+            return None
         loss = None
         if self.capturable and self.refresh_due and torch.cuda.is_current_stream_capturing():
             raise RuntimeError(
@@ -201,6 +225,16 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
         with torch.no_grad():
             self._finish_step()
         return loss
+
+    def _is_state_initialisation(self) -> bool:
+        """A step of torch.distributed.checkpoint's ``_init_optim_state`` (see ``step``)."""
+        if self.state or self._global_step or self.is_perturbed or self._pending is not None:
+            return False
+        if any(float(g["lr"]) != 0.0 for g in self.param_groups):
+            return False
+        grads = [p.grad for p in self._all_params() if p.grad is not None]
+        # (DCP's zero gradients carry no graph; a real step's second pass might)
+        return bool(grads) and not any(g.requires_grad or bool(local(g).any()) for g in grads)
 
     def _finish_step(self) -> None:
         """The step skeleton: refresh input -> average / check -> update -> commit."""
@@ -231,7 +265,7 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
             if hz and inv is not None:
                 torch._foreach_mul_(hz, inv.to(hz[0].dtype))
         present = None
-        if self.distributed and is_distributed(self.process_group):
+        if self._data_parallel():
             present = self._average(plan, refresh)
         ok = None
         if self.nonfinite != "ignore" and plan.participants:
@@ -242,6 +276,8 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
         if refresh is not None:
             self._refreshes += 1
         self._step_begun = False
+        if self._shards is not None:  # FSDP2: the scalar all-reduces since the last step
+            self.last_step_collectives, self._shards.collectives = self._shards.collectives, 0
         if ok is not None:
             self._skips.record(ok, self._global_step)
             if self.nonfinite == "raise" or (ok.device.type == "cpu" and not self.capturable):
@@ -265,7 +301,7 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
         Taken after the pass at the HVP point; params without a local gradient get a
         zero one, so every rank steps the same tensors.
         """
-        if not (self.distributed and is_distributed(self.process_group)):
+        if not self._data_parallel():
             return None
         if self._presence_mask is None:
             self._presence_mask = participation(self._trainable_now(), self.process_group)
@@ -387,6 +423,14 @@ class SASSHA(_SasshaBase):
             ``unperturb()`` and ``step()`` then still hold the perturbed point; any
             other call (``perturb_weights``, ``state_dict``, ``unperturbed()``)
             restores first. Default False: ``unperturb()`` restores at once.
+        no_sync: DDP-native data parallelism: pass ``model.no_sync`` of a
+            ``DistributedDataParallel`` model. The first pass of each step runs
+            under it, so every rank perturbs along its own gradient (SPEC section
+            6), and DDP's reducer averages the perturbed and finite-difference
+            passes, overlapped with their backward; the optimizer issues no
+            collective of its own and the Hessian-vector products are taken by
+            finite differences. In the official protocol wrap the first backward
+            yourself: ``with model.no_sync(): loss_fn(model(x), y).backward()``.
 
     State per parameter (names as in the official code): ``step``, ``exp_avg``
     (:math:`m`), ``exp_hessian_diag`` (:math:`D`), ``bias_correction2``
@@ -419,10 +463,15 @@ class SASSHA(_SasshaBase):
         grad_scaler: Optional[Any] = DEFAULTS["grad_scaler"],
         capturable: bool = DEFAULTS["capturable"],
         defer_unperturb: bool = SASSHA_ONLY["defer_unperturb"],
+        no_sync: Optional[Callable[[], Any]] = SASSHA_ONLY["no_sync"],
     ) -> None:
         options = _options(locals())
         self.adaptive = bool(options.pop("adaptive"))
         self.defer_unperturb = bool(options.pop("defer_unperturb"))
+        self.no_sync = options.pop("no_sync")
+        if self.no_sync is not None and not callable(self.no_sync):
+            raise ValueError(f"no_sync: expected DDP's model.no_sync (a callable returning a context manager), "
+                             f"got {self.no_sync!r}")
         # x_t while the params hold x_t + e_t; not part of state_dict (it lives only
         # between perturb_weights() and the end of the step).
         self._backups: Dict[int, Tensor] = {}
@@ -460,7 +509,7 @@ class SASSHA(_SasshaBase):
             extra = [p for p in plan.participants if id(p) not in covered]
             if extra:
                 with torch.no_grad():
-                    torch._foreach_copy_([self._backup(p) for p in extra], extra)
+                    copy_([self._backup(p) for p in extra], extra)
             self._perturbed = self._plan(self._perturbed.participants + extra, self._backup)
         return lambda b: b.backups
 
@@ -487,13 +536,13 @@ class SASSHA(_SasshaBase):
         self._begin_step()
         participants = self._participants()
         self._check_grads(participants)
-        if self.distributed and is_distributed(self.process_group):
+        if self._data_parallel():
             for p in participants:  # a param without a local gradient moves by 0
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
         plan = self._plan(participants, self._backup)
         if plan.participants:
-            grads = [p.grad for p in plan.participants]
+            grads = [g for b in plan.buckets for g in plan.grads(b)]  # FSDP2: the local shards
             inv = self._inv_scale(grads[0].device)
             if inv is not None:  # the perturbation follows the unscaled gradient
                 torch._foreach_mul_(grads, inv.to(grads[0].dtype))
@@ -559,14 +608,15 @@ class SASSHA(_SasshaBase):
             yield
         finally:
             with torch.no_grad():
-                torch._foreach_copy_(plan.participants, aside)
+                copy_(plan.participants, aside)
 
     def state_dict(self) -> Dict[str, Any]:
         self._materialize_restore()
         return super().state_dict()
 
     def _closure_passes(self, closure: Callable[[], Any]) -> Any:
-        loss = self._closure_pass(closure)
+        with self.no_sync() if self.no_sync is not None else contextlib.nullcontext():
+            loss = self._closure_pass(closure)  # DDP-native: each rank's own gradient
         self.perturb_weights(zero_grad=True)
         self._pass_and_refresh(closure)
         return loss
@@ -695,7 +745,7 @@ class MSASSHA(_SasshaBase):
             return
         params = self._with_state()
         if params:
-            torch._foreach_copy_(params, [self.state[p]["unperturbed_param"] for p in params])
+            copy_(params, [self.state[p]["unperturbed_param"] for p in params])
         self._is_perturbed = False
 
     @torch.no_grad()
@@ -742,7 +792,7 @@ class MSASSHA(_SasshaBase):
 
     def _after_update(self) -> None:
         if self._idle:
-            torch._foreach_copy_(self._idle, [self.state[p]["unperturbed_param"] for p in self._idle])
+            copy_(self._idle, [self.state[p]["unperturbed_param"] for p in self._idle])
         self._idle = []
         self._x_t_saved = None
         self._is_perturbed = False

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .backends import Backend, Bucket, get_backend, math_dtype
+from .distributed import ShardGroup, element_offset, local
 
 __all__ = ["StepPlan", "PlanCache", "Counters", "attach_state", "new_state", "dense", "count_present"]
 
@@ -64,9 +65,24 @@ class StepPlan:
     # whether the forward ran in 16-bit arithmetic (autocast), for fd_eps="auto".
     fingerprint: List[Tuple[int, int]] = field(default_factory=list)
     has_state: bool = False
+    # FSDP2: the mesh's group (global sums of local parts), and per bucket (by id)
+    # the DTensor parameters whose local shards the bucket's params are
+    shards: Optional[ShardGroup] = None
+    owners: Dict[int, List[Tensor]] = field(default_factory=dict)
 
     def grads(self, bucket: Bucket) -> List[Tensor]:
-        return [p.grad for p in bucket.params]
+        """The gradients the kernels read (local shards under FSDP2), in bucket order."""
+        if self.shards is None:
+            return [p.grad for p in bucket.params]
+        return [None if p.grad is None else local(p.grad) for p in self.owners[id(bucket)]]
+
+    def params_of(self, bucket: Bucket) -> List[Tensor]:
+        """The parameters themselves (whose ``.grad`` is set and cleared), in bucket order."""
+        return bucket.params if self.shards is None else self.owners[id(bucket)]
+
+    def reduce_sum(self, t: Tensor) -> Tensor:
+        """A per-rank partial sum made global (FSDP2: one all-reduce over the mesh)."""
+        return t if self.shards is None else self.shards.sum_(t)
 
 
 class PlanCache:
@@ -93,36 +109,45 @@ class PlanCache:
         group_of: Dict[int, int],
         backup_of: Callable[[Tensor], Tensor],
         backend_for: Callable[[torch.device, torch.dtype], Backend],
+        shards: Optional[ShardGroup] = None,
     ) -> StepPlan:
         key = tuple(map(id, participants))
         plan = self._plans.get(key)
-        if plan is not None and tuple(map(_data_ptr, participants)) == plan.ptrs:
+        if plan is not None and _ptrs(participants, shards) == plan.ptrs:
             self._plans.move_to_end(key)
             return plan
-        plan = self._build(participants, index_of, group_of, backup_of, backend_for)
+        plan = self._build(participants, index_of, group_of, backup_of, backend_for, shards)
         self._plans[key] = plan
         self._plans.move_to_end(key)
         while len(self._plans) > self.size:
             self._plans.popitem(last=False)
         return plan
 
-    def _build(self, participants, index_of, group_of, backup_of, backend_for) -> StepPlan:
+    def _build(self, participants, index_of, group_of, backup_of, backend_for, shards) -> StepPlan:
         self.builds += 1
         by_key: Dict[Tuple[torch.device, int], Bucket] = {}
+        owners: Dict[int, List[Tensor]] = {}
         for pos, p in enumerate(participants):
+            lp = local(p) if shards is not None else p  # FSDP2: the kernels run on this rank's shard
             backend = backend_for(p.device, p.dtype)
-            if not backend.accepts(p):
+            if not backend.accepts(lp):
                 backend = _eager()  # a layout the kernels cannot address: the reference runs it
             key = (p.device, id(backend))
             b = by_key.get(key)
             if b is None:
                 b = by_key[key] = Bucket(backend=backend, device=p.device, params=[], param_index=[],
                                          group_index=[], backups=[])
+                owners[id(b)] = []
+                if shards is not None:
+                    b.element_offset = []
             b.positions.append(pos)
-            b.params.append(p)
+            b.params.append(lp)
             b.param_index.append(index_of[id(p)])
             b.group_index.append(group_of[id(p)])
-            b.backups.append(backup_of(p))
+            b.backups.append(local(backup_of(p)) if shards is not None else backup_of(p))
+            if shards is not None:
+                owners[id(b)].append(p)
+                b.element_offset.append(element_offset(p))  # probes by global element index
         buckets = list(by_key.values())
         dtypes = {p.dtype for p in participants}
         sizes = [(p.numel(), bi, j) for bi, b in enumerate(buckets) for j, p in enumerate(b.params)
@@ -131,13 +156,22 @@ class PlanCache:
         return StepPlan(
             participants=list(participants),
             buckets=buckets,
-            ptrs=tuple(map(_data_ptr, participants)),
+            ptrs=_ptrs(participants, shards),
             acc_dtype=torch.float64 if torch.float64 in dtypes else torch.float32,
             numel=sum(p.numel() for p in participants),
             has_16bit=bool(dtypes & {torch.bfloat16, torch.float16}),
             all_fp64=dtypes == {torch.float64},
             fingerprint=[(bi, j) for n, bi, j in sizes[:4] if n > 0],
+            shards=shards,
+            owners=owners if shards is not None else {},
         )
+
+
+def _ptrs(participants: List[Tensor], shards: Optional[ShardGroup]) -> Tuple[int, ...]:
+    """The storage a plan was built for: the params' (FSDP2: their local shards') data pointers."""
+    if shards is None:
+        return tuple(map(_data_ptr, participants))
+    return tuple(local(p).data_ptr() for p in participants)
 
 
 def attach_state(plan: StepPlan, state_of: Callable[[Tensor], dict]) -> None:
@@ -145,9 +179,11 @@ def attach_state(plan: StepPlan, state_of: Callable[[Tensor], dict]) -> None:
     if plan.has_state:
         return
     for b in plan.buckets:
-        states = [state_of(p) for p in b.params]
+        states = [state_of(p) for p in plan.params_of(b)]
         b.exp_avgs = [s["exp_avg"] for s in states]
         b.exp_hessian_diags = [s["exp_hessian_diag"] for s in states]
+        if plan.shards is not None:  # FSDP2: state is sharded like its param; the kernels take the shards
+            b.exp_avgs, b.exp_hessian_diags = list(map(local, b.exp_avgs)), list(map(local, b.exp_hessian_diags))
     plan.has_state = True
 
 

@@ -124,6 +124,7 @@ def _worker(rank, world, init_file, out_dir, backend):
             msassha = torch.cat([p.detach().reshape(-1) for p in ps])
         torch.save({"results": results, "counts": counts, "msassha": msassha, "uneven": uneven, "fd_diag": fd_diag},
                    os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # leave together: tearing down gloo mid-collective aborts the other rank
     finally:
         dist.destroy_process_group()
 
@@ -156,16 +157,100 @@ def test_two_gloo_ranks(backend):
     torch.testing.assert_close(r0["fd_diag"], (1 - 0.999) * torch.tensor([4.0, 2.0, 2.0]), rtol=1e-3, atol=0)
 
 
-def test_fsdp2_parameters_get_a_clear_error():
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+class _Quadratic(torch.nn.Module):
+    """The quadratic of ``_problem`` as a module, for DistributedDataParallel."""
 
+    def __init__(self):
+        super().__init__()
+        self.parts = torch.nn.ParameterList([torch.nn.Parameter(v.clone()) for v in _split(_x0())])
+
+    def forward(self, a, b):
+        x = torch.cat([p.reshape(-1) for p in self.parts])
+        return 0.5 * (a * x * x).sum() + (b * x).sum()
+
+
+def _ddp_native_worker(rank, world, init_file, out_dir, backend):
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        a, b = _problem(rank)
+        results = {}
+        for protocol, bucket_view in (("closure", False), ("official", False), ("closure", True)):
+            # gradient_as_bucket_view: DDP writes every pass's gradient into the same memory
+            model = DistributedDataParallel(_Quadratic(), gradient_as_bucket_view=bucket_view)
+            opt = SASSHA(model.parameters(), lr=LR, rho=RHO, weight_decay=WD, eps=EPS, lazy_hessian=K,
+                         backend=backend, no_sync=model.no_sync)
+            collectives = []
+            for _ in range(STEPS):
+                if protocol == "closure":
+                    opt.step(lambda: model(a, b))
+                else:
+                    with model.no_sync():  # each rank's own gradient: its own perturbation
+                        model(a, b).backward()
+                    opt.perturb_weights(zero_grad=True)
+                    model(a, b).backward()  # DDP averages this pass ...
+                    for _ in opt.hvp_passes():
+                        model(a, b).backward()  # ... and the finite-difference passes
+                    opt.unperturb()
+                    opt.step()
+                    opt.zero_grad()
+                collectives.append(opt.last_step_collectives)
+            results[protocol + ("-bucket-view" if bucket_view else "")] = (
+                torch.cat([p.detach().reshape(-1) for p in model.parameters()]), collectives, opt.hvp_method)
+        # M-SASSHA: one pass per step at a point every replica shares; DDP averages it with
+        # distributed=False (its closure passes then call backward(), which runs DDP's hooks)
+        msassha = {}
+        for protocol in ("closure", "official", "optimizer-averaged"):
+            if protocol == "optimizer-averaged":
+                model, kw = _Quadratic(), {}
+            else:
+                model, kw = DistributedDataParallel(_Quadratic(), gradient_as_bucket_view=True), {"distributed": False}
+            opt = MSASSHA(model.parameters(), lr=LR, rho=RHO, lazy_hessian=K, backend=backend,
+                          hvp="finite_difference", **kw)
+            for _ in range(STEPS):
+                protocol_step(opt, lambda: model(a, b), "official" if protocol == "official" else "closure")
+            with opt.unperturbed():
+                msassha[protocol] = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        torch.save((results, msassha), os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # leave together: tearing down gloo mid-collective aborts the other rank
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("backend", ["eager", "foreach"])
+def test_ddp_native_reducer_averages_the_passes(backend):
+    """DDP's reducer averages the perturbed and finite-difference passes, the first runs
+    under no_sync: the semantics of the optimizer's own averaging, no collective of its own."""
     with tempfile.TemporaryDirectory() as tmp:
-        dist.init_process_group("gloo", init_method=f"file://{tmp}/init", rank=0, world_size=1)
-        try:
-            model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
-            fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
-            with pytest.raises(NotImplementedError, match="DistributedDataParallel"):
-                SASSHA(model.parameters())
-        finally:
-            dist.destroy_process_group()
+        mp.spawn(_ddp_native_worker, args=(2, os.path.join(tmp, "init"), tmp, backend), nprocs=2, join=True)
+        (r0, m0), (r1, m1) = (torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(2))
+    expected = _simulate(STEPS)
+    assert len(r0) == 3
+    for protocol, (x0, coll0, method) in r0.items():
+        x1, coll1, _ = r1[protocol]
+        assert torch.equal(x0, x1), f"{protocol}: replicas differ"
+        assert method == "finite_difference"
+        assert coll0 == coll1 == [0] * STEPS, protocol
+        torch.testing.assert_close(x0, expected, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(r0["closure"][0], r0["official"][0], rtol=1e-12, atol=1e-14)
+    for protocol in m0:
+        assert torch.equal(m0[protocol], m1[protocol]), f"M-SASSHA {protocol}: replicas differ"
+    torch.testing.assert_close(m0["closure"], m0["optimizer-averaged"], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(m0["official"], m0["optimizer-averaged"], rtol=1e-9, atol=1e-12)
+
+
+def test_no_sync_needs_finite_differences_and_a_callable():
+    model = torch.nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="finite_difference"):
+        SASSHA(model.parameters(), hvp="autograd", no_sync=lambda: None)
+    with pytest.raises(ValueError, match="no_sync"):
+        SASSHA(model.parameters(), no_sync=True)
+    opt = SASSHA(model.parameters(), no_sync=lambda: None)
+    assert opt.hvp_method == "finite_difference"
+    # a checkpoint of a run that took autograd HVPs does not switch it back
+    trained = SASSHA(model.parameters())
+    trained.step(lambda: (model(torch.ones(4, 3)) ** 2).sum())
+    assert trained.hvp_method == "autograd"
+    opt.load_state_dict(trained.state_dict())
+    assert opt.hvp_method == "finite_difference" and opt.global_step == 1
