@@ -15,7 +15,7 @@ if _os.path.isfile(_os.path.join(_source_kernels, "__init__.py")) and not _os.pa
 ):
     __path__.append(_os.path.dirname(_source_kernels))  # noqa: F821  (package __path__)
 
-from . import probes, schedules  # noqa: E402
+from . import probes, schedules, sharpness  # noqa: E402
 from .backends import BackendStatus, BackendUnavailable, available_backends, get_backend  # noqa: E402
 from .optimizer import MSASSHA, SASSHA  # noqa: E402
 from .utils import preserve_bn_stats  # noqa: E402
@@ -32,5 +32,6 @@ __all__ = [
     "preserve_bn_stats",
     "probes",
     "schedules",
+    "sharpness",
     "__version__",
 ]
