@@ -64,6 +64,9 @@ class PassDriver:
             for p in g["params"]:
                 p.grad = None
         params = self._trainable_now()
+        # a step run inside one autocast region: its cached low-precision weights would
+        # hide the moves (perturbation, difference points) from this pass's forward
+        torch.clear_autocast_cache()
         with torch.enable_grad():
             loss = closure()
         if count_present([p.grad for p in params]):
@@ -152,6 +155,7 @@ class PassDriver:
             self._fd_displaced = True
             self._in_fd_passes = True  # a zero_grad() between the passes clears .grad only
             for i in range(fd.n_passes):
+                torch.clear_autocast_cache()  # the params moved (see _closure_pass)
                 yield i
                 fd.after_pass(i)
         except BaseException:

@@ -4,10 +4,10 @@ r"""Sharpness of a model's loss at its current parameters (the metrics of the SA
 
     from sassha_fused import sharpness
     report = sharpness.measure(model, loss_fn, batches)     # batches: a re-iterable of (inputs, targets)
-    print(report)   # lambda_max 41.3 (res 8e-05, 23 it), trace 912 ± 31, dL_worst 0.0216, dL_avg 1.1e-05 ± 2e-06
+    print(report)   # loss 0.31, lambda_max 41.3 (res 8e-05, 23 it), trace 912 ± 31, dL_worst 0.0216, ...
 
 The objective is :math:`L(x) = \frac1B \sum_b \ell(\text{model}(u_b), y_b)` over the ``B``
-batches (averaged over the ranks of ``process_group`` when ``torch.distributed`` is
+batches (a mean of per-batch losses: give batches of equal size, e.g. ``drop_last=True``) (averaged over the ranks of ``process_group`` when ``torch.distributed`` is
 initialised), with the model in eval mode. Reported:
 
 * ``lambda_max``: the eigenvalue of largest magnitude of the Hessian :math:`H = \nabla^2 L`
@@ -106,19 +106,19 @@ class _Objective:
     def grad(self) -> List[Tensor]:
         acc: Optional[List[Tensor]] = None
         n = 0
-        for loss in self._batch_losses():
-            with torch.enable_grad():
+        with torch.enable_grad():  # the forward runs in _batch_losses: a caller's no_grad() must not reach it
+            for loss in self._batch_losses():
                 g = torch.autograd.grad(loss, self.params, allow_unused=True)
-            g = [torch.zeros_like(p) if gi is None else gi.detach() for gi, p in zip(g, self.params)]
-            acc = g if acc is None else [a + b for a, b in zip(acc, g)]
-            n += 1
+                g = [torch.zeros_like(p) if gi is None else gi.detach() for gi, p in zip(g, self.params)]
+                acc = g if acc is None else [a + b for a, b in zip(acc, g)]
+                n += 1
         return self._average(acc, n)
 
     def hvp_autograd(self, v: Sequence[Tensor]) -> List[Tensor]:
         acc: Optional[List[Tensor]] = None
         n = 0
-        for loss in self._batch_losses():
-            with torch.enable_grad():
+        with torch.enable_grad():
+            for loss in self._batch_losses():
                 g = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
                 live = [(i, gi) for i, gi in enumerate(g) if gi is not None and gi.requires_grad]
                 if not live:
@@ -126,14 +126,17 @@ class _Objective:
                                        "(does not require grad and does not have a grad_fn)")
                 hv = torch.autograd.grad([gi for _, gi in live], self.params, [v[i] for i, _ in live],
                                          allow_unused=True)
-            hv = [torch.zeros_like(p) if h is None else h.detach() for h, p in zip(hv, self.params)]
-            acc = hv if acc is None else [a + b for a, b in zip(acc, hv)]
-            n += 1
+                hv = [torch.zeros_like(p) if h is None else h.detach() for h, p in zip(hv, self.params)]
+                acc = hv if acc is None else [a + b for a, b in zip(acc, hv)]
+                n += 1
         return self._average(acc, n)
 
     def hvp_finite_difference(self, v: Sequence[Tensor]) -> List[Tensor]:
         """``(grad L(x + d v) - grad L(x - d v)) / (2 d)``; the params come back bitwise."""
-        bits = 64 if all(p.dtype == torch.float64 for p in self.params) else 32
+        if any(p.dtype in (torch.bfloat16, torch.float16) for p in self.params) or _autocast_on():
+            bits = 16  # 16-bit arithmetic: the larger step of hvp.FD_EPS (errors of several %)
+        else:
+            bits = 64 if all(p.dtype == torch.float64 for p in self.params) else 32
         x_norm = math.sqrt(sum(float(p.detach().double().pow(2).sum()) for p in self.params))
         v_norm = math.sqrt(sum(float(t.double().pow(2).sum()) for t in v))
         delta = FD_EPS[("central", bits)] * (1 + x_norm) / max(v_norm, 1e-30)
@@ -141,14 +144,17 @@ class _Objective:
         try:
             with torch.no_grad():
                 torch._foreach_add_(self.params, list(v), alpha=delta)
+            _params_changed()
             plus = self.grad()
             with torch.no_grad():
                 torch._foreach_copy_(self.params, saved)
                 torch._foreach_add_(self.params, list(v), alpha=-delta)
+            _params_changed()
             minus = self.grad()
         finally:
             with torch.no_grad():
                 torch._foreach_copy_(self.params, saved)
+            _params_changed()
         return [(a - b) / (2 * delta) for a, b in zip(plus, minus)]
 
     @torch.no_grad()
@@ -156,9 +162,21 @@ class _Objective:
         """L(x + scale * direction), then back to x bitwise."""
         try:
             torch._foreach_add_(self.params, list(direction), alpha=scale)
+            _params_changed()
             return self.loss()
         finally:
             torch._foreach_copy_(self.params, list(saved))
+            _params_changed()
+
+
+def _autocast_on() -> bool:
+    return any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda") if d == "cpu" or torch.cuda.is_available())
+
+
+def _params_changed() -> None:
+    """Parameters moved in place: under autocast, drop the cached low-precision copies
+    (they are keyed on the parameter and would hide the move from the next forward)."""
+    torch.clear_autocast_cache()
 
 
 def _dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> float:
@@ -205,8 +223,10 @@ def measure(model: torch.nn.Module, loss_fn: Callable[[Any, Any], Tensor], batch
     if any(is_sharded(p) for p in params):
         raise NotImplementedError("sharpness.measure takes replicated parameters; gather an FSDP2 model "
                                   "first (for example with torch.distributed.checkpoint's full state dict)")
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("sharpness.measure takes gradients: call it outside torch.inference_mode()")
     objective = _Objective(model, loss_fn, batches, params, process_group)
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # every submodule's own mode comes back
     saved = [p.detach().clone() for p in params]
     model.eval()
     try:
@@ -257,7 +277,9 @@ def measure(model: torch.nn.Module, loss_fn: Callable[[Any, Any], Tensor], batch
     finally:
         with torch.no_grad():
             torch._foreach_copy_(params, saved)
-        model.train(was_training)
+        _params_changed()
+        for m, mode in modes:
+            m.training = mode
     return SharpnessReport(loss=base, lambda_max=lam, lambda_max_residual=residual, lambda_max_iterations=iterations,
                            trace=trace, trace_stderr=trace_se, delta_worst=worst, delta_avg=avg,
                            delta_avg_stderr=avg_se, rho=float(rho), n_samples=n_samples, hvp_method=method)

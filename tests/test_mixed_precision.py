@@ -106,3 +106,36 @@ def test_fp16_autocast_with_grad_scaler_skips_overflow_steps():
         _scaled_official_step(model, opt, scaler, x, y, autocast=True)
     assert opt.global_step == step + 4
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_step_inside_one_autocast_region_sees_every_move():
+    """opt.step(closure) inside one autocast region equals autocast inside the closure:
+    autocast's cache of low-precision weights must not hide the perturbation or the
+    finite-difference moves from the passes."""
+    import torch.nn.functional as F
+
+    from sassha_fused import SASSHA
+
+    def run(outside):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.GELU(), torch.nn.Linear(16, 3))
+        x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+        opt = SASSHA(model.parameters(), lr=0.05, lazy_hessian=2, hvp="finite_difference", backend="eager")
+
+        def closure():
+            if outside:
+                return F.cross_entropy(model(x), y)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return F.cross_entropy(model(x), y)
+
+        for _ in range(3):
+            if outside:
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    opt.step(closure)
+            else:
+                opt.step(closure)
+        return torch.cat([p.detach().reshape(-1) for p in model.parameters()]), \
+            torch.cat([opt.state[p]["exp_hessian_diag"].reshape(-1) for p in model.parameters()])
+
+    (x_in, d_in), (x_out, d_out) = run(False), run(True)
+    assert torch.equal(d_in, d_out) and torch.equal(x_in, x_out)

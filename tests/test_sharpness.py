@@ -187,3 +187,22 @@ def test_two_ranks_measure_the_mean_objective_and_agree():
     one = sharpness.measure(_tiny_net(), F.cross_entropy, _data(), n_samples=40, tol=1e-10, max_iter=500)
     for field in ("loss", "lambda_max", "trace", "delta_worst", "delta_avg"):
         assert getattr(r0, field) == pytest.approx(getattr(one, field), rel=1e-9, abs=1e-12), field
+
+
+def test_under_autocast_no_grad_and_frozen_submodule_modes():
+    """Called the way evaluation code calls things: inside autocast and no_grad, with a
+    submodule kept in eval mode. In-place moves must reach the forward (autocast caches
+    low-precision copies of the parameters), and every submodule's mode comes back."""
+    model = _tiny_net().float()
+    batches = [(x.float(), y) for x, y in _data()]
+    exact = sharpness.measure(model, F.cross_entropy, batches, n_samples=20, max_iter=50)
+    model.train()
+    model[1].eval()  # a frozen submodule inside a training model
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = sharpness.measure(model, F.cross_entropy, batches, n_samples=20, max_iter=50,
+                                 hvp="finite_difference")
+    assert model.training and not model[1].training and model[0].training
+    for field in ("lambda_max", "trace", "delta_worst"):
+        assert getattr(cast, field) == pytest.approx(getattr(exact, field), rel=0.2), field
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
+        sharpness.measure(model, F.cross_entropy, batches)
