@@ -24,6 +24,7 @@ Global quantities are sums of local parts, one scalar all-reduce each
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from itertools import accumulate
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -55,7 +56,8 @@ def is_distributed(process_group: Optional[object] = None) -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1
 
 
-def _dtensor_type():
+@functools.lru_cache(maxsize=None)
+def _dtensor_type():  # looked up once: local() runs per gradient per step under FSDP2
     if not dist.is_available():
         return None
     try:

@@ -170,7 +170,7 @@ class _Objective:
 
 
 def _autocast_on() -> bool:
-    return any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda") if d == "cpu" or torch.cuda.is_available())
+    return torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")
 
 
 def _params_changed() -> None:
