@@ -11,7 +11,8 @@
 # is kept. Only when no torch is importable does it install one: $SASSHA_TORCH_SPEC,
 # default "torch==2.13.0". On a CPU machine make sure that resolves to a CPU build
 # (for example through pip's --index-url or --find-links configuration): installing
-# a CUDA build onto a machine without a GPU only wastes gigabytes.
+# a CUDA build onto a machine without a GPU only wastes gigabytes. Every later pip
+# install is constrained to the installed torch (torch==<its version>).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -34,10 +35,25 @@ setup() {
         echo "[setup] installing ${SASSHA_TORCH_SPEC:-torch==2.13.0}"
         "$VPY" -m pip install -q "${SASSHA_TORCH_SPEC:-torch==2.13.0}"
     fi
-    echo "[setup] installing test, demo and benchmark packages"
-    "$VPY" -m pip install -q -r requirements-dev.txt
+    # Every install below is constrained to the torch now installed, so no dependency
+    # (timm's torchvision, for one) can replace it with another build; one that
+    # needs another torch fails instead.
+    local constraints="$VENV/.sassha-constraints.txt"
+    echo "torch==$("$VPY" -c 'import torch; print(torch.__version__)')" > "$constraints"
+    echo "[setup] installing test, demo, benchmark and integration packages ($(cat "$constraints"))"
+    "$VPY" -m pip install -q -r requirements-dev.txt -c "$constraints"
+    # timm needs torchvision, and the registry's torchvision wheels are CUDA builds
+    # that do not load with a CPU torch ("operator torchvision::nms does not exist")
+    # and then break importing transformers and lightning too: timm is installed
+    # only where torchvision already works (a GPU machine's torch stack).
+    if "$VPY" -c "import torchvision" >/dev/null 2>&1; then
+        "$VPY" -m pip install -q timm -c "$constraints" \
+            || echo "[setup] timm did not install; the timm tests skip"
+    else
+        echo "[setup] not installing timm: it needs torchvision, which is not importable here; the timm tests skip"
+    fi
     echo "[setup] installing sassha_fused (builds the C++ extension; a failed build is recorded, not fatal)"
-    "$VPY" -m pip install -q --no-deps --no-build-isolation -e .
+    "$VPY" -m pip install -q --no-deps --no-build-isolation -e . -c "$constraints"
     echo "$want" > "$stamp"
 }
 

@@ -78,19 +78,46 @@ setup(
     name="sassha_fused",
     version="0.1.0",
     description="SASSHA optimizer for PyTorch with fused Triton and C++/CUDA kernels",
-    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    if os.path.exists(os.path.join(HERE, "README.md")) else "",
     long_description_content_type="text/markdown",
+    author="sassha_fused developers",
+    license="MIT",
+    license_files=["LICENSE"],
+    keywords=["pytorch", "optimizer", "sassha", "second-order", "sharpness-aware", "hessian",
+              "triton", "cuda", "deep-learning"],
+    classifiers=[
+        "Development Status :: 4 - Beta",
+        "Intended Audience :: Science/Research",
+        "Intended Audience :: Developers",
+        "Operating System :: POSIX :: Linux",
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3 :: Only",
+        "Programming Language :: C++",
+        "Environment :: GPU :: NVIDIA CUDA",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+        "Topic :: Software Development :: Libraries :: Python Modules",
+        "Typing :: Typed",
+    ],
     packages=packages,
     package_dir={"sassha_fused.triton_kernels": "triton_kernels", "sassha_fused.csrc": "csrc"},
-    package_data={"sassha_fused.csrc": ["*.cpp", "*.cu", "*.h", "*.cuh"]},
+    package_data={"sassha_fused": ["py.typed"], "sassha_fused.csrc": ["*.cpp", "*.cu", "*.h", "*.cuh"]},
     python_requires=">=3.9",
     # torch is not pinned here: the setup script installs the right build first, and
-    # an already installed torch (a GPU machine's) must be kept.
-    install_requires=["torch>=2.1"],
+    # an already installed torch (a GPU machine's) must be kept. ninja: the C++
+    # extension is built just in time on first use unless it was built at install
+    # time (pip install --no-build-isolation .), and that build needs ninja.
+    install_requires=["torch>=2.1", "ninja"],
     extras_require={
         "triton": ["triton"],
-        "dev": ["pytest", "pytest-benchmark", "hypothesis", "ninja", "pybind11"],
+        # sassha_fused.integrations.hf: transformers' Trainer (training_step with num_items_in_batch: 4.46;
+        # TrainingArguments needs accelerate)
+        "hf": ["transformers>=4.46", "accelerate>=0.26"],
+        "lightning": ["lightning>=2.1"],
+        # timm's optimizer registry (timm.optim create_optimizer_v2 / OptimInfo) arrived in 1.0.12
+        "timm": ["timm>=1.0.12"],
         "demo": ["scikit-learn", "tqdm"],
+        "dev": ["pytest", "pytest-benchmark", "hypothesis", "ninja", "pybind11"],
     },
     **_safe_extension_args(),
 )

@@ -7,11 +7,14 @@ Order of attempts, first success wins:
    and compared here, without loading it, so a stale build is never loaded);
 2. a just-in-time build with ``torch.utils.cpp_extension.load`` (ninja), cached in
    torch's extensions directory (``TORCH_EXTENSIONS_DIR``) under a name that
-   carries the sources' hash.
+   carries the sources' hash. It needs ninja (an install requirement: the pip
+   wheel's binary, found in this environment's scripts directory even when that is
+   not on ``PATH``) and a C++ compiler (``$CXX``, default ``c++``); a missing one is
+   reported as such, with the fix, before anything is compiled.
 
 Nothing here raises: ``load_extension`` returns an ``ExtensionBuild`` that records
 either the loaded library or the reason it is missing (the compiler's message for a
-failed build), which ``backends/cpp_backend.py`` turns into ``BackendUnavailable``.
+failed build) and its ``cause``, which ``backends/cpp_backend.py`` turns into ``BackendUnavailable``.
 
 This module is also imported by ``setup.py`` by file path (before the package is
 installed), so it imports nothing from ``sassha_fused`` and torch only lazily.
@@ -29,11 +32,15 @@ import hashlib
 import importlib.util
 import os
 import re
+import shutil
+import sys
+import sysconfig
 import threading
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-__all__ = ["ExtensionBuild", "csrc_dir", "sources_hash", "extension_sources", "load_extension", "CXX_FLAGS"]
+__all__ = ["ExtensionBuild", "csrc_dir", "sources_hash", "extension_sources", "load_extension", "ninja_dir",
+           "cxx_compiler", "CXX_FLAGS"]
 
 #: Flags for the C++ translation unit. No -march=native: the library may be built
 #: on one machine and run on another; -fopenmp because at::parallel_for is inlined
@@ -48,6 +55,9 @@ _PREBUILT_MODULE = "sassha_fused._C"
 _MARKER = re.compile(rb"SASSHA_FUSED_SOURCES_HASH=([0-9a-zA-Z]+);")
 _MAX_MESSAGE = 6000
 
+#: How to get the extension without a just-in-time build, for the messages below.
+INSTALL_TIME_HINT = "or build it at install time: pip install --no-build-isolation . (in a source checkout)"
+
 
 @dataclass
 class ExtensionBuild:
@@ -59,6 +69,10 @@ class ExtensionBuild:
     with_cuda: bool = False  # CUDA kernels are registered
     error: Optional[str] = None  # why not, with the compiler's message
     notes: List[str] = field(default_factory=list)
+    #: when not ok, what went wrong: "no-ninja", "no-compiler", "build" (the
+    #: compiler or linker failed), "sources" (csrc/ missing) or "conflict" (another
+    #: build of the operators is already loaded)
+    cause: Optional[str] = None
 
 
 def csrc_dir() -> Optional[str]:
@@ -99,6 +113,53 @@ def cuda_build_possible() -> Tuple[bool, str]:
     if cpp_extension.CUDA_HOME is None:
         return False, "no CUDA toolkit (nvcc) found; set CUDA_HOME"
     return True, ""
+
+
+def ninja_dir() -> Optional[str]:
+    """The directory holding a ``ninja`` executable, or None.
+
+    ``PATH`` first; then where the ``ninja`` pip wheel puts its binary (this
+    environment's scripts directory, next to ``sys.executable``), which is not on
+    ``PATH`` when the environment's python is run without activating it.
+    """
+    found = shutil.which("ninja")
+    if found:
+        return os.path.dirname(found)
+    candidates = []
+    try:
+        import ninja  # the pip wheel
+
+        candidates.append(getattr(ninja, "BIN_DIR", ""))
+    except Exception:
+        pass
+    candidates += [sysconfig.get_path("scripts"), os.path.dirname(sys.executable)]
+    exe = "ninja" + (sysconfig.get_config_var("EXE") or "")
+    for d in candidates:
+        if d and os.access(os.path.join(d, exe), os.X_OK):
+            return d
+    return None
+
+
+def cxx_compiler() -> Tuple[str, Optional[str]]:
+    """The C++ compiler torch's build uses (``$CXX``, default ``c++``) and its path, or None."""
+    name = os.environ.get("CXX") or ("cl" if os.name == "nt" else "c++")
+    return name, shutil.which(name.split()[0]) if name.strip() else None
+
+
+def _missing_tool() -> Optional[ExtensionBuild]:
+    """A failed ExtensionBuild naming the missing build tool and the fix, or None."""
+    if ninja_dir() is None:
+        return ExtensionBuild(False, cause="no-ninja", error=(
+            "ninja not found: the C++ extension is built just in time on first use, and that needs "
+            "the ninja build tool. Fix: pip install ninja (a dependency of sassha_fused, so reinstalling "
+            f"sassha_fused brings it too), then restart Python; {INSTALL_TIME_HINT}"))
+    name, path = cxx_compiler()
+    if path is None:
+        return ExtensionBuild(False, cause="no-compiler", error=(
+            f"no C++ compiler found ({name!r} is not on PATH; set CXX to use another): the C++ "
+            "extension is compiled on first use. Fix: install one (e.g. apt-get install g++), then "
+            "restart Python (a build at install time, pip install --no-build-isolation ., needs one too)"))
+    return None
 
 
 def _shorten(message: str) -> str:
@@ -153,6 +214,14 @@ def _jit(directory: str, digest: str, build_dir: Optional[str], verbose: bool) -
         build_dir = os.path.join(build_dir, name)
         os.makedirs(build_dir, exist_ok=True)
     define = f"-DSASSHA_FUSED_SOURCES_HASH={digest}"
+    missing = _missing_tool()
+    if missing is not None:
+        missing.notes = notes
+        return missing
+    # torch runs "ninja" from PATH; the pip wheel's binary may not be on it.
+    path = os.environ.get("PATH")
+    if shutil.which("ninja") is None:
+        os.environ["PATH"] = os.pathsep.join(p for p in (ninja_dir(), path) if p)
     try:
         cpp_extension.load(
             name=name,
@@ -165,12 +234,19 @@ def _jit(directory: str, digest: str, build_dir: Optional[str], verbose: bool) -
             is_python_module=False,
             verbose=verbose,
         )
-    except Exception as exc:  # a compiler or linker error, ninja missing, ...
-        return ExtensionBuild(False, error=f"building the C++ extension from {directory} failed:\n{_shorten(str(exc))}",
-                              notes=notes)
+    except Exception as exc:  # a compiler or linker error
+        return ExtensionBuild(False, cause="build", notes=notes, error=(
+            f"building the C++ extension from {directory} failed (the compiler's message follows). Fix: "
+            "a C++17 compiler that can build against this torch (CXX selects it), then restart Python; "
+            f"{INSTALL_TIME_HINT}, with pip -v for the full log:\n{_shorten(str(exc))}"))
+    finally:
+        if path is None:
+            os.environ.pop("PATH", None)
+        else:
+            os.environ["PATH"] = path
     if not _registered(with_cuda):
-        return ExtensionBuild(False, error="the extension was built but registered no sassha_fused operators",
-                              notes=notes)
+        return ExtensionBuild(False, cause="build", notes=notes,
+                              error="the extension was built but registered no sassha_fused operators")
     return ExtensionBuild(True, "jit", build_dir or name, with_cuda, notes=notes)
 
 
@@ -212,13 +288,13 @@ def load_extension(
 
 def _load(sources: Optional[str], build_dir: Optional[str], prebuilt: bool, verbose: bool) -> ExtensionBuild:
     if sources is None or not os.path.isdir(sources):
-        return ExtensionBuild(False, error=(
+        return ExtensionBuild(False, cause="sources", error=(
             "the C++ extension sources (csrc/) were not found next to the package; "
             "reinstall sassha_fused from a source checkout"))
     try:
         digest = sources_hash(sources)
     except OSError as exc:
-        return ExtensionBuild(False, error=f"cannot read the extension sources in {sources}: {exc}")
+        return ExtensionBuild(False, cause="sources", error=f"cannot read the extension sources in {sources}: {exc}")
     notes = []
     try:
         if _ops_loaded():
@@ -229,7 +305,7 @@ def _load(sources: Optional[str], build_dir: Optional[str], prebuilt: bool, verb
             info = torch.ops.sassha_fused.build_info()
             if f"sources={digest}" in info:
                 return ExtensionBuild(True, "loaded", None, _registered(True))
-            return ExtensionBuild(False, error=(
+            return ExtensionBuild(False, cause="conflict", error=(
                 f"another build of the sassha_fused operators ({info}) is already loaded in this "
                 f"process; restart Python to load the one from {sources}"))
         if prebuilt:

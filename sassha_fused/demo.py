@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, List
@@ -36,6 +37,25 @@ class Result:
     train_loss: float
     ms_per_step: float
     steps: int
+
+
+#: What a pip install without the demo extra is told (one line, no traceback).
+MISSING_SKLEARN = (
+    "sassha_fused demo: scikit-learn (the digits data set) cannot be imported{why}; install the demo extra, "
+    "keeping your torch build: pip install \"sassha_fused[demo]\" "
+    "-c <(echo \"torch==$(python -c 'import torch; print(torch.__version__)')\")"
+)
+
+
+def require_sklearn() -> None:
+    """Exit with status 2 and one line saying how to install scikit-learn, if it is missing."""
+    try:
+        import sklearn  # noqa: F401
+        import sklearn.datasets  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install
+        why = f" ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        print(MISSING_SKLEARN.format(why=why), file=sys.stderr)
+        raise SystemExit(2)
 
 
 def load_digits(device: torch.device, seed: int = 0):
@@ -131,6 +151,7 @@ def main(argv: List[str] = None) -> None:
     ap.add_argument("--width", type=int, default=256)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
+    require_sklearn()
     device = torch.device(args.device)
 
     data = load_digits(device)

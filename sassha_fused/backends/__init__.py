@@ -10,11 +10,19 @@ pass a spy that wraps a real backend, so the choice is made by argument).
 An optional backend whose import or build failed records the error when first
 loaded; asking for it re-raises that error with the reason (apex's ``check_avail``
 pattern). ``available_backends()`` reports all of them without raising.
+
+``"auto"`` passing over the C++/CUDA extension because it failed to build (ninja
+or a compiler missing, a compiler error: the exception carries ``build_cause``)
+warns once per process; passing over a backend that does not apply here (no CUDA,
+triton not installed) is silent.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+import sys
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Union
 
@@ -70,6 +78,7 @@ _BUILTIN: Dict[str, Callable[[], Backend]] = {
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "foreach"), "cpu": ("cpp", "foreach")}
 
 _cache: Dict[str, Union[Backend, BackendUnavailable]] = {}
+_auto_fallback_warned = False
 
 
 @dataclass(frozen=True)
@@ -145,11 +154,41 @@ def resolve_backend(
         if reason is not None:
             raise BackendUnavailable(f"backend {spec!r} cannot run {dtype} on {device}: {reason}")
         return backend
+    failed_build = None  # (name, reason) of a backend skipped because its build failed
     for name in _AUTO_ORDER.get(device.type, ("foreach",)):
         result = _load(name)
         if isinstance(result, Backend) and result.supports(device, dtype) is None:
-            return result
-    return _load("foreach")  # type: ignore[return-value]
+            break
+        if failed_build is None and getattr(result, "build_cause", None):
+            failed_build = (name, str(result))
+    else:
+        result = _load("foreach")
+    if failed_build is not None:
+        _warn_auto_fallback(failed_build[0], failed_build[1], result.name, device)  # type: ignore[union-attr]
+    return result  # type: ignore[return-value]
+
+
+def _warn_auto_fallback(skipped: str, reason: str, chosen: str, device: torch.device) -> None:
+    """One warning per process: "auto" passed over a backend whose extension did not build."""
+    global _auto_fallback_warned
+    if _auto_fallback_warned:
+        return
+    _auto_fallback_warned = True
+    first = reason.strip().splitlines()[0] if reason.strip() else "no reason recorded"
+    # Point at the caller's line, outside this package and torch (torch.optim's
+    # constructor calls ours).
+    inside = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep
+                   for m in (sys.modules[__name__.split(".")[0]], torch))
+    level, frame = 1, sys._getframe(0)
+    while frame is not None and frame.f_code.co_filename.startswith(inside):
+        level, frame = level + 1, frame.f_back
+    warnings.warn(
+        f"sassha_fused: backend='auto' runs {device.type} tensors on {chosen!r} instead of {skipped!r}: "
+        f"the C++ extension is unavailable: {first} (sassha_fused.available_backends() gives the full "
+        "reason; pass backend='foreach' to choose the fallback explicitly and silence this)",
+        RuntimeWarning,
+        stacklevel=level,
+    )
 
 
 def check_backend_name(spec: Optional[Union[str, Backend]]) -> None:

@@ -116,7 +116,11 @@ def load(name: str = "cpp", build: Optional[_build.ExtensionBuild] = None) -> Ba
     if build is None:
         build = _build.load_extension()
     if not build.ok:
-        raise BackendUnavailable(build.error or "the C++ extension is unavailable")
+        # Marked as a failed build (not a backend that does not apply here): "auto"
+        # says so when it falls back (backends/__init__.py).
+        exc = BackendUnavailable(build.error or "the C++ extension is unavailable")
+        exc.build_cause = build.cause or "build"
+        raise exc
     if name == "cuda":
         if not build.with_cuda:
             notes = "; ".join(build.notes) or "it was compiled without CUDA sources"
