@@ -41,6 +41,9 @@ class _UseFiniteDifferences(Exception):
     """This step cannot take an autograd HVP; the message says why."""
 
 
+_CLOSURE_CALLS_BACKWARD = "the closure calls backward() itself"
+
+
 class PassDriver:
     """Closure passes and Hessian-vector products of a step (a mixin of the optimizer classes)."""
 
@@ -72,7 +75,7 @@ class PassDriver:
         if count_present([p.grad for p in params]):
             self._standard_closure = True
             if create_graph:
-                raise _UseFiniteDifferences("the closure calls backward() itself")
+                raise _UseFiniteDifferences(_CLOSURE_CALLS_BACKWARD)
             return loss.detach() if isinstance(loss, Tensor) else loss
         if not isinstance(loss, Tensor):
             raise TypeError(f"the closure must return the loss as a tensor, got {type(loss).__name__}")
@@ -95,11 +98,14 @@ class PassDriver:
                 if self.hvp != "finite_difference":
                     self._use_finite_differences(exc)  # their double backward would miss the checkpointed part
                 return self._closure_pass(closure)
-            if "second time" in str(exc):
+            if "second time" in str(exc):  # (PyTorch's own text would only confuse: not chained)
                 raise RuntimeError(
-                    "the closure's graph was already used by a backward pass: return the loss without "
-                    "calling backward() on it, or call backward() once and leave the loss to the optimizer"
-                ) from exc
+                    f"{type(self).__name__}.step(closure): the graph of the loss the closure returned was already "
+                    "used by a backward pass (the closure calls backward() on it and then clears the gradients, "
+                    "or returns a loss computed outside it). Either return the loss without calling backward() "
+                    "(the optimizer runs the backward passes), or call loss.backward() inside the closure and "
+                    "leave the gradients in place, as torch.optim's closures do. Parameters and optimizer state "
+                    "are unchanged.") from None
             raise
         for p, g in zip(params, grads):
             p.grad = g
@@ -108,6 +114,13 @@ class PassDriver:
     def _use_finite_differences(self, cause: BaseException) -> None:
         """Switch the run to finite differences, or raise if autograd was asked for."""
         if self.hvp == "autograd":
+            if isinstance(cause, _UseFiniteDifferences) and str(cause) == _CLOSURE_CALLS_BACKWARD:
+                raise RuntimeError(
+                    f"{type(self).__name__}(hvp='autograd'): the closure calls backward() itself, so the optimizer "
+                    "cannot build the double-backward graph the Hessian-vector products need. Return the loss "
+                    "from the closure without calling backward() (the optimizer runs the passes), or use "
+                    "hvp='finite_difference' (or 'auto'), which takes them from ordinary backward passes. "
+                    "Parameters and optimizer state are unchanged.") from None
             raise RuntimeError(
                 f"{type(self).__name__}(hvp='autograd'): this model cannot be differentiated twice "
                 f"({cause}). Use hvp='finite_difference' (or 'auto'), which needs no double backward.") from cause
@@ -118,6 +131,14 @@ class PassDriver:
                     f"{type(self).__name__}: switching to finite-difference Hessian-vector products for the rest "
                     f"of the run: the model cannot be differentiated twice ({str(cause).splitlines()[0]}).",
                     RuntimeWarning, stacklevel=5)
+
+    def _require_finite_differences(self, who: str) -> None:
+        """For drivers whose backward passes build no double-backward graph (framework trainers)."""
+        if self.hvp == "autograd":
+            raise ValueError(
+                f"{who} takes the Hessian-vector products by finite differences (its backward passes build no "
+                f"double-backward graph): construct {type(self).__name__} with hvp='finite_difference' or 'auto'")
+        self._hvp_method = "finite_difference"
 
     def _pass_and_refresh(self, closure: Callable[[], Any]) -> Any:
         """The pass at the HVP point, and on refresh steps the Hessian-vector products.

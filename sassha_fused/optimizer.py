@@ -10,6 +10,7 @@ once, in ``backends/eager.py`` and ``functional.update_scalars``.
 from __future__ import annotations
 
 import contextlib
+import sys
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import torch
@@ -48,7 +49,8 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
     def __init__(self, params: Iterable, options: Dict[str, Any]) -> None:
         validate_options(options)
         for name in ("lazy_hessian", "n_samples", "seed", "hessian_power", "hvp", "fd_eps", "fd_scheme", "backend",
-                     "nonfinite", "distributed", "process_group", "grad_scaler", "capturable"):
+                     "nonfinite", "max_consecutive_skips", "distributed", "process_group", "grad_scaler",
+                     "capturable"):
             setattr(self, name, options[name])
         self.distributed = bool(self.distributed)
         rho = options["rho"]
@@ -126,6 +128,37 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
         self._shards = shards
         self._index_maps()
 
+    def __repr__(self) -> str:
+        """torch's repr (every param group) after the optimizer-wide options and the backends in use."""
+        lines = [f"{type(self).__name__} (", "Options"]
+        for name, value in self._repr_options():
+            lines.append(f"    {name}: {value}")
+        groups = super().__repr__().split("\n", 1)[1]  # torch's "Parameter Group i" blocks and ")"
+        return "\n".join(lines) + "\n" + groups
+
+    def _repr_options(self) -> List[Tuple[str, Any]]:
+        backends = ", ".join(f"{k}: {v}" for k, v in self.backends.items()) or "none yet"
+        hvp = f"{self.hvp!r} (in use: {self._hvp_method})" if self.hvp == "auto" else repr(self.hvp)
+        options: List[Tuple[str, Any]] = [
+            ("backend", f"{self.backend!r} (in use: {backends})" if isinstance(self.backend, str) else self.backend),
+            ("lazy_hessian", self.lazy_hessian),
+            ("n_samples", self.n_samples),
+            ("hessian_power", self.hessian_power),
+            ("hvp", hvp),
+            ("fd_eps", repr(self.fd_eps)),
+            ("fd_scheme", repr(self.fd_scheme)),
+            ("seed", self.seed),
+            ("nonfinite", repr(self.nonfinite)),
+            ("max_consecutive_skips", self.max_consecutive_skips),
+            ("distributed", self.distributed),
+            ("capturable", self.capturable),
+        ]
+        if self.rho_schedule is not None:
+            options.append(("rho", f"{self.rho_schedule!r} (a schedule: the groups' rho is its latest value)"))
+        if self.grad_scaler is not None:
+            options.append(("grad_scaler", type(self.grad_scaler).__name__))
+        return options
+
     # --------------------------------------------------------------- schedules
     @property
     def refresh_due(self) -> bool:
@@ -138,6 +171,12 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
 
         That is a refresh step taken with autograd HVPs; with finite differences no
         graph is ever needed (the refresh takes ``hvp_passes()`` instead).
+
+        PyTorch warns (once) that ``backward(create_graph=True)`` creates a
+        parameter/gradient reference cycle and advises resetting the gradients
+        afterwards; the optimizer does that part: it detaches graph-carrying
+        gradients when it takes the products (``unperturb()``, ``hvp_passes()`` or
+        ``step()``), so the cycle lasts only until then.
         """
         return self.refresh_due and self._hvp_method == "autograd"
 
@@ -198,11 +237,19 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
         ``torch.distributed.checkpoint.state_dict`` initialises an optimizer before
         it saves or loads one, and a SASSHA step needs passes it would not have.
         """
+        if closure is not None and ("lightning" in sys.modules or "pytorch_lightning" in sys.modules):
+            from .integrations.lightning import prepare_closure  # refuses what would be wrong under Lightning
+
+            closure = prepare_closure(self, closure)
         if closure is None and self._is_state_initialisation():
             with torch.no_grad():
                 participants = self._participants()
                 attach_state(self._plan(participants, self._backup), self._state_of)
             return None
+        if closure is None:
+            if self._without_gradients():
+                return None  # as torch.optim: nothing to step; schedules and counters stay
+            self._check_protocol()
         loss = None
         if self.capturable and self.refresh_due and torch.cuda.is_current_stream_capturing():
             raise RuntimeError(
@@ -225,6 +272,16 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
         with torch.no_grad():
             self._finish_step()
         return loss
+
+    def _without_gradients(self) -> bool:
+        """A ``step()`` with no gradient anywhere and no step begun: torch.optim skips such a
+        step, and so does this optimizer (its global step and refresh schedule stay). In
+        optimizer-averaged data-parallel runs every rank takes part in every step."""
+        return (not self._step_begun and self._pending is None and not self._data_parallel()
+                and all(p.grad is None for p in self._all_params()))
+
+    def _check_protocol(self) -> None:
+        """Refuse a ``step()`` (official protocol) that skipped a required call; the class says which."""
 
     def _is_state_initialisation(self) -> bool:
         """A step of torch.distributed.checkpoint's ``_init_optim_state`` (see ``step``)."""
@@ -377,7 +434,8 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
 
 
 class SASSHA(_SasshaBase):
-    r"""SASSHA: Sharpness-aware Adaptive Second-order optimisation with Stable Hessian
+    # (assigned, not a literal docstring: it is built from the shared ARGS_DOC)
+    __doc__ = r"""SASSHA: Sharpness-aware Adaptive Second-order optimisation with Stable Hessian
     Approximation (Shin, Lee, Chung, Lee, ICML 2025, arXiv:2502.18153).
 
     .. math::
@@ -414,6 +472,13 @@ class SASSHA(_SasshaBase):
         opt.unperturb()
         opt.step()
         opt.zero_grad()
+
+    In (b), a ``step()`` that no ``perturb_weights()`` preceded raises and changes
+    nothing (it would be a step without the perturbation; with ``rho=0`` it is
+    allowed). A ``step()`` with no gradient at all does nothing, as in torch.optim:
+    the global step and the Hessian-refresh schedule stay where they are.
+    ``backends`` names the backend running each (device, dtype); ``repr(opt)`` shows
+    every option.
     """ + ARGS_DOC + r"""
         adaptive: element-wise adaptive perturbation (ASAM): the norm is taken over
             :math:`|x| \odot g` and :math:`e = \rho\, x^2 \odot g / (n + \epsilon_p)`.
@@ -484,6 +549,29 @@ class SASSHA(_SasshaBase):
     def is_perturbed(self) -> bool:
         """True between ``perturb_weights()`` and ``unperturb()`` / the end of the step."""
         return self._perturbed is not None
+
+    def _check_protocol(self) -> None:
+        """``step()`` without ``perturb_weights()`` would be a step without the perturbation."""
+        if self._step_begun:  # perturb_weights() ran since the last step
+            return
+        rho_set = any(float(g["rho"]) > 0 for g, own in zip(self.param_groups, self._own_rho)
+                      if own or self.rho_schedule is None)
+        if rho_set or (self.rho_schedule is not None and not all(self._own_rho)):
+            raise RuntimeError(
+                "SASSHA.step() was called without perturb_weights() in this step, which would take a step "
+                "without the sharpness perturbation (a rho=0 step). Either drive the step with "
+                "opt.step(closure), or follow the protocol: loss.backward(); opt.perturb_weights(); a second "
+                "forward/backward at the perturbed point; the hvp_passes() loop; opt.unperturb(); opt.step() "
+                "(see help(SASSHA) and the README; timm's train loop needs the README's timm recipe). "
+                "For a step without perturbation, set rho=0. Parameters, gradients and optimizer state are "
+                "unchanged.")
+
+    def _repr_options(self) -> List[Tuple[str, Any]]:
+        options = super()._repr_options()
+        options += [("adaptive", self.adaptive), ("defer_unperturb", self.defer_unperturb)]
+        if self.no_sync is not None:
+            options.append(("no_sync", getattr(self.no_sync, "__qualname__", repr(self.no_sync))))
+        return options
 
     def _backup(self, p: Tensor) -> Tensor:
         buf = self._backups.get(id(p))
@@ -642,7 +730,7 @@ class SASSHA(_SasshaBase):
 
 
 class MSASSHA(_SasshaBase):
-    r"""M-SASSHA (paper appendix B): SASSHA with one gradient per step.
+    __doc__ = r"""M-SASSHA (paper appendix B): SASSHA with one gradient per step.
 
     The perturbation follows the momentum instead of a fresh gradient:
 
@@ -664,6 +752,8 @@ class MSASSHA(_SasshaBase):
         for _ in opt.hvp_passes():
             loss_fn(model(x), y).backward()
         opt.step(); opt.zero_grad()
+
+    A ``step()`` with no gradient at all does nothing, as in torch.optim.
     """ + ARGS_DOC + r"""
     State per parameter: ``step``, ``exp_avg``, ``exp_hessian_diag``,
     ``bias_correction2`` and ``unperturbed_param`` (the point :math:`x_t` while the
@@ -769,12 +859,13 @@ class MSASSHA(_SasshaBase):
     def unperturbed(self) -> Iterator[None]:
         """Parameters at :math:`x_t` inside the block (evaluation, checkpoints), perturbed after."""
         was = self._is_perturbed
+        outer = getattr(self, "_perturbed_outside", False)  # the blocks may nest
         self.unperturb()
-        self._perturbed_outside = was  # a state_dict taken in here records the outside
+        self._perturbed_outside = was or outer  # a state_dict taken in here records the outside
         try:
             yield
         finally:
-            self._perturbed_outside = False
+            self._perturbed_outside = outer
             if was:
                 self.perturb_weights()
 

@@ -1,0 +1,229 @@
+"""The rough edges a new user hits (issue 13): documented API, full repr, protocol (b)
+misuse, closures that call backward, and the reference cycle of create_graph."""
+
+import copy
+import gc
+import pydoc
+import weakref
+
+import pytest
+import torch
+
+from sassha_fused import MSASSHA, SASSHA
+from sassha_fused.schedules import LinearSchedule
+
+DT = torch.float64
+
+
+def model_and_data(seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).to(DT)
+    x, y = torch.randn(16, 5, dtype=DT), torch.randn(16, 3, dtype=DT)
+    return model, x, y
+
+
+def loss_of(model, x, y):
+    return torch.nn.functional.mse_loss(model(x), y)
+
+
+def snapshot(model, opt):
+    return ([p.detach().clone() for p in model.parameters()],
+            [None if p.grad is None else p.grad.detach().clone() for p in model.parameters()],
+            copy.deepcopy(opt.state_dict()))
+
+
+def assert_unchanged(model, opt, snap, grads_too=True):
+    params, grads, sd = snap
+    for p, q, g in zip(model.parameters(), params, grads):
+        assert torch.equal(p, q)
+        if grads_too:
+            assert (p.grad is None and g is None) or torch.equal(p.grad, g)
+    now = opt.state_dict()
+    assert now["sassha_fused"] == sd["sassha_fused"]
+    assert set(now["state"]) == set(sd["state"])
+    for i, st in sd["state"].items():
+        for k, v in st.items():
+            assert torch.equal(now["state"][i][k], v)
+
+
+# ------------------------------------------------------------------ documentation
+@pytest.mark.parametrize("cls", [SASSHA, MSASSHA])
+def test_help_shows_the_algorithm_and_every_argument(cls):
+    doc = cls.__doc__
+    assert doc and "Args:" in doc
+    text = pydoc.render_doc(cls, renderer=pydoc.plaintext)
+    import inspect
+
+    for name in inspect.signature(cls.__init__).parameters:
+        if name != "self":
+            assert f"{name}:" in doc, f"{name} is not documented in {cls.__name__}.__doc__"
+    assert "perturb" in text and "hvp_passes" in text
+
+
+def test_repr_shows_options_and_the_backend_in_use():
+    model, x, y = model_and_data()
+    opt = SASSHA(model.parameters(), lazy_hessian=3, hessian_power=0.7, n_samples=2, adaptive=True)
+    text = repr(opt)
+    for fragment in ("lazy_hessian: 3", "hessian_power: 0.7", "n_samples: 2", "adaptive: True",
+                     "backend: 'auto' (in use: cpu/float64:", "hvp: 'auto' (in use: autograd)",
+                     "Parameter Group 0", "lr: 0.15"):
+        assert fragment in text, (fragment, text)
+    assert opt.backends == {"cpu/float64": opt.backends["cpu/float64"]}
+    assert "hessian_power" in repr(MSASSHA(model.parameters())) and "adaptive" not in repr(MSASSHA(model.parameters()))
+
+
+# ------------------------------------------------------------- protocol (b) misuse
+def test_step_without_perturb_weights_is_refused_and_changes_nothing():
+    model, x, y = model_and_data()
+    opt = SASSHA(model.parameters(), lazy_hessian=1)
+    opt.step(lambda: loss_of(model, x, y))  # some state first
+    loss_of(model, x, y).backward()  # timm's loop: backward, then step()
+    snap = snapshot(model, opt)
+    with pytest.raises(RuntimeError, match="without perturb_weights"):
+        opt.step()
+    assert_unchanged(model, opt, snap)
+    assert opt.global_step == 1
+    # the same step, done right, still works afterwards
+    opt.perturb_weights(zero_grad=True)
+    loss_of(model, x, y).backward(create_graph=opt.hessian_due)
+    opt.unperturb()
+    opt.step()
+    assert opt.global_step == 2
+
+
+def test_step_without_perturbation_is_allowed_when_rho_is_zero():
+    model, x, y = model_and_data()
+    ref, _, _ = model_and_data()
+    opt = SASSHA(model.parameters(), rho=0.0, lazy_hessian=2)
+    ropt = SASSHA(ref.parameters(), rho=0.0, lazy_hessian=2)
+    for _ in range(3):
+        loss_of(model, x, y).backward(create_graph=opt.hessian_due)
+        opt.step()
+        opt.zero_grad()
+        ropt.step(lambda: loss_of(ref, x, y))  # perturbs by 0
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(p, q)
+    # a rho schedule may return anything: it needs perturb_weights()
+    opt2 = SASSHA(model.parameters(), rho=LinearSchedule(0.0, 0.1, 10))
+    loss_of(model, x, y).backward()
+    with pytest.raises(RuntimeError, match="without perturb_weights"):
+        opt2.step()
+
+
+def test_msassha_step_needs_no_perturb_weights():
+    model, x, y = model_and_data()
+    opt = MSASSHA(model.parameters(), lazy_hessian=2)
+    for _ in range(3):
+        loss_of(model, x, y).backward(create_graph=opt.hessian_due)
+        opt.step()
+        opt.zero_grad()
+    assert opt.global_step == 3
+
+
+@pytest.mark.parametrize("cls", [SASSHA, MSASSHA])
+def test_step_without_gradients_leaves_the_schedule_alone(cls):
+    model, x, y = model_and_data()
+    rho = LinearSchedule(0.1, 0.3, 10)
+    opt = cls(model.parameters(), lazy_hessian=2, rho=rho, hessian_power=LinearSchedule(0.5, 1.0, 10))
+    opt.step(lambda: loss_of(model, x, y))
+    opt.zero_grad()
+    snap = snapshot(model, opt)
+    for _ in range(3):
+        assert opt.step() is None  # no gradient anywhere
+    assert_unchanged(model, opt, snap)
+    assert opt.global_step == 1 and not opt.refresh_due
+    # the schedules did not move either: the next real step equals a run without the empty steps
+    ref, _, _ = model_and_data()
+    ropt = cls(ref.parameters(), lazy_hessian=2, rho=LinearSchedule(0.1, 0.3, 10),
+               hessian_power=LinearSchedule(0.5, 1.0, 10))
+    for m, o in ((model, opt), (ref, ropt)):
+        if o is ropt:
+            o.step(lambda: loss_of(ref, x, y))
+        o.step(lambda m=m: loss_of(m, x, y))
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(p, q)
+
+
+# ------------------------------------------------------- closures that call backward
+@pytest.mark.parametrize("cls", [SASSHA, MSASSHA])
+def test_autograd_hvps_with_a_closure_that_calls_backward_say_so(cls):
+    model, x, y = model_and_data()
+    opt = cls(model.parameters(), hvp="autograd")
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_of(model, x, y)
+        loss.backward()
+        return loss
+
+    snap = snapshot(model, opt)
+    with pytest.raises(RuntimeError) as info:
+        opt.step(closure)
+    msg = str(info.value)
+    assert "the closure calls backward() itself" in msg and "hvp='finite_difference'" in msg
+    assert "differentiated twice" not in msg
+    assert info.value.__cause__ is None and info.value.__suppress_context__  # no internal exception chained
+    assert_unchanged(model, opt, snap, grads_too=False)  # (the gradients are the closure's)
+
+
+def test_a_closure_that_reuses_a_spent_graph_gets_our_message_only():
+    model, x, y = model_and_data()
+    opt = SASSHA(model.parameters())
+
+    def closure():  # backward, then clears the gradients: the optimizer cannot run the pass
+        loss = loss_of(model, x, y)
+        loss.backward()
+        opt.zero_grad()
+        return loss
+
+    snap = snapshot(model, opt)
+    with pytest.raises(RuntimeError) as info:
+        opt.step(closure)
+    assert "already used by a backward pass" in str(info.value)
+    assert "retain_graph" not in str(info.value)
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+    assert_unchanged(model, opt, snap, grads_too=False)
+
+
+# -------------------------------------------------------------- reference cycle
+@pytest.mark.parametrize("cls", [SASSHA, MSASSHA])
+def test_protocol_b_with_create_graph_leaves_no_reference_cycle(cls):
+    """PyTorch warns that backward(create_graph=True) creates a parameter/gradient cycle; the
+    optimizer breaks it (it detaches graph-carrying gradients when it takes the products), so
+    everything is freed by reference counting alone, without the garbage collector."""
+    gc.collect()
+    gc.disable()
+    try:
+        model, x, y = model_and_data()
+        opt = cls(model.parameters(), lazy_hessian=1, hvp="autograd")
+        for _ in range(2):
+            loss_of(model, x, y).backward()
+            if cls is SASSHA:
+                opt.perturb_weights(zero_grad=True)
+                loss_of(model, x, y).backward(create_graph=opt.hessian_due)
+                opt.unperturb()
+            else:
+                opt.zero_grad()
+                loss_of(model, x, y).backward(create_graph=opt.hessian_due)
+            for _ in opt.hvp_passes():
+                pass
+            assert not any(p.grad.requires_grad for p in model.parameters())
+            opt.step()
+        probe = weakref.ref(model[0].weight)
+        del model, opt
+        assert probe() is None, "a parameter outlived its model and optimizer: a reference cycle"
+    finally:
+        gc.enable()
+
+
+def test_nested_unperturbed_blocks_record_the_outside_point():
+    model, x, y = model_and_data()
+    opt = MSASSHA(model.parameters())
+    opt.step(lambda: loss_of(model, x, y))
+    assert opt.is_perturbed
+    with opt.unperturbed():
+        with opt.unperturbed():  # e.g. a trainer's checkpoint around its save_model
+            pass
+        sd = opt.state_dict()  # taken after the inner block: still records x~ outside
+    assert sd["sassha_fused"]["is_perturbed"]
+    assert opt.is_perturbed
