@@ -18,7 +18,7 @@ if _os.path.isfile(_os.path.join(_source_kernels, "__init__.py")) and not _os.pa
 from . import probes, schedules, sharpness  # noqa: E402
 from .backends import BackendStatus, BackendUnavailable, available_backends, get_backend  # noqa: E402
 from .optimizer import MSASSHA, SASSHA  # noqa: E402
-from .utils import preserve_bn_stats  # noqa: E402
+from .utils import RandomState, preserve_bn_stats  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -30,6 +30,7 @@ __all__ = [
     "BackendStatus",
     "BackendUnavailable",
     "preserve_bn_stats",
+    "RandomState",
     "probes",
     "schedules",
     "sharpness",

@@ -33,6 +33,7 @@ from .hvp import (
     remap_refresh,
 )
 from .plans import StepPlan, count_present
+from .utils import RandomState
 
 __all__ = ["PassDriver"]
 
@@ -42,6 +43,11 @@ class _UseFiniteDifferences(Exception):
 
 
 _CLOSURE_CALLS_BACKWARD = "the closure calls backward() itself"
+
+
+class NothingToStep(Exception):
+    """The step's first closure pass returned None and left no gradient: the batch is skipped
+    (Lightning's ``training_step`` returning None); ``step()`` then changes nothing."""
 
 
 class PassDriver:
@@ -70,15 +76,20 @@ class PassDriver:
         # a step run inside one autocast region: its cached low-precision weights would
         # hide the moves (perturbation, difference points) from this pass's forward
         torch.clear_autocast_cache()
+        first = self._closure_calls == 0
+        self._closure_calls += 1
         with torch.enable_grad():
             loss = closure()
+        if loss is None and first and not count_present([p.grad for p in params]):
+            raise NothingToStep()
         if count_present([p.grad for p in params]):
             self._standard_closure = True
             if create_graph:
                 raise _UseFiniteDifferences(_CLOSURE_CALLS_BACKWARD)
             return loss.detach() if isinstance(loss, Tensor) else loss
         if not isinstance(loss, Tensor):
-            raise TypeError(f"the closure must return the loss as a tensor, got {type(loss).__name__}")
+            raise TypeError(f"the closure must return the loss as a tensor, got {type(loss).__name__} (a closure "
+                            "that returns None on a step's first pass, with no gradient, skips the step)")
         if not loss.requires_grad:
             if any(p.numel() > 0 for p in params):
                 raise ValueError(
@@ -158,10 +169,12 @@ class PassDriver:
                 self._use_finite_differences(exc)
                 self._pending = None
                 self._detach_grads()  # the pass's graph, if it got that far
+        rng = RandomState.capture() if self.refresh_due else None
         loss = self._closure_pass(closure)
-        if self.refresh_due:
+        if rng is not None:  # the difference passes draw the same dropout masks as the pass they differ from
             for _ in self._fd_passes(direct=True):
-                self._closure_pass(closure)
+                with rng.replay():
+                    self._closure_pass(closure)
         return loss
 
     def _fd_passes(self, direct: bool) -> Iterator[int]:

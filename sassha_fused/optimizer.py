@@ -21,7 +21,7 @@ from ._defaults import ARGS_DOC, DEFAULTS, GROUP_KEYS, SASSHA_ONLY, validate_gro
 from .backends import Backend, Bucket, ProbeKeys, RefreshInput, RefreshMode
 from ._state import ParamStateMixin, StateDictMixin
 from .distributed import BucketedAverager, average_step_inputs, copy_, local, participation, shard_group_of
-from ._passes import PassDriver
+from ._passes import NothingToStep, PassDriver
 from .hvp import cannot_differentiate_twice
 from .plans import Counters, PlanCache, StepPlan, attach_state
 from .probes import MAX_PROBE_NUMEL, key_prefix
@@ -74,11 +74,13 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
         self.last_fd_step: Optional[Tensor] = None
         self._fd_displaced = False  # hvp_passes() moved the params and no step() came yet
         self._in_closure = False
+        self._closure_calls = 0  # closure passes of the step so far
         self._in_fd_passes = False
         self._global_step = 0  # optimizer steps taken
         self._refreshes = 0  # Hessian refreshes taken: the probes' counter
         self._power_t: Optional[float] = None
-        self._step_begun = False
+        self._step_begun = False  # the schedules have advanced for the coming step
+        self._perturbed_in_step = False  # SASSHA: perturb_weights() ran in the coming step
         self._shards = None  # FSDP2: the mesh's group (set by add_param_group)
         super().__init__(params, defaults)
         if self._shards is not None or self.no_sync is not None:
@@ -259,9 +261,13 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
         if closure is not None:
             self._check_closure_allowed()
             self._standard_closure = False
+            self._closure_calls = 0
             self._in_closure = True  # a standard closure's zero_grad() is part of the step
             try:
                 loss = self._closure_passes(closure)
+            except NothingToStep:  # the first pass skipped its batch (returned None, no gradient)
+                self._abort_step()
+                return None
             except BaseException:
                 # Whatever failed (the closure, an out-of-memory error, a backend), the
                 # parameters go back to where the step found them and nothing else moved.
@@ -277,8 +283,12 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
         """A ``step()`` with no gradient anywhere and no step begun: torch.optim skips such a
         step, and so does this optimizer (its global step and refresh schedule stay). In
         optimizer-averaged data-parallel runs every rank takes part in every step."""
-        return (not self._step_begun and self._pending is None and not self._data_parallel()
+        return (not self._mid_step() and self._pending is None and not self._data_parallel()
                 and all(p.grad is None for p in self._all_params()))
+
+    def _mid_step(self) -> bool:
+        """Whether a protocol call of the coming step already ran (SASSHA: ``perturb_weights()``)."""
+        return False
 
     def _check_protocol(self) -> None:
         """Refuse a ``step()`` (official protocol) that skipped a required call; the class says which."""
@@ -333,6 +343,7 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
         if refresh is not None:
             self._refreshes += 1
         self._step_begun = False
+        self._perturbed_in_step = False
         if self._shards is not None:  # FSDP2: the scalar all-reduces since the last step
             self.last_step_collectives, self._shards.collectives = self._shards.collectives, 0
         if ok is not None:
@@ -401,7 +412,11 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
         if getattr(self, "_fd_displaced", False):
             with torch.no_grad():
                 self._return_from_fd_point()
+        self._materialize_restore()  # a defer_unperturb restore step() never carried out (a scaler's skip)
         self._forget_step()
+
+    def _materialize_restore(self) -> None:
+        """Carry out a restore that was left for ``step()`` (SASSHA's ``defer_unperturb``)."""
 
     def _forget_step(self) -> None:
         """Drop what a step in progress kept for ``step()``: its HVPs, participation, FD move."""
@@ -550,9 +565,12 @@ class SASSHA(_SasshaBase):
         """True between ``perturb_weights()`` and ``unperturb()`` / the end of the step."""
         return self._perturbed is not None
 
+    def _mid_step(self) -> bool:
+        return self._perturbed_in_step or self._perturbed is not None
+
     def _check_protocol(self) -> None:
         """``step()`` without ``perturb_weights()`` would be a step without the perturbation."""
-        if self._step_begun:  # perturb_weights() ran since the last step
+        if self._perturbed_in_step:
             return
         rho_set = any(float(g["rho"]) > 0 for g, own in zip(self.param_groups, self._own_rho)
                       if own or self.rho_schedule is None)
@@ -636,6 +654,7 @@ class SASSHA(_SasshaBase):
                 torch._foreach_mul_(grads, inv.to(grads[0].dtype))
             F.perturb(plan, plan.grads, 1.0, self.adaptive, F.GroupTable(self.param_groups, self.capturable))
         self._perturbed = plan
+        self._perturbed_in_step = True
         if zero_grad:
             self.zero_grad()
 
@@ -725,6 +744,7 @@ class SASSHA(_SasshaBase):
                 self._restore(self._perturbed)
         self._perturbed = None
         self._restore_pending = False
+        self._perturbed_in_step = False
         self._forget_step()
         self._detach_grads()
 

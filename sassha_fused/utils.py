@@ -3,12 +3,56 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, List, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-__all__ = ["preserve_bn_stats"]
+__all__ = ["preserve_bn_stats", "RandomState"]
+
+
+class RandomState:
+    """The random number generators' state now (CPU, and every CUDA device once CUDA is in use),
+    to run later passes with the same randomness: the same dropout masks.
+
+    A finite-difference Hessian-vector product is a difference of two gradients
+    divided by a small step; if the passes draw different dropout masks, the
+    difference measures the masks, not the curvature. Capture the state right before
+    the pass at the perturbed point and replay it in each of ``hvp_passes()``::
+
+        rng = RandomState.capture()
+        loss_fn(model(x), y).backward(create_graph=opt.hessian_due)
+        for _ in opt.hvp_passes():
+            with rng.replay():
+                loss_fn(model(x), y).backward()
+
+    ``replay()`` sets the captured state for the block and puts the state it found
+    back afterwards, so the run's random stream is as if the block had not run
+    (``step(closure)`` and ``SasshaTrainer`` do this themselves).
+    """
+
+    def __init__(self, cpu: Tensor, cuda: Optional[List[Tensor]]) -> None:
+        self.cpu, self.cuda = cpu, cuda
+
+    @classmethod
+    def capture(cls) -> "RandomState":
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        return cls(torch.get_rng_state(), cuda)
+
+    def _apply(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)
+
+    @contextlib.contextmanager
+    def replay(self) -> Iterator[None]:
+        """The captured state inside the block; the state found here again after it."""
+        found = RandomState.capture()
+        self._apply()
+        try:
+            yield
+        finally:
+            found._apply()
 
 
 @contextlib.contextmanager

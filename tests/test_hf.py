@@ -176,3 +176,60 @@ def test_misuse_is_refused(tmp_path):
     with pytest.raises(ValueError, match="finite differences"):
         SasshaTrainer(model=model, args=arguments(tmp_path), train_dataset=dataset(),
                       optimizers=(SASSHA(model.parameters(), hvp="autograd"), None))
+
+
+def test_finite_difference_passes_replay_the_dropout_masks(tmp_path):
+    """With dropout, each finite-difference pass draws the masks of the perturbed pass it differs
+    from (otherwise the difference quotient measures the masks); the first pass and the
+    perturbed pass draw fresh ones, as with any optimizer."""
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=VOCAB, n_positions=SEQ, embd_pdrop=0.3)
+    model = GPT2LMHeadModel(cfg)
+    masks = []
+    model.transformer.drop.register_forward_hook(lambda m, i, o: masks.append(o == 0))
+    opt = make_optimizer(SASSHA, model)  # lazy_hessian=2: step 1 refreshes
+    args = arguments(tmp_path, max_steps=1, gradient_accumulation_steps=2)
+    SasshaTrainer(model=model, args=args, train_dataset=dataset(), optimizers=(opt, None)).train()
+    assert len(masks) == 6  # 2 micro-batches x (first, perturbed, finite-difference pass)
+    first, perturbed, difference = masks[0:2], masks[2:4], masks[4:6]
+    for f, p, d in zip(first, perturbed, difference):
+        assert torch.equal(d, p) and not torch.equal(f, p)
+
+
+def test_an_error_inside_the_step_leaves_the_model_at_x_t(tmp_path):
+    class Failing(SasshaTrainer):
+        calls = 0
+
+        def compute_loss(self, *a, **kw):
+            Failing.calls += 1
+            if Failing.calls == 2:  # the pass at the perturbed point
+                raise RuntimeError("out of memory (simulated)")
+            return super().compute_loss(*a, **kw)
+
+    model = gpt2()
+    before = params(model)
+    opt = make_optimizer(SASSHA, model)
+    trainer = Failing(model=model, args=arguments(tmp_path), train_dataset=dataset(), optimizers=(opt, None))
+    with pytest.raises(RuntimeError, match="simulated"):
+        trainer.train()
+    assert not opt.is_perturbed and opt.global_step == 0
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_msassha_load_best_model_at_end_keeps_the_best_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    model = gpt2()
+    opt = make_optimizer(MSASSHA, model)
+    args = arguments(tmp_path, max_steps=4, eval_strategy="steps", eval_steps=1, save_strategy="steps", save_steps=1,
+                     load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=True)
+    trainer = SasshaTrainer(model=model, args=args, train_dataset=dataset(), eval_dataset=dataset(8),
+                            optimizers=(opt, None))
+    trainer.train()  # greater_is_better on a loss: the worst step is "best", not the last
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and not best.endswith("checkpoint-4")
+    saved = load_file(f"{best}/model.safetensors")
+    now = model.state_dict()
+    assert saved and all(torch.equal(now[k], v) for k, v in saved.items())
+    assert not opt.is_perturbed

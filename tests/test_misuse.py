@@ -227,3 +227,100 @@ def test_nested_unperturbed_blocks_record_the_outside_point():
         sd = opt.state_dict()  # taken after the inner block: still records x~ outside
     assert sd["sassha_fused"]["is_perturbed"]
     assert opt.is_perturbed
+
+
+# -------------------------------------------------------- review fixes (second reader)
+def test_a_closure_that_skips_its_batch_skips_the_step():
+    """Lightning's training_step may return None to skip a batch: no loss, no gradient."""
+    model, x, y = model_and_data()
+    for cls in (SASSHA, MSASSHA):
+        opt = cls(model.parameters(), lazy_hessian=2)
+        opt.step(lambda: loss_of(model, x, y))
+        opt.zero_grad()
+        snap = snapshot(model, opt)
+        assert opt.step(lambda: None) is None
+        assert_unchanged(model, opt, snap)
+        assert opt.global_step == 1
+    calls = []
+
+    def second_pass_returns_none():  # inconsistent: the first pass had a loss
+        calls.append(1)
+        return loss_of(model, x, y) if len(calls) == 1 else None
+
+    opt = SASSHA(model.parameters())
+    with pytest.raises(TypeError, match="must return the loss"):
+        opt.step(second_pass_returns_none)
+
+
+def test_an_aborted_step_does_not_count_as_perturbed():
+    model, x, y = model_and_data()
+    opt = SASSHA(model.parameters(), hvp="autograd")
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_of(model, x, y)
+        loss.backward()
+        return loss
+
+    with pytest.raises(RuntimeError, match="calls backward"):
+        opt.step(closure)  # aborted after perturb_weights() ran
+    loss_of(model, x, y).backward()
+    with pytest.raises(RuntimeError, match="without perturb_weights"):
+        opt.step()
+    opt.zero_grad()
+    assert opt.step() is None and opt.global_step == 0  # and a step without gradients is still a no-op
+
+
+def test_zero_grad_carries_out_a_deferred_restore_of_a_skipped_step():
+    """defer_unperturb=True leaves the restore to step(); a step that never comes (GradScaler
+    skipped it) must not leave the parameters at the perturbed point."""
+    model, x, y = model_and_data()
+    opt = SASSHA(model.parameters(), defer_unperturb=True, lazy_hessian=5)
+    opt.step(lambda: loss_of(model, x, y))
+    x_t = [p.detach().clone() for p in model.parameters()]
+    loss_of(model, x, y).backward()
+    opt.perturb_weights(zero_grad=True)
+    loss_of(model, x, y).backward()
+    opt.unperturb()  # deferred
+    assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), x_t))
+    opt.zero_grad()  # the scaler skipped step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), x_t)) and not opt.is_perturbed
+
+
+@pytest.mark.parametrize("cls", [SASSHA, MSASSHA])
+def test_finite_differences_see_the_dropout_masks_of_the_pass_they_differ_from(cls):
+    """With dropout, step(closure)'s finite-difference passes replay the random state of the pass
+    at the Hessian point: the estimate equals autograd's (taken on that pass's graph), and the
+    run's random stream is the one autograd leaves."""
+    runs = {}
+    for hvp in ("autograd", "finite_difference"):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(5, 32), torch.nn.Tanh(), torch.nn.Dropout(0.3),
+                                    torch.nn.Linear(32, 3)).to(DT)
+        x, y = torch.randn(16, 5, dtype=DT), torch.randn(16, 3, dtype=DT)
+        opt = cls(model.parameters(), lazy_hessian=1, hvp=hvp, fd_eps=1e-5)
+        for _ in range(3):
+            opt.step(lambda: loss_of(model, x, y))
+        runs[hvp] = ([p.detach().clone() for p in model.parameters()],
+                     [opt.state[p]["exp_hessian_diag"].clone() for p in model.parameters()],
+                     torch.rand(3))
+    (_, da, ra), (_, df, rf) = runs["autograd"], runs["finite_difference"]
+    assert torch.equal(ra, rf)
+    # element-wise relative difference of D: ~1e-3 (the difference quotient's truncation);
+    # with fresh masks in the difference pass it was ~1e7 (the masks, divided by delta)
+    worst = max(((a - f).abs() / a.abs()).max().item() for a, f in zip(da, df))
+    assert worst < 0.05, worst
+
+
+def test_random_state_replay_restores_the_stream():
+    from sassha_fused import RandomState
+
+    torch.manual_seed(3)
+    rng = RandomState.capture()
+    a = torch.rand(4)
+    with rng.replay():
+        b = torch.rand(4)
+    c = torch.rand(4)
+    torch.manual_seed(3)
+    torch.rand(4)
+    assert torch.equal(a, b) and torch.equal(c, torch.rand(4))

@@ -38,7 +38,7 @@ between steps: evaluation, prediction and saving run at the unperturbed point, a
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 from . import require
 
@@ -46,9 +46,10 @@ _transformers = require("transformers", "hf", "sassha_fused.integrations.hf")
 require("accelerate", "hf", "transformers.TrainingArguments")
 
 import torch  # noqa: E402
+from transformers.training_args import ParallelMode  # noqa: E402
 
 from ..optimizer import MSASSHA, SASSHA, _SasshaBase  # noqa: E402
-from ..utils import preserve_bn_stats  # noqa: E402
+from ..utils import RandomState, preserve_bn_stats  # noqa: E402
 
 __all__ = ["SasshaTrainer"]
 
@@ -90,48 +91,54 @@ class SasshaTrainer(_transformers.Trainer):
                 "on its parameters; they are not supported. For sharded training build the model with "
                 "torch.distributed.fsdp.fully_shard first and drive SASSHA as in the README's FSDP2 section.")
         opt._require_finite_differences("SasshaTrainer")
+        if self.args.parallel_mode == ParallelMode.DISTRIBUTED:
+            opt.distributed = False  # DDP averages every pass; the optimizer must not average again
         self._sassha = opt
-        self._window: List[Tuple[Dict[str, Any], Any]] = []
+        # the accumulation window: each micro-batch's inputs, num_items_in_batch, and the random
+        # state its pass at the Hessian point started from (finite-difference passes replay it)
+        self._window: List[List[Any]] = []
 
     # ------------------------------------------------------------- the step
     def training_step(self, model: torch.nn.Module, inputs: Dict[str, Any],
                       num_items_in_batch: Optional[Any] = None) -> torch.Tensor:
         """The Trainer's pass over one micro-batch; after the window's last, the step's other passes."""
-        self._window.append((inputs, num_items_in_batch))
+        self._window.append([inputs, num_items_in_batch, RandomState.capture()])
         loss = super().training_step(model, inputs, num_items_in_batch)
         if self.accelerator.sync_gradients:  # the last micro-batch before optimizer.step()
             window, self._window = self._window, []
             try:
                 self._finish_passes(model, window)
             except BaseException:
+                self._sassha._abort_step()  # params back at x_t (or M-SASSHA's x~), nothing of the step kept
                 model.zero_grad(set_to_none=True)
-                self._sassha.zero_grad()  # nothing of the step is kept; params are back at x_t
                 raise
         return loss
 
-    def _finish_passes(self, model: torch.nn.Module, window: List[Tuple[Dict[str, Any], Any]]) -> None:
+    def _finish_passes(self, model: torch.nn.Module, window: List[List[Any]]) -> None:
         opt = self._sassha
+        with preserve_bn_stats(model):  # the same batches again: keep them out of BN statistics
+            if isinstance(opt, SASSHA):
+                opt.perturb_weights(zero_grad=True)
+                self._replay(model, window, capture=True)  # the pass at the perturbed point
+            for _ in opt.hvp_passes():
+                self._replay(model, window, capture=False)
         if isinstance(opt, SASSHA):
-            opt.perturb_weights(zero_grad=True)
-            with preserve_bn_stats(model):  # the same batches again: keep them out of BN statistics
-                self._replay(model, window)
-                for _ in opt.hvp_passes():
-                    self._replay(model, window)
             opt.unperturb()
-        else:
-            with preserve_bn_stats(model):
-                for _ in opt.hvp_passes():
-                    self._replay(model, window)
 
-    def _replay(self, model: torch.nn.Module, window: List[Tuple[Dict[str, Any], Any]]) -> None:
+    def _replay(self, model: torch.nn.Module, window: List[List[Any]], capture: bool) -> None:
         """One more forward/backward over the window's micro-batches, gradients summed as the first time.
 
-        Under DDP only the last backward synchronises, as in the Trainer's own loop.
+        ``capture``: record the random state each micro-batch starts from (the pass at the
+        Hessian point); otherwise replay it, so that dropout draws the same masks in the
+        finite-difference passes as in the pass they differ from. Under DDP only the last
+        backward synchronises, as in the Trainer's own loop.
         """
-        for i, (inputs, num_items_in_batch) in enumerate(window):
-            last = i == len(window) - 1
-            sync = contextlib.nullcontext() if last else self.accelerator.no_sync(model)
-            with sync:
+        for i, entry in enumerate(window):
+            inputs, num_items_in_batch, rng = entry
+            sync = contextlib.nullcontext() if i == len(window) - 1 else self.accelerator.no_sync(model)
+            if capture:
+                entry[2] = RandomState.capture()
+            with sync, (contextlib.nullcontext() if capture else rng.replay()):
                 super().training_step(model, inputs, num_items_in_batch)
 
     # ------------------------------------------- M-SASSHA: x_t outside steps
@@ -147,6 +154,11 @@ class SasshaTrainer(_transformers.Trainer):
         finally:
             if isinstance(self._sassha, MSASSHA):
                 self._sassha.unperturb()  # the trained model is x_t; the next step perturbs again
+
+    def _load_best_model(self, *args: Any, **kwargs: Any) -> None:
+        if isinstance(self._sassha, MSASSHA):
+            self._sassha.unperturb()  # the best weights replace x_t, not x~ (train() ends at x_t)
+        super()._load_best_model(*args, **kwargs)
 
     def evaluate(self, *args: Any, **kwargs: Any) -> Dict[str, float]:
         with self._at_x_t():
