@@ -233,3 +233,25 @@ def test_msassha_load_best_model_at_end_keeps_the_best_weights(tmp_path):
     now = model.state_dict()
     assert saved and all(torch.equal(now[k], v) for k, v in saved.items())
     assert not opt.is_perturbed
+
+
+def test_ddp_on_two_ranks_equals_one_process_accumulating(tmp_path):
+    """torchrun, 2 gloo ranks x 1 micro-batch of 4 = one process x 2 micro-batches of 4 (the
+    ranks take alternate batches of the same order): every pass is averaged by DDP, and the
+    optimizer, set to distributed=False by the trainer, adds no collective of its own."""
+    import os
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    worker = os.path.join(here, "hf_ddp_worker.py")
+    runs = [[sys.executable, worker, str(tmp_path), "2"],
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", worker,
+             str(tmp_path), "1"]]
+    for cmd in runs:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=os.path.dirname(here))
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    one, two = torch.load(tmp_path / "result_1.pt"), torch.load(tmp_path / "result_2.pt")
+    assert one["steps"] == two["steps"] == 3
+    assert two["distributed"] is False and two["collectives"] == 0
+    close(one["params"], two["params"], 1e-6)  # float64; all-reduce order: ~3e-8 apart
