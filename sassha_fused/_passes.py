@@ -28,7 +28,9 @@ from .backends import RefreshInput
 from .hvp import (
     FiniteDifferences,
     autograd_refresh,
+    REENTRANT_CHECKPOINT,
     cannot_differentiate_twice,
+    has_reentrant_checkpoint,
     is_reentrant_checkpoint_error,
     remap_refresh,
 )
@@ -61,7 +63,8 @@ class PassDriver:
                 "(scaler.scale(loss).backward(), perturb_weights, ..., scaler.step(opt)); "
                 "a closure's loss is never scaled, so step(closure) cannot use it")
 
-    def _closure_pass(self, closure: Callable[[], Any], create_graph: bool = False) -> Any:
+    def _closure_pass(self, closure: Callable[[], Any], create_graph: bool = False,
+                      rng: Optional[RandomState] = None) -> Any:
         """One forward/backward through the closure; the gradients land in ``.grad``.
 
         A closure that returns the loss gets its backward from here (autograd.grad:
@@ -80,7 +83,7 @@ class PassDriver:
         self._closure_calls += 1
         with torch.enable_grad():
             loss = closure()
-        if loss is None and first and not count_present([p.grad for p in params]):
+        if loss is None and first and self._may_skip and not count_present([p.grad for p in params]):
             raise NothingToStep()
         if count_present([p.grad for p in params]):
             self._standard_closure = True
@@ -89,7 +92,8 @@ class PassDriver:
             return loss.detach() if isinstance(loss, Tensor) else loss
         if not isinstance(loss, Tensor):
             raise TypeError(f"the closure must return the loss as a tensor, got {type(loss).__name__} (a closure "
-                            "that returns None on a step's first pass, with no gradient, skips the step)")
+                            "that returns None on a step's first pass, with no gradient, skips the step, except "
+                            "in data-parallel runs, where every rank must take every step, and mid-step)")
         if not loss.requires_grad:
             if any(p.numel() > 0 for p in params):
                 raise ValueError(
@@ -97,6 +101,15 @@ class PassDriver:
                     "backward() on it (the optimizer runs the backward passes), or call loss.backward() "
                     "inside the closure as torch.optim's closures do")
             return loss.detach()
+        if not self._graph_checked:  # once per run: a reentrant checkpoint autograd.grad would prune
+            self._graph_checked = True
+            if has_reentrant_checkpoint(loss):
+                self._plain_backward = True
+                cause = RuntimeError(REENTRANT_CHECKPOINT)
+                if create_graph:
+                    raise cause  # _pass_and_refresh switches to finite differences and takes the pass again
+                if self.hvp != "finite_difference":
+                    self._use_finite_differences(cause)
         if (self._plain_backward or self._backward_reduces()) and not create_graph:
             loss.backward()
             return loss.detach()
@@ -108,7 +121,9 @@ class PassDriver:
                 self._plain_backward = True
                 if self.hvp != "finite_difference":
                     self._use_finite_differences(exc)  # their double backward would miss the checkpointed part
-                return self._closure_pass(closure)
+                if rng is not None:  # the retry draws what the failed attempt drew (the replays' masks)
+                    rng._apply()
+                return self._closure_pass(closure, rng=rng)
             if "second time" in str(exc):  # (PyTorch's own text would only confuse: not chained)
                 raise RuntimeError(
                     f"{type(self).__name__}.step(closure): the graph of the loss the closure returned was already "
@@ -170,7 +185,7 @@ class PassDriver:
                 self._pending = None
                 self._detach_grads()  # the pass's graph, if it got that far
         rng = RandomState.capture() if self.refresh_due else None
-        loss = self._closure_pass(closure)
+        loss = self._closure_pass(closure, rng=rng)
         if rng is not None:  # the difference passes draw the same dropout masks as the pass they differ from
             for _ in self._fd_passes(direct=True):
                 with rng.replay():

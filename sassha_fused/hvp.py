@@ -102,6 +102,31 @@ def is_reentrant_checkpoint_error(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "incompatible with .grad()" in str(exc)
 
 
+REENTRANT_CHECKPOINT = ("reentrant activation checkpointing (use_reentrant=True) is incompatible with .grad(): "
+                        "its parameters are reached only by a plain backward()")
+
+
+def has_reentrant_checkpoint(loss: Tensor) -> bool:
+    """Whether ``loss``'s graph holds a reentrant activation checkpoint.
+
+    ``torch.autograd.grad(loss, params)`` raises when it has to run one, but when no
+    parameter lies upstream of the checkpoint (it wraps the first layer) the engine
+    prunes it and the parameters inside silently get no gradient; only a plain
+    ``backward()`` reaches them. Walks the graph once (the optimizer asks on a run's
+    first pass).
+    """
+    seen, stack = set(), [loss.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if type(fn).__name__ == "CheckpointFunctionBackward":
+            return True
+        stack.extend(f for f, _ in fn.next_functions)
+    return False
+
+
 # ---------------------------------------------------------------------------- autograd
 _warned_partial_graph = False
 

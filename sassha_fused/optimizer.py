@@ -69,12 +69,14 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
         self.last_step_collectives = 0  # collectives the last step issued (data-parallel)
         self._hvp_method = "finite_difference" if self.hvp == "finite_difference" else "autograd"
         self._plain_backward = False  # closure passes use loss.backward() (reentrant checkpointing)
+        self._graph_checked = False  # the first closure pass looked for reentrant checkpoints
         self._presence_mask: Optional[Tensor] = None  # data-parallel participation of the step
         #: the finite-difference step delta of the last refresh that took one (a 0-dim device tensor)
         self.last_fd_step: Optional[Tensor] = None
         self._fd_displaced = False  # hvp_passes() moved the params and no step() came yet
         self._in_closure = False
         self._closure_calls = 0  # closure passes of the step so far
+        self._may_skip = False  # whether a closure returning None may skip this step
         self._in_fd_passes = False
         self._global_step = 0  # optimizer steps taken
         self._refreshes = 0  # Hessian refreshes taken: the probes' counter
@@ -262,6 +264,10 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
             self._check_closure_allowed()
             self._standard_closure = False
             self._closure_calls = 0
+            # a first pass without loss or gradient skips the step only where nothing of a step is
+            # under way and no other rank waits for this one's collectives
+            self._may_skip = (not self._mid_step() and self._pending is None and not self._fd_displaced
+                              and not self._data_parallel() and not self._backward_reduces())
             self._in_closure = True  # a standard closure's zero_grad() is part of the step
             try:
                 loss = self._closure_passes(closure)

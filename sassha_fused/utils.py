@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, List, Optional, Tuple
+import random
+import sys
+from typing import Any, Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -12,8 +14,10 @@ __all__ = ["preserve_bn_stats", "RandomState"]
 
 
 class RandomState:
-    """The random number generators' state now (CPU, and every CUDA device once CUDA is in use),
-    to run later passes with the same randomness: the same dropout masks.
+    """The random number generators' state now, to run later passes with the same randomness
+    (the same dropout masks): torch's CPU generator, every CUDA device's once CUDA is in
+    use, Python's ``random`` and, when numpy is imported, numpy's global generator (some
+    models draw masks there, e.g. SpecAugment in HF's speech models).
 
     A finite-difference Hessian-vector product is a difference of two gradients
     divided by a small step; if the passes draw different dropout masks, the
@@ -28,21 +32,27 @@ class RandomState:
 
     ``replay()`` sets the captured state for the block and puts the state it found
     back afterwards, so the run's random stream is as if the block had not run
-    (``step(closure)`` and ``SasshaTrainer`` do this themselves).
+    (``step(closure)`` and ``SasshaTrainer`` do this themselves). Not covered: other
+    devices' generators (XPU, MPS), generators a model keeps itself (a
+    ``torch.Generator`` of its own, cuDNN's RNN dropout state).
     """
 
-    def __init__(self, cpu: Tensor, cuda: Optional[List[Tensor]]) -> None:
-        self.cpu, self.cuda = cpu, cuda
+    def __init__(self, cpu: Tensor, cuda: Optional[List[Tensor]], python: Any, numpy: Any) -> None:
+        self.cpu, self.cuda, self.python, self.numpy = cpu, cuda, python, numpy
 
     @classmethod
     def capture(cls) -> "RandomState":
         cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-        return cls(torch.get_rng_state(), cuda)
+        np = sys.modules.get("numpy")
+        return cls(torch.get_rng_state(), cuda, random.getstate(), np.random.get_state() if np is not None else None)
 
     def _apply(self) -> None:
         torch.set_rng_state(self.cpu)
         if self.cuda is not None:
             torch.cuda.set_rng_state_all(self.cuda)
+        random.setstate(self.python)
+        if self.numpy is not None:
+            sys.modules["numpy"].random.set_state(self.numpy)
 
     @contextlib.contextmanager
     def replay(self) -> Iterator[None]:

@@ -315,12 +315,70 @@ def test_finite_differences_see_the_dropout_masks_of_the_pass_they_differ_from(c
 def test_random_state_replay_restores_the_stream():
     from sassha_fused import RandomState
 
-    torch.manual_seed(3)
+    import random
+
+    import numpy as np
+
+    def draw():
+        return torch.rand(4).tolist() + [random.random()] + np.random.rand(2).tolist()
+
+    torch.manual_seed(3), random.seed(3), np.random.seed(3)
     rng = RandomState.capture()
-    a = torch.rand(4)
+    a = draw()
     with rng.replay():
-        b = torch.rand(4)
-    c = torch.rand(4)
-    torch.manual_seed(3)
-    torch.rand(4)
-    assert torch.equal(a, b) and torch.equal(c, torch.rand(4))
+        b = draw()  # torch, Python and numpy masks alike
+    c = draw()
+    torch.manual_seed(3), random.seed(3), np.random.seed(3)
+    draw()
+    assert a == b and c == draw()  # and the stream went on as if the block had not run
+
+
+def test_a_skipped_batch_is_refused_where_other_ranks_wait_or_a_step_is_under_way(monkeypatch):
+    model, x, y = model_and_data()
+    opt = SASSHA(model.parameters())
+    monkeypatch.setattr(opt, "_data_parallel", lambda: True)  # another rank would wait for this one
+    with pytest.raises(TypeError, match="data-parallel"):
+        opt.step(lambda: None)
+    monkeypatch.undo()
+    loss_of(model, x, y).backward()
+    opt.perturb_weights(zero_grad=True)  # a protocol (b) step under way: a dummy closure must not end it
+    loss_of(model, x, y).backward()
+    with pytest.raises(TypeError, match="must return the loss"):
+        opt.step(lambda: None)
+    assert not opt.is_perturbed  # the failed step was aborted: params back at x_t
+
+
+@pytest.mark.parametrize("cls", [SASSHA, MSASSHA])
+def test_reentrant_checkpoint_around_the_first_layer_is_trained(cls):
+    """No parameter lies upstream of the checkpoint: autograd.grad prunes it without an error and
+    the parameters inside would silently get no gradient. The first pass finds it in the graph
+    and takes plain backward() passes: the run equals one without checkpointing (dropout
+    included: no pass is taken twice, so the masks stay those of the plain run)."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Net(torch.nn.Module):
+        def __init__(self, ckpt):
+            super().__init__()
+            torch.manual_seed(0)
+            self.a, self.b, self.ckpt = torch.nn.Linear(5, 16).to(DT), torch.nn.Linear(16, 3).to(DT), ckpt
+            self.drop = torch.nn.Dropout(0.3)
+
+        def inner(self, h):
+            return self.drop(torch.tanh(self.a(h)))
+
+        def forward(self, h):
+            h = checkpoint(self.inner, h, use_reentrant=True) if self.ckpt else self.inner(h)
+            return self.b(h)
+
+    runs = []
+    for ckpt in (False, True):
+        net = Net(ckpt)
+        torch.manual_seed(1)
+        x, y = torch.randn(8, 5, dtype=DT, requires_grad=True), torch.randn(8, 3, dtype=DT)
+        opt = cls(net.parameters(), lazy_hessian=2, hvp="finite_difference")
+        for _ in range(3):
+            opt.step(lambda: loss_of(net, x, y))
+        assert len(opt.state) == 4  # every parameter took part
+        runs.append([p.detach().clone() for p in net.parameters()])
+    for a, b in zip(*runs):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-14), (a - b).abs().max()

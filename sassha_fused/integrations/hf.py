@@ -103,7 +103,11 @@ class SasshaTrainer(_transformers.Trainer):
                       num_items_in_batch: Optional[Any] = None) -> torch.Tensor:
         """The Trainer's pass over one micro-batch; after the window's last, the step's other passes."""
         self._window.append([inputs, num_items_in_batch, RandomState.capture()])
-        loss = super().training_step(model, inputs, num_items_in_batch)
+        try:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        except BaseException:  # e.g. auto_find_batch_size retries the loop without going through train()
+            self._window = []
+            raise
         if self.accelerator.sync_gradients:  # the last micro-batch before optimizer.step()
             window, self._window = self._window, []
             try:
