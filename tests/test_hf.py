@@ -80,6 +80,7 @@ def test_trainer_steps_equal_the_protocol_loop(tmp_path, cls):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
     trainer = RecordingTrainer(model=model, args=arguments(tmp_path, max_grad_norm=0.5, max_steps=5),
                                train_dataset=dataset(), optimizers=(opt, sched))
+    assert model.config._attn_implementation == "sdpa"  # the default: no double backward
     trainer.train()
     assert opt.global_step == 5 and opt.hvp_method == "finite_difference"
     assert len(trainer.batches) == 5
