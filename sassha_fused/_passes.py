@@ -45,6 +45,7 @@ class _UseFiniteDifferences(Exception):
 
 
 _CLOSURE_CALLS_BACKWARD = "the closure calls backward() itself"
+_GRAPH_WALK_LIMIT = 5000  # autograd nodes; Python walks of far deeper chains crashed PyTorch 2.13 at free
 
 
 class NothingToStep(Exception):
@@ -101,20 +102,15 @@ class PassDriver:
                     "backward() on it (the optimizer runs the backward passes), or call loss.backward() "
                     "inside the closure as torch.optim's closures do")
             return loss.detach()
-        if not self._graph_checked:  # once per run: a reentrant checkpoint autograd.grad would prune
-            self._graph_checked = True
-            if has_reentrant_checkpoint(loss):
-                self._plain_backward = True
-                cause = RuntimeError(REENTRANT_CHECKPOINT)
-                if create_graph:
-                    raise cause  # _pass_and_refresh switches to finite differences and takes the pass again
-                if self.hvp != "finite_difference":
-                    self._use_finite_differences(cause)
+        if self._plain_backward and create_graph:  # (hvp='autograd' refused this model before)
+            raise RuntimeError(REENTRANT_CHECKPOINT)
         if (self._plain_backward or self._backward_reduces()) and not create_graph:
             loss.backward()
             return loss.detach()
+        check = not self._graph_checked  # the run's first pass: see _pruned_by_reentrant_checkpoint
         try:
-            grads = torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True)
+            grads = torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True,
+                                        retain_graph=True if check else None)
         except RuntimeError as exc:
             if is_reentrant_checkpoint_error(exc) and not create_graph:
                 # autograd.grad cannot run reentrant checkpoints; plain backward() can
@@ -133,9 +129,41 @@ class PassDriver:
                     "leave the gradients in place, as torch.optim's closures do. Parameters and optimizer state "
                     "are unchanged.") from None
             raise
+        if check:
+            self._graph_checked = True
+            if self._pruned_by_reentrant_checkpoint(loss, grads):
+                self._plain_backward = True
+                if create_graph:  # _pass_and_refresh switches to finite differences and takes the pass again
+                    raise RuntimeError(REENTRANT_CHECKPOINT)
+                if self.hvp != "finite_difference":
+                    self._use_finite_differences(RuntimeError(REENTRANT_CHECKPOINT))
+                loss.backward()  # the graph was kept for this
+                return loss.detach()
         for p, g in zip(params, grads):
             p.grad = g
         return loss.detach()
+
+    def _pruned_by_reentrant_checkpoint(self, loss: Tensor, grads: List[Optional[Tensor]]) -> bool:
+        """Whether parameters without a gradient sit inside a reentrant activation checkpoint.
+
+        ``torch.autograd.grad`` raises when it has to run such a checkpoint, but prunes
+        one with no parameter upstream (around the first layer) without an error: the
+        parameters inside get no gradient, which only a plain ``backward()`` gives.
+        Asked once per run, and only when some parameter got no gradient; the graph walk
+        stops after ``_GRAPH_WALK_LIMIT`` nodes (walking very deep graphs from Python is
+        unsafe), and then a warning says what could not be checked.
+        """
+        if all(g is not None for g in grads):
+            return False
+        found = has_reentrant_checkpoint(loss, _GRAPH_WALK_LIMIT)
+        if found is None:
+            warnings.warn(
+                f"{type(self).__name__}: some parameters got no gradient in the first pass, and the autograd graph "
+                f"is too large (over {_GRAPH_WALK_LIMIT} nodes) to look for reentrant activation checkpoints, "
+                "whose parameters torch.autograd.grad can miss. If the model checkpoints with use_reentrant=True, "
+                "use use_reentrant=False, or a closure that calls loss.backward() itself.",
+                RuntimeWarning, stacklevel=6)
+        return bool(found)
 
     def _use_finite_differences(self, cause: BaseException) -> None:
         """Switch the run to finite differences, or raise if autograd was asked for."""

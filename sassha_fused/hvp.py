@@ -106,20 +106,22 @@ REENTRANT_CHECKPOINT = ("reentrant activation checkpointing (use_reentrant=True)
                         "its parameters are reached only by a plain backward()")
 
 
-def has_reentrant_checkpoint(loss: Tensor) -> bool:
-    """Whether ``loss``'s graph holds a reentrant activation checkpoint.
+def has_reentrant_checkpoint(loss: Tensor, max_nodes: int) -> Optional[bool]:
+    """Whether ``loss``'s graph holds a reentrant activation checkpoint; None when the graph
+    has more than ``max_nodes`` nodes (the walk stops there).
 
     ``torch.autograd.grad(loss, params)`` raises when it has to run one, but when no
     parameter lies upstream of the checkpoint (it wraps the first layer) the engine
     prunes it and the parameters inside silently get no gradient; only a plain
-    ``backward()`` reaches them. Walks the graph once (the optimizer asks on a run's
-    first pass).
+    ``backward()`` reaches them.
     """
     seen, stack = set(), [loss.grad_fn]
     while stack:
         fn = stack.pop()
         if fn is None or fn in seen:
             continue
+        if len(seen) >= max_nodes:
+            return None
         seen.add(fn)
         if type(fn).__name__ == "CheckpointFunctionBackward":
             return True

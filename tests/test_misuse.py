@@ -382,3 +382,42 @@ def test_reentrant_checkpoint_around_the_first_layer_is_trained(cls):
         runs.append([p.detach().clone() for p in net.parameters()])
     for a, b in zip(*runs):
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-14), (a - b).abs().max()
+
+
+def test_explicit_autograd_keeps_refusing_a_reentrant_checkpointed_model():
+    """hvp='autograd' refuses the model on every step; a caught error must not leave later steps
+    silently skipping the checkpointed parameters."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(5, 8).to(DT), torch.nn.Linear(8, 1).to(DT)
+    x = torch.randn(4, 5, dtype=DT, requires_grad=True)
+
+    def closure():
+        return b(checkpoint(lambda h: torch.tanh(a(h)), x, use_reentrant=True)).pow(2).mean()
+
+    for cls in (SASSHA, MSASSHA):
+        opt = cls(list(a.parameters()) + list(b.parameters()), hvp="autograd", lazy_hessian=1)
+        for _ in range(2):
+            with pytest.raises(RuntimeError, match="reentrant"):
+                opt.step(closure)
+        assert len(opt.state) == 0 and opt.global_step == 0
+
+
+def test_graphs_too_deep_to_walk_get_a_warning_not_a_crash():
+    """Walking very deep autograd graphs from Python crashed PyTorch when the graph was freed;
+    the walk stops after a bound, and only runs when a parameter got no gradient."""
+    torch.manual_seed(0)
+    w, unused = torch.nn.Parameter(torch.full((3,), 0.5, dtype=DT)), torch.nn.Parameter(torch.zeros(2, dtype=DT))
+    x = torch.randn(3, dtype=DT)
+
+    def deep():
+        h = x
+        for _ in range(4000):  # ~8000 autograd nodes
+            h = torch.tanh(h * w)
+        return h.sum()
+
+    opt = SASSHA([w, unused], lazy_hessian=1, hvp="finite_difference")
+    with pytest.warns(RuntimeWarning, match="too large"):
+        opt.step(deep)
+    assert "exp_avg" in opt.state[w] and opt.global_step == 1
