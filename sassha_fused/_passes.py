@@ -44,8 +44,14 @@ class _UseFiniteDifferences(Exception):
     """This step cannot take an autograd HVP; the message says why."""
 
 
-_CLOSURE_CALLS_BACKWARD = "the closure calls backward() itself"
 _GRAPH_WALK_LIMIT = 5000  # autograd nodes; Python walks of far deeper chains crashed PyTorch 2.13 at free
+
+
+class _ClosureCallsBackward(_UseFiniteDifferences):
+    """A torch.optim-style closure: no double-backward graph can be built through it."""
+
+    def __init__(self) -> None:
+        super().__init__("the closure calls backward() itself")
 
 
 class NothingToStep(Exception):
@@ -89,7 +95,7 @@ class PassDriver:
         if count_present([p.grad for p in params]):
             self._standard_closure = True
             if create_graph:
-                raise _UseFiniteDifferences(_CLOSURE_CALLS_BACKWARD)
+                raise _ClosureCallsBackward()
             return loss.detach() if isinstance(loss, Tensor) else loss
         if not isinstance(loss, Tensor):
             raise TypeError(f"the closure must return the loss as a tensor, got {type(loss).__name__} (a closure "
@@ -168,7 +174,7 @@ class PassDriver:
     def _use_finite_differences(self, cause: BaseException) -> None:
         """Switch the run to finite differences, or raise if autograd was asked for."""
         if self.hvp == "autograd":
-            if isinstance(cause, _UseFiniteDifferences) and str(cause) == _CLOSURE_CALLS_BACKWARD:
+            if isinstance(cause, _ClosureCallsBackward):
                 raise RuntimeError(
                     f"{type(self).__name__}(hvp='autograd'): the closure calls backward() itself, so the optimizer "
                     "cannot build the double-backward graph the Hessian-vector products need. Return the loss "

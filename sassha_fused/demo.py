@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from . import MSASSHA, SASSHA, available_backends, preserve_bn_stats
+from .integrations import require
 
 try:
     from tqdm.auto import tqdm
@@ -39,22 +40,12 @@ class Result:
     steps: int
 
 
-#: What a pip install without the demo extra is told (one line, no traceback).
-MISSING_SKLEARN = (
-    "sassha_fused demo: scikit-learn (the digits data set) cannot be imported{why}; install the demo extra, "
-    "keeping your torch build: pip install \"sassha_fused[demo]\" "
-    "-c <(echo \"torch==$(python -c 'import torch; print(torch.__version__)')\")"
-)
-
-
 def require_sklearn() -> None:
-    """Exit with status 2 and one line saying how to install scikit-learn, if it is missing."""
+    """Exit with status 2 and one line naming the demo extra, if scikit-learn is missing."""
     try:
-        import sklearn  # noqa: F401
-        import sklearn.datasets  # noqa: F401
-    except Exception as exc:  # ImportError, or a broken install
-        why = f" ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
-        print(MISSING_SKLEARN.format(why=why), file=sys.stderr)
+        require("sklearn.datasets", "demo", "the demo (scikit-learn's digits data set)")
+    except ImportError as exc:  # one line, no traceback
+        print(exc, file=sys.stderr)
         raise SystemExit(2)
 
 

@@ -227,7 +227,8 @@ def test_check_closure_ignores_what_it_does_not_recognise():
 
 
 def test_pytorch_lightning_namespace_is_recognised():
-    pl = pytest.importorskip("pytorch_lightning")
+    pl = pytest.importorskip("pytorch_lightning", reason="the pytorch_lightning package (a dependency of "
+                             "lightning) is not installed here")
     from pytorch_lightning.plugins.precision import Precision as PLPrecision
 
     class Module(pl.LightningModule):

@@ -26,6 +26,17 @@ def loss_of(model, x, y):
     return torch.nn.functional.mse_loss(model(x), y)
 
 
+def standard_closure(opt, model, x, y):
+    """torch.optim's closure: clears the gradients, calls backward, returns the loss."""
+    def closure():
+        opt.zero_grad()
+        loss = loss_of(model, x, y)
+        loss.backward()
+        return loss
+
+    return closure
+
+
 def snapshot(model, opt):
     return ([p.detach().clone() for p in model.parameters()],
             [None if p.grad is None else p.grad.detach().clone() for p in model.parameters()],
@@ -149,16 +160,9 @@ def test_step_without_gradients_leaves_the_schedule_alone(cls):
 def test_autograd_hvps_with_a_closure_that_calls_backward_say_so(cls):
     model, x, y = model_and_data()
     opt = cls(model.parameters(), hvp="autograd")
-
-    def closure():
-        opt.zero_grad()
-        loss = loss_of(model, x, y)
-        loss.backward()
-        return loss
-
     snap = snapshot(model, opt)
     with pytest.raises(RuntimeError) as info:
-        opt.step(closure)
+        opt.step(standard_closure(opt, model, x, y))
     msg = str(info.value)
     assert "the closure calls backward() itself" in msg and "hvp='finite_difference'" in msg
     assert "differentiated twice" not in msg
@@ -255,15 +259,8 @@ def test_a_closure_that_skips_its_batch_skips_the_step():
 def test_an_aborted_step_does_not_count_as_perturbed():
     model, x, y = model_and_data()
     opt = SASSHA(model.parameters(), hvp="autograd")
-
-    def closure():
-        opt.zero_grad()
-        loss = loss_of(model, x, y)
-        loss.backward()
-        return loss
-
     with pytest.raises(RuntimeError, match="calls backward"):
-        opt.step(closure)  # aborted after perturb_weights() ran
+        opt.step(standard_closure(opt, model, x, y))  # aborted after perturb_weights() ran
     loss_of(model, x, y).backward()
     with pytest.raises(RuntimeError, match="without perturb_weights"):
         opt.step()
