@@ -88,7 +88,7 @@ def test_trainer_steps_equal_the_protocol_loop(tmp_path, cls):
     ref = gpt2(torch.float64)
     ropt = make_optimizer(cls, ref)
     rsched = torch.optim.lr_scheduler.LambdaLR(ropt, lambda s: 1.0 / (1 + s))
-    ropt._require_finite_differences("test")
+    ropt.require_finite_differences("test")
 
     def loss_of(batch):  # as the Trainer computes it (normalised by the tokens of the step)
         return trainer.compute_loss(ref, batch[0], num_items_in_batch=batch[1])

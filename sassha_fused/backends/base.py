@@ -23,7 +23,7 @@ work, so a backend's host cost need not grow with the number of tensors.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -33,6 +33,7 @@ __all__ = [
     "BackendUnavailable",
     "Bucket",
     "GroupCol",
+    "GroupTable",
     "UpdateCol",
     "RefreshMode",
     "RefreshInput",
@@ -66,6 +67,46 @@ class GroupCol:
     RHO = 5
     PERTURB_EPS = 6
     COUNT = 7
+
+
+class GroupTable:
+    """The step's hyper-parameters, one row per param group (layout: ``GroupCol``).
+
+    Built from ``param_groups`` each step (a loop over groups, not tensors).
+    ``tensor(device)`` is the float64 table on a device: uploaded from pinned memory
+    without waiting, or, ``on_device`` (capturable runs), assembled there by device
+    ops, so a CUDA graph can capture it (a tensor ``lr`` is then read at replay).
+    ``rows`` are the host values (the eager reference reads them).
+    """
+
+    __slots__ = ("values", "on_device", "_on", "_rows")
+
+    def __init__(self, param_groups: Sequence[Dict[str, Any]], on_device: bool = False) -> None:
+        self.values = [(g["lr"], g["betas"][0], g["betas"][1], g["weight_decay"], g["eps"], g["rho"],
+                        g["perturb_eps"]) for g in param_groups]
+        self.on_device = on_device
+        self._on: Dict[torch.device, Tensor] = {}
+        self._rows: Optional[List[Tuple[float, ...]]] = None
+
+    @property
+    def rows(self) -> List[Tuple[float, ...]]:
+        if self._rows is None:
+            self._rows = [tuple(float(v) for v in row) for row in self.values]
+        return self._rows
+
+    def tensor(self, device: torch.device) -> Tensor:
+        t = self._on.get(device)
+        if t is None:
+            if self.on_device:
+                t = torch.stack([torch.stack([
+                    v.to(device, torch.float64).reshape(()) if isinstance(v, Tensor)
+                    else torch.full((), float(v), dtype=torch.float64, device=device) for v in row])
+                    for row in self.values])
+            else:
+                host = torch.tensor(self.rows, dtype=torch.float64).reshape(len(self.values), GroupCol.COUNT)
+                t = host if device.type == "cpu" else host.pin_memory().to(device, non_blocking=True)
+            self._on[device] = t
+        return t
 
 
 class UpdateCol:
@@ -201,7 +242,7 @@ class Backend:
         raise NotImplementedError
 
     def perturb(self, b: Bucket, sources: Sequence[Tensor], sq_norm: Tensor, sign: float, adaptive: bool,
-                groups: Tensor) -> None:
+                groups: "GroupTable") -> None:
         """``backup = x; x = x + sign * rho/(sqrt(sq_norm) + perturb_eps) * w * v``.
 
         ``rho`` and ``perturb_eps`` come from row ``b.group_index[j]`` of the group

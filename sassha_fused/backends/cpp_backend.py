@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from .. import _build
-from .base import Backend, BackendUnavailable, Bucket, ProbeKeys, RefreshInput, RefreshMode
+from .base import Backend, BackendUnavailable, Bucket, GroupTable, ProbeKeys, RefreshInput, RefreshMode
 
 __all__ = ["CppBackend", "CudaBackend", "load"]
 
@@ -61,7 +61,7 @@ class CppBackend(Backend):
         return self._ops.sq_norm(sources, b.params, adaptive, acc_dtype == torch.float64)
 
     def perturb(self, b: Bucket, sources: Sequence[Tensor], sq_norm: Tensor, sign: float, adaptive: bool,
-                groups) -> None:
+                groups: GroupTable) -> None:
         self._ops.perturb(b.params, sources, b.backups, sq_norm, b.group_index, groups.tensor(b.device), sign, adaptive)
 
     def probes(self, b: Bucket, keys: ProbeKeys, sample: int) -> List[Tensor]:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ..probes import param_key, rademacher
-from .base import Backend, Bucket, GroupCol, ProbeKeys, RefreshInput, RefreshMode, UpdateCol, math_dtype
+from .base import Backend, Bucket, GroupCol, GroupTable, ProbeKeys, RefreshInput, RefreshMode, UpdateCol, math_dtype
 
 __all__ = ["EagerBackend", "probe", "hessian_sample_mean", "hessian_magnitude"]
 
@@ -87,7 +87,7 @@ class EagerBackend(Backend):
         return total
 
     def perturb(self, b: Bucket, sources: Sequence[Tensor], sq_norm: Tensor, sign: float, adaptive: bool,
-                groups) -> None:
+                groups: GroupTable) -> None:
         for j, (x, v) in enumerate(zip(b.params, sources)):
             mdt = math_dtype(x.dtype)
             rho = group_value(groups, b, j, GroupCol.RHO)

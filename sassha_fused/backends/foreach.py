@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .base import Backend, Bucket, GroupCol, ProbeKeys, RefreshInput, UpdateCol, math_dtype
+from .base import Backend, Bucket, GroupCol, GroupTable, ProbeKeys, RefreshInput, UpdateCol, math_dtype
 from .eager import EagerBackend, hessian_magnitude, hessian_sample_mean
 
 __all__ = ["ForeachBackend"]
@@ -74,7 +74,7 @@ class ForeachBackend(Backend):
         return total
 
     def perturb(self, b: Bucket, sources: Sequence[Tensor], sq_norm: Tensor, sign: float, adaptive: bool,
-                groups) -> None:
+                groups: GroupTable) -> None:
         # (1 / (||v|| + perturb_eps)) * (sign * rho) per group, in the norm's dtype as the reference
         table = groups.tensor(b.device).to(sq_norm.dtype)
         inv = (sq_norm.sqrt() + table[:, GroupCol.PERTURB_EPS]).reciprocal()

@@ -43,7 +43,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .base import Backend, BackendUnavailable, Bucket, ProbeKeys, RefreshInput, RefreshMode
+from .base import Backend, BackendUnavailable, Bucket, GroupTable, ProbeKeys, RefreshInput, RefreshMode
 
 __all__ = ["TritonBackend", "load"]
 
@@ -290,7 +290,7 @@ class TritonBackend(Backend):
         return out.to(acc_dtype)
 
     def perturb(self, b: Bucket, sources: Sequence[Tensor], sq_norm: Tensor, sign: float, adaptive: bool,
-                groups) -> None:
+                groups: GroupTable) -> None:
         table = groups.tensor(b.device).to(torch.float32)
         sq = sq_norm.to(device=b.device, dtype=torch.float32).reshape(())
         for g in self._groups(b):

@@ -48,7 +48,7 @@ require("accelerate", "hf", "transformers.TrainingArguments")
 import torch  # noqa: E402
 from transformers.training_args import ParallelMode  # noqa: E402
 
-from ..optimizer import MSASSHA, SASSHA, _SasshaBase  # noqa: E402
+from .. import MSASSHA, SASSHA  # noqa: E402
 from ..utils import RandomState, preserve_bn_stats  # noqa: E402
 
 __all__ = ["SasshaTrainer"]
@@ -57,7 +57,7 @@ __all__ = ["SasshaTrainer"]
 def _unwrap(optimizer: Any) -> Any:
     """The optimizer under accelerate's (or any) ``.optimizer`` wrappers."""
     seen = 0
-    while not isinstance(optimizer, _SasshaBase) and hasattr(optimizer, "optimizer") and seen < 8:
+    while not isinstance(optimizer, (SASSHA, MSASSHA)) and hasattr(optimizer, "optimizer") and seen < 8:
         optimizer, seen = optimizer.optimizer, seen + 1
     return optimizer
 
@@ -76,7 +76,7 @@ class SasshaTrainer(_transformers.Trainer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         opt = _unwrap(self.optimizer)
-        if not isinstance(opt, _SasshaBase):
+        if not isinstance(opt, (SASSHA, MSASSHA)):
             raise ValueError(
                 "SasshaTrainer: pass the optimizer, e.g. optimizers=(SASSHA(model.parameters(), lr=0.15), None); "
                 f"got {type(self.optimizer).__name__ if self.optimizer is not None else 'no optimizer'}. "
@@ -90,7 +90,7 @@ class SasshaTrainer(_transformers.Trainer):
                 "SasshaTrainer: DeepSpeed and the Trainer's FSDP wrap the model after the optimizer was built "
                 "on its parameters; they are not supported. For sharded training build the model with "
                 "torch.distributed.fsdp.fully_shard first and drive SASSHA as in the README's FSDP2 section.")
-        opt._require_finite_differences("SasshaTrainer")
+        opt.require_finite_differences("SasshaTrainer")
         if self.args.parallel_mode == ParallelMode.DISTRIBUTED:
             opt.distributed = False  # DDP averages every pass; the optimizer must not average again
         self._sassha = opt
