@@ -1,20 +1,27 @@
 """One table of defaults, their validation, and the argument documentation.
 
-Both optimizer classes take their defaults from ``DEFAULTS`` (and ``SASSHA_ONLY`` /
-``MSASSHA_ONLY``), validate through ``validate_options`` / ``validate_group``, and
-share ``ARGS_DOC``. Adding a hyper-parameter means: a row here, a line of
-``ARGS_DOC``, a check in a validator, the keyword in the class signatures, and its
-use (``functional.py`` for scalars of the update).
+``OPTIONS`` declares every keyword of both optimizer classes once: its default,
+whether it is a per-group hyper-parameter or an optimizer-wide option, which class
+takes it, whether ``state_dict()`` saves it, and its documentation. The classes'
+defaults, docstrings (``args_doc``), attributes, ``repr`` and saved options all come
+from it. Adding a hyper-parameter means: a row here, a check in a validator, the
+keyword in the class signatures, and its use (``functional.py`` for scalars of the
+update).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 from .schedules import is_schedule
 
 __all__ = [
+    "Option",
+    "OPTIONS",
+    "OPTION",
+    "args_doc",
     "DEFAULTS",
     "SASSHA_ONLY",
     "MSASSHA_ONLY",
@@ -26,108 +33,167 @@ __all__ = [
     "validate_options",
 ]
 
-# Keyword -> default, in the order of the class signatures.
-DEFAULTS: Dict[str, Any] = dict(
-    lr=0.15,
-    betas=(0.9, 0.999),
-    weight_decay=0.0,
-    rho=0.2,
-    lazy_hessian=10,
-    n_samples=1,
-    eps=1e-4,
-    perturb_eps=1e-12,
-    hessian_power=0.5,
-    seed=0,
-    hvp="auto",
-    fd_eps="auto",
-    fd_scheme="forward",
-    backend="auto",
-    nonfinite="skip",
-    max_consecutive_skips=10,
-    distributed=True,
-    process_group=None,
-    grad_scaler=None,
-    capturable=False,
+@dataclass(frozen=True)
+class Option:
+    """One keyword of the optimizer classes: its default, where it lives, its documentation.
+
+    ``scope``: ``"group"`` for torch.optim's per-group hyper-parameters (kept in
+    ``param_groups``), ``"optimizer"`` for optimizer-wide options (attributes of the
+    optimizer, listed by ``repr``). ``only``: the one class that takes it. ``saved``:
+    stored in ``state_dict()`` (a resumed run keeps it). ``convert``: applied to the
+    value before it is kept.
+    """
+
+    name: str
+    default: Any
+    scope: str
+    only: Optional[str] = None
+    saved: bool = False
+    convert: Optional[Callable[[Any], Any]] = None
+    doc: str = ""
+
+    def takes(self, cls_name: str) -> bool:
+        return self.only is None or self.only == cls_name
+
+
+#: Every keyword of SASSHA and M-SASSHA, in the order of their signatures: the one place
+#: that sets defaults, docs (``args_doc``), attributes, ``repr`` and what ``state_dict`` saves.
+OPTIONS: Tuple[Option, ...] = (
+    Option("lr", 0.15, "group", doc=r"""
+        learning rate :math:`\eta` (default 0.15)."""),
+    Option("betas", (0.9, 0.999), "group", doc=r"""
+        :math:`(\beta_1, \beta_2)`, decays of the momentum and of the
+        absolute Hessian-diagonal EMA (default (0.9, 0.999))."""),
+    Option("weight_decay", 0.0, "group", doc=r"""
+        decoupled weight decay :math:`\lambda` (default 0)."""),
+    Option("rho", 0.2, "group", doc=r"""
+        perturbation radius :math:`\rho`, a number or a schedule object with
+        ``step() -> float`` called once per optimizer step (``schedules.py``)."""),
+    Option("lazy_hessian", 10, "optimizer", doc=r"""
+        refresh the Hessian estimate every ``k`` steps: at steps
+        1, k+1, 2k+1, ... (default 10)."""),
+    Option("n_samples", 1, "optimizer", doc=r"""
+        Rademacher probes per refresh (default 1)."""),
+    Option("eps", 1e-4, "group", doc=r"""
+        added to the preconditioner after the power (default 1e-4)."""),
+    Option("perturb_eps", 1e-12, "group", doc=r"""
+        added to the norm of the perturbation direction (default 1e-12)."""),
+    Option("hessian_power", 0.5, "optimizer", doc=r"""
+        exponent :math:`p` of the preconditioner, a number or a
+        schedule object (default 0.5, the square root)."""),
+    Option("adaptive", False, "optimizer", only="SASSHA", convert=bool, doc=r"""
+        element-wise adaptive perturbation (ASAM): the norm is taken over
+        :math:`|x| \odot g` and :math:`e = \rho\, x^2 \odot g / (n + \epsilon_p)`."""),
+    Option("seed", 0, "optimizer", saved=True, doc=r"""
+        seed of the counter-based probes (``sassha_fused.probes``); the
+        same seed gives the same probes on every backend, device and rank."""),
+    Option("backend", "auto", "optimizer", doc=r"""
+        ``"auto"``, ``"eager"``, ``"foreach"``, ``"triton"``, ``"cuda"``,
+        ``"cpp"``, or a ``Backend`` instance. ``"auto"`` picks the fastest
+        available for each device; an explicit choice that cannot run raises
+        and says why (``available_backends()`` lists them)."""),
+    Option("hvp", "auto", "optimizer", doc=r"""
+        how Hessian-vector products are taken on refresh steps.
+        ``"autograd"``: a double backward (exact; needs ``create_graph=True``
+        on the pass before it). ``"finite_difference"``:
+        :math:`Hz \approx (\nabla f(\tilde x + \delta z) - \nabla f(\tilde x))/\delta`,
+        one more ordinary forward/backward per probe and no graph: works with
+        ``torch.compile``, fused attention, activation checkpointing, FSDP2 and
+        closures that call ``backward()``. ``"auto"`` (default): autograd where
+        the model supports a double backward; through ``step(closure)`` a
+        refresh step that cannot differentiate twice finishes with finite
+        differences and the run stays with them (one warning), and a closure
+        that calls ``backward()`` itself selects them. ``hvp_method`` tells
+        which one runs."""),
+    Option("fd_eps", "auto", "optimizer", doc=r"""
+        relative step of the finite differences:
+        :math:`\delta = \text{fd\_eps}\,(1 + \lVert x_t\rVert_2)/\sqrt{N}`
+        over the N elements of the params taking part, about ``fd_eps`` times
+        their RMS. ``"auto"`` (default) picks it from the precision the
+        gradients were computed in: 1e-3 (forward) / 3e-3 (central) for
+        float32, 3e-2 for bf16/fp16 (16-bit params, or autocast, recognised from
+        the gradients' mantissa bits), 1e-7 / 1e-5 for float64."""),
+    Option("fd_scheme", "forward", "optimizer", doc=r"""
+        ``"forward"`` (default, one pass per probe, reuses the
+        gradient at :math:`\tilde x`) or ``"central"`` (two passes per probe,
+        second-order accurate)."""),
+    Option("nonfinite", "skip", "optimizer", doc=r"""
+        what a step whose gradients or Hessian estimate hold NaN/Inf
+        does. ``"skip"`` (default): parameters (unperturbed) and every state
+        entry stay as they were; the decision is a device flag the update
+        reads (no host synchronisation), and the warning and ``skipped_steps``
+        follow when the flag has reached the host (at the latest one step
+        later on a GPU). ``"raise"``: the same, then ``FloatingPointError``
+        (reads the flag at once). ``"ignore"``: no check."""),
+    Option("max_consecutive_skips", 10, "optimizer", doc=r"""
+        ``FloatingPointError`` once this many steps in a
+        row were skipped (the run is stuck); ``None`` never raises (default 10)."""),
+    Option("distributed", True, "optimizer", convert=bool, doc=r"""
+        when ``torch.distributed`` is initialised, average the
+        perturbed gradients and Hessian-vector products over ``process_group``
+        in flat buckets before the update (default True). Turn off when a
+        wrapper already averages them. FSDP2 (``fully_shard``) parameters are
+        recognised: FSDP averages every pass, the optimizer steps each rank's
+        shards and only sums scalars (norms, the finite check) over the mesh."""),
+    Option("process_group", None, "optimizer", doc=r"""
+        the group to average over (default: the default group)."""),
+    Option("grad_scaler", None, "optimizer", doc=r"""
+        a ``torch.amp.GradScaler`` for fp16 training: the optimizer
+        unscales the first-pass gradients before perturbing and the
+        Hessian-vector products before the update (drive the step with
+        ``scaler.step(opt)``; see the README)."""),
+    Option("capturable", False, "optimizer", convert=bool, doc=r"""
+        keep every per-step value on the device so that the
+        optimizer's calls can be captured in a CUDA graph (CUDA params only)."""),
+    Option("defer_unperturb", False, "optimizer", only="SASSHA", convert=bool, doc=r"""
+        in the official protocol, let ``unperturb()`` leave the
+        restore to the next ``step()``, which fuses it into the update (one read
+        and one write of every parameter less per step). Parameters read between
+        ``unperturb()`` and ``step()`` then still hold the perturbed point; any
+        other call (``perturb_weights``, ``state_dict``, ``unperturbed()``)
+        restores first. Default False: ``unperturb()`` restores at once."""),
+    Option("no_sync", None, "optimizer", only="SASSHA", doc=r"""
+        DDP-native data parallelism: pass ``model.no_sync`` of a
+        ``DistributedDataParallel`` model. The first pass of each step runs
+        under it, so every rank perturbs along its own gradient (SPEC section
+        6), and DDP's reducer averages the perturbed and finite-difference
+        passes, overlapped with their backward; the optimizer issues no
+        collective of its own and the Hessian-vector products are taken by
+        finite differences. In the official protocol wrap the first backward
+        yourself: ``with model.no_sync(): loss_fn(model(x), y).backward()``."""),
 )
-SASSHA_ONLY: Dict[str, Any] = dict(adaptive=False, defer_unperturb=False, no_sync=None)
-MSASSHA_ONLY: Dict[str, Any] = dict()
+OPTION = {o.name: o for o in OPTIONS}
+
+DEFAULTS: Dict[str, Any] = {o.name: o.default for o in OPTIONS if o.only is None}
+SASSHA_ONLY: Dict[str, Any] = {o.name: o.default for o in OPTIONS if o.only == "SASSHA"}
+MSASSHA_ONLY: Dict[str, Any] = {o.name: o.default for o in OPTIONS if o.only == "MSASSHA"}
 
 # What a param group may set for itself (torch.optim's per-group hyper-parameters).
-GROUP_KEYS = ("lr", "betas", "weight_decay", "rho", "eps", "perturb_eps")
+GROUP_KEYS = tuple(o.name for o in OPTIONS if o.scope == "group")
 
 HVP_METHODS = ("auto", "autograd", "finite_difference")
 FD_SCHEMES = ("forward", "central")
 NONFINITE = ("skip", "raise", "ignore")
 
-ARGS_DOC = r"""
-    Args:
+_PARAMS_DOC = """\
         params: iterable of parameters or dicts defining parameter groups. Groups
             may set their own ``lr``, ``betas``, ``weight_decay``, ``rho``, ``eps``
-            and ``perturb_eps``.
-        lr: learning rate :math:`\eta` (default 0.15).
-        betas: :math:`(\beta_1, \beta_2)`, decays of the momentum and of the
-            absolute Hessian-diagonal EMA (default (0.9, 0.999)).
-        weight_decay: decoupled weight decay :math:`\lambda` (default 0).
-        rho: perturbation radius :math:`\rho`, a number or a schedule object with
-            ``step() -> float`` called once per optimizer step (``schedules.py``).
-        lazy_hessian: refresh the Hessian estimate every ``k`` steps: at steps
-            1, k+1, 2k+1, ... (default 10).
-        n_samples: Rademacher probes per refresh (default 1).
-        eps: added to the preconditioner after the power (default 1e-4).
-        perturb_eps: added to the norm of the perturbation direction (default 1e-12).
-        hessian_power: exponent :math:`p` of the preconditioner, a number or a
-            schedule object (default 0.5, the square root).
-        seed: seed of the counter-based probes (``sassha_fused.probes``); the
-            same seed gives the same probes on every backend, device and rank.
-        hvp: how Hessian-vector products are taken on refresh steps.
-            ``"autograd"``: a double backward (exact; needs ``create_graph=True``
-            on the pass before it). ``"finite_difference"``:
-            :math:`Hz \approx (\nabla f(\tilde x + \delta z) - \nabla f(\tilde x))/\delta`,
-            one more ordinary forward/backward per probe and no graph: works with
-            ``torch.compile``, fused attention, activation checkpointing, FSDP2 and
-            closures that call ``backward()``. ``"auto"`` (default): autograd where
-            the model supports a double backward; through ``step(closure)`` a
-            refresh step that cannot differentiate twice finishes with finite
-            differences and the run stays with them (one warning), and a closure
-            that calls ``backward()`` itself selects them. ``hvp_method`` tells
-            which one runs.
-        fd_eps: relative step of the finite differences:
-            :math:`\delta = \text{fd\_eps}\,(1 + \lVert x_t\rVert_2)/\sqrt{N}`
-            over the N elements of the params taking part, about ``fd_eps`` times
-            their RMS. ``"auto"`` (default) picks it from the precision the
-            gradients were computed in: 1e-3 (forward) / 3e-3 (central) for
-            float32, 3e-2 for bf16/fp16 (16-bit params, or autocast, recognised from
-            the gradients' mantissa bits), 1e-7 / 1e-5 for float64.
-        fd_scheme: ``"forward"`` (default, one pass per probe, reuses the
-            gradient at :math:`\tilde x`) or ``"central"`` (two passes per probe,
-            second-order accurate).
-        backend: ``"auto"``, ``"eager"``, ``"foreach"``, ``"triton"``, ``"cuda"``,
-            ``"cpp"``, or a ``Backend`` instance. ``"auto"`` picks the fastest
-            available for each device; an explicit choice that cannot run raises
-            and says why (``available_backends()`` lists them).
-        nonfinite: what a step whose gradients or Hessian estimate hold NaN/Inf
-            does. ``"skip"`` (default): parameters (unperturbed) and every state
-            entry stay as they were; the decision is a device flag the update
-            reads (no host synchronisation), and the warning and ``skipped_steps``
-            follow when the flag has reached the host (at the latest one step
-            later on a GPU). ``"raise"``: the same, then ``FloatingPointError``
-            (reads the flag at once). ``"ignore"``: no check.
-        max_consecutive_skips: ``FloatingPointError`` once this many steps in a
-            row were skipped (the run is stuck); ``None`` never raises (default 10).
-        distributed: when ``torch.distributed`` is initialised, average the
-            perturbed gradients and Hessian-vector products over ``process_group``
-            in flat buckets before the update (default True). Turn off when a
-            wrapper already averages them. FSDP2 (``fully_shard``) parameters are
-            recognised: FSDP averages every pass, the optimizer steps each rank's
-            shards and only sums scalars (norms, the finite check) over the mesh.
-        process_group: the group to average over (default: the default group).
-        grad_scaler: a ``torch.amp.GradScaler`` for fp16 training: the optimizer
-            unscales the first-pass gradients before perturbing and the
-            Hessian-vector products before the update (drive the step with
-            ``scaler.step(opt)``; see the README).
-        capturable: keep every per-step value on the device so that the
-            optimizer's calls can be captured in a CUDA graph (CUDA params only).
-"""
+            and ``perturb_eps``."""
+
+
+def args_doc(cls_name: Optional[str] = None, shared: bool = True) -> str:
+    """The ``Args:`` section of a class docstring, from ``OPTIONS``: the options both classes
+    take (``shared``), or only those of ``cls_name``."""
+    rows = [o for o in OPTIONS if (o.only is None) == shared and (shared or o.only == cls_name)]
+    text = []
+    for o in rows:
+        first, *rest = o.doc.strip("\n").split("\n")
+        text.append("\n".join([f"        {o.name}: {first.strip()}"] + ["    " + line if line else line for line in rest]))
+    head = "\n    Args:\n" + _PARAMS_DOC + "\n" if shared else ""
+    return head + "\n".join(text) + "\n"
+
+
+ARGS_DOC = args_doc()
 
 
 def _is_number(x: Any) -> bool:
@@ -189,3 +255,7 @@ def validate_options(options: Mapping[str, Any]) -> None:
         raise ValueError("nonfinite: 'raise' reads the finite flag on the host every step, which a captured "
                          "CUDA graph cannot; with capturable=True use 'skip' (and read opt.skipped_steps) or 'ignore'")
     check_backend_name(options["backend"])
+    no_sync = options.get("no_sync")
+    if no_sync is not None and not callable(no_sync):
+        raise ValueError(f"no_sync: expected DDP's model.no_sync (a callable returning a context manager), "
+                         f"got {no_sync!r}")

@@ -36,6 +36,7 @@ from .hvp import (
 )
 from .plans import StepPlan, count_present
 from .utils import RandomState
+from .phases import Phase
 
 __all__ = ["PassDriver"]
 
@@ -192,8 +193,10 @@ class PassDriver:
                     f"of the run: the model cannot be differentiated twice ({str(cause).splitlines()[0]}).",
                     RuntimeWarning, stacklevel=5)
 
-    def _require_finite_differences(self, who: str) -> None:
-        """For drivers whose backward passes build no double-backward graph (framework trainers)."""
+    def require_finite_differences(self, who: str) -> None:
+        """Say that this run's refresh steps take finite differences: for drivers whose
+        backward passes build no double-backward graph (a framework's trainer). ``who``
+        names the driver in the ``ValueError`` raised when ``hvp="autograd"`` was asked for."""
         if self.hvp == "autograd":
             raise ValueError(
                 f"{who} takes the Hessian-vector products by finite differences (its backward passes build no "
@@ -232,11 +235,12 @@ class PassDriver:
         the update's refresh input in ``self._pending``; on any failure the params and
         gradients are back where the passes found them."""
         fd = self._finite_differences(direct)
+        back = self._phase
         try:
+            self._fd_displaced = True  # (begin() moves the params)
+            self._move(Phase.HVP_PASSES)  # a zero_grad() between the passes clears .grad only
             fd.begin()
             self.last_fd_step = fd.step_size
-            self._fd_displaced = True
-            self._in_fd_passes = True  # a zero_grad() between the passes clears .grad only
             for i in range(fd.n_passes):
                 torch.clear_autocast_cache()  # the params moved (see _closure_pass)
                 yield i
@@ -245,8 +249,9 @@ class PassDriver:
             fd.abort()
             raise
         finally:
-            self._in_fd_passes = False
+            self._move(back)
         self._pending = (fd.plan, fd.finish())
+        self._report_overflow(*self._pending)
 
     def hvp_passes(self) -> Iterator[int]:
         """The extra passes of a finite-difference Hessian refresh, in the official protocol.
@@ -311,13 +316,35 @@ class PassDriver:
         ddp = getattr(self.no_sync, "__self__", None)
         return bool(getattr(ddp, "gradient_as_bucket_view", True))
 
-    def _take_autograd_refresh(self, no_graph: Optional[BaseException] = None) -> None:
+    def _take_autograd_refresh(self, no_graph: Optional[BaseException] = None, report: bool = True) -> None:
         """Autograd HVPs at the params' current point, kept for the step's update."""
         plan = self._plan(self._participants(), self._backup)
         inputs, has_graph = autograd_refresh(plan, self._probe_keys())
         if not has_graph and plan.participants:
             raise no_graph if no_graph is not None else self._missing_graph_error()
         self._pending = (plan, inputs)
+        if report:
+            self._report_overflow(plan, inputs)
+
+    @torch.no_grad()
+    def _report_overflow(self, plan: StepPlan, inputs: List[RefreshInput]) -> None:
+        """Under a GradScaler, a non-finite Hessian estimate is reported like an inf gradient.
+
+        The scaled products overflow before the gradients do (fp16 autocast): the
+        first gradient's first element is multiplied by inf when any product is not
+        finite (on the device, no host sync), so ``scaler.step()`` skips the step and
+        ``scaler.update()`` lowers the scale; the refresh is taken again next step.
+        """
+        scaler = self.grad_scaler
+        if scaler is None or not scaler.is_enabled():
+            return
+        ys = [y for r in inputs for sample in r.ys for y in sample if y is not None and y.numel()]
+        grad = next((g for b in plan.buckets for g in plan.grads(b) if g is not None and g.numel()), None)
+        if not ys or grad is None:
+            return
+        total = torch.stack([n.to(grad.device, torch.float32) for n in torch._foreach_norm(ys)]).sum()
+        flag = torch.where(torch.isfinite(total), 1.0, float("inf")).to(grad.dtype)
+        grad[(0,) * grad.dim()].mul_(flag)
 
     def _refresh_input(self, plan: StepPlan) -> Optional[List[RefreshInput]]:
         """The update's refresh input for ``plan``: taken earlier, or now by autograd."""
@@ -326,7 +353,7 @@ class PassDriver:
         if self._pending is None:
             if self._hvp_method == "finite_difference":
                 raise self._missing_fd_error()
-            self._take_autograd_refresh()
+            self._take_autograd_refresh(report=False)  # (after a scaler's check: step() counts a skip)
         src, inputs = self._pending
         return inputs if src is plan else remap_refresh(inputs, src, plan)
 

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import functools
 import operator
+from collections import OrderedDict
 from typing import Any, Callable, Dict, Iterator, List, Tuple
 
 import torch
 from torch import Tensor
 
+from ._defaults import OPTIONS
 from .backends import Backend, math_dtype, resolve_backend
 from .distributed import is_distributed, is_sharded
 from .plans import StepPlan, new_state
@@ -34,6 +36,7 @@ _is_not_none = functools.partial(operator.is_not, None)
 
 EXTRA_KEY = "sassha_fused"
 _STATE_DTYPES = {"step": torch.float32, "bias_correction2": torch.float64}
+_PARAM_SHAPED = ("exp_avg", "exp_hessian_diag", "unperturbed_param")
 
 
 class ParamStateMixin:
@@ -141,9 +144,10 @@ class StateDictMixin:
         extra: Dict[str, Any] = {
             "global_step": self._global_step,
             "refreshes": self._refreshes,
-            "seed": self.seed,
+            **{o.name: getattr(self, o.name) for o in OPTIONS if o.saved and o.takes(type(self).__name__)},
             "skipped_steps": self.skipped_steps,
             "hvp_method": self._hvp_method,
+            "refresh_again": self._refresh_again,
         }
         if is_schedule(self.hessian_power) and hasattr(self.hessian_power, "state_dict"):
             extra["hessian_power_schedule"] = self.hessian_power.state_dict()
@@ -167,8 +171,17 @@ class StateDictMixin:
         return sd
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        """Resume exactly: steps, refresh phase, probe counter, schedules and HVP method."""
+        """Resume exactly: steps, refresh phase, probe counter, schedules and HVP method.
+
+        The dict (after the load pre-hooks, whose returned dicts are used in full) is
+        checked against the parameters before anything changes: counts, shapes and
+        dtypes; a refusal names the first mismatch and loads nothing.
+        """
         state_dict = dict(state_dict)
+        for hook in list(self._optimizer_load_state_dict_pre_hooks.values()):
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = dict(result)
         extra = state_dict.pop(EXTRA_KEY, None)
         groups = [dict(g) for g in state_dict["param_groups"]]
         for group in groups:  # the copy a distributed state dict carries (see state_dict)
@@ -177,8 +190,12 @@ class StateDictMixin:
         state_dict["param_groups"] = groups
         saved_state = state_dict["state"]
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        self._check_loadable(saved_state, ids, extra)
-        super().load_state_dict(state_dict)
+        self._check_loadable(state_dict, extra)
+        hooks, self._optimizer_load_state_dict_pre_hooks = self._optimizer_load_state_dict_pre_hooks, OrderedDict()
+        try:  # (the pre-hooks ran above; torch's own load runs the post-hooks)
+            super().load_state_dict(state_dict)
+        finally:
+            self._optimizer_load_state_dict_pre_hooks = hooks
         # torch casts floating state to the param dtype (16-bit params keep fp32
         # state here) and may alias the given tensors: every tensor is copied, so
         # loading a live optimizer's state_dict shares no buffer with it.
@@ -199,8 +216,11 @@ class StateDictMixin:
         if extra is not None:
             self._global_step = int(extra["global_step"])
             self._refreshes = int(extra["refreshes"])
-            self.seed = int(extra.get("seed", self.seed))
+            for o in OPTIONS:
+                if o.saved and o.name in extra and o.takes(type(self).__name__):
+                    setattr(self, o.name, extra[o.name])
             self._skips.skipped = int(extra.get("skipped_steps", 0))
+            self._refresh_again = bool(extra.get("refresh_again", False))
             if (self.hvp == "auto" and extra.get("hvp_method") in ("autograd", "finite_difference")
                     and not self._backward_reduces()):  # FSDP2 / DDP-native: finite differences only
                 self._hvp_method = extra["hvp_method"]
@@ -215,9 +235,43 @@ class StateDictMixin:
     def _load_extra_state(self, extra: Dict[str, Any]) -> None:
         pass
 
-    def _check_loadable(self, saved_state: Dict[Any, Dict[str, Any]], ids: List[Any], extra: Any) -> None:
+    def _check_loadable(self, state_dict: Dict[str, Any], extra: Any) -> None:
         """Refuse, before anything changes, a state dict that would load into a wrong run."""
         name = type(self).__name__
+        saved_state, saved_groups = state_dict.get("state"), state_dict.get("param_groups")
+        if not isinstance(saved_state, dict) or not isinstance(saved_groups, list):
+            raise ValueError(f"{name}.load_state_dict: expected a dict with 'state' and 'param_groups' (an "
+                             "optimizer's state_dict()). Nothing was loaded.")
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"{name}.load_state_dict: the state dict has {len(saved_groups)} param group(s), "
+                             f"this optimizer {len(self.param_groups)}: load a state dict of the same model and "
+                             "param groups. Nothing was loaded.")
+        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"{name}.load_state_dict: param group {gi} has {len(saved['params'])} "
+                                 f"parameter(s) in the state dict and {len(group['params'])} here: load a state "
+                                 "dict of the same model and param groups. Nothing was loaded.")
+        places = [(gi, j) for gi, g in enumerate(self.param_groups) for j in range(len(g["params"]))]
+        ids = [i for g in saved_groups for i in g["params"]]
+        for (gi, j), p, i in zip(places, self._all_params(), ids):
+            for key, value in saved_state.get(i, {}).items():
+                where = f"param_groups[{gi}]['params'][{j}] (state entry {i!r}): '{key}'"
+                if key in _STATE_DTYPES:
+                    if not (isinstance(value, (int, float)) or (isinstance(value, Tensor) and value.numel() == 1)):
+                        raise ValueError(f"{name}.load_state_dict: {where} must be a number or a one-element "
+                                         f"tensor, got {type(value).__name__}. Nothing was loaded.")
+                    continue
+                if key not in _PARAM_SHAPED:
+                    continue
+                if not isinstance(value, Tensor) or not value.is_floating_point():
+                    what = f"a {value.dtype} tensor" if isinstance(value, Tensor) else type(value).__name__
+                    raise ValueError(f"{name}.load_state_dict: {where} must be a floating-point tensor, got "
+                                     f"{what}. Nothing was loaded.")
+                if tuple(value.shape) != tuple(p.shape):
+                    raise ValueError(
+                        f"{name}.load_state_dict: {where} has shape {tuple(value.shape)} but the parameter has "
+                        f"shape {tuple(p.shape)}: the state dict comes from a model with other shapes (or the "
+                        "parameters are in another order). Nothing was loaded.")
         if extra is None and any(float(s.get("step", 0)) > 0 for s in saved_state.values()):
             raise ValueError(
                 f"{name}.load_state_dict: the state dict has per-parameter steps but not the optimizer-wide "

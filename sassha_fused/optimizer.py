@@ -11,18 +11,21 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
+import warnings
+from collections import defaultdict, deque
+from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from . import functional as F
-from ._defaults import ARGS_DOC, DEFAULTS, GROUP_KEYS, SASSHA_ONLY, validate_group, validate_options
+from ._defaults import ARGS_DOC, DEFAULTS, GROUP_KEYS, OPTIONS, SASSHA_ONLY, args_doc, validate_group, validate_options
 from .backends import Backend, Bucket, ProbeKeys, RefreshInput, RefreshMode
 from ._state import ParamStateMixin, StateDictMixin
 from .distributed import BucketedAverager, average_step_inputs, copy_, local, participation, shard_group_of
 from ._passes import NothingToStep, PassDriver
 from .hvp import cannot_differentiate_twice
+from .phases import BETWEEN_STEPS, MOVES, Phase
 from .plans import Counters, PlanCache, StepPlan, attach_state
 from .probes import MAX_PROBE_NUMEL, key_prefix
 from .schedules import is_schedule
@@ -34,6 +37,98 @@ __all__ = ["SASSHA", "MSASSHA"]
 
 def _options(frame_locals: Dict[str, Any]) -> Dict[str, Any]:
     return {k: v for k, v in frame_locals.items() if k not in ("self", "params", "__class__")}
+
+
+
+
+_COUNTERS = ("step", "bias_correction2")
+
+
+class SkipMonitor:
+    """Brings the steps' finite flags to the host without stalling, and reports skips.
+
+    On a GPU each flag is copied to pinned memory behind an event; ``poll`` reads
+    the flags whose copy has completed (``wait=True``: all of them). On the CPU a
+    flag is there at once. A skipped step warns (``nonfinite="skip"``), and
+    ``max_consecutive`` skips in a row raise ``FloatingPointError``.
+    """
+
+    def __init__(self, owner: str, max_consecutive: Optional[int], on_device: bool = False) -> None:
+        self.owner = owner
+        self.max_consecutive = max_consecutive
+        self.on_device = on_device
+        self.skipped = 0  # found on the host so far
+        self.consecutive = 0
+        self.refresh_skipped = False  # a skipped step was a Hessian refresh (the optimizer takes it again)
+        self._pending: Deque[Tuple[int, Tensor, Any, bool]] = deque()
+        self._device_count: Optional[Tensor] = None  # on_device: skipped steps counted where they happen
+
+    def record(self, ok: Tensor, step: int, refreshed: bool = False) -> None:
+        if self.on_device:  # capturable: no host copy, no event; counted on the device
+            count = self._device_count
+            self._device_count = (~ok).to(torch.int64) if count is None else count.add_((~ok).to(torch.int64))
+            return
+        if ok.device.type == "cuda":
+            host = torch.empty((), dtype=ok.dtype, pin_memory=True)
+            host.copy_(ok, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._pending.append((step, host, event, refreshed))
+        else:
+            self._pending.append((step, ok, None, refreshed))
+
+    def total(self) -> int:
+        """Skipped steps so far; reads the device count (a synchronisation) in capturable runs."""
+        self.poll(wait=True, warn=False)
+        return self.skipped + (0 if self._device_count is None else int(self._device_count))
+
+    def poll(self, wait: bool = False, warn: bool = True) -> List[int]:
+        """Steps found skipped among the flags that have arrived (all, with ``wait``)."""
+        found = []
+        while self._pending:
+            step, host, event, refreshed = self._pending[0]
+            if event is not None and not event.query():
+                if not wait:
+                    break
+                event.synchronize()
+            self._pending.popleft()
+            if bool(host):  # a host (CPU or pinned) copy: no device synchronisation
+                self.consecutive = 0
+                continue
+            self.skipped += 1
+            self.consecutive += 1
+            self.refresh_skipped |= refreshed
+            found.append(step)
+            if warn:
+                warnings.warn(
+                    f"{self.owner}: step {step} skipped: the perturbed gradients or the Hessian estimate "
+                    "contain NaN or Inf. Parameters and optimizer state are unchanged.",
+                    RuntimeWarning, stacklevel=4,
+                )
+            if self.max_consecutive is not None and self.consecutive >= self.max_consecutive:
+                self._pending.clear()
+                raise FloatingPointError(
+                    f"{self.owner}: {self.consecutive} consecutive steps were skipped for NaN/Inf gradients "
+                    f"or Hessian estimates (the last at step {step}): the run is stuck. Lower the learning "
+                    "rate, check the loss and the data, or raise max_consecutive_skips."
+                )
+        return found
+
+
+class _Shared:
+    """Wraps a handle a deepcopy of the optimizer shares with the original (a process group,
+    DDP's ``no_sync``, a GradScaler, a backend instance); pickle stores the handle itself."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: Any) -> None:
+        self.obj = obj
+
+    def __deepcopy__(self, memo: Dict[int, Any]) -> "_Shared":
+        return self
+
+    def __reduce__(self) -> Tuple[Any, ...]:
+        return _Shared, (self.obj,)
 
 
 class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optimizer):
@@ -48,11 +143,9 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
 
     def __init__(self, params: Iterable, options: Dict[str, Any]) -> None:
         validate_options(options)
-        for name in ("lazy_hessian", "n_samples", "seed", "hessian_power", "hvp", "fd_eps", "fd_scheme", "backend",
-                     "nonfinite", "max_consecutive_skips", "distributed", "process_group", "grad_scaler",
-                     "capturable"):
-            setattr(self, name, options[name])
-        self.distributed = bool(self.distributed)
+        for o in OPTIONS:  # the optimizer-wide options are attributes
+            if o.scope == "optimizer" and o.takes(type(self).__name__):
+                setattr(self, o.name, o.convert(options[o.name]) if o.convert else options[o.name])
         rho = options["rho"]
         self.rho_schedule = rho if is_schedule(rho) else None
         defaults = {k: options[k] for k in GROUP_KEYS}
@@ -64,7 +157,7 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
         self._plans = PlanCache()
         self._captured_plans: List[StepPlan] = []  # plans a CUDA graph capture used (capturable)
         self._counters = Counters()
-        self._skips = F.SkipMonitor(type(self).__name__, options["max_consecutive_skips"], on_device=self.capturable)
+        self._skips = SkipMonitor(type(self).__name__, options["max_consecutive_skips"], on_device=self.capturable)
         self._averager = BucketedAverager(self.process_group)
         self.last_step_collectives = 0  # collectives the last step issued (data-parallel)
         self._hvp_method = "finite_difference" if self.hvp == "finite_difference" else "autograd"
@@ -77,12 +170,12 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
         self._in_closure = False
         self._closure_calls = 0  # closure passes of the step so far
         self._may_skip = False  # whether a closure returning None may skip this step
-        self._in_fd_passes = False
+        self._phase = Phase.IDLE
         self._global_step = 0  # optimizer steps taken
         self._refreshes = 0  # Hessian refreshes taken: the probes' counter
         self._power_t: Optional[float] = None
         self._step_begun = False  # the schedules have advanced for the coming step
-        self._perturbed_in_step = False  # SASSHA: perturb_weights() ran in the coming step
+        self._refresh_again = False  # the last refresh was skipped: the coming step refreshes
         self._shards = None  # FSDP2: the mesh's group (set by add_param_group)
         super().__init__(params, defaults)
         if self._shards is not None or self.no_sync is not None:
@@ -96,6 +189,55 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
         if self.capturable and any(p.device.type != "cuda" for p in self._all_params()):
             raise ValueError("capturable: CUDA graphs capture CUDA work only; capturable=True needs every "
                              "parameter on a CUDA device (leave it False on the CPU)")
+
+    # ------------------------------------------------------------ copy, pickle
+    #: rebuilt on first use: caches keyed by id() or holding device tables and compiled backends
+    _REBUILT = ("_backend_cache", "_plans", "_captured_plans", "_counters", "_averager", "_backups",
+                "_index_of", "_group_of", "_trainable")
+    #: handles of the run outside the optimizer: a deepcopy shares them, it does not copy them
+    _SHARED = ("process_group", "no_sync", "grad_scaler", "_shards", "backend")
+    #: torch.optim's hooks, which its own optimizers do not copy either
+    _HOOKS = ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks", "_optimizer_state_dict_pre_hooks",
+              "_optimizer_state_dict_post_hooks", "_optimizer_load_state_dict_pre_hooks",
+              "_optimizer_load_state_dict_post_hooks")
+
+    def __getstate__(self) -> Dict[str, Any]:
+        """For ``copy.deepcopy`` and ``pickle``: options, param groups, state and counters.
+
+        Caches and backends are rebuilt on first use; the step counters (views into
+        one bank per device) travel as plain tensors. Copy between steps.
+        """
+        if self._phase not in BETWEEN_STEPS or self._pending is not None or self._fd_displaced:
+            raise RuntimeError(
+                f"{type(self).__name__}: copy or pickle the optimizer between steps (after step() or "
+                f"zero_grad()); it is in phase {self._phase.value!r}, with the parameters and the step's "
+                "products in between. Nothing was changed.")
+        self._skips.poll(wait=True, warn=self.nonfinite == "skip")  # CUDA events do not copy
+        out = {k: v for k, v in self.__dict__.items() if k not in self._REBUILT + self._HOOKS}
+        for k in self._SHARED:
+            if k in out:
+                out[k] = _Shared(out[k])
+        out["state"] = {p: {k: v.clone() if k in _COUNTERS else v for k, v in s.items()}
+                        for p, s in self.state.items()}
+        return out
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        state = {k: v.obj if isinstance(v, _Shared) else v for k, v in state.items()}
+        counters = state.pop("state")
+        super().__setstate__(state)
+        self.state = defaultdict(dict)
+        self._backend_cache, self._plans, self._captured_plans = {}, PlanCache(), []
+        self._counters, self._averager = Counters(), BucketedAverager(self.process_group)
+        if isinstance(self, SASSHA):
+            self._backups = {}
+        self._index_maps()
+        for p, saved in counters.items():
+            entry = self.state[p]
+            entry.update(saved)
+            if "step" in saved:  # back into the bank, as load_state_dict does
+                entry["step"], entry["bias_correction2"] = self._counter_views(p)
+                entry["step"].copy_(saved["step"])
+                entry["bias_correction2"].copy_(saved["bias_correction2"])
 
     # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
@@ -141,33 +283,27 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
         return "\n".join(lines) + "\n" + groups
 
     def _repr_options(self) -> List[Tuple[str, Any]]:
+        """Every optimizer-wide option of ``OPTIONS`` (handles by their type), and what runs."""
         backends = ", ".join(f"{k}: {v}" for k, v in self.backends.items()) or "none yet"
-        hvp = f"{self.hvp!r} (in use: {self._hvp_method})" if self.hvp == "auto" else repr(self.hvp)
-        options: List[Tuple[str, Any]] = [
-            ("backend", f"{self.backend!r} (in use: {backends})" if isinstance(self.backend, str) else self.backend),
-            ("lazy_hessian", self.lazy_hessian),
-            ("n_samples", self.n_samples),
-            ("hessian_power", self.hessian_power),
-            ("hvp", hvp),
-            ("fd_eps", repr(self.fd_eps)),
-            ("fd_scheme", repr(self.fd_scheme)),
-            ("seed", self.seed),
-            ("nonfinite", repr(self.nonfinite)),
-            ("max_consecutive_skips", self.max_consecutive_skips),
-            ("distributed", self.distributed),
-            ("capturable", self.capturable),
-        ]
+        shown = {
+            "backend": f"{self.backend!r} (in use: {backends})" if isinstance(self.backend, str) else self.backend,
+            "hvp": f"{self.hvp!r} (in use: {self._hvp_method})" if self.hvp == "auto" else repr(self.hvp),
+            "process_group": None if self.process_group is None else type(self.process_group).__name__,
+            "grad_scaler": None if self.grad_scaler is None else type(self.grad_scaler).__name__,
+            "no_sync": getattr(self.no_sync, "__qualname__", repr(self.no_sync)) if self.no_sync else None,
+        }
+        options = [(o.name, shown.get(o.name, repr(getattr(self, o.name)))) for o in OPTIONS
+                   if o.scope == "optimizer" and o.takes(type(self).__name__)]
         if self.rho_schedule is not None:
             options.append(("rho", f"{self.rho_schedule!r} (a schedule: the groups' rho is its latest value)"))
-        if self.grad_scaler is not None:
-            options.append(("grad_scaler", type(self.grad_scaler).__name__))
         return options
 
     # --------------------------------------------------------------- schedules
     @property
     def refresh_due(self) -> bool:
-        """True when the coming step refreshes the Hessian estimate (steps 1, k+1, 2k+1, ...)."""
-        return self._global_step % self.lazy_hessian == 0
+        """True when the coming step refreshes the Hessian estimate: steps 1, k+1, 2k+1, ...,
+        and the step after a skipped refresh (NaN/Inf, or a GradScaler's overflow)."""
+        return self._global_step % self.lazy_hessian == 0 or self._refresh_again
 
     @property
     def hessian_due(self) -> bool:
@@ -188,6 +324,24 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
     def hvp_method(self) -> str:
         """``"autograd"`` or ``"finite_difference"``: how refresh steps take H z now."""
         return self._hvp_method
+
+    @property
+    def phase(self) -> Phase:
+        """Where the step stands (``Phase``): between steps, or which protocol call came last."""
+        return self._phase
+
+    def _move(self, to: Phase) -> None:
+        if to is not self._phase and to not in MOVES[self._phase]:
+            raise RuntimeError(f"{type(self).__name__}: internal error, no move from phase "
+                               f"{self._phase.value!r} to {to.value!r}; please report it")
+        self._phase = to
+
+    def _check_not_in_passes(self, call: str) -> None:
+        if self._phase is Phase.HVP_PASSES:
+            raise RuntimeError(
+                f"{type(self).__name__}.{call} was called inside the `for _ in opt.hvp_passes()` loop, whose "
+                "iterations hold the parameters at finite-difference points: call it after the loop. "
+                "Parameters and optimizer state are unchanged.")
 
     @property
     def global_step(self) -> int:
@@ -242,9 +396,10 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
         it saves or loads one, and a SASSHA step needs passes it would not have.
         """
         if closure is not None and ("lightning" in sys.modules or "pytorch_lightning" in sys.modules):
-            from .integrations.lightning import prepare_closure  # refuses what would be wrong under Lightning
+            from .closures import prepare_closure  # refuses what would be wrong under Lightning
 
             closure = prepare_closure(self, closure)
+        self._check_not_in_passes("step()")
         if closure is None and self._is_state_initialisation():
             with torch.no_grad():
                 participants = self._participants()
@@ -294,7 +449,7 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
 
     def _mid_step(self) -> bool:
         """Whether a protocol call of the coming step already ran (SASSHA: ``perturb_weights()``)."""
-        return False
+        return self._phase not in BETWEEN_STEPS
 
     def _check_protocol(self) -> None:
         """Refuse a ``step()`` (official protocol) that skipped a required call; the class says which."""
@@ -320,16 +475,20 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
         except BaseException:
             self._abort_step()
             raise
+        try:
+            ok = self._apply_step(plan, self._x_t_for_update(plan), refresh)
+        except BaseException:  # nothing was written: back to where the step found the params
+            self._abort_step()
+            raise
         self._pending = None
         self._fd_displaced = False
-        try:
-            self._apply_step(plan, self._x_t_for_update(plan), refresh)
-        finally:  # also after nonfinite="raise" (the update restored x_t and left the state alone)
-            self._after_update()
+        self._after_update()
+        if ok is not None:
+            self._account(ok, refresh is not None)
 
     def _apply_step(self, plan: StepPlan, x_t_of: Callable[[Bucket], List[Tensor]],
-                    refresh: Optional[List[RefreshInput]]) -> None:
-        """average / check -> update -> commit, for both classes."""
+                    refresh: Optional[List[RefreshInput]]) -> Optional[Tensor]:
+        """average / check -> update -> commit, for both classes; returns the step's finite flag."""
         groups = F.GroupTable(self.param_groups, on_device=self.capturable)
         ys_of = (lambda bi: [y for ys in refresh[bi].ys for y in ys if y is not None]) if refresh else None
         if refresh is not None and refresh[0].mode == RefreshMode.AUTOGRAD and plan.participants:  # unscale H z
@@ -348,26 +507,38 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
         self._global_step += 1
         if refresh is not None:
             self._refreshes += 1
+            self._refresh_again = False
         self._step_begun = False
-        self._perturbed_in_step = False
         if self._shards is not None:  # FSDP2: the scalar all-reduces since the last step
             self.last_step_collectives, self._shards.collectives = self._shards.collectives, 0
-        if ok is not None:
-            self._skips.record(ok, self._global_step)
+        return ok
+
+    def _account(self, ok: Tensor, refreshed: bool) -> None:
+        """Count a skipped step (its update left params and state alone); nonfinite='raise' undoes its count.
+
+        A skipped Hessian refresh is taken again on the next step once its flag is on the
+        host (at once on the CPU; from a GPU, on the first step after the copy landed).
+        """
+        self._skips.record(ok, self._global_step, refreshed)
+        skipped: List[int] = []
+        try:
             if self.nonfinite == "raise" or (ok.device.type == "cpu" and not self.capturable):
-                try:
-                    skipped = self._skips.poll(wait=True, warn=self.nonfinite == "skip")
-                except FloatingPointError:
-                    raise
-                if skipped and self.nonfinite == "raise":  # not a skipped step: a step that did not happen
-                    self._skips.skipped -= 1
-                    self._skips.consecutive -= 1
-                    self._global_step -= 1
-                    self._refreshes -= refresh is not None
-                    raise FloatingPointError(
-                        f"{type(self).__name__}: step {self._global_step + 1}: the perturbed gradients or the "
-                        "Hessian estimate contain NaN or Inf (nonfinite='raise'). Parameters and optimizer "
-                        "state are unchanged.")
+                skipped = self._skips.poll(wait=True, warn=self.nonfinite == "skip")
+            else:
+                self._skips.poll(wait=False, warn=self.nonfinite == "skip")
+        finally:
+            if self._skips.refresh_skipped and not (skipped and self.nonfinite == "raise"):
+                self._refresh_again = True
+            self._skips.refresh_skipped = False
+        if skipped and self.nonfinite == "raise":  # not a skipped step: a step that did not happen
+            self._skips.skipped -= 1
+            self._skips.consecutive -= 1
+            self._global_step -= 1
+            self._refreshes -= refreshed
+            raise FloatingPointError(
+                f"{type(self).__name__}: step {self._global_step + 1}: the perturbed gradients or the "
+                "Hessian estimate contain NaN or Inf (nonfinite='raise'). Parameters and optimizer "
+                "state are unchanged.")
 
     def _presence(self) -> Optional[Tensor]:
         """Data-parallel: which trainable params have a gradient on some rank (once per step).
@@ -408,18 +579,20 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
     def zero_grad(self, set_to_none: bool = True) -> None:
         """torch's zero_grad; it also ends a step that never reached ``step()``.
 
-        A GradScaler skips ``step()`` on inf/NaN gradients: the Hessian-vector
-        products taken for it are dropped with the gradients, and parameters an
-        ``hvp_passes()`` loop moved go back where the step found them.
+        A GradScaler skips ``step()`` on inf/NaN gradients, and a training loop that
+        catches an exception mid-step (an out-of-memory batch) calls ``zero_grad()``
+        and goes on: the parameters go back to where the step found them (x_t), the
+        Hessian-vector products taken for it are dropped with the gradients, and the
+        next step starts afresh. Inside a step's own passes (a standard closure's
+        ``zero_grad()``, or one inside the ``hvp_passes()`` loop) it clears ``.grad`` only.
         """
         super().zero_grad(set_to_none)
-        if getattr(self, "_in_closure", False) or getattr(self, "_in_fd_passes", False):
-            return  # part of the step: a standard closure's, or a habit inside the hvp_passes() loop
-        if getattr(self, "_fd_displaced", False):
-            with torch.no_grad():
-                self._return_from_fd_point()
-        self._materialize_restore()  # a defer_unperturb restore step() never carried out (a scaler's skip)
-        self._forget_step()
+        phase = getattr(self, "_phase", Phase.IDLE)
+        if getattr(self, "_in_closure", False) or phase is Phase.HVP_PASSES:
+            return
+        if phase not in BETWEEN_STEPS or self._fd_displaced or self._pending is not None:
+            self._abort_step()
+        self._presence_mask = None
 
     def _materialize_restore(self) -> None:
         """Carry out a restore that was left for ``step()`` (SASSHA's ``defer_unperturb``)."""
@@ -500,24 +673,7 @@ class SASSHA(_SasshaBase):
     the global step and the Hessian-refresh schedule stay where they are.
     ``backends`` names the backend running each (device, dtype); ``repr(opt)`` shows
     every option.
-    """ + ARGS_DOC + r"""
-        adaptive: element-wise adaptive perturbation (ASAM): the norm is taken over
-            :math:`|x| \odot g` and :math:`e = \rho\, x^2 \odot g / (n + \epsilon_p)`.
-        defer_unperturb: in the official protocol, let ``unperturb()`` leave the
-            restore to the next ``step()``, which fuses it into the update (one read
-            and one write of every parameter less per step). Parameters read between
-            ``unperturb()`` and ``step()`` then still hold the perturbed point; any
-            other call (``perturb_weights``, ``state_dict``, ``unperturbed()``)
-            restores first. Default False: ``unperturb()`` restores at once.
-        no_sync: DDP-native data parallelism: pass ``model.no_sync`` of a
-            ``DistributedDataParallel`` model. The first pass of each step runs
-            under it, so every rank perturbs along its own gradient (SPEC section
-            6), and DDP's reducer averages the perturbed and finite-difference
-            passes, overlapped with their backward; the optimizer issues no
-            collective of its own and the Hessian-vector products are taken by
-            finite differences. In the official protocol wrap the first backward
-            yourself: ``with model.no_sync(): loss_fn(model(x), y).backward()``.
-
+    """ + ARGS_DOC + args_doc("SASSHA", shared=False) + r"""
     State per parameter (names as in the official code): ``step``, ``exp_avg``
     (:math:`m`), ``exp_hessian_diag`` (:math:`D`), ``bias_correction2``
     (:math:`c_2`, 0 until the parameter's first refresh); fp32 for bf16/fp16 params.
@@ -552,18 +708,11 @@ class SASSHA(_SasshaBase):
         no_sync: Optional[Callable[[], Any]] = SASSHA_ONLY["no_sync"],
     ) -> None:
         options = _options(locals())
-        self.adaptive = bool(options.pop("adaptive"))
-        self.defer_unperturb = bool(options.pop("defer_unperturb"))
-        self.no_sync = options.pop("no_sync")
-        if self.no_sync is not None and not callable(self.no_sync):
-            raise ValueError(f"no_sync: expected DDP's model.no_sync (a callable returning a context manager), "
-                             f"got {self.no_sync!r}")
         # x_t while the params hold x_t + e_t; not part of state_dict (it lives only
         # between perturb_weights() and the end of the step).
         self._backups: Dict[int, Tensor] = {}
-        self._perturbed: Optional[StepPlan] = None
+        self._perturbed: Optional[StepPlan] = None  # the plan whose backups hold x_t (PERTURBED, DEFERRED)
         self._pending: Optional[List[RefreshInput]] = None
-        self._restore_pending = False
         super().__init__(params, options)
 
     @property
@@ -571,12 +720,9 @@ class SASSHA(_SasshaBase):
         """True between ``perturb_weights()`` and ``unperturb()`` / the end of the step."""
         return self._perturbed is not None
 
-    def _mid_step(self) -> bool:
-        return self._perturbed_in_step or self._perturbed is not None
-
     def _check_protocol(self) -> None:
         """``step()`` without ``perturb_weights()`` would be a step without the perturbation."""
-        if self._perturbed_in_step:
+        if self._phase is not Phase.IDLE:
             return
         rho_set = any(float(g["rho"]) > 0 for g, own in zip(self.param_groups, self._own_rho)
                       if own or self.rho_schedule is None)
@@ -589,13 +735,6 @@ class SASSHA(_SasshaBase):
                 "(see help(SASSHA) and the README; timm's train loop needs the README's timm recipe). "
                 "For a step without perturbation, set rho=0. Parameters, gradients and optimizer state are "
                 "unchanged.")
-
-    def _repr_options(self) -> List[Tuple[str, Any]]:
-        options = super()._repr_options()
-        options += [("adaptive", self.adaptive), ("defer_unperturb", self.defer_unperturb)]
-        if self.no_sync is not None:
-            options.append(("no_sync", getattr(self.no_sync, "__qualname__", repr(self.no_sync))))
-        return options
 
     def _backup(self, p: Tensor) -> Tensor:
         buf = self._backups.get(id(p))
@@ -610,7 +749,7 @@ class SASSHA(_SasshaBase):
 
     def _fd_x_t(self, plan: StepPlan) -> Callable[[Bucket], List[Tensor]]:
         """x_t of the finite-difference passes' params, in their backups (the passes move them)."""
-        if self._perturbed is None or self._restore_pending:
+        if self._phase is not Phase.PERTURBED:
             raise RuntimeError(
                 "SASSHA: hvp_passes() takes its passes at the perturbed point: run it after the second "
                 "backward and before unperturb() (see the README's loop). Parameters and state are unchanged.")
@@ -628,7 +767,8 @@ class SASSHA(_SasshaBase):
     def _return_from_fd_point(self) -> None:
         if self._perturbed is not None:  # unperturb() was skipped as well
             self._restore(self._perturbed)
-        self._perturbed, self._restore_pending = None, False
+        self._perturbed = None
+        self._move(Phase.IDLE)
 
     @torch.no_grad()
     def perturb_weights(self, zero_grad: bool = True) -> None:
@@ -638,13 +778,16 @@ class SASSHA(_SasshaBase):
         The unperturbed point is kept (not recomputed), so ``unperturb()`` restores
         every parameter bit for bit.
         """
-        self._materialize_restore()
-        if self._perturbed is not None:
-            raise RuntimeError("perturb_weights() called twice without unperturb() or step() in between")
-        # A step that never reached step() (GradScaler skipped it on inf/NaN) leaves
-        # nothing behind: this is a new step, with new Hessian-vector products.
-        self._pending = None
-        self._presence_mask = None
+        self._check_not_in_passes("perturb_weights()")
+        if self._phase is Phase.PERTURBED:
+            raise RuntimeError("SASSHA.perturb_weights() was called twice without unperturb() or step() in between; "
+                               "call opt.zero_grad() to abandon the step under way. Parameters and optimizer "
+                               "state are unchanged.")
+        if self._phase is not Phase.IDLE:
+            # a step that never reached step() (a GradScaler skipped it on inf/NaN) leaves
+            # nothing behind: this is a new step, with new Hessian-vector products
+            self._abort_step()
+        self._forget_step()
         self._begin_step()
         participants = self._participants()
         self._check_grads(participants)
@@ -658,11 +801,16 @@ class SASSHA(_SasshaBase):
             inv = self._inv_scale(grads[0].device)
             if inv is not None:  # the perturbation follows the unscaled gradient
                 torch._foreach_mul_(grads, inv.to(grads[0].dtype))
-            F.perturb(plan, plan.grads, 1.0, self.adaptive, F.GroupTable(self.param_groups, self.capturable))
+            try:
+                F.perturb(plan, plan.grads, 1.0, self.adaptive, F.GroupTable(self.param_groups, self.capturable))
+            except BaseException:
+                if inv is not None:  # the gradients as the user left them (a power-of-two scale: exact)
+                    torch._foreach_div_(grads, inv.to(grads[0].dtype))
+                raise
         self._perturbed = plan
-        self._perturbed_in_step = True
+        self._move(Phase.PERTURBED)
         if zero_grad:
-            self.zero_grad()
+            torch.optim.Optimizer.zero_grad(self)  # part of this call: it does not end the step
 
     @torch.no_grad()
     def unperturb(self) -> None:
@@ -672,7 +820,8 @@ class SASSHA(_SasshaBase):
         first, at the perturbed point, while the graph of the second backward pass
         still describes it; ``step()`` then uses them.
         """
-        if self._perturbed is None or self._restore_pending:
+        self._check_not_in_passes("unperturb()")
+        if self._phase is not Phase.PERTURBED:
             return
         if (self.refresh_due and self._hvp_method == "autograd" and self._pending is None
                 and any(p.grad is not None and p.grad.requires_grad for p in self._all_params())):
@@ -688,18 +837,19 @@ class SASSHA(_SasshaBase):
                         "backward (see the README). Parameters and optimizer state are unchanged.") from exc
                 raise
         if self.defer_unperturb:
-            self._restore_pending = True  # step() restores inside the fused update
+            self._move(Phase.DEFERRED)  # step() restores inside the fused update
             return
         self._restore(self._perturbed)
         self._perturbed = None
+        self._move(Phase.RESTORED)
 
     def _materialize_restore(self) -> None:
         """Carry out a restore that ``defer_unperturb`` left for ``step()``."""
-        if self._restore_pending:
+        if self._phase is Phase.DEFERRED:
             with torch.no_grad():
                 self._restore(self._perturbed)
             self._perturbed = None
-            self._restore_pending = False
+            self._move(Phase.RESTORED)
 
     @contextlib.contextmanager
     def unperturbed(self) -> Iterator[None]:
@@ -736,21 +886,24 @@ class SASSHA(_SasshaBase):
 
     def _x_t_for_update(self, plan: StepPlan) -> Callable[[Bucket], List[Tensor]]:
         if self._perturbed is not plan:  # not perturbed, or along other params than take part now
-            self._materialize_restore()
             if self._perturbed is not None:
                 self._restore(self._perturbed)
-        x_t_of = self._x_t_of(plan)  # the backups when the restore is fused into the update
-        self._perturbed, self._restore_pending = None, False
-        return x_t_of
+            self._perturbed = None
+        # the backups when the restore is fused into the update (the update writes
+        # every param, so until it has run the backups still hold x_t for an abort)
+        return self._x_t_of(plan)
+
+    def _after_update(self) -> None:
+        self._perturbed = None
+        self._phase = Phase.IDLE
 
     def _abort_step(self) -> None:
-        """Leave params and state as they were before the step began."""
+        """Params back to x_t (bit for bit) and nothing of the step kept: the phase is IDLE."""
         if self._perturbed is not None:
             with torch.no_grad():
                 self._restore(self._perturbed)
         self._perturbed = None
-        self._restore_pending = False
-        self._perturbed_in_step = False
+        self._phase = Phase.IDLE  # from any phase
         self._forget_step()
         self._detach_grads()
 
@@ -811,7 +964,6 @@ class MSASSHA(_SasshaBase):
         grad_scaler: Optional[Any] = DEFAULTS["grad_scaler"],
         capturable: bool = DEFAULTS["capturable"],
     ) -> None:
-        self._is_perturbed = False
         self._x_t_saved: Optional[StepPlan] = None  # a plan whose x_t the FD passes saved in its backups
         self._idle: List[Tensor] = []
         self._pending: Optional[List[RefreshInput]] = None
@@ -820,7 +972,7 @@ class MSASSHA(_SasshaBase):
     @property
     def is_perturbed(self) -> bool:
         """True while the parameters hold the perturbed point :math:`\\tilde x`."""
-        return self._is_perturbed
+        return self._phase is Phase.RESTING
 
     def _with_state(self) -> List[Tensor]:
         state = self.state
@@ -835,11 +987,11 @@ class MSASSHA(_SasshaBase):
 
     def _x_t_of(self, plan: StepPlan) -> Callable[[Bucket], List[Tensor]]:
         # unperturbed_param holds x_t of every param with state (a newcomer's is a copy of it)
-        return (lambda b: b.backups) if self._is_perturbed or self._x_t_saved is plan else (lambda b: b.params)
+        return (lambda b: b.backups) if self.is_perturbed or self._x_t_saved is plan else (lambda b: b.params)
 
     def _fd_x_t(self, plan: StepPlan) -> Callable[[Bucket], List[Tensor]]:
         """x_t of the finite-difference passes' params, in ``unperturbed_param`` (the passes move them)."""
-        if not self._is_perturbed:  # the params hold x_t (first step, or after unperturb()): keep it
+        if not self.is_perturbed:  # the params hold x_t (first step, or after unperturb()): keep it
             with torch.no_grad():
                 for b in plan.buckets:
                     torch._foreach_copy_(b.backups, b.params)
@@ -847,7 +999,7 @@ class MSASSHA(_SasshaBase):
         return lambda b: b.backups
 
     def _return_from_fd_point(self) -> None:
-        if self._is_perturbed:  # x_t, then x~_t again (recomputed exactly from x_t and m)
+        if self.is_perturbed:  # x_t, then x~_t again (recomputed exactly from x_t and m)
             self.unperturb()
             self.perturb_weights()
         elif self._x_t_saved is not None:
@@ -857,25 +1009,27 @@ class MSASSHA(_SasshaBase):
     @torch.no_grad()
     def unperturb(self) -> None:
         """Move the parameters to the unperturbed point :math:`x_t`, bit for bit."""
-        if not self._is_perturbed:
+        self._check_not_in_passes("unperturb()")
+        if not self.is_perturbed:
             return
         params = self._with_state()
         if params:
             copy_(params, [self.state[p]["unperturbed_param"] for p in params])
-        self._is_perturbed = False
+        self._move(Phase.IDLE)
 
     @torch.no_grad()
     def perturb_weights(self, zero_grad: bool = False) -> None:
         """Move the parameters to :math:`x_t - \\nu m` (where ``step()`` leaves them)."""
-        if self._is_perturbed:
+        self._check_not_in_passes("perturb_weights()")
+        if self.is_perturbed:
             return
         plan = self._plan(self._with_state(), self._backup)
         if plan.participants:
             attach_state(plan, self._state_of)
             F.perturb(plan, lambda b: b.exp_avgs, -1.0, False, F.GroupTable(self.param_groups, self.capturable))
-            self._is_perturbed = True
+            self._move(Phase.RESTING)
         if zero_grad:
-            self.zero_grad()
+            torch.optim.Optimizer.zero_grad(self)
 
     # The official class's names for the same two moves.
     move_back_from_momentumAscent = unperturb
@@ -884,7 +1038,7 @@ class MSASSHA(_SasshaBase):
     @contextlib.contextmanager
     def unperturbed(self) -> Iterator[None]:
         """Parameters at :math:`x_t` inside the block (evaluation, checkpoints), perturbed after."""
-        was = self._is_perturbed
+        was = self.is_perturbed
         outer = getattr(self, "_perturbed_outside", False)  # the blocks may nest
         self.unperturb()
         self._perturbed_outside = was or outer  # a state_dict taken in here records the outside
@@ -904,7 +1058,7 @@ class MSASSHA(_SasshaBase):
             self._restore(self._x_t_saved)
             self._x_t_saved = None
         # params with state that take no part this step still hold x~_t: restored after
-        self._idle = [p for p in self._with_state() if p.grad is None] if self._is_perturbed else []
+        self._idle = [p for p in self._with_state() if p.grad is None] if self.is_perturbed else []
         return self._x_t_of(plan)
 
     def _after_update(self) -> None:
@@ -912,19 +1066,20 @@ class MSASSHA(_SasshaBase):
             copy_(self._idle, [self.state[p]["unperturbed_param"] for p in self._idle])
         self._idle = []
         self._x_t_saved = None
-        self._is_perturbed = False
+        self._phase = Phase.IDLE  # the params hold x_{t+1}: perturbed for the next step
         self.perturb_weights()
 
     def _abort_step(self) -> None:
         """Back to where the step found the params: x~_t, or x_t where it found them unperturbed."""
         self._forget_step()
         self._detach_grads()
+        self._idle = []
         with torch.no_grad():
             self._return_from_fd_point()
 
     def _extra_state(self) -> Dict[str, Any]:
         extra = super()._extra_state()
-        extra["is_perturbed"] = self._is_perturbed or getattr(self, "_perturbed_outside", False)
+        extra["is_perturbed"] = self.is_perturbed or getattr(self, "_perturbed_outside", False)
         return extra
 
     def _load_extra_state(self, extra: Dict[str, Any]) -> None:
@@ -935,7 +1090,7 @@ class MSASSHA(_SasshaBase):
         unperturbed point, the perturbation is applied again (bit for bit what it
         was, computed from the saved momentum); otherwise they are taken to hold x~.
         """
-        self._is_perturbed = False
+        self._phase = Phase.IDLE
         if not extra.get("is_perturbed", False):
             return
         params = self._with_state()
@@ -944,4 +1099,4 @@ class MSASSHA(_SasshaBase):
         if at_x:
             self.perturb_weights()
         else:
-            self._is_perturbed = True
+            self._phase = Phase.RESTING

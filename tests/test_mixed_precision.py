@@ -139,3 +139,78 @@ def test_step_inside_one_autocast_region_sees_every_move():
 
     (x_in, d_in), (x_out, d_out) = run(False), run(True)
     assert torch.equal(d_in, d_out) and torch.equal(x_in, x_out)
+
+
+def test_fp16_grad_scaler_overflowing_refresh_does_not_stall():
+    """The README's GradScaler recipe, fp16 CPU autocast, autograd HVPs, the demo's task.
+
+    Here the scaled Hessian-vector products of the refresh at step 11 overflow fp16
+    while the gradients do not. The optimizer reports that to the scaler like an inf
+    gradient: the scaler skips the step and halves its scale, and the refresh is taken
+    again next step, until it fits. Before, the scaler never saw it (its scale stayed),
+    the optimizer skipped the refresh itself, and the loss stood still for a whole
+    lazy_hessian period.
+    """
+    pytest.importorskip("sklearn")
+    import torch.nn.functional as F
+
+    from sassha_fused.demo import load_digits, make_model
+
+    (x, y), _ = load_digits(torch.device("cpu"))
+    x, y = x[:256], y[:256]
+    model = make_model(0, 64, torch.device("cpu"))
+    scaler = torch.amp.GradScaler("cpu")
+    opt = SASSHA(model.parameters(), grad_scaler=scaler, backend="foreach")
+
+    def loss():
+        with torch.autocast("cpu", dtype=torch.float16):
+            return F.cross_entropy(model(x), y)
+
+    losses, scales = [], []
+    for _ in range(24):
+        first = loss()
+        scaler.scale(first).backward()
+        opt.perturb_weights(zero_grad=True)
+        scaler.scale(loss()).backward(create_graph=opt.hessian_due)
+        opt.unperturb()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        losses.append(float(first.detach()))
+        scales.append(scaler.get_scale())
+    assert scales[-1] < scales[0]  # the scaler saw the overflow
+    assert opt.skipped_steps == 0  # ... and skipped those steps itself
+    assert 24 - opt.global_step == sum(b < a for a, b in zip(scales, scales[1:]))
+    still = max(sum(1 for _ in g) for _, g in __import__("itertools").groupby(losses))
+    assert still <= 4, f"the loss stood still for {still} steps: {losses}"
+    assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize("cls", [SASSHA, MSASSHA])
+def test_skipped_refresh_is_taken_again_on_the_next_step(cls):
+    model = _model(torch.float64)
+    x, y = _data()
+    x = x.double()
+    opt = cls(model.parameters(), lr=0.02, lazy_hessian=4, backend="eager")
+    poison = [1.0]
+
+    def closure():
+        return torch.nn.functional.cross_entropy(model(x), y) * poison[0]
+
+    opt.step(closure)  # step 1 refreshes
+    opt.step(closure)
+    opt.step(closure)
+    opt.step(closure)
+    assert opt.refresh_due  # step 5 refreshes
+    poison[0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        opt.step(closure)
+    assert opt.skipped_steps == 1 and opt.global_step == 5
+    assert opt.refresh_due  # step 6 takes the refresh step 5 lost
+    resumed = cls(_model(torch.float64).parameters(), lr=0.02, lazy_hessian=4, backend="eager")
+    resumed.load_state_dict(opt.state_dict())
+    assert resumed.refresh_due
+    poison[0] = 1.0
+    opt.step(closure)
+    assert not opt.refresh_due  # step 7 follows the schedule again (9 is the next)
+    assert opt.global_step == 6
