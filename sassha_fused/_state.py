@@ -15,6 +15,7 @@ integer or float counters load too.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import operator
 from collections import OrderedDict
@@ -37,6 +38,17 @@ _is_not_none = functools.partial(operator.is_not, None)
 EXTRA_KEY = "sassha_fused"
 _STATE_DTYPES = {"step": torch.float32, "bias_correction2": torch.float64}
 _PARAM_SHAPED = ("exp_avg", "exp_hessian_diag", "unperturbed_param")
+
+
+@contextlib.contextmanager
+def _held(opt: Any, hooks: str) -> Iterator["OrderedDict[Any, Any]"]:
+    """torch's hooks of one kind kept aside while its own method runs, for the caller to run."""
+    held = getattr(opt, hooks)
+    setattr(opt, hooks, OrderedDict())
+    try:
+        yield held
+    finally:
+        setattr(opt, hooks, held)
 
 
 class ParamStateMixin:
@@ -164,10 +176,15 @@ class StateDictMixin:
         ``torch.distributed.checkpoint.state_dict`` keeps only ``state`` and
         ``param_groups``.
         """
-        sd = super().state_dict()
+        with _held(self, "_optimizer_state_dict_post_hooks") as post_hooks:  # they see the whole dict
+            sd = super().state_dict()
         extra = sd[EXTRA_KEY] = self._extra_state()
         for group in sd["param_groups"]:
             group[EXTRA_KEY] = extra
+        for hook in post_hooks.values():
+            result = hook(self, sd)
+            if result is not None:
+                sd = result
         return sd
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
@@ -191,11 +208,10 @@ class StateDictMixin:
         saved_state = state_dict["state"]
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         self._check_loadable(state_dict, extra)
-        hooks, self._optimizer_load_state_dict_pre_hooks = self._optimizer_load_state_dict_pre_hooks, OrderedDict()
-        try:  # (the pre-hooks ran above; torch's own load runs the post-hooks)
+        # the pre-hooks ran above; the post-hooks run once everything is loaded
+        with _held(self, "_optimizer_load_state_dict_pre_hooks"), \
+                _held(self, "_optimizer_load_state_dict_post_hooks") as post_hooks:
             super().load_state_dict(state_dict)
-        finally:
-            self._optimizer_load_state_dict_pre_hooks = hooks
         # torch casts floating state to the param dtype (16-bit params keep fp32
         # state here) and may alias the given tensors: every tensor is copied, so
         # loading a live optimizer's state_dict shares no buffer with it.
@@ -231,6 +247,8 @@ class StateDictMixin:
         self._plans.clear()
         self._step_begun = False
         self._load_extra_state(extra or {})
+        for hook in post_hooks.values():
+            hook(self)
 
     def _load_extra_state(self, extra: Dict[str, Any]) -> None:
         pass

@@ -175,6 +175,7 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
         self._refreshes = 0  # Hessian refreshes taken: the probes' counter
         self._power_t: Optional[float] = None
         self._step_begun = False  # the schedules have advanced for the coming step
+        self._schedules_before: Optional[Tuple[list, list]] = None  # their states before it (_unbegin_step)
         self._refresh_again = False  # the last refresh was skipped: the coming step refreshes
         self._shards = None  # FSDP2: the mesh's group (set by add_param_group)
         super().__init__(params, defaults)
@@ -354,10 +355,13 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
         return self._skips.total()
 
     def _begin_step(self) -> None:
-        """Advance the schedules once per optimizer step."""
+        """Advance the schedules once per optimizer step (``_unbegin_step`` takes that back)."""
         if self._step_begun:
             return
         self._poll_skips()
+        schedules = [s for s in (self.hessian_power, self.rho_schedule) if is_schedule(s)]
+        self._schedules_before = ([(s, s.state_dict()) for s in schedules],
+                                  [group["rho"] for group in self.param_groups])
         power = self.hessian_power
         self._power_t = float(power.step()) if is_schedule(power) else float(power)
         if self.rho_schedule is not None:
@@ -368,6 +372,18 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
                 if not own:
                     group["rho"] = rho
         self._step_begun = True
+
+    def _unbegin_step(self) -> None:
+        """A step that failed leaves the schedules where it found them (they advance again on
+        the retry); a schedule without ``state_dict()`` stays advanced and is not advanced twice."""
+        saved = self._schedules_before
+        if not self._step_begun or saved is None or not all(hasattr(s, "load_state_dict") for s, _ in saved[0]):
+            return
+        for schedule, state in saved[0]:
+            schedule.load_state_dict(state)
+        for group, rho in zip(self.param_groups, saved[1]):
+            group["rho"] = rho
+        self._step_begun, self._schedules_before = False, None
 
     def _poll_skips(self, wait: bool = False) -> None:
         self._skips.poll(wait=wait, warn=self.nonfinite == "skip")
@@ -508,7 +524,7 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
         if refresh is not None:
             self._refreshes += 1
             self._refresh_again = False
-        self._step_begun = False
+        self._step_begun, self._schedules_before = False, None
         if self._shards is not None:  # FSDP2: the scalar all-reduces since the last step
             self.last_step_collectives, self._shards.collectives = self._shards.collectives, 0
         return ok
@@ -803,9 +819,10 @@ class SASSHA(_SasshaBase):
                 torch._foreach_mul_(grads, inv.to(grads[0].dtype))
             try:
                 F.perturb(plan, plan.grads, 1.0, self.adaptive, F.GroupTable(self.param_groups, self.capturable))
-            except BaseException:
+            except BaseException:  # F.perturb put back what it moved; the schedules go back too
                 if inv is not None:  # the gradients as the user left them (a power-of-two scale: exact)
                     torch._foreach_div_(grads, inv.to(grads[0].dtype))
+                self._unbegin_step()
                 raise
         self._perturbed = plan
         self._move(Phase.PERTURBED)
@@ -905,6 +922,7 @@ class SASSHA(_SasshaBase):
         self._perturbed = None
         self._phase = Phase.IDLE  # from any phase
         self._forget_step()
+        self._unbegin_step()
         self._detach_grads()
 
 
@@ -965,6 +983,7 @@ class MSASSHA(_SasshaBase):
         capturable: bool = DEFAULTS["capturable"],
     ) -> None:
         self._x_t_saved: Optional[StepPlan] = None  # a plan whose x_t the FD passes saved in its backups
+        self._perturbation_owed = False  # the update ran but its re-perturbation failed
         self._idle: List[Tensor] = []
         self._pending: Optional[List[RefreshInput]] = None
         super().__init__(params, _options(locals()))
@@ -1028,6 +1047,7 @@ class MSASSHA(_SasshaBase):
             attach_state(plan, self._state_of)
             F.perturb(plan, lambda b: b.exp_avgs, -1.0, False, F.GroupTable(self.param_groups, self.capturable))
             self._move(Phase.RESTING)
+        self._perturbation_owed = False
         if zero_grad:
             torch.optim.Optimizer.zero_grad(self)
 
@@ -1051,7 +1071,16 @@ class MSASSHA(_SasshaBase):
 
     def _closure_passes(self, closure: Callable[[], Any]) -> Any:
         self._pending = None
+        if self._perturbation_owed:
+            self.perturb_weights()
         return self._pass_and_refresh(closure)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch's zero_grad (see the base class); after a step whose update ran but whose
+        re-perturbation failed, it also moves the parameters to :math:`\\tilde x_{t+1}`."""
+        super().zero_grad(set_to_none)
+        if self._perturbation_owed and self._phase is Phase.IDLE and not self._in_closure:
+            self.perturb_weights()
 
     def _x_t_for_update(self, plan: StepPlan) -> Callable[[Bucket], List[Tensor]]:
         if self._x_t_saved is not None and self._x_t_saved is not plan:  # FD passes over other params
@@ -1067,11 +1096,13 @@ class MSASSHA(_SasshaBase):
         self._idle = []
         self._x_t_saved = None
         self._phase = Phase.IDLE  # the params hold x_{t+1}: perturbed for the next step
+        self._perturbation_owed = True  # (should this fail, zero_grad() or step(closure) does it)
         self.perturb_weights()
 
     def _abort_step(self) -> None:
         """Back to where the step found the params: x~_t, or x_t where it found them unperturbed."""
         self._forget_step()
+        self._unbegin_step()
         self._detach_grads()
         self._idle = []
         with torch.no_grad():
