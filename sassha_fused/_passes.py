@@ -87,14 +87,14 @@ class PassDriver:
         # a step run inside one autocast region: its cached low-precision weights would
         # hide the moves (perturbation, difference points) from this pass's forward
         torch.clear_autocast_cache()
-        first = self._closure_calls == 0
-        self._closure_calls += 1
+        first = self._this_step.closure_calls == 0
+        self._this_step.closure_calls += 1
         with torch.enable_grad():
             loss = closure()
-        if loss is None and first and self._may_skip and not count_present([p.grad for p in params]):
+        if loss is None and first and self._this_step.may_skip and not count_present([p.grad for p in params]):
             raise NothingToStep()
         if count_present([p.grad for p in params]):
-            self._standard_closure = True
+            self._this_step.standard_closure = True
             if create_graph:
                 raise _ClosureCallsBackward()
             return loss.detach() if isinstance(loss, Tensor) else loss
@@ -109,19 +109,19 @@ class PassDriver:
                     "backward() on it (the optimizer runs the backward passes), or call loss.backward() "
                     "inside the closure as torch.optim's closures do")
             return loss.detach()
-        if self._plain_backward and create_graph:  # (hvp='autograd' refused this model before)
+        if self._run.plain_backward and create_graph:  # (hvp='autograd' refused this model before)
             raise RuntimeError(REENTRANT_CHECKPOINT)
-        if (self._plain_backward or self._backward_reduces()) and not create_graph:
+        if (self._run.plain_backward or self._backward_reduces()) and not create_graph:
             loss.backward()
             return loss.detach()
-        check = not self._graph_checked  # the run's first pass: see _pruned_by_reentrant_checkpoint
+        check = not self._run.graph_checked  # the run's first pass: see _pruned_by_reentrant_checkpoint
         try:
             grads = torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True,
                                         retain_graph=True if check else None)
         except RuntimeError as exc:
             if is_reentrant_checkpoint_error(exc) and not create_graph:
                 # autograd.grad cannot run reentrant checkpoints; plain backward() can
-                self._plain_backward = True
+                self._run.plain_backward = True
                 if self.hvp != "finite_difference":
                     self._use_finite_differences(exc)  # their double backward would miss the checkpointed part
                 if rng is not None:  # the retry draws what the failed attempt drew (the replays' masks)
@@ -137,9 +137,9 @@ class PassDriver:
                     "are unchanged.") from None
             raise
         if check:
-            self._graph_checked = True
+            self._run.graph_checked = True
             if self._pruned_by_reentrant_checkpoint(loss, grads):
-                self._plain_backward = True
+                self._run.plain_backward = True
                 if create_graph:  # _pass_and_refresh switches to finite differences and takes the pass again
                     raise RuntimeError(REENTRANT_CHECKPOINT)
                 if self.hvp != "finite_difference":
@@ -185,8 +185,8 @@ class PassDriver:
             raise RuntimeError(
                 f"{type(self).__name__}(hvp='autograd'): this model cannot be differentiated twice "
                 f"({cause}). Use hvp='finite_difference' (or 'auto'), which needs no double backward.") from cause
-        if self._hvp_method != "finite_difference":
-            self._hvp_method = "finite_difference"
+        if self._run.hvp_method != "finite_difference":
+            self._run.hvp_method = "finite_difference"
             if not isinstance(cause, _UseFiniteDifferences):
                 warnings.warn(
                     f"{type(self).__name__}: switching to finite-difference Hessian-vector products for the rest "
@@ -201,12 +201,12 @@ class PassDriver:
             raise ValueError(
                 f"{who} takes the Hessian-vector products by finite differences (its backward passes build no "
                 f"double-backward graph): construct {type(self).__name__} with hvp='finite_difference' or 'auto'")
-        self._hvp_method = "finite_difference"
+        self._run.hvp_method = "finite_difference"
 
     def _pass_and_refresh(self, closure: Callable[[], Any]) -> Any:
         """The pass at the HVP point, and on refresh steps the Hessian-vector products.
 
-        Returns the pass's loss; leaves the update's refresh input in ``self._pending``.
+        Returns the pass's loss; leaves the update's refresh input in ``self._this_step.pending``.
         """
         if self.hessian_due:
             try:
@@ -219,7 +219,7 @@ class PassDriver:
                 if self.hvp == "autograd" and str(exc).startswith("no gradient"):
                     raise self._missing_graph_error() from None
                 self._use_finite_differences(exc)
-                self._pending = None
+                self._this_step.pending = None
                 self._detach_grads()  # the pass's graph, if it got that far
         rng = RandomState.capture() if self.refresh_due else None
         loss = self._closure_pass(closure, rng=rng)
@@ -232,12 +232,12 @@ class PassDriver:
     def _fd_passes(self, direct: bool) -> Iterator[int]:
         """The finite-difference passes of this refresh: yields once per pass, with the
         params at that pass's point; the caller runs one forward and backward. Leaves
-        the update's refresh input in ``self._pending``; on any failure the params and
+        the update's refresh input in ``self._this_step.pending``; on any failure the params and
         gradients are back where the passes found them."""
         fd = self._finite_differences(direct)
         back = self._phase
         try:
-            self._fd_displaced = True  # (begin() moves the params)
+            self._this_step.fd_displaced = True  # (begin() moves the params)
             self._move(Phase.HVP_PASSES)  # a zero_grad() between the passes clears .grad only
             fd.begin()
             self.last_fd_step = fd.step_size
@@ -250,8 +250,8 @@ class PassDriver:
             raise
         finally:
             self._move(back)
-        self._pending = (fd.plan, fd.finish())
-        self._report_overflow(*self._pending)
+        self._this_step.pending = (fd.plan, fd.finish())
+        self._report_overflow(*self._this_step.pending)
 
     def hvp_passes(self) -> Iterator[int]:
         """The extra passes of a finite-difference Hessian refresh, in the official protocol.
@@ -267,9 +267,9 @@ class PassDriver:
             for _ in opt.hvp_passes():
                 loss_fn(model(x), y).backward()
         """
-        if not self.refresh_due or self._pending is not None:
+        if not self.refresh_due or self._this_step.pending is not None:
             return
-        if self._hvp_method == "autograd":
+        if self._run.hvp_method == "autograd":
             try:
                 with torch.no_grad():
                     self._take_autograd_refresh()
@@ -290,8 +290,8 @@ class PassDriver:
 
     def _reduce_max(self) -> Optional[Callable[[Tensor], None]]:
         """Data-parallel: an in-place MAX over the group (the FD precision decision), else None."""
-        if self._shards is not None:  # FSDP2: every rank decides over its shards, then the mesh agrees
-            return self._shards.max_
+        if self._run.shards is not None:  # FSDP2: every rank decides over its shards, then the mesh agrees
+            return self._run.shards.max_
         if not self._data_parallel():
             return None
         import torch.distributed as dist
@@ -311,7 +311,7 @@ class PassDriver:
     def _gradients_reused(self) -> bool:
         """Whether the next backward may write into the tensors now in ``.grad``: DDP with
         ``gradient_as_bucket_view=True`` (or a wrapper we cannot inspect), not FSDP2."""
-        if self._shards is not None or not self._backward_reduces():
+        if self._run.shards is not None or not self._backward_reduces():
             return False
         ddp = getattr(self.no_sync, "__self__", None)
         return bool(getattr(ddp, "gradient_as_bucket_view", True))
@@ -322,7 +322,7 @@ class PassDriver:
         inputs, has_graph = autograd_refresh(plan, self._probe_keys())
         if not has_graph and plan.participants:
             raise no_graph if no_graph is not None else self._missing_graph_error()
-        self._pending = (plan, inputs)
+        self._this_step.pending = (plan, inputs)
         if report:
             self._report_overflow(plan, inputs)
 
@@ -350,16 +350,16 @@ class PassDriver:
         """The update's refresh input for ``plan``: taken earlier, or now by autograd."""
         if not self.refresh_due:
             return None
-        if self._pending is None:
-            if self._hvp_method == "finite_difference":
+        if self._this_step.pending is None:
+            if self._run.hvp_method == "finite_difference":
                 raise self._missing_fd_error()
             self._take_autograd_refresh(report=False)  # (after a scaler's check: step() counts a skip)
-        src, inputs = self._pending
+        src, inputs = self._this_step.pending
         return inputs if src is plan else remap_refresh(inputs, src, plan)
 
     def _missing_graph_error(self) -> RuntimeError:
         return RuntimeError(
-            f"{type(self).__name__}: step {self._global_step + 1} refreshes the Hessian "
+            f"{type(self).__name__}: step {self._run.global_step + 1} refreshes the Hessian "
             "estimate, but the gradients carry no autograd graph. Run that backward "
             "pass as loss.backward(create_graph=opt.hessian_due). (If the loss has no "
             "curvature in any parameter, the Hessian is zero and this step cannot "
@@ -367,7 +367,7 @@ class PassDriver:
 
     def _missing_fd_error(self) -> RuntimeError:
         return RuntimeError(
-            f"{type(self).__name__}: step {self._global_step + 1} refreshes the Hessian estimate with "
+            f"{type(self).__name__}: step {self._run.global_step + 1} refreshes the Hessian estimate with "
             "finite differences, but its extra pass did not run. After the last backward of the step, "
             "add:  for _ in opt.hvp_passes(): loss_fn(model(x), y).backward()  (the loop runs only on "
             "refresh steps). Parameters and optimizer state are unchanged.")

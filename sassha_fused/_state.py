@@ -56,10 +56,10 @@ class ParamStateMixin:
 
     def _index_maps(self) -> None:
         """id(param) -> position (the probes' counter) and -> group; cached lists."""
-        self._index_of = {id(p): i for i, p in enumerate(self._all_params())}
-        self._group_of = {id(p): gi for gi, g in enumerate(self.param_groups) for p in g["params"]}
-        self._trainable = [p for p in self._all_params() if p.requires_grad]
-        self._plans.clear()
+        self._cache.index_of = {id(p): i for i, p in enumerate(self._all_params())}
+        self._cache.group_of = {id(p): gi for gi, g in enumerate(self.param_groups) for p in g["params"]}
+        self._cache.trainable = [p for p in self._all_params() if p.requires_grad]
+        self._cache.plans.clear()
 
     def _all_params(self) -> Iterator[Tensor]:
         for group in self.param_groups:
@@ -67,15 +67,15 @@ class ParamStateMixin:
 
     def _backend_for(self, device: torch.device, dtype: torch.dtype) -> Backend:
         key = (device, dtype)
-        backend = self._backend_cache.get(key)
+        backend = self._cache.backends.get(key)
         if backend is None:
-            backend = self._backend_cache[key] = resolve_backend(self.backend, device, dtype)
+            backend = self._cache.backends[key] = resolve_backend(self.backend, device, dtype)
         return backend
 
     @property
     def backends(self) -> Dict[str, str]:
         """The backend running each (device, dtype) seen so far, e.g. ``{"cpu/float32": "cpp"}``."""
-        return {f"{d}/{str(dt).replace('torch.', '')}": b.name for (d, dt), b in self._backend_cache.items()}
+        return {f"{d}/{str(dt).replace('torch.', '')}": b.name for (d, dt), b in self._cache.backends.items()}
 
     def _participants(self) -> List[Tensor]:
         """Params taking part in the step: those with a gradient (every trainable one
@@ -90,18 +90,18 @@ class ParamStateMixin:
         Not under FSDP2 (FSDP averages every pass) nor with ``no_sync`` (DDP's
         reducer averages the passes after the first).
         """
-        return (self.distributed and self._shards is None and self.no_sync is None
+        return (self.distributed and self._run.shards is None and self.no_sync is None
                 and is_distributed(self.process_group))
 
     def _backward_reduces(self) -> bool:
         """Whether a wrapper averages gradients in ``backward()``'s hooks (FSDP2, DDP),
         which ``torch.autograd.grad`` would bypass: closure passes then call ``backward()``."""
-        return (self._shards is not None or self.no_sync is not None
+        return (self._run.shards is not None or self.no_sync is not None
                 or (not self.distributed and is_distributed(self.process_group)))
 
     def _trainable_now(self) -> List[Tensor]:
-        self._trainable = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
-        return self._trainable
+        self._cache.trainable = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+        return self._cache.trainable
 
     def _detach_grads(self) -> None:
         """Gradients that carry a graph are detached (no parameter/gradient reference cycle)."""
@@ -111,14 +111,14 @@ class ParamStateMixin:
                     p.grad = p.grad.detach()
 
     def _plan(self, participants: List[Tensor], backup_of: Callable[[Tensor], Tensor]) -> StepPlan:
-        if not hasattr(self, "_index_of"):
+        if not self._cache.index_of and self.param_groups:
             self._index_maps()
-        plan = self._plans.get(participants, self._index_of, self._group_of, backup_of, self._backend_for,
-                               self._shards)
-        if self.capturable and torch.cuda.is_current_stream_capturing() and plan not in self._captured_plans:
+        plan = self._cache.plans.get(participants, self._cache.index_of, self._cache.group_of, backup_of, self._backend_for,
+                               self._run.shards)
+        if self.capturable and torch.cuda.is_current_stream_capturing() and plan not in self._cache.captured_plans:
             # a CUDA graph replays the plan's device tables, indices and block maps:
             # they live as long as the optimizer, whatever the plan cache evicts
-            self._captured_plans.append(plan)
+            self._cache.captured_plans.append(plan)
             for b in plan.buckets:
                 b.cache["captured"] = True
         return plan
@@ -132,14 +132,14 @@ class ParamStateMixin:
 
     def _counter_views(self, p: Tensor) -> Tuple[Tensor, Tensor]:
         """The (step, c2) bank views of param ``p`` (its state's counters)."""
-        index = self._index_of[id(p)]
-        size = len(self._index_of)
+        index = self._cache.index_of[id(p)]
+        size = len(self._cache.index_of)
 
         def states():  # params on this device whose state points into the bank
-            return [(self._index_of[id(q)], self.state[q]) for q in self._all_params()
+            return [(self._cache.index_of[id(q)], self.state[q]) for q in self._all_params()
                     if q.device == p.device and "step" in self.state.get(q, ())]
 
-        return self._counters.views(p.device, index, size, states)
+        return self._cache.counters.views(p.device, index, size, states)
 
     @staticmethod
     def _check_grads(params: List[Tensor]) -> None:
@@ -154,12 +154,12 @@ class StateDictMixin:
 
     def _extra_state(self) -> Dict[str, Any]:
         extra: Dict[str, Any] = {
-            "global_step": self._global_step,
-            "refreshes": self._refreshes,
+            "global_step": self._run.global_step,
+            "refreshes": self._run.refreshes,
             **{o.name: getattr(self, o.name) for o in OPTIONS if o.saved and o.takes(type(self).__name__)},
             "skipped_steps": self.skipped_steps,
-            "hvp_method": self._hvp_method,
-            "refresh_again": self._refresh_again,
+            "hvp_method": self._run.hvp_method,
+            "refresh_again": self._run.refresh_again,
         }
         if is_schedule(self.hessian_power) and hasattr(self.hessian_power, "state_dict"):
             extra["hessian_power_schedule"] = self.hessian_power.state_dict()
@@ -230,22 +230,22 @@ class StateDictMixin:
                 dtype = math_dtype(p.dtype) if key in ("exp_avg", "exp_hessian_diag") else p.dtype
                 state[key] = torch.as_tensor(value).to(device=p.device, dtype=dtype, copy=True)
         if extra is not None:
-            self._global_step = int(extra["global_step"])
-            self._refreshes = int(extra["refreshes"])
+            self._run.global_step = int(extra["global_step"])
+            self._run.refreshes = int(extra["refreshes"])
             for o in OPTIONS:
                 if o.saved and o.name in extra and o.takes(type(self).__name__):
                     setattr(self, o.name, extra[o.name])
-            self._skips.skipped = int(extra.get("skipped_steps", 0))
-            self._refresh_again = bool(extra.get("refresh_again", False))
+            self._run.skips.skipped = int(extra.get("skipped_steps", 0))
+            self._run.refresh_again = bool(extra.get("refresh_again", False))
             if (self.hvp == "auto" and extra.get("hvp_method") in ("autograd", "finite_difference")
                     and not self._backward_reduces()):  # FSDP2 / DDP-native: finite differences only
-                self._hvp_method = extra["hvp_method"]
+                self._run.hvp_method = extra["hvp_method"]
             if "hessian_power_schedule" in extra and hasattr(self.hessian_power, "load_state_dict"):
                 self.hessian_power.load_state_dict(extra["hessian_power_schedule"])
             if "rho_schedule" in extra and hasattr(self.rho_schedule, "load_state_dict"):
                 self.rho_schedule.load_state_dict(extra["rho_schedule"])
-        self._plans.clear()
-        self._step_begun = False
+        self._cache.plans.clear()
+        self._this_step.begun = False
         self._load_extra_state(extra or {})
         for hook in post_hooks.values():
             hook(self)

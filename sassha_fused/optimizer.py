@@ -10,6 +10,7 @@ once, in ``backends/eager.py`` and ``functional.update_scalars``.
 from __future__ import annotations
 
 import contextlib
+import copy
 import sys
 import warnings
 from collections import defaultdict, deque
@@ -60,7 +61,7 @@ class SkipMonitor:
         self.skipped = 0  # found on the host so far
         self.consecutive = 0
         self.refresh_skipped = False  # a skipped step was a Hessian refresh (the optimizer takes it again)
-        self._pending: Deque[Tuple[int, Tensor, Any, bool]] = deque()
+        self._flags: Deque[Tuple[int, Tensor, Any, bool]] = deque()
         self._device_count: Optional[Tensor] = None  # on_device: skipped steps counted where they happen
 
     def record(self, ok: Tensor, step: int, refreshed: bool = False) -> None:
@@ -73,9 +74,9 @@ class SkipMonitor:
             host.copy_(ok, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
-            self._pending.append((step, host, event, refreshed))
+            self._flags.append((step, host, event, refreshed))
         else:
-            self._pending.append((step, ok, None, refreshed))
+            self._flags.append((step, ok, None, refreshed))
 
     def total(self) -> int:
         """Skipped steps so far; reads the device count (a synchronisation) in capturable runs."""
@@ -85,13 +86,13 @@ class SkipMonitor:
     def poll(self, wait: bool = False, warn: bool = True) -> List[int]:
         """Steps found skipped among the flags that have arrived (all, with ``wait``)."""
         found = []
-        while self._pending:
-            step, host, event, refreshed = self._pending[0]
+        while self._flags:
+            step, host, event, refreshed = self._flags[0]
             if event is not None and not event.query():
                 if not wait:
                     break
                 event.synchronize()
-            self._pending.popleft()
+            self._flags.popleft()
             if bool(host):  # a host (CPU or pinned) copy: no device synchronisation
                 self.consecutive = 0
                 continue
@@ -106,7 +107,7 @@ class SkipMonitor:
                     RuntimeWarning, stacklevel=4,
                 )
             if self.max_consecutive is not None and self.consecutive >= self.max_consecutive:
-                self._pending.clear()
+                self._flags.clear()
                 raise FloatingPointError(
                     f"{self.owner}: {self.consecutive} consecutive steps were skipped for NaN/Inf gradients "
                     f"or Hessian estimates (the last at step {step}): the run is stuck. Lower the learning "
@@ -131,6 +132,70 @@ class _Shared:
         return _Shared, (self.obj,)
 
 
+class _OptionAttr:
+    """An optimizer-wide option of ``OPTIONS``, read and set as an attribute (``opt.lazy_hessian``)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, owner: Any = None) -> Any:
+        return self if obj is None else obj._options[self.name]
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        obj._options[self.name] = value
+
+
+class _StepVars:
+    """What the step under way keeps between the public calls that make it up."""
+
+    def __init__(self) -> None:
+        self.pending: Optional[Tuple[StepPlan, List[RefreshInput]]] = None  # Hessian products for the update
+        self.presence_mask: Optional[Tensor] = None  # data-parallel participation of the step
+        self.fd_displaced = False  # the finite-difference passes moved the params and no step() came yet
+        self.in_closure = False  # step(closure) is running its passes
+        self.closure_calls = 0  # closure passes of the step so far
+        self.may_skip = False  # whether a closure returning None may skip this step
+        self.standard_closure = False  # the closure calls backward() itself (torch.optim's closures)
+        self.begun = False  # the schedules have advanced for this step
+        self.schedules_before: Optional[Tuple[list, list]] = None  # their states before it (_unbegin_step)
+        self.power_t: Optional[float] = None  # the step's hessian_power
+        self.perturbed: Optional[StepPlan] = None  # SASSHA: the plan whose backups hold x_t
+        self.x_t_saved: Optional[StepPlan] = None  # M-SASSHA: a plan whose x_t the FD passes saved
+        self.idle: List[Tensor] = []  # M-SASSHA: params with state that take no part in this step
+
+
+class _RunVars:
+    """What the run keeps from step to step (``state_dict()`` saves what a resume needs)."""
+
+    def __init__(self, skips: SkipMonitor, hvp_method: str) -> None:
+        self.global_step = 0  # optimizer steps taken
+        self.refreshes = 0  # Hessian refreshes taken: the probes' counter
+        self.refresh_again = False  # the last refresh was skipped: the coming step refreshes
+        self.hvp_method = hvp_method  # "autograd" or "finite_difference", what refresh steps take now
+        self.plain_backward = False  # closure passes use loss.backward() (reentrant checkpointing)
+        self.graph_checked = False  # the first closure pass looked for reentrant checkpoints
+        self.skips = skips
+        self.own_rho: List[bool] = []  # per group: whether it sets its own rho (a rho schedule leaves it)
+        self.shards: Any = None  # FSDP2: the mesh's group (set by add_param_group)
+        self.perturbed_outside = False  # M-SASSHA: unperturbed() is open over perturbed params
+        self.perturbation_owed = False  # M-SASSHA: the update ran but its re-perturbation failed
+
+
+class _Caches:
+    """Rebuilt on first use (and after a copy): keyed by id() or holding device tables."""
+
+    def __init__(self, process_group: Any) -> None:
+        self.backends: Dict[Tuple[torch.device, torch.dtype], Backend] = {}  # per (device, dtype)
+        self.plans = PlanCache()
+        self.captured_plans: List[StepPlan] = []  # plans a CUDA graph capture used (capturable)
+        self.counters = Counters()  # every param's step and c2, one bank per device
+        self.averager = BucketedAverager(process_group)
+        self.backups: Dict[int, Tensor] = {}  # SASSHA: x_t while the params hold x_t + e_t, by id(param)
+        self.index_of: Dict[int, int] = {}  # id(param) -> position (the probes' counter)
+        self.group_of: Dict[int, int] = {}  # id(param) -> param group
+        self.trainable: List[Tensor] = []
+
+
 class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optimizer):
     """What SASSHA and M-SASSHA share: options, state, plans, the step skeleton.
 
@@ -143,7 +208,8 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
 
     def __init__(self, params: Iterable, options: Dict[str, Any]) -> None:
         validate_options(options)
-        for o in OPTIONS:  # the optimizer-wide options are attributes
+        self._options: Dict[str, Any] = {}
+        for o in OPTIONS:  # the optimizer-wide options are attributes (_OptionAttr), kept in _options
             if o.scope == "optimizer" and o.takes(type(self).__name__):
                 setattr(self, o.name, o.convert(options[o.name]) if o.convert else options[o.name])
         rho = options["rho"]
@@ -152,51 +218,31 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
         defaults["betas"] = tuple(defaults["betas"]) if isinstance(defaults["betas"], list) else defaults["betas"]
         defaults["rho"] = 0.0 if self.rho_schedule is not None else rho
         validate_group(defaults)
-        self._own_rho: List[bool] = []
-        self._backend_cache: Dict[Tuple[torch.device, torch.dtype], Backend] = {}
-        self._plans = PlanCache()
-        self._captured_plans: List[StepPlan] = []  # plans a CUDA graph capture used (capturable)
-        self._counters = Counters()
-        self._skips = SkipMonitor(type(self).__name__, options["max_consecutive_skips"], on_device=self.capturable)
-        self._averager = BucketedAverager(self.process_group)
+        self._this_step = _StepVars()
+        self._run = _RunVars(SkipMonitor(type(self).__name__, options["max_consecutive_skips"],
+                                         on_device=self.capturable),
+                             "finite_difference" if self.hvp == "finite_difference" else "autograd")
+        self._cache = _Caches(self.process_group)
+        self._phase = Phase.IDLE
         self.last_step_collectives = 0  # collectives the last step issued (data-parallel)
-        self._hvp_method = "finite_difference" if self.hvp == "finite_difference" else "autograd"
-        self._plain_backward = False  # closure passes use loss.backward() (reentrant checkpointing)
-        self._graph_checked = False  # the first closure pass looked for reentrant checkpoints
-        self._presence_mask: Optional[Tensor] = None  # data-parallel participation of the step
         #: the finite-difference step delta of the last refresh that took one (a 0-dim device tensor)
         self.last_fd_step: Optional[Tensor] = None
-        self._fd_displaced = False  # hvp_passes() moved the params and no step() came yet
-        self._in_closure = False
-        self._closure_calls = 0  # closure passes of the step so far
-        self._may_skip = False  # whether a closure returning None may skip this step
-        self._phase = Phase.IDLE
-        self._global_step = 0  # optimizer steps taken
-        self._refreshes = 0  # Hessian refreshes taken: the probes' counter
-        self._power_t: Optional[float] = None
-        self._step_begun = False  # the schedules have advanced for the coming step
-        self._schedules_before: Optional[Tuple[list, list]] = None  # their states before it (_unbegin_step)
-        self._refresh_again = False  # the last refresh was skipped: the coming step refreshes
-        self._shards = None  # FSDP2: the mesh's group (set by add_param_group)
         super().__init__(params, defaults)
-        if self._shards is not None or self.no_sync is not None:
+        if self._run.shards is not None or self.no_sync is not None:
             # FSDP2 and DDP's reducer average ordinary backward passes: no double backward
-            who = "FSDP2 (fully_shard) parameters" if self._shards is not None else "no_sync (DDP averages the passes)"
+            who = "FSDP2 (fully_shard) parameters" if self._run.shards is not None else "no_sync (DDP averages the passes)"
             if self.hvp == "autograd":
                 raise ValueError(
                     f"hvp: 'autograd' needs a double backward, which {who} cannot give; use "
                     "hvp='finite_difference' (or 'auto'): every pass is then an ordinary forward and backward")
-            self._hvp_method = "finite_difference"
+            self._run.hvp_method = "finite_difference"
         if self.capturable and any(p.device.type != "cuda" for p in self._all_params()):
             raise ValueError("capturable: CUDA graphs capture CUDA work only; capturable=True needs every "
                              "parameter on a CUDA device (leave it False on the CPU)")
 
     # ------------------------------------------------------------ copy, pickle
-    #: rebuilt on first use: caches keyed by id() or holding device tables and compiled backends
-    _REBUILT = ("_backend_cache", "_plans", "_captured_plans", "_counters", "_averager", "_backups",
-                "_index_of", "_group_of", "_trainable")
     #: handles of the run outside the optimizer: a deepcopy shares them, it does not copy them
-    _SHARED = ("process_group", "no_sync", "grad_scaler", "_shards", "backend")
+    _SHARED = ("process_group", "no_sync", "grad_scaler", "backend")
     #: torch.optim's hooks, which its own optimizers do not copy either
     _HOOKS = ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks", "_optimizer_state_dict_pre_hooks",
               "_optimizer_state_dict_post_hooks", "_optimizer_load_state_dict_pre_hooks",
@@ -208,29 +254,30 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
         Caches and backends are rebuilt on first use; the step counters (views into
         one bank per device) travel as plain tensors. Copy between steps.
         """
-        if self._phase not in BETWEEN_STEPS or self._pending is not None or self._fd_displaced:
+        if self._phase not in BETWEEN_STEPS or self._this_step.pending is not None or self._this_step.fd_displaced:
             raise RuntimeError(
                 f"{type(self).__name__}: copy or pickle the optimizer between steps (after step() or "
                 f"zero_grad()); it is in phase {self._phase.value!r}, with the parameters and the step's "
                 "products in between. Nothing was changed.")
-        self._skips.poll(wait=True, warn=self.nonfinite == "skip")  # CUDA events do not copy
-        out = {k: v for k, v in self.__dict__.items() if k not in self._REBUILT + self._HOOKS}
-        for k in self._SHARED:
-            if k in out:
-                out[k] = _Shared(out[k])
+        self._run.skips.poll(wait=True, warn=self.nonfinite == "skip")  # CUDA events do not copy
+        out = {k: v for k, v in self.__dict__.items() if k not in ("_cache",) + self._HOOKS}  # (rebuilt)
+        out["_options"] = {k: _Shared(v) if k in self._SHARED else v for k, v in self._options.items()}
+        out["_run"] = run = copy.copy(self._run)
+        run.shards = _Shared(run.shards)
         out["state"] = {p: {k: v.clone() if k in _COUNTERS else v for k, v in s.items()}
                         for p, s in self.state.items()}
         return out
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
-        state = {k: v.obj if isinstance(v, _Shared) else v for k, v in state.items()}
+        if "_run" not in state:  # torch's load_state_dict sets state and param_groups this way
+            super().__setstate__(state)
+            return
+        state["_options"] = {k: v.obj if isinstance(v, _Shared) else v for k, v in state["_options"].items()}
         counters = state.pop("state")
         super().__setstate__(state)
+        self._run.shards = self._run.shards.obj
         self.state = defaultdict(dict)
-        self._backend_cache, self._plans, self._captured_plans = {}, PlanCache(), []
-        self._counters, self._averager = Counters(), BucketedAverager(self.process_group)
-        if isinstance(self, SASSHA):
-            self._backups = {}
+        self._cache = _Caches(self.process_group)
         self._index_maps()
         for p, saved in counters.items():
             entry = self.state[p]
@@ -252,8 +299,8 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
         try:
             validate_group(group)
             shards = shard_group_of(self._all_params())  # FSDP1, mixed or unsupported layouts raise
-            if shards is not None and self._shards is not None:
-                shards = self._shards  # one counter of the mesh's collectives
+            if shards is not None and self._run.shards is not None:
+                shards = self._run.shards  # one counter of the mesh's collectives
             ids = [id(p) for p in group["params"]]
             if len(set(ids)) != len(ids):
                 raise ValueError("params: a parameter appears twice in one param group; pass each "
@@ -271,8 +318,8 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
         except Exception:
             self.param_groups.pop()
             raise
-        self._own_rho.append(own_rho)
-        self._shards = shards
+        self._run.own_rho.append(own_rho)
+        self._run.shards = shards
         self._index_maps()
 
     def __repr__(self) -> str:
@@ -288,7 +335,7 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
         backends = ", ".join(f"{k}: {v}" for k, v in self.backends.items()) or "none yet"
         shown = {
             "backend": f"{self.backend!r} (in use: {backends})" if isinstance(self.backend, str) else self.backend,
-            "hvp": f"{self.hvp!r} (in use: {self._hvp_method})" if self.hvp == "auto" else repr(self.hvp),
+            "hvp": f"{self.hvp!r} (in use: {self._run.hvp_method})" if self.hvp == "auto" else repr(self.hvp),
             "process_group": None if self.process_group is None else type(self.process_group).__name__,
             "grad_scaler": None if self.grad_scaler is None else type(self.grad_scaler).__name__,
             "no_sync": getattr(self.no_sync, "__qualname__", repr(self.no_sync)) if self.no_sync else None,
@@ -304,7 +351,7 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
     def refresh_due(self) -> bool:
         """True when the coming step refreshes the Hessian estimate: steps 1, k+1, 2k+1, ...,
         and the step after a skipped refresh (NaN/Inf, or a GradScaler's overflow)."""
-        return self._global_step % self.lazy_hessian == 0 or self._refresh_again
+        return self._run.global_step % self.lazy_hessian == 0 or self._run.refresh_again
 
     @property
     def hessian_due(self) -> bool:
@@ -319,12 +366,12 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
         gradients when it takes the products (``unperturb()``, ``hvp_passes()`` or
         ``step()``), so the cycle lasts only until then.
         """
-        return self.refresh_due and self._hvp_method == "autograd"
+        return self.refresh_due and self._run.hvp_method == "autograd"
 
     @property
     def hvp_method(self) -> str:
         """``"autograd"`` or ``"finite_difference"``: how refresh steps take H z now."""
-        return self._hvp_method
+        return self._run.hvp_method
 
     @property
     def phase(self) -> Phase:
@@ -347,49 +394,49 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
     @property
     def global_step(self) -> int:
         """Optimizer steps taken so far (skipped steps included)."""
-        return self._global_step
+        return self._run.global_step
 
     @property
     def skipped_steps(self) -> int:
         """Steps skipped for NaN/Inf so far (waits for flags still on the way from the GPU)."""
-        return self._skips.total()
+        return self._run.skips.total()
 
     def _begin_step(self) -> None:
         """Advance the schedules once per optimizer step (``_unbegin_step`` takes that back)."""
-        if self._step_begun:
+        if self._this_step.begun:
             return
         self._poll_skips()
         schedules = [s for s in (self.hessian_power, self.rho_schedule) if is_schedule(s)]
-        self._schedules_before = ([(s, s.state_dict()) for s in schedules],
+        self._this_step.schedules_before = ([(s, s.state_dict()) for s in schedules],
                                   [group["rho"] for group in self.param_groups])
         power = self.hessian_power
-        self._power_t = float(power.step()) if is_schedule(power) else float(power)
+        self._this_step.power_t = float(power.step()) if is_schedule(power) else float(power)
         if self.rho_schedule is not None:
             rho = float(self.rho_schedule.step())
             if rho < 0:
                 raise ValueError(f"rho: the schedule returned {rho}, it must be >= 0")
-            for group, own in zip(self.param_groups, self._own_rho):
+            for group, own in zip(self.param_groups, self._run.own_rho):
                 if not own:
                     group["rho"] = rho
-        self._step_begun = True
+        self._this_step.begun = True
 
     def _unbegin_step(self) -> None:
         """A step that failed leaves the schedules where it found them (they advance again on
         the retry); a schedule without ``state_dict()`` stays advanced and is not advanced twice."""
-        saved = self._schedules_before
-        if not self._step_begun or saved is None or not all(hasattr(s, "load_state_dict") for s, _ in saved[0]):
+        saved = self._this_step.schedules_before
+        if not self._this_step.begun or saved is None or not all(hasattr(s, "load_state_dict") for s, _ in saved[0]):
             return
         for schedule, state in saved[0]:
             schedule.load_state_dict(state)
         for group, rho in zip(self.param_groups, saved[1]):
             group["rho"] = rho
-        self._step_begun, self._schedules_before = False, None
+        self._this_step.begun, self._this_step.schedules_before = False, None
 
     def _poll_skips(self, wait: bool = False) -> None:
-        self._skips.poll(wait=wait, warn=self.nonfinite == "skip")
+        self._run.skips.poll(wait=wait, warn=self.nonfinite == "skip")
 
     def _probe_keys(self) -> ProbeKeys:
-        return ProbeKeys(tuple(key_prefix(self.seed, self._refreshes, s) for s in range(self.n_samples)))
+        return ProbeKeys(tuple(key_prefix(self.seed, self._run.refreshes, s) for s in range(self.n_samples)))
 
     def _inv_scale(self, device: torch.device) -> Optional[Tensor]:
         """1 / the grad scaler's current scale, as a device tensor (no host sync)."""
@@ -428,18 +475,18 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
         loss = None
         if self.capturable and self.refresh_due and torch.cuda.is_current_stream_capturing():
             raise RuntimeError(
-                f"{type(self).__name__}: step {self._global_step + 1} refreshes the Hessian estimate, which a CUDA "
+                f"{type(self).__name__}: step {self._run.global_step + 1} refreshes the Hessian estimate, which a CUDA "
                 "graph cannot capture (its probes and passes change at every refresh): capture a step on which "
                 "opt.refresh_due is False and run refresh steps eagerly")
         if closure is not None:
             self._check_closure_allowed()
-            self._standard_closure = False
-            self._closure_calls = 0
+            self._this_step.standard_closure = False
+            self._this_step.closure_calls = 0
             # a first pass without loss or gradient skips the step only where nothing of a step is
             # under way and no other rank waits for this one's collectives
-            self._may_skip = (not self._mid_step() and self._pending is None and not self._fd_displaced
+            self._this_step.may_skip = (not self._mid_step() and self._this_step.pending is None and not self._this_step.fd_displaced
                               and not self._data_parallel() and not self._backward_reduces())
-            self._in_closure = True  # a standard closure's zero_grad() is part of the step
+            self._this_step.in_closure = True  # a standard closure's zero_grad() is part of the step
             try:
                 loss = self._closure_passes(closure)
             except NothingToStep:  # the first pass skipped its batch (returned None, no gradient)
@@ -451,7 +498,7 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
                 self._abort_step()
                 raise
             finally:
-                self._in_closure = False
+                self._this_step.in_closure = False
         with torch.no_grad():
             self._finish_step()
         return loss
@@ -460,7 +507,7 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
         """A ``step()`` with no gradient anywhere and no step begun: torch.optim skips such a
         step, and so does this optimizer (its global step and refresh schedule stay). In
         optimizer-averaged data-parallel runs every rank takes part in every step."""
-        return (not self._mid_step() and self._pending is None and not self._data_parallel()
+        return (not self._mid_step() and self._this_step.pending is None and not self._data_parallel()
                 and all(p.grad is None for p in self._all_params()))
 
     def _mid_step(self) -> bool:
@@ -472,7 +519,7 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
 
     def _is_state_initialisation(self) -> bool:
         """A step of torch.distributed.checkpoint's ``_init_optim_state`` (see ``step``)."""
-        if self.state or self._global_step or self.is_perturbed or self._pending is not None:
+        if self.state or self._run.global_step or self.is_perturbed or self._this_step.pending is not None:
             return False
         if any(float(g["lr"]) != 0.0 for g in self.param_groups):
             return False
@@ -496,8 +543,8 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
         except BaseException:  # nothing was written: back to where the step found the params
             self._abort_step()
             raise
-        self._pending = None
-        self._fd_displaced = False
+        self._this_step.pending = None
+        self._this_step.fd_displaced = False
         self._after_update()
         if ok is not None:
             self._account(ok, refresh is not None)
@@ -519,14 +566,14 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
         if self.nonfinite != "ignore" and plan.participants:
             ok = F.all_finite(plan, refresh)
         attach_state(plan, self._state_of)  # creates missing state, once per plan
-        F.update(plan, x_t_of, groups, self._power_t, refresh, self._counters, ok, present)
-        self._global_step += 1
+        F.update(plan, x_t_of, groups, self._this_step.power_t, refresh, self._cache.counters, ok, present)
+        self._run.global_step += 1
         if refresh is not None:
-            self._refreshes += 1
-            self._refresh_again = False
-        self._step_begun, self._schedules_before = False, None
-        if self._shards is not None:  # FSDP2: the scalar all-reduces since the last step
-            self.last_step_collectives, self._shards.collectives = self._shards.collectives, 0
+            self._run.refreshes += 1
+            self._run.refresh_again = False
+        self._this_step.begun, self._this_step.schedules_before = False, None
+        if self._run.shards is not None:  # FSDP2: the scalar all-reduces since the last step
+            self.last_step_collectives, self._run.shards.collectives = self._run.shards.collectives, 0
         return ok
 
     def _account(self, ok: Tensor, refreshed: bool) -> None:
@@ -535,24 +582,24 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
         A skipped Hessian refresh is taken again on the next step once its flag is on the
         host (at once on the CPU; from a GPU, on the first step after the copy landed).
         """
-        self._skips.record(ok, self._global_step, refreshed)
+        self._run.skips.record(ok, self._run.global_step, refreshed)
         skipped: List[int] = []
         try:
             if self.nonfinite == "raise" or (ok.device.type == "cpu" and not self.capturable):
-                skipped = self._skips.poll(wait=True, warn=self.nonfinite == "skip")
+                skipped = self._run.skips.poll(wait=True, warn=self.nonfinite == "skip")
             else:
-                self._skips.poll(wait=False, warn=self.nonfinite == "skip")
+                self._run.skips.poll(wait=False, warn=self.nonfinite == "skip")
         finally:
-            if self._skips.refresh_skipped and not (skipped and self.nonfinite == "raise"):
-                self._refresh_again = True
-            self._skips.refresh_skipped = False
+            if self._run.skips.refresh_skipped and not (skipped and self.nonfinite == "raise"):
+                self._run.refresh_again = True
+            self._run.skips.refresh_skipped = False
         if skipped and self.nonfinite == "raise":  # not a skipped step: a step that did not happen
-            self._skips.skipped -= 1
-            self._skips.consecutive -= 1
-            self._global_step -= 1
-            self._refreshes -= refreshed
+            self._run.skips.skipped -= 1
+            self._run.skips.consecutive -= 1
+            self._run.global_step -= 1
+            self._run.refreshes -= refreshed
             raise FloatingPointError(
-                f"{type(self).__name__}: step {self._global_step + 1}: the perturbed gradients or the "
+                f"{type(self).__name__}: step {self._run.global_step + 1}: the perturbed gradients or the "
                 "Hessian estimate contain NaN or Inf (nonfinite='raise'). Parameters and optimizer "
                 "state are unchanged.")
 
@@ -564,16 +611,16 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
         """
         if not self._data_parallel():
             return None
-        if self._presence_mask is None:
-            self._presence_mask = participation(self._trainable_now(), self.process_group)
+        if self._this_step.presence_mask is None:
+            self._this_step.presence_mask = participation(self._trainable_now(), self.process_group)
             self.last_step_collectives = 1
-        return self._presence_mask
+        return self._this_step.presence_mask
 
     def _average(self, plan: StepPlan, refresh: Optional[List[RefreshInput]]) -> List[Tensor]:
         """Data-parallel: average the update's inputs; returns who takes part, per bucket."""
-        mask, self._presence_mask = self._presence(), None
-        present = average_step_inputs(plan, refresh, mask, self._averager)
-        self.last_step_collectives += self._averager.collectives
+        mask, self._this_step.presence_mask = self._presence(), None
+        present = average_step_inputs(plan, refresh, mask, self._cache.averager)
+        self.last_step_collectives += self._cache.averager.collectives
         return present
 
     # ------------------------------------------------------------ class hooks
@@ -603,21 +650,21 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
         ``zero_grad()``, or one inside the ``hvp_passes()`` loop) it clears ``.grad`` only.
         """
         super().zero_grad(set_to_none)
-        phase = getattr(self, "_phase", Phase.IDLE)
-        if getattr(self, "_in_closure", False) or phase is Phase.HVP_PASSES:
+        phase = self._phase
+        if self._this_step.in_closure or phase is Phase.HVP_PASSES:
             return
-        if phase not in BETWEEN_STEPS or self._fd_displaced or self._pending is not None:
+        if phase not in BETWEEN_STEPS or self._this_step.fd_displaced or self._this_step.pending is not None:
             self._abort_step()
-        self._presence_mask = None
+        self._this_step.presence_mask = None
 
     def _materialize_restore(self) -> None:
         """Carry out a restore that was left for ``step()`` (SASSHA's ``defer_unperturb``)."""
 
     def _forget_step(self) -> None:
         """Drop what a step in progress kept for ``step()``: its HVPs, participation, FD move."""
-        self._fd_displaced = False
-        self._pending = None
-        self._presence_mask = None
+        self._this_step.fd_displaced = False
+        self._this_step.pending = None
+        self._this_step.presence_mask = None
 
     @staticmethod
     def _restore(plan: StepPlan) -> None:
@@ -726,23 +773,20 @@ class SASSHA(_SasshaBase):
         options = _options(locals())
         # x_t while the params hold x_t + e_t; not part of state_dict (it lives only
         # between perturb_weights() and the end of the step).
-        self._backups: Dict[int, Tensor] = {}
-        self._perturbed: Optional[StepPlan] = None  # the plan whose backups hold x_t (PERTURBED, DEFERRED)
-        self._pending: Optional[List[RefreshInput]] = None
         super().__init__(params, options)
 
     @property
     def is_perturbed(self) -> bool:
         """True between ``perturb_weights()`` and ``unperturb()`` / the end of the step."""
-        return self._perturbed is not None
+        return self._this_step.perturbed is not None
 
     def _check_protocol(self) -> None:
         """``step()`` without ``perturb_weights()`` would be a step without the perturbation."""
         if self._phase is not Phase.IDLE:
             return
-        rho_set = any(float(g["rho"]) > 0 for g, own in zip(self.param_groups, self._own_rho)
+        rho_set = any(float(g["rho"]) > 0 for g, own in zip(self.param_groups, self._run.own_rho)
                       if own or self.rho_schedule is None)
-        if rho_set or (self.rho_schedule is not None and not all(self._own_rho)):
+        if rho_set or (self.rho_schedule is not None and not all(self._run.own_rho)):
             raise RuntimeError(
                 "SASSHA.step() was called without perturb_weights() in this step, which would take a step "
                 "without the sharpness perturbation (a rho=0 step). Either drive the step with "
@@ -753,15 +797,15 @@ class SASSHA(_SasshaBase):
                 "unchanged.")
 
     def _backup(self, p: Tensor) -> Tensor:
-        buf = self._backups.get(id(p))
+        buf = self._cache.backups.get(id(p))
         # (a param's storage may have been replaced since: p.data = ... with another shape)
         if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
-            buf = self._backups[id(p)] = torch.empty_like(p, memory_format=torch.preserve_format)
+            buf = self._cache.backups[id(p)] = torch.empty_like(p, memory_format=torch.preserve_format)
         return buf
 
     def _x_t_of(self, plan: StepPlan) -> Callable[[Bucket], List[Tensor]]:
         # the backups hold x_t while these very params are perturbed
-        return (lambda b: b.backups) if self._perturbed is plan else (lambda b: b.params)
+        return (lambda b: b.backups) if self._this_step.perturbed is plan else (lambda b: b.params)
 
     def _fd_x_t(self, plan: StepPlan) -> Callable[[Bucket], List[Tensor]]:
         """x_t of the finite-difference passes' params, in their backups (the passes move them)."""
@@ -769,21 +813,21 @@ class SASSHA(_SasshaBase):
             raise RuntimeError(
                 "SASSHA: hvp_passes() takes its passes at the perturbed point: run it after the second "
                 "backward and before unperturb() (see the README's loop). Parameters and state are unchanged.")
-        if self._perturbed is not plan:
+        if self._this_step.perturbed is not plan:
             # params with a gradient at x~ that were not perturbed (no first-pass gradient):
             # their x_t is where they are; keep it with the others', and restore them all
-            covered = set(map(id, self._perturbed.participants))
+            covered = set(map(id, self._this_step.perturbed.participants))
             extra = [p for p in plan.participants if id(p) not in covered]
             if extra:
                 with torch.no_grad():
                     copy_([self._backup(p) for p in extra], extra)
-            self._perturbed = self._plan(self._perturbed.participants + extra, self._backup)
+            self._this_step.perturbed = self._plan(self._this_step.perturbed.participants + extra, self._backup)
         return lambda b: b.backups
 
     def _return_from_fd_point(self) -> None:
-        if self._perturbed is not None:  # unperturb() was skipped as well
-            self._restore(self._perturbed)
-        self._perturbed = None
+        if self._this_step.perturbed is not None:  # unperturb() was skipped as well
+            self._restore(self._this_step.perturbed)
+        self._this_step.perturbed = None
         self._move(Phase.IDLE)
 
     @torch.no_grad()
@@ -824,7 +868,7 @@ class SASSHA(_SasshaBase):
                     torch._foreach_div_(grads, inv.to(grads[0].dtype))
                 self._unbegin_step()
                 raise
-        self._perturbed = plan
+        self._this_step.perturbed = plan
         self._move(Phase.PERTURBED)
         if zero_grad:
             torch.optim.Optimizer.zero_grad(self)  # part of this call: it does not end the step
@@ -840,7 +884,7 @@ class SASSHA(_SasshaBase):
         self._check_not_in_passes("unperturb()")
         if self._phase is not Phase.PERTURBED:
             return
-        if (self.refresh_due and self._hvp_method == "autograd" and self._pending is None
+        if (self.refresh_due and self._run.hvp_method == "autograd" and self._this_step.pending is None
                 and any(p.grad is not None and p.grad.requires_grad for p in self._all_params())):
             try:
                 self._take_autograd_refresh()
@@ -856,16 +900,16 @@ class SASSHA(_SasshaBase):
         if self.defer_unperturb:
             self._move(Phase.DEFERRED)  # step() restores inside the fused update
             return
-        self._restore(self._perturbed)
-        self._perturbed = None
+        self._restore(self._this_step.perturbed)
+        self._this_step.perturbed = None
         self._move(Phase.RESTORED)
 
     def _materialize_restore(self) -> None:
         """Carry out a restore that ``defer_unperturb`` left for ``step()``."""
         if self._phase is Phase.DEFERRED:
             with torch.no_grad():
-                self._restore(self._perturbed)
-            self._perturbed = None
+                self._restore(self._this_step.perturbed)
+            self._this_step.perturbed = None
             self._move(Phase.RESTORED)
 
     @contextlib.contextmanager
@@ -877,10 +921,10 @@ class SASSHA(_SasshaBase):
         perturbed values are kept aside and put back after the block.
         """
         self._materialize_restore()
-        if self._perturbed is None:
+        if self._this_step.perturbed is None:
             yield
             return
-        plan = self._perturbed
+        plan = self._this_step.perturbed
         with torch.no_grad():
             aside = [p.detach().clone() for p in plan.participants]
             self._restore(plan)
@@ -902,24 +946,24 @@ class SASSHA(_SasshaBase):
         return loss
 
     def _x_t_for_update(self, plan: StepPlan) -> Callable[[Bucket], List[Tensor]]:
-        if self._perturbed is not plan:  # not perturbed, or along other params than take part now
-            if self._perturbed is not None:
-                self._restore(self._perturbed)
-            self._perturbed = None
+        if self._this_step.perturbed is not plan:  # not perturbed, or along other params than take part now
+            if self._this_step.perturbed is not None:
+                self._restore(self._this_step.perturbed)
+            self._this_step.perturbed = None
         # the backups when the restore is fused into the update (the update writes
         # every param, so until it has run the backups still hold x_t for an abort)
         return self._x_t_of(plan)
 
     def _after_update(self) -> None:
-        self._perturbed = None
+        self._this_step.perturbed = None
         self._phase = Phase.IDLE
 
     def _abort_step(self) -> None:
         """Params back to x_t (bit for bit) and nothing of the step kept: the phase is IDLE."""
-        if self._perturbed is not None:
+        if self._this_step.perturbed is not None:
             with torch.no_grad():
-                self._restore(self._perturbed)
-        self._perturbed = None
+                self._restore(self._this_step.perturbed)
+        self._this_step.perturbed = None
         self._phase = Phase.IDLE  # from any phase
         self._forget_step()
         self._unbegin_step()
@@ -982,10 +1026,6 @@ class MSASSHA(_SasshaBase):
         grad_scaler: Optional[Any] = DEFAULTS["grad_scaler"],
         capturable: bool = DEFAULTS["capturable"],
     ) -> None:
-        self._x_t_saved: Optional[StepPlan] = None  # a plan whose x_t the FD passes saved in its backups
-        self._perturbation_owed = False  # the update ran but its re-perturbation failed
-        self._idle: List[Tensor] = []
-        self._pending: Optional[List[RefreshInput]] = None
         super().__init__(params, _options(locals()))
 
     @property
@@ -1006,7 +1046,7 @@ class MSASSHA(_SasshaBase):
 
     def _x_t_of(self, plan: StepPlan) -> Callable[[Bucket], List[Tensor]]:
         # unperturbed_param holds x_t of every param with state (a newcomer's is a copy of it)
-        return (lambda b: b.backups) if self.is_perturbed or self._x_t_saved is plan else (lambda b: b.params)
+        return (lambda b: b.backups) if self.is_perturbed or self._this_step.x_t_saved is plan else (lambda b: b.params)
 
     def _fd_x_t(self, plan: StepPlan) -> Callable[[Bucket], List[Tensor]]:
         """x_t of the finite-difference passes' params, in ``unperturbed_param`` (the passes move them)."""
@@ -1014,16 +1054,16 @@ class MSASSHA(_SasshaBase):
             with torch.no_grad():
                 for b in plan.buckets:
                     torch._foreach_copy_(b.backups, b.params)
-            self._x_t_saved = plan
+            self._this_step.x_t_saved = plan
         return lambda b: b.backups
 
     def _return_from_fd_point(self) -> None:
         if self.is_perturbed:  # x_t, then x~_t again (recomputed exactly from x_t and m)
             self.unperturb()
             self.perturb_weights()
-        elif self._x_t_saved is not None:
-            self._restore(self._x_t_saved)
-        self._x_t_saved = None
+        elif self._this_step.x_t_saved is not None:
+            self._restore(self._this_step.x_t_saved)
+        self._this_step.x_t_saved = None
 
     @torch.no_grad()
     def unperturb(self) -> None:
@@ -1047,7 +1087,7 @@ class MSASSHA(_SasshaBase):
             attach_state(plan, self._state_of)
             F.perturb(plan, lambda b: b.exp_avgs, -1.0, False, F.GroupTable(self.param_groups, self.capturable))
             self._move(Phase.RESTING)
-        self._perturbation_owed = False
+        self._run.perturbation_owed = False
         if zero_grad:
             torch.optim.Optimizer.zero_grad(self)
 
@@ -1059,19 +1099,19 @@ class MSASSHA(_SasshaBase):
     def unperturbed(self) -> Iterator[None]:
         """Parameters at :math:`x_t` inside the block (evaluation, checkpoints), perturbed after."""
         was = self.is_perturbed
-        outer = getattr(self, "_perturbed_outside", False)  # the blocks may nest
+        outer = self._run.perturbed_outside  # the blocks may nest
         self.unperturb()
-        self._perturbed_outside = was or outer  # a state_dict taken in here records the outside
+        self._run.perturbed_outside = was or outer  # a state_dict taken in here records the outside
         try:
             yield
         finally:
-            self._perturbed_outside = outer
+            self._run.perturbed_outside = outer
             if was:
                 self.perturb_weights()
 
     def _closure_passes(self, closure: Callable[[], Any]) -> Any:
-        self._pending = None
-        if self._perturbation_owed:
+        self._this_step.pending = None
+        if self._run.perturbation_owed:
             self.perturb_weights()
         return self._pass_and_refresh(closure)
 
@@ -1079,24 +1119,24 @@ class MSASSHA(_SasshaBase):
         """torch's zero_grad (see the base class); after a step whose update ran but whose
         re-perturbation failed, it also moves the parameters to :math:`\\tilde x_{t+1}`."""
         super().zero_grad(set_to_none)
-        if self._perturbation_owed and self._phase is Phase.IDLE and not self._in_closure:
+        if self._run.perturbation_owed and self._phase is Phase.IDLE and not self._this_step.in_closure:
             self.perturb_weights()
 
     def _x_t_for_update(self, plan: StepPlan) -> Callable[[Bucket], List[Tensor]]:
-        if self._x_t_saved is not None and self._x_t_saved is not plan:  # FD passes over other params
-            self._restore(self._x_t_saved)
-            self._x_t_saved = None
+        if self._this_step.x_t_saved is not None and self._this_step.x_t_saved is not plan:  # FD passes over other params
+            self._restore(self._this_step.x_t_saved)
+            self._this_step.x_t_saved = None
         # params with state that take no part this step still hold x~_t: restored after
-        self._idle = [p for p in self._with_state() if p.grad is None] if self.is_perturbed else []
+        self._this_step.idle = [p for p in self._with_state() if p.grad is None] if self.is_perturbed else []
         return self._x_t_of(plan)
 
     def _after_update(self) -> None:
-        if self._idle:
-            copy_(self._idle, [self.state[p]["unperturbed_param"] for p in self._idle])
-        self._idle = []
-        self._x_t_saved = None
+        if self._this_step.idle:
+            copy_(self._this_step.idle, [self.state[p]["unperturbed_param"] for p in self._this_step.idle])
+        self._this_step.idle = []
+        self._this_step.x_t_saved = None
         self._phase = Phase.IDLE  # the params hold x_{t+1}: perturbed for the next step
-        self._perturbation_owed = True  # (should this fail, zero_grad() or step(closure) does it)
+        self._run.perturbation_owed = True  # (should this fail, zero_grad() or step(closure) does it)
         self.perturb_weights()
 
     def _abort_step(self) -> None:
@@ -1104,13 +1144,13 @@ class MSASSHA(_SasshaBase):
         self._forget_step()
         self._unbegin_step()
         self._detach_grads()
-        self._idle = []
+        self._this_step.idle = []
         with torch.no_grad():
             self._return_from_fd_point()
 
     def _extra_state(self) -> Dict[str, Any]:
         extra = super()._extra_state()
-        extra["is_perturbed"] = self.is_perturbed or getattr(self, "_perturbed_outside", False)
+        extra["is_perturbed"] = self.is_perturbed or self._run.perturbed_outside
         return extra
 
     def _load_extra_state(self, extra: Dict[str, Any]) -> None:
@@ -1131,3 +1171,8 @@ class MSASSHA(_SasshaBase):
             self.perturb_weights()
         else:
             self._phase = Phase.RESTING
+
+
+for _o in OPTIONS:  # one attribute per optimizer-wide option, on the classes that take it
+    if _o.scope == "optimizer":
+        setattr(_SasshaBase if _o.only is None else globals()[_o.only], _o.name, _OptionAttr(_o.name))

@@ -111,7 +111,7 @@ def test_captured_step_replays_like_eager_steps(backend):
     with torch.cuda.graph(graph):
         step(opt, params)
     step(ref, twin)  # the captured step's eager counterpart
-    opt._plans.clear()  # the graph's tables must outlive the plan cache (eviction, add_param_group)
+    opt._cache.plans.clear()  # the graph's tables must outlive the plan cache (eviction, add_param_group)
     torch.cuda.empty_cache()
     scratch = [torch.full_like(p, float("nan")) for p in params for _ in range(4)]  # reuse of freed blocks
     graph.replay()
