@@ -205,6 +205,7 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
     """
 
     no_sync: Optional[Callable[[], Any]] = None  # DDP-native mode (SASSHA's no_sync argument)
+    _perturbs_first = False  # a protocol step() must follow perturb_weights() (SASSHA)
 
     def __init__(self, params: Iterable, options: Dict[str, Any]) -> None:
         validate_options(options)
@@ -515,7 +516,22 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
         return self._phase not in BETWEEN_STEPS
 
     def _check_protocol(self) -> None:
-        """Refuse a ``step()`` (official protocol) that skipped a required call; the class says which."""
+        """``step()`` without ``perturb_weights()`` would be a step without the perturbation."""
+        if not self._perturbs_first or self._phase is not Phase.IDLE:
+            return
+        rho_set = any(float(g["rho"]) > 0 for g, own in zip(self.param_groups, self._run.own_rho)
+                      if own or self.rho_schedule is None)
+        if rho_set or (self.rho_schedule is not None and not all(self._run.own_rho)):
+            raise RuntimeError(
+                "SASSHA.step() was called without perturb_weights() in this step, which would take a step "
+                "without the sharpness perturbation (a rho=0 step). Either drive the step with "
+                "opt.step(closure), or follow the protocol: loss.backward(); opt.perturb_weights(); a second "
+                "forward/backward at the perturbed point; the hvp_passes() loop; opt.unperturb(); opt.step() "
+                "(see help(SASSHA) and the README; Hugging Face: use sassha_fused.integrations.hf.SasshaTrainer; "
+                "timm's train loop needs the README's timm recipe). "
+                "For a step without perturbation, set rho=0. Parameters, gradients and optimizer state are "
+                "unchanged.")
+
 
     def _is_state_initialisation(self) -> bool:
         """A step of torch.distributed.checkpoint's ``_init_optim_state`` (see ``step``)."""
@@ -658,7 +674,13 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
         self._this_step.presence_mask = None
 
     def _materialize_restore(self) -> None:
-        """Carry out a restore that was left for ``step()`` (SASSHA's ``defer_unperturb``)."""
+        """Carry out a restore that ``defer_unperturb`` left for ``step()`` (SASSHA)."""
+        if self._phase is Phase.DEFERRED:
+            with torch.no_grad():
+                self._restore(self._this_step.perturbed)
+            self._this_step.perturbed = None
+            self._move(Phase.RESTORED)
+
 
     def _forget_step(self) -> None:
         """Drop what a step in progress kept for ``step()``: its HVPs, participation, FD move."""
@@ -775,26 +797,12 @@ class SASSHA(_SasshaBase):
         # between perturb_weights() and the end of the step).
         super().__init__(params, options)
 
+    _perturbs_first = True
+
     @property
     def is_perturbed(self) -> bool:
         """True between ``perturb_weights()`` and ``unperturb()`` / the end of the step."""
         return self._this_step.perturbed is not None
-
-    def _check_protocol(self) -> None:
-        """``step()`` without ``perturb_weights()`` would be a step without the perturbation."""
-        if self._phase is not Phase.IDLE:
-            return
-        rho_set = any(float(g["rho"]) > 0 for g, own in zip(self.param_groups, self._run.own_rho)
-                      if own or self.rho_schedule is None)
-        if rho_set or (self.rho_schedule is not None and not all(self._run.own_rho)):
-            raise RuntimeError(
-                "SASSHA.step() was called without perturb_weights() in this step, which would take a step "
-                "without the sharpness perturbation (a rho=0 step). Either drive the step with "
-                "opt.step(closure), or follow the protocol: loss.backward(); opt.perturb_weights(); a second "
-                "forward/backward at the perturbed point; the hvp_passes() loop; opt.unperturb(); opt.step() "
-                "(see help(SASSHA) and the README; timm's train loop needs the README's timm recipe). "
-                "For a step without perturbation, set rho=0. Parameters, gradients and optimizer state are "
-                "unchanged.")
 
     def _backup(self, p: Tensor) -> Tensor:
         buf = self._cache.backups.get(id(p))
@@ -903,14 +911,6 @@ class SASSHA(_SasshaBase):
         self._restore(self._this_step.perturbed)
         self._this_step.perturbed = None
         self._move(Phase.RESTORED)
-
-    def _materialize_restore(self) -> None:
-        """Carry out a restore that ``defer_unperturb`` left for ``step()``."""
-        if self._phase is Phase.DEFERRED:
-            with torch.no_grad():
-                self._restore(self._this_step.perturbed)
-            self._this_step.perturbed = None
-            self._move(Phase.RESTORED)
 
     @contextlib.contextmanager
     def unperturbed(self) -> Iterator[None]:
