@@ -193,7 +193,7 @@ at::Tensor sq_norm_cuda(at::TensorList sources, at::TensorList params, bool adap
   at::Tensor out = at::zeros({}, params[0].options().dtype(acc));
   const DeviceTables t = table_cache().get(recs, params[0].device());
   if (t.n_blocks == 0) return out;
-  at::Tensor partials = at::empty({t.n_blocks}, params[0].options().dtype(acc));
+  at::Tensor partials = at::empty({norm_scratch_elems(t.n_blocks)}, params[0].options().dtype(acc));
   launch_sq_norm(t.recs, t.blocks, t.n_blocks, adaptive, acc_fp64, partials.data_ptr(), out.data_ptr(),
                  current_stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -23,8 +23,9 @@ The kernels are in ``triton_kernels/sassha.py`` (imported as
   reached by real models with the defaults).
 * **Device.** Triton launches on the *current* CUDA device's current stream, so
   every launch runs under ``torch.cuda.device(<the tensors' device>)``.
-* **No host synchronisation.** The global norm is reduced on the device in two
-  deterministic stages (per-tile partials, then one fixed-order sum); the
+* **No host synchronisation.** The global norm is reduced on the device in
+  deterministic stages (per-tile partials, then rounds of fixed-order sums over
+  many programs); the
   perturbation scale and the finite-difference step are read by the kernels from
   device memory. Columns go to the device from pinned memory with
   ``non_blocking=True``.
@@ -64,10 +65,18 @@ _INTERPRET_HINT = "Triton kernels need CUDA tensors; set TRITON_INTERPRET=1 to r
 # phases. 2048 elements over 8 warps is 8 per thread: 16-byte vector accesses for
 # bf16 and 2 x 16 bytes for fp32, enough bytes in flight per SM for a
 # bandwidth-bound pass without spilling the update kernel's ~10 live arrays.
+# A launch that is not 16-byte aligned moves elements one by one, each with its
+# own 64-bit address: there 16 warps (4 elements per thread) keep the refresh
+# update under 128 registers. tests/test_triton_compile.py checks both from ptxas.
 BLOCK = 2048
 NUM_WARPS = 8
-# The final norm reduction: one program, fixed-order loop over the partials.
+NUM_WARPS_UNALIGNED = 16
+# The norm's partials are summed in rounds: each program of a round adds
+# REDUCE_BLOCK * REDUCE_ITERS consecutive partials in a fixed order, until one sum is
+# left (deterministic). 875M params (427k partials) take two rounds of 105 and 1
+# programs instead of one program looping over all of them.
 REDUCE_BLOCK = 1024
+REDUCE_ITERS = 4
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _data_ptr = Tensor.data_ptr
@@ -95,6 +104,17 @@ def _on(device: torch.device):
 def _i32(key: int) -> int:
     """A uint32 key as the int32 with the same bits: one kernel argument type for every key."""
     return key - (1 << 32) if key >= 1 << 31 else key
+
+
+def num_warps(aligned: bool) -> int:
+    """Warps per program of a launch with this ALIGNED constexpr."""
+    return NUM_WARPS if aligned else NUM_WARPS_UNALIGNED
+
+
+def reduce_programs(n: int) -> int:
+    """Programs of one round of ``sum_partials_kernel`` over ``n`` partials."""
+    chunk = REDUCE_BLOCK * REDUCE_ITERS
+    return max(1, (n + chunk - 1) // chunk)
 
 
 def _tl_dtype(dtype: torch.dtype):
@@ -265,7 +285,7 @@ class TritonBackend(Backend):
         lo = launch.lo
         with _on(g.device):
             kernel[(launch.n_programs,)](launch.blocks, *[c[lo:] for c in columns], *args, BLOCK=BLOCK,
-                                         num_warps=NUM_WARPS, **meta)
+                                         num_warps=num_warps(meta["ALIGNED"]), **meta)
         self.launches += 1
 
     # ---------------------------------------------------------------- phases
@@ -284,10 +304,20 @@ class TritonBackend(Backend):
                                  V_DTYPE=_tl_dtype(v_dtype), X_DTYPE=_tl_dtype(g.dtype),
                                  ADAPTIVE=bool(adaptive), ALIGNED=g.aligned and v_aligned)
                     base += launch.n_programs
-            out = torch.empty((), dtype=torch.float32, device=b.device)
-            _kernels.sum_partials_kernel[(1,)](partials, n_partials, out, BLOCK=REDUCE_BLOCK, num_warps=4)
-            self.launches += 1
+            out = self._sum_partials(partials, n_partials)
         return out.to(acc_dtype)
+
+    def _sum_partials(self, partials: Tensor, n: int) -> Tensor:
+        """The sum of ``partials[:n]`` as a 0-dim fp32 tensor: fixed-order rounds, many programs each."""
+        while True:
+            programs = reduce_programs(n)
+            out = torch.empty(() if programs == 1 else (programs,), dtype=torch.float32, device=partials.device)
+            _kernels.sum_partials_kernel[(programs,)](partials, n, out, BLOCK=REDUCE_BLOCK, ITERS=REDUCE_ITERS,
+                                                      num_warps=4)
+            self.launches += 1
+            if programs == 1:
+                return out
+            partials, n = out, programs
 
     def perturb(self, b: Bucket, sources: Sequence[Tensor], sq_norm: Tensor, sign: float, adaptive: bool,
                 groups) -> None:
@@ -377,7 +407,7 @@ class TritonBackend(Backend):
                         prefixes if prefixes is not None else g.param_index, y.stride(0), rows[lo:], float(power), fd,
                         X_DTYPE=_tl_dtype(g.dtype), S_DTYPE=tl.float32, MODE=mode,
                         N_SAMPLES=y.shape[0], POWER_MODE=power_mode, ALIGNED=aligned, BLOCK=BLOCK,
-                        num_warps=NUM_WARPS,
+                        num_warps=num_warps(aligned),
                     )
                 self.launches += 1
 
