@@ -142,7 +142,6 @@ class _KernelGroup:
                  idx: Optional[List[int]]) -> None:
         self.backend, self.dtype, self.aligned, self.idx = backend, dtype, aligned, idx
         self.device = b.device
-        self.cache = b.cache  # the bucket's: "captured" once a CUDA graph capture used it
         pick = self.pick
         params = pick(b.params)
         self.n = len(params)
@@ -154,6 +153,7 @@ class _KernelGroup:
         self.element_offset = backend._upload(torch.tensor(pick(b.offsets()), dtype=torch.int64), b.device)
         self.group_index = backend._upload(torch.tensor(pick(b.group_index), dtype=torch.int64), b.device)
         self._columns: Dict[str, Tuple[List[int], Tensor, bool]] = {}
+        self._in_graphs: Dict[Tuple[str, Tuple[int, ...]], Tensor] = {}  # columns CUDA graph captures read
         self._rows: Optional[Tensor] = None if idx is None else backend._upload(
             torch.tensor(idx, dtype=torch.int64), b.device)
 
@@ -173,14 +173,15 @@ class _KernelGroup:
         else:
             ptrs = list(map(_data_ptr, picked))
         cached = self._columns.get(role)
-        if cached is not None:
-            if cached[0] == ptrs:
-                return cached[1], cached[2]
-            if self.cache.get("captured"):  # a captured graph may still read the old column
-                self.backend._captured.append(cached[1])
-        column = self.backend._upload(torch.tensor(ptrs, dtype=torch.int64), self.device)
-        aligned = not any(map(_misaligned, ptrs))
-        self._columns[role] = (ptrs, column, aligned)
+        if cached is not None and cached[0] == ptrs:
+            column, aligned = cached[1], cached[2]
+        else:  # the replaced column is freed, unless a captured graph reads it (below)
+            column = self.backend._upload(torch.tensor(ptrs, dtype=torch.int64), self.device)
+            aligned = not any(map(_misaligned, ptrs))
+            self._columns[role] = (ptrs, column, aligned)
+        if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            # a replay reads this column again: keep exactly the columns captures read
+            self._in_graphs.setdefault((role, tuple(ptrs)), column)
         return column, aligned
 
     def rows(self, table: Tensor) -> Tensor:
@@ -201,7 +202,7 @@ class TritonBackend(Backend):
         self.max_blocks_per_launch = int(max_blocks_per_launch)
         self.launches = 0  # kernel launches made so far
         self.uploads = 0  # host -> device column copies made so far
-        self._captured: List[Tensor] = []  # columns and their pinned sources a captured graph reads
+        self._captured: List[Tensor] = []  # pinned sources of the copies a captured graph replays
 
     # ------------------------------------------------------------ capability
     def supports(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:
@@ -233,7 +234,7 @@ class TritonBackend(Backend):
 
         Device tensors made during the capture are the graph's (its private memory
         pool); what the graph reads from outside it is kept: pinned sources of its
-        copies here, and a captured bucket's replaced pointer columns in ``column``.
+        copies here, and the pointer columns a capture read in ``_KernelGroup.column``.
         """
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             self._captured.extend(tensors)
