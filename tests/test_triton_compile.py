@@ -166,7 +166,7 @@ def _launch(kernel: str, v: dict):
 
 
 def _compile(kernel_name: str, v: dict):
-    """Bind the launch's arguments as JITFunction.run does, compile for TARGET: (PTX, ptxas log)."""
+    """Bind the launch's arguments as JITFunction.run does, compile for TARGET: (PTX, ptxas log, cubin)."""
     import io
 
     import triton
@@ -197,7 +197,7 @@ def _compile(kernel_name: str, v: dict):
     log = printed.getvalue()
     if "Used" not in log:  # a triton without the knob: run its ptxas again on the PTX, as make_cubin does
         log = _ptxas_log(compiled.asm["ptx"], options)
-    return compiled.asm["ptx"], log
+    return compiled.asm["ptx"], log, compiled.asm["cubin"]
 
 
 @contextlib.contextmanager
@@ -294,7 +294,8 @@ def _worker(ids, out_path: str) -> None:
     for vid in ids:
         t0 = time.perf_counter()
         try:
-            results[vid] = {"error": None, **_machine_code(*_compile(*by_id[vid]))}
+            ptx, log, _ = _compile(*by_id[vid])
+            results[vid] = {"error": None, **_machine_code(ptx, log)}
         except Exception:
             results[vid] = {"error": traceback.format_exc(limit=-8)}
         results[vid]["seconds"] = round(time.perf_counter() - t0, 3)
