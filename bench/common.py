@@ -248,10 +248,24 @@ def copy_bandwidth_gbps(device: torch.device, numel: int) -> float:
 
 
 def time_it(fn: Callable[[], None], device: torch.device, reps: int, warmup: int = 3) -> List[float]:
-    """Seconds per call, ``reps`` samples after ``warmup`` calls, synchronised inside."""
+    """Seconds per call, ``reps`` samples after ``warmup`` calls, synchronised inside.
+
+    On CUDA each sample is the time between two events recorded on the stream around
+    the call (host clocks around ``synchronize()`` add the launch and wake-up latency,
+    which understates GB/s of short passes); the gaps where the device waits for the
+    host still count.
+    """
     for _ in range(warmup):
         fn()
     synchronize(device)
+    if device.type == "cuda":
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+        for start, end in events:
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize(device)
+        return [start.elapsed_time(end) / 1e3 for start, end in events]
     out = []
     for _ in range(reps):
         synchronize(device)

@@ -1,15 +1,20 @@
 """The GPU check in one call: build, tests, bandwidth, step time, syncs, end-to-end.
 
-    bench/gpu_check.sh            # on an H100/H200, about 7 minutes, results to $OUT or bench/results/gpu-check/
+    bench/gpu_check.sh            # on an H100/H200, at most 5 minutes, results to $OUT or bench/results/gpu-check/
     bench/gpu_check.sh --dry      # the same stages at toy sizes on the CPU (Triton interpreted), for CI
 
 Stages run one after another, each in its own process under a time budget; a stage
 that runs out of time is stopped and recorded as cut (with what it measured until
-then), never dropped. The whole run stays inside ``--budget`` seconds (default 420).
+then), never dropped. The whole run stays inside ``--budget`` seconds (default 300).
 
-    build     the C++/CUDA extension, just in time, for the device's architecture
-    tests     the test suite's CUDA and Triton tests (pytest, per-test timeout)
+    build     the C++/CUDA extension, just in time, for the device's architecture; the
+              fp-fusion settings the kernels compile with; the hot loops' loads and
+              stores in the device's machine code (cuobjdump -sass: LDG/STG.E.128)
+    tests     the sync and capture tests first, then the CUDA and Triton tests and the
+              sm_90 PTX/ptxas checks with the machine's triton (pytest, per-test
+              timeout, in the stages' environment: the build stage's extension is reused)
     passes    copy bandwidth, and each fused pass's GB/s at >= 50M params, fp32 and bf16
+              (timed with CUDA events around each call)
     steps     the optimizer-side step against AdamW(fused=True): 10M and 100M params in
               100 tensors, and 1000 small tensors
     syncs     host synchronisations per step (torch.cuda.set_sync_debug_mode("error")) per
@@ -51,8 +56,9 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 sys.path.insert(0, HERE)
 
-# name -> budget in seconds (real run); the dry run divides them
-STAGES = {"build": 110, "tests": 110, "passes": 40, "steps": 40, "syncs": 25, "e2e": 95}
+# name -> budget in seconds (real run, 300 in all: twice in 15 minutes of device time
+# with the machine's start); the dry run scales them to its budget
+STAGES = {"build": 75, "tests": 85, "passes": 35, "steps": 30, "syncs": 20, "e2e": 55}
 
 
 # ------------------------------------------------------------------ records
@@ -100,6 +106,98 @@ def stage_build(rec: Recorder, dry: bool, out: str) -> None:
         notes=build.notes, seconds=time.perf_counter() - t0)
     for name, status in available_backends().items():
         rec(item="backend", backend=name, available=status.available, reason=status.reason)
+    rec(item="fp_fusion", **fp_fusion(_build))
+    machine_code(rec, build)
+
+
+def fp_fusion(_build) -> Dict:
+    """Whether the kernels are compiled with multiply-adds fused (one rounding for a * b + c).
+
+    Fused, the fused kernels' momentum and EMA round differently from eager's separate
+    multiply and add (within the parity tests' tolerances, not bitwise); the tests
+    stage's parity tests run with exactly these settings.
+    """
+    out: Dict = {"nvcc_fmad": "--fmad=false" not in _build.NVCC_FLAGS, "nvcc_flags": " ".join(_build.NVCC_FLAGS)}
+    try:
+        import triton
+
+        language = triton.knobs.language
+        out["triton_enable_fp_fusion"] = (not language.force_disable_fp_fusion) and bool(language.default_fp_fusion)
+        out["TRITON_DEFAULT_FP_FUSION"] = os.environ.get("TRITON_DEFAULT_FP_FUSION", "unset (triton's default)")
+    except Exception as exc:  # noqa: BLE001  (a triton without these knobs: fusion on, its old default)
+        out["triton_enable_fp_fusion"] = f"unknown ({type(exc).__name__}: {exc})"
+    return out
+
+
+def _cuobjdump() -> Optional[str]:
+    import shutil
+
+    try:
+        import triton
+
+        bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        if os.access(bundled, os.X_OK):
+            return bundled
+    except Exception:  # noqa: BLE001
+        pass
+    return shutil.which("cuobjdump")
+
+
+def sass_accesses(path: str, tool: str) -> Dict[str, Dict[str, int]]:
+    """{function: {"LDG.128", "STG.128", "LDG", "STG"}} counted in ``cuobjdump -sass`` of a cubin or library."""
+    import re
+
+    sass = subprocess.run([tool, "-sass", path], capture_output=True, text=True, timeout=120, check=True).stdout
+    out: Dict[str, Dict[str, int]] = {}
+    for chunk in re.split(r"\n\s*Function : ", sass)[1:]:
+        name = chunk.split("\n", 1)[0].strip()
+        short = re.findall(r"[a-z][a-z_]*_kernel(?:I\w*)?", name)  # the last: past the file's own name
+        counts = {}
+        for op in ("LDG", "STG"):
+            counts[op] = len(re.findall(rf"\b{op}\.E\b[.\w]*", chunk))
+            counts[f"{op}.128"] = len(re.findall(rf"\b{op}\.E(?:\.[A-Z0-9_]+)*\.128\b", chunk))
+        out[short[-1] if short else name] = counts
+    return out
+
+
+def machine_code(rec: Recorder, build) -> None:
+    """The hot loops' loads and stores in the device's machine code (SASS): 128-bit (LDG/STG.E.128).
+
+    Triton: a few aligned variants compiled for sm_90 by the installed triton (the
+    GPU machine's version), as tests/test_triton_compile.py compiles them. CUDA: the
+    extension just built, when it has CUDA kernels.
+    """
+    tool = _cuobjdump()
+    if tool is None:
+        rec(item="machine_code", checked=False, reason="no cuobjdump (triton's or the CUDA toolkit's)")
+        return
+    import tempfile
+
+    sys.path.insert(0, os.path.join(REPO, "tests"))
+    try:
+        import test_triton_compile as tc
+
+        by_id = {vid: (kernel, v) for vid, kernel, v in tc.VARIANTS}
+        for vid in ("update-X=float32-MODE=0-N_SAMPLES=1-POWER_MODE=0-ALIGNED=True-n=3",
+                    "update-X=bfloat16-MODE=1-N_SAMPLES=2-POWER_MODE=0-ALIGNED=True-n=1",
+                    "perturb-X=bfloat16-V=bfloat16-ADAPTIVE=False-ALIGNED=True",
+                    "sq_norm_partials-X=float32-V=float32-ADAPTIVE=False-ALIGNED=True"):
+            _, log, cubin = tc._compile(*by_id[vid])
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                f.write(cubin)
+                f.flush()
+                counts = next(iter(sass_accesses(f.name, tool).values()))
+            rec(item="machine_code", backend="triton", variant=vid, **counts,
+                wide=counts["LDG.128"] > 0, ptxas=[ln.strip() for ln in log.splitlines() if "Used" in ln or "spill" in ln])
+    except Exception as exc:  # noqa: BLE001
+        rec(item="machine_code", backend="triton", checked=False, reason=f"{type(exc).__name__}: {exc}")
+    if build.ok and build.with_cuda and build.library and os.path.isfile(build.library):
+        for name, counts in sass_accesses(build.library, tool).items():
+            rec(item="machine_code", backend="cuda", kernel=name, **counts,
+                wide="sum_partials" in name or counts["LDG.128"] + counts["STG.128"] > 0)
+    else:
+        rec(item="machine_code", backend="cuda", checked=False,
+            reason="no CUDA kernels in this build" if build.ok else f"no extension: {build.error}")
 
 
 def stage_passes(rec: Recorder, dry: bool, out: str) -> None:
@@ -225,13 +323,16 @@ def stage_e2e(rec: Recorder, dry: bool, out: str) -> None:
             torch.cuda.empty_cache()
 
 
-def run_tests(out: str, dry: bool, budget: float) -> Dict:
-    """pytest of the GPU-relevant tests; per-test results parsed from the verbose log."""
+def run_tests(out: str, dry: bool, budget: float, env: Dict[str, str]) -> Dict:
+    """pytest of the GPU-relevant tests, in the stages' environment (the build stage's
+    extension is found, not rebuilt); per-test results parsed from the verbose log."""
+    # the sync and capture tests first: a cut stage still has their outcome
     if dry:
         args = ["tests/test_sync_free.py", "-k", "foreach and autograd"]
     else:
-        args = ["tests/test_triton_backend.py", "tests/test_cuda_sources.py", "tests/test_sync_free.py",
+        args = ["tests/test_sync_free.py", "tests/test_triton_backend.py", "tests/test_cuda_sources.py",
                 "tests/test_hvp.py", "tests/test_faults.py", "tests/test_properties.py",
+                "tests/test_triton_compile.py",  # the PTX/ptxas checks with the machine's triton
                 "tests/test_timm.py",  # timm imports on the GPU machine's torch stack (it skips on CPU CI)
                 "-k", "triton or cuda or sync or capt or every_backend or timm"]
     cmd = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", *args]
@@ -245,7 +346,7 @@ def run_tests(out: str, dry: bool, budget: float) -> Dict:
     start = time.perf_counter()
     with open(log, "w") as f:
         try:
-            proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, timeout=budget)
+            proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=budget)
             cut, code = False, proc.returncode
         except subprocess.TimeoutExpired:
             cut, code = True, None
@@ -322,7 +423,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dry", action="store_true", help="toy sizes on the CPU (Triton interpreted): the CI smoke run")
     ap.add_argument("--out", default=None, help="where the files go (default: $OUT, else bench/results/gpu-check)")
-    ap.add_argument("--budget", type=float, default=None, help="seconds for the whole run (default 420, dry 200)")
+    ap.add_argument("--budget", type=float, default=None, help="seconds for the whole run (default 300, dry 200)")
     ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=list(STAGES))
     ap.add_argument("--stage", default=None, help=argparse.SUPPRESS)  # child process: run one stage
     args = ap.parse_args(argv)
@@ -340,7 +441,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
 
     env = environment()
-    budget = args.budget or (200.0 if args.dry else 420.0)
+    budget = args.budget or (200.0 if args.dry else float(sum(STAGES.values())))
     scale = budget / sum(STAGES.values())
     deadline = time.perf_counter() + budget
     if os.path.exists(jsonl):
@@ -360,7 +461,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             records.append({"stage": name, "item": "stage", "status": "cut: no time left", "seconds": 0.0})
             continue
         if name == "tests":
-            r = run_tests(out, args.dry, stage_budget)
+            r = run_tests(out, args.dry, stage_budget, child_env)
             records.append(r)
             status = "cut" if r["cut"] else ("ok" if r["returncode"] == 0 else f"failed ({r['returncode']})")
         else:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check in one call (bench/gpu_check.py says what it runs and writes).
 #
-#   bench/gpu_check.sh          on a CUDA machine: ~7 minutes, results to $OUT or bench/results/gpu-check/
+#   bench/gpu_check.sh          on a CUDA machine: at most 5 minutes (300 s), results to $OUT or bench/results/gpu-check/
 #   bench/gpu_check.sh --dry    the same stages at toy sizes on the CPU, for CI
 #
 # It runs on the machine's own Python and packages (no install, no download): the

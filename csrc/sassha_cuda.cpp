@@ -4,9 +4,10 @@
 //
 // Tables. Each call describes its tensors as TensorRecs (pointers, sizes, dtype,
 // alignment, probe counter and element offset, group); the records and the block
-// map built from them go to the device once and are reused while the same records
-// come back: the cache is keyed on the records' bytes, so a change of storage (or
-// of gradients' addresses) is a new entry and an unchanged call uploads nothing. Per-step
+// map built from their sizes go to the device once and are reused (TableCache): the
+// block map is keyed on the sizes, the records on their bytes, so a change of storage
+// (or of gradients' addresses) uploads the records alone and an unchanged call uploads
+// nothing. Both caches are bounded. Per-step
 // values come as device tensors (the group and update-scalar tables, delta); the
 // refresh inputs and probe prefixes of a refresh step travel in one small pinned,
 // non-blocking copy. The host never waits for the device.
@@ -88,11 +89,8 @@ void finish_rec(TensorRec& r) {
   r.aligned = aligned16(r.x) && aligned16(r.src) && aligned16(r.aux) && aligned16(r.m) && aligned16(r.d);
 }
 
-// The device copy of a call's records and block map.
+// What a launch reads: the call's records and the block map of its tensors' sizes.
 struct DeviceTables {
-  at::Tensor buffer;  // keeps the device memory alive
-  at::Tensor host;    // the pinned source of the copy (kept while a captured graph may replay it)
-  bool pinned = false;  // used inside a CUDA graph capture: never evicted
   const TensorRec* recs = nullptr;
   const BlockRec* blocks = nullptr;
   int64_t n_blocks = 0;
@@ -108,55 +106,91 @@ bool capturing() {
 
 // Host bytes to the device through pinned memory, without waiting; ``host`` gets
 // the pinned source (a captured copy reads it again at every replay).
-at::Tensor upload(const std::vector<uint8_t>& bytes, const at::Device& device, at::Tensor* host = nullptr) {
-  at::Tensor pinned = at::empty({static_cast<int64_t>(bytes.size())},
-                                at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-  std::memcpy(pinned.data_ptr(), bytes.data(), bytes.size());
+at::Tensor upload(const void* bytes, size_t n, const at::Device& device, at::Tensor* host = nullptr) {
+  at::Tensor pinned = at::empty({static_cast<int64_t>(n)}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  std::memcpy(pinned.data_ptr(), bytes, n);
   if (host != nullptr) *host = pinned;
   return pinned.to(device, /*non_blocking=*/true);
 }
 
-// Records -> device tables, cached on the records' bytes (a bounded map: when it
-// grows past kMaxEntries, which only churning storage causes, the entries no CUDA
-// graph capture used are dropped; those a capture used live as long as the process).
+// Uploaded tables by key, at most kMaxEntries: the least recently used goes first,
+// except entries a CUDA graph capture used (a replay reads them; they stay).
+class UploadCache {
+ public:
+  struct Entry {
+    at::Tensor buffer;  // keeps the device memory alive
+    at::Tensor host;    // the pinned source of the copy
+    bool captured = false;
+    uint64_t used = 0;
+  };
+
+  template <typename Make>
+  const Entry& get(std::string key, const at::Device& device, bool in_capture, const Make& make_bytes) {
+    ++clock_;
+    auto it = map_.find(key);
+    if (it == map_.end()) {
+      if (map_.size() >= kMaxEntries) evict_one();
+      const std::vector<uint8_t> bytes = make_bytes();
+      Entry e;
+      e.buffer = upload(bytes.data(), bytes.size(), device, &e.host);
+      it = map_.emplace(std::move(key), std::move(e)).first;
+    }
+    it->second.captured = it->second.captured || in_capture;
+    it->second.used = clock_;
+    return it->second;
+  }
+
+ private:
+  static constexpr size_t kMaxEntries = 16;
+  void evict_one() {
+    auto victim = map_.end();
+    for (auto e = map_.begin(); e != map_.end(); ++e)
+      if (!e->second.captured && (victim == map_.end() || e->second.used < victim->second.used)) victim = e;
+    if (victim != map_.end()) map_.erase(victim);
+  }
+  std::unordered_map<std::string, Entry> map_;
+  uint64_t clock_ = 0;
+};
+
+// Records -> device tables in two caches. Block maps (8 bytes per kBlockElems
+// elements: 1.7 MB at 875M params) depend only on the tensors' sizes: keyed on the
+// sizes, built once per parameter set and shared by every op over those tensors.
+// Records (64 bytes per tensor) carry the addresses: keyed on their bytes, so new
+// gradient addresses upload only the records, never the block map.
 class TableCache {
  public:
   DeviceTables get(const std::vector<TensorRec>& recs, const at::Device& device) {
-    std::string key(reinterpret_cast<const char*>(recs.data()), recs.size() * sizeof(TensorRec));
-    key.push_back(static_cast<char>(device.index()));
+    std::string sizes(sizeof(int64_t) * recs.size() + 1, '\0');
+    for (size_t t = 0; t < recs.size(); ++t) std::memcpy(&sizes[t * sizeof(int64_t)], &recs[t].numel, sizeof(int64_t));
+    sizes.back() = static_cast<char>(device.index());
+    int64_t n_blocks = 0;
+    for (const TensorRec& r : recs) n_blocks += (r.numel + kBlockElems - 1) / kBlockElems;
+    DeviceTables t;
+    if (n_blocks == 0) return t;
     const bool in_capture = capturing();
     std::lock_guard<std::mutex> lock(mu_);
-    auto it = map_.find(key);
-    if (it != map_.end()) {
-      it->second.pinned = it->second.pinned || in_capture;
-      return it->second;
-    }
-    std::vector<BlockRec> blocks;
-    for (size_t t = 0; t < recs.size(); ++t)
-      for (int64_t c = 0; c * kBlockElems < recs[t].numel; ++c)
-        blocks.push_back({static_cast<int32_t>(t), static_cast<int32_t>(c)});
-    const size_t o_blocks = align16(recs.size() * sizeof(TensorRec));
-    std::vector<uint8_t> bytes(o_blocks + blocks.size() * sizeof(BlockRec));
-    std::memcpy(bytes.data(), recs.data(), recs.size() * sizeof(TensorRec));
-    if (!blocks.empty()) std::memcpy(bytes.data() + o_blocks, blocks.data(), blocks.size() * sizeof(BlockRec));
-    DeviceTables t;
-    t.buffer = upload(bytes, device, &t.host);
-    t.pinned = in_capture;
-    const auto* base = static_cast<const uint8_t*>(t.buffer.const_data_ptr());
-    t.recs = reinterpret_cast<const TensorRec*>(base);
-    t.blocks = reinterpret_cast<const BlockRec*>(base + o_blocks);
-    t.n_blocks = static_cast<int64_t>(blocks.size());
-    if (map_.size() >= kMaxEntries) {
-      for (auto e = map_.begin(); e != map_.end();) e = e->second.pinned ? std::next(e) : map_.erase(e);
-    }
-    map_.emplace(std::move(key), t);
+    const auto& blocks = blocks_.get(std::move(sizes), device, in_capture, [&] {
+      std::vector<uint8_t> bytes(static_cast<size_t>(n_blocks) * sizeof(BlockRec));
+      auto* out = reinterpret_cast<BlockRec*>(bytes.data());
+      for (size_t j = 0; j < recs.size(); ++j)
+        for (int64_t c = 0; c * kBlockElems < recs[j].numel; ++c) *out++ = {static_cast<int32_t>(j), static_cast<int32_t>(c)};
+      return bytes;
+    });
+    std::string key(reinterpret_cast<const char*>(recs.data()), recs.size() * sizeof(TensorRec));
+    key.push_back(static_cast<char>(device.index()));
+    const auto& records = recs_.get(std::move(key), device, in_capture, [&] {
+      const auto* p = reinterpret_cast<const uint8_t*>(recs.data());
+      return std::vector<uint8_t>(p, p + recs.size() * sizeof(TensorRec));
+    });
+    t.recs = static_cast<const TensorRec*>(records.buffer.const_data_ptr());
+    t.blocks = static_cast<const BlockRec*>(blocks.buffer.const_data_ptr());
+    t.n_blocks = n_blocks;
     return t;
   }
 
  private:
-  static constexpr size_t kMaxEntries = 64;
   std::mutex mu_;
-  std::unordered_map<std::string, DeviceTables> map_;
+  UploadCache blocks_, recs_;
 };
 
 TableCache& table_cache() {
@@ -193,7 +227,7 @@ at::Tensor sq_norm_cuda(at::TensorList sources, at::TensorList params, bool adap
   at::Tensor out = at::zeros({}, params[0].options().dtype(acc));
   const DeviceTables t = table_cache().get(recs, params[0].device());
   if (t.n_blocks == 0) return out;
-  at::Tensor partials = at::empty({t.n_blocks}, params[0].options().dtype(acc));
+  at::Tensor partials = at::empty({norm_scratch_elems(t.n_blocks)}, params[0].options().dtype(acc));
   launch_sq_norm(t.recs, t.blocks, t.n_blocks, adaptive, acc_fp64, partials.data_ptr(), out.data_ptr(),
                  current_stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -395,7 +429,7 @@ void update_cuda(at::TensorList params, at::TensorList x_t, at::TensorList grads
       const uint32_t v = static_cast<uint32_t>(prefixes[s]);
       std::memcpy(bytes.data() + o_prefixes + s * sizeof(uint32_t), &v, sizeof(v));
     }
-    extra = upload(bytes, params[0].device());
+    extra = upload(bytes.data(), bytes.size(), params[0].device());
     const auto* base = static_cast<const uint8_t*>(extra.const_data_ptr());
     d_ys = reinterpret_cast<const void* const*>(base);
     d_prefixes = reinterpret_cast<const uint32_t*>(base + o_prefixes);

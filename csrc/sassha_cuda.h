@@ -12,12 +12,26 @@
 namespace sassha {
 namespace cuda {
 
-// Elements one CUDA block handles: 256 threads x 4 elements x 4 iterations.
+// Elements one CUDA block handles: 256 threads x 8 elements x 2 iterations.
 // A multiple of the 32-element probe word.
 constexpr int64_t kBlockElems = 4096;
 constexpr int kThreads = 256;
-// Elements per vectorised load (16 bytes of fp32, 8 bytes of bf16/fp16).
-constexpr int kVec = 4;
+// Elements per thread and iteration: 16-byte accesses for every dtype (one of
+// bf16/fp16, two of fp32).
+constexpr int kVec = 8;
+
+// The final sum of a norm's per-block partials runs in rounds: each block of a round
+// adds kReduceChunk consecutive values in a fixed order (deterministic), until one is
+// left. 875M params (213k partials) take rounds of 53 blocks and 1.
+constexpr int64_t kReduceChunk = 4096;
+inline int64_t reduce_blocks(int64_t n) { return n <= kReduceChunk ? 1 : (n + kReduceChunk - 1) / kReduceChunk; }
+// Accumulators a norm over n_blocks tiles needs: the partials and every round's
+// outputs but the last (which goes to the result).
+inline int64_t norm_scratch_elems(int64_t n_blocks) {
+  int64_t total = n_blocks;
+  for (int64_t n = n_blocks; reduce_blocks(n) > 1; n = reduce_blocks(n)) total += reduce_blocks(n);
+  return total;
+}
 
 enum DType : int32_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
@@ -59,7 +73,8 @@ struct BlockRec {
 
 // All pointers below are device pointers; ``stream`` is a cudaStream_t.
 // Sum of ||w v||^2 into *out (float, or double when acc64); partials holds
-// n_blocks accumulators of the same type (no atomics: the result is deterministic).
+// norm_scratch_elems(n_blocks) accumulators of the same type (no atomics: the
+// result is deterministic).
 void launch_sq_norm(const TensorRec* recs, const BlockRec* blocks, int64_t n_blocks, bool adaptive, bool acc64,
                     void* partials, void* out, void* stream);
 // aux = x; x += scale * src [* x^2]; scale from *sq_norm (float, or double when

@@ -34,18 +34,62 @@ template <> struct Conv<__half> {
   static __device__ __forceinline__ __half store(float v) { return __float2half_rn(v); }
 };
 
-template <typename T>
-struct alignas(sizeof(T) * kVec) Vec {
-  T v[kVec];
+// ---- 16-byte global accesses ------------------------------------------------------
+// The data pointers come from the records in global memory, not from kernel
+// parameters, so the compiler sees generic pointers and emits generic ld/st (and,
+// for 16-bit data, 8-byte vectors of kVec = 4). Explicit ld/st.global.v4 make every
+// vector access 16 bytes whatever the element type: kVec elements are
+// kVec * sizeof(T) / 16 such words (2 of fp32, 1 of bf16/fp16).
+// tests/test_cuda_sources.py checks the PTX for them.
+__device__ __forceinline__ uint4 ld_global16(const void* p) {
+  uint4 v;
+  asm volatile("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+__device__ __forceinline__ void st_global16(void* p, const uint4& v) {
+  asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+               : "memory");
+}
+
+// Elements of T in one 32-bit lane of a 16-byte word, and their bits.
+template <typename T> struct Lane;
+template <> struct Lane<float> {
+  static constexpr int kPer = 1;
+  static __device__ __forceinline__ float get(uint32_t w, int) { return __uint_as_float(w); }
+  static __device__ __forceinline__ uint32_t bits(float v) { return __float_as_uint(v); }
+};
+template <> struct Lane<__nv_bfloat16> {
+  static constexpr int kPer = 2;
+  static __device__ __forceinline__ float get(uint32_t w, int k) {
+    return __bfloat162float(__ushort_as_bfloat16(static_cast<unsigned short>(w >> (16 * k))));
+  }
+  static __device__ __forceinline__ uint32_t bits(float v) { return __bfloat16_as_ushort(__float2bfloat16_rn(v)); }
+};
+template <> struct Lane<__half> {
+  static constexpr int kPer = 2;
+  static __device__ __forceinline__ float get(uint32_t w, int k) {
+    return __half2float(__ushort_as_half(static_cast<unsigned short>(w >> (16 * k))));
+  }
+  static __device__ __forceinline__ uint32_t bits(float v) { return __half_as_ushort(__float2half_rn(v)); }
 };
 
-// kVec elements starting at i: one vector load when allowed, else guarded scalars.
+template <typename T>
+constexpr int kPerWord = 16 / static_cast<int>(sizeof(T));  // elements of T in 16 bytes
+static_assert(kVec % kPerWord<__nv_bfloat16> == 0, "kVec must fill whole 16-byte words of 16-bit data");
+
+__device__ __forceinline__ uint32_t lane(const uint4& u, int l) { return l == 0 ? u.x : l == 1 ? u.y : l == 2 ? u.z : u.w; }
+
+// kVec elements starting at i: 16-byte loads when allowed, else guarded scalars.
 template <typename T>
 __device__ __forceinline__ void load_vec(const T* p, int64_t i, int64_t end, bool vec, float (&out)[kVec]) {
   if (vec && i + kVec <= end) {
-    const Vec<T> w = *reinterpret_cast<const Vec<T>*>(p + i);
 #pragma unroll
-    for (int k = 0; k < kVec; ++k) out[k] = Conv<T>::load(w.v[k]);
+    for (int c = 0; c < kVec / kPerWord<T>; ++c) {
+      const uint4 u = ld_global16(p + i + c * kPerWord<T>);
+#pragma unroll
+      for (int k = 0; k < kPerWord<T>; ++k)
+        out[c * kPerWord<T> + k] = Lane<T>::get(lane(u, k / Lane<T>::kPer), k % Lane<T>::kPer);
+    }
   } else {
 #pragma unroll
     for (int k = 0; k < kVec; ++k) out[k] = i + k < end ? Conv<T>::load(p[i + k]) : 0.f;
@@ -55,10 +99,14 @@ __device__ __forceinline__ void load_vec(const T* p, int64_t i, int64_t end, boo
 template <typename T>
 __device__ __forceinline__ void store_vec(T* p, int64_t i, int64_t end, bool vec, const float (&in)[kVec]) {
   if (vec && i + kVec <= end) {
-    Vec<T> w;
 #pragma unroll
-    for (int k = 0; k < kVec; ++k) w.v[k] = Conv<T>::store(in[k]);
-    *reinterpret_cast<Vec<T>*>(p + i) = w;
+    for (int c = 0; c < kVec / kPerWord<T>; ++c) {
+      uint32_t w[4] = {0u, 0u, 0u, 0u};
+#pragma unroll
+      for (int k = 0; k < kPerWord<T>; ++k)
+        w[k / Lane<T>::kPer] |= Lane<T>::bits(in[c * kPerWord<T> + k]) << (32 / Lane<T>::kPer * (k % Lane<T>::kPer));
+      st_global16(p + i + c * kPerWord<T>, make_uint4(w[0], w[1], w[2], w[3]));
+    }
   } else {
 #pragma unroll
     for (int k = 0; k < kVec; ++k)
@@ -70,7 +118,9 @@ __device__ __forceinline__ void store_vec(T* p, int64_t i, int64_t end, bool vec
 template <typename T>
 __device__ __forceinline__ void copy_vec(T* dst, const T* src, int64_t i, int64_t end, bool vec) {
   if (vec && i + kVec <= end) {
-    *reinterpret_cast<Vec<T>*>(dst + i) = *reinterpret_cast<const Vec<T>*>(src + i);
+#pragma unroll
+    for (int c = 0; c < kVec / kPerWord<T>; ++c)
+      st_global16(dst + i + c * kPerWord<T>, ld_global16(src + i + c * kPerWord<T>));
   } else {
     for (int k = 0; k < kVec; ++k)
       if (i + k < end) dst[i + k] = src[i + k];
@@ -134,14 +184,32 @@ __global__ void __launch_bounds__(kThreads) sq_norm_kernel(const TensorRec* __re
   if (threadIdx.x == 0) partials[blockIdx.x] = acc;
 }
 
-// Adds the partials in a fixed order: the norm does not depend on scheduling.
+// One round of the final sum: block b adds partials [b * kReduceChunk, (b + 1) * kReduceChunk)
+// in a fixed order into out[b]. Rounds repeat until one sum is left (launch_sq_norm):
+// many blocks share the work, and the norm does not depend on scheduling.
 template <typename A>
 __global__ void __launch_bounds__(kThreads) sum_partials_kernel(const A* __restrict__ partials, int64_t n,
                                                                 A* __restrict__ out) {
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kReduceChunk;
+  const int64_t last = first + kReduceChunk < n ? first + kReduceChunk : n;
   A acc = 0;
-  for (int64_t i = threadIdx.x; i < n; i += kThreads) acc += partials[i];
+  for (int64_t i = first + threadIdx.x; i < last; i += kThreads) acc += partials[i];
   acc = block_sum(acc);
-  if (threadIdx.x == 0) *out = acc;
+  if (threadIdx.x == 0) out[blockIdx.x] = acc;
+}
+
+// Rounds of sum_partials_kernel from n partials down to *out; later rounds' inputs
+// follow the partials in the same buffer (norm_scratch_elems sizes it).
+template <typename A>
+void sum_partials(A* partials, int64_t n, A* out, cudaStream_t st) {
+  while (true) {
+    const int64_t blocks = reduce_blocks(n);
+    A* dst = blocks == 1 ? out : partials + n;
+    sum_partials_kernel<A><<<blocks, kThreads, 0, st>>>(partials, n, dst);
+    if (blocks == 1) return;
+    partials += n;
+    n = blocks;
+  }
 }
 
 // ---- perturbation ----------------------------------------------------------------
@@ -275,13 +343,9 @@ __global__ void __launch_bounds__(kThreads) update_kernel(const TensorRec* __res
       return;
     }
     for (int64_t i = range.begin + threadIdx.x * kVec; i < range.end; i += kThreads * kVec) {
-      float xv[kVec], g[kVec], m[kVec], d[kVec];
-      load_vec(xt, i, range.end, r.aligned, xv);
+      float xv[kVec], g[kVec], m[kVec], d[kVec], h[kVec] = {};
       load_vec(static_cast<const T*>(r.src), i, range.end, r.aligned, g);
-      load_vec(static_cast<const float*>(r.m), i, range.end, r.aligned, m);
-      load_vec(static_cast<const float*>(r.d), i, range.end, r.aligned, d);
       if (MODE != RefreshMode::kNone) {
-        float h[kVec] = {};
         for (int64_t smp = 0; smp < n_samples; ++smp) {
           const T* y = static_cast<const T*>(ys[smp * n_tensors + b.tensor]);
           if (y == nullptr) continue;  // absent: contributes 0
@@ -301,8 +365,16 @@ __global__ void __launch_bounds__(kThreads) update_kernel(const TensorRec* __res
         for (int k = 0; k < kVec; ++k) {
           if (MODE == RefreshMode::kAutograd) h[k] = h[k] / static_cast<float>(n_samples);
           else h[k] = fd_magnitude<float>(h[k], g[k], h_floor);
-          d[k] = hessian_ema<float>(d[k], h[k], s);
         }
+      }
+      // x_t and the state are read after the Hutchinson sum: not held through its
+      // divisions (whose slow path is a call that would spill them)
+      load_vec(xt, i, range.end, r.aligned, xv);
+      load_vec(static_cast<const float*>(r.m), i, range.end, r.aligned, m);
+      load_vec(static_cast<const float*>(r.d), i, range.end, r.aligned, d);
+      if (MODE != RefreshMode::kNone) {
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) d[k] = hessian_ema<float>(d[k], h[k], s);
       }
       float out[kVec];
 #pragma unroll
@@ -323,11 +395,11 @@ void launch_sq_norm(const TensorRec* recs, const BlockRec* blocks, int64_t n_blo
   if (acc64) {
     if (adaptive) sq_norm_kernel<double, true><<<n_blocks, kThreads, 0, st>>>(recs, blocks, static_cast<double*>(partials));
     else sq_norm_kernel<double, false><<<n_blocks, kThreads, 0, st>>>(recs, blocks, static_cast<double*>(partials));
-    sum_partials_kernel<double><<<1, kThreads, 0, st>>>(static_cast<const double*>(partials), n_blocks, static_cast<double*>(out));
+    sum_partials(static_cast<double*>(partials), n_blocks, static_cast<double*>(out), st);
   } else {
     if (adaptive) sq_norm_kernel<float, true><<<n_blocks, kThreads, 0, st>>>(recs, blocks, static_cast<float*>(partials));
     else sq_norm_kernel<float, false><<<n_blocks, kThreads, 0, st>>>(recs, blocks, static_cast<float*>(partials));
-    sum_partials_kernel<float><<<1, kThreads, 0, st>>>(static_cast<const float*>(partials), n_blocks, static_cast<float*>(out));
+    sum_partials(static_cast<float*>(partials), n_blocks, static_cast<float*>(out), st);
   }
 }
 

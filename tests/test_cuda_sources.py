@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 import subprocess
 
@@ -40,6 +41,60 @@ def test_cu_file_compiles(source, tmp_path):
     )
     assert out.returncode == 0, f"nvcc failed on {source}:\n{out.stderr}"
     assert (tmp_path / "k.o").stat().st_size > 0
+
+
+@pytest.fixture(scope="module")
+def sm90_kernels(tmp_path_factory):
+    """{kernel: {"ptx": its PTX, "registers": n, "spill_bytes": n}} of sassha_cuda_kernels.cu for sm_90."""
+    tmp = tmp_path_factory.mktemp("sm90")
+    ptx, cubin = tmp / "k.ptx", tmp / "k.cubin"
+    base = [NVCC, "-std=c++17", *_build.NVCC_FLAGS, "-arch=sm_90", f"-I{CSRC}"]
+    out = subprocess.run([*base, "-ptx", os.path.join(CSRC, "sassha_cuda_kernels.cu"), "-o", str(ptx)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-6000:]
+    out = subprocess.run([NVCC, "-arch=sm_90", "-cubin", "-Xptxas", "-v", str(ptx), "-o", str(cubin)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-6000:]
+    text = ptx.read_text()
+    kernels = {}
+    for body in re.split(r"^\.visible \.entry |^\.entry ", text, flags=re.M)[1:]:
+        mangled = body.split("(")[0]
+        kernels[mangled] = {"ptx": body}
+    for mangled, report in re.findall(r"Compiling entry function '(\S+)'.*?\n(.*?Used \d+ registers)", out.stderr, re.S):
+        spills = re.findall(r"(\d+) bytes spill", report)
+        kernels[mangled].update(registers=int(re.search(r"Used (\d+) registers", report).group(1)),
+                                spill_bytes=sum(map(int, spills)))
+    # short names: sq_norm_kernelIfLb1E..., update_kernelILi2ELb1E...
+    return {re.findall(r"[a-z][a-z_]*_kernel(?:I\w*)?", m)[-1]: k for m, k in kernels.items()}
+
+
+# a global access and its width in bytes: ld.global.nc.u64, st.global.v4.u32, ...
+_ACCESS = re.compile(r"\b(ld|st)(\.global)?((?:\.(?:nc|ca|cg|cs|lu|cv|wb|wt))*)(\.v[248])?\.[bfsu](8|16|32|64)\b")
+
+
+@needs_nvcc
+def test_cuda_kernels_move_16_bytes_per_access_without_spills(sm90_kernels):
+    """Every data kernel moves its vectors 16 bytes at a time, also for bf16/fp16; <= 128 registers, no spills.
+
+    Vector accesses narrower than 16 bytes are allowed only as read-only table loads
+    (``ld.global.nc``: the block map's 8-byte records); scalar ones are the guarded
+    tail of a tile (or a misaligned tensor).
+    """
+    assert len(sm90_kernels) >= 20, sorted(sm90_kernels)
+    for name, k in sm90_kernels.items():
+        assert k["registers"] <= 128 and k["spill_bytes"] == 0, (name, k["registers"], k["spill_bytes"])
+        if "sum_partials" in name:
+            continue
+        wide, narrow = 0, []
+        for op, space, qualifiers, vec, bits in _ACCESS.findall(k["ptx"]):
+            if not vec:
+                continue
+            width = int(vec[2:]) * int(bits) // 8
+            if width == 16 and space:
+                wide += 1
+            elif not (op == "ld" and space and ".nc" in qualifiers):
+                narrow.append(f"{op}{space}{qualifiers}{vec}.{bits}")
+        assert wide > 0 and not narrow, f"{name}: {wide} 16-byte accesses; narrower vectors: {sorted(set(narrow))}"
 
 
 @needs_nvcc

@@ -234,6 +234,20 @@ def test_norm_is_deterministic_and_restore_is_bitwise():
         assert torch.equal(a, p)
 
 
+def test_norm_partials_are_summed_by_many_programs_in_fixed_order_rounds():
+    from sassha_fused.backends import triton_backend as tb
+
+    backend = _triton()
+    chunk = tb.REDUCE_BLOCK * tb.REDUCE_ITERS
+    n = 4 * chunk + 17  # a round of 5 programs, then the last round of one
+    partials = torch.rand(n + 3, generator=torch.Generator().manual_seed(5)).to(DEVICE)  # 3 past n: never read
+    before = backend.launches
+    total = backend._sum_partials(partials, n)
+    assert backend.launches - before == 2 and tb.reduce_programs(n) == 5
+    assert total.shape == () and torch.equal(total, backend._sum_partials(partials, n))
+    torch.testing.assert_close(total.double().cpu(), partials[:n].double().sum().cpu(), rtol=1e-6, atol=0)
+
+
 def test_two_runs_are_bitwise_identical():
     start = make_params(EDGE_SIZES)
     a, b = clone_params(start), clone_params(start)

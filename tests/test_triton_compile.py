@@ -24,15 +24,22 @@ the triton wheel): the front end, the TTIR/TTGIR/LLVM passes and ptxas all run.
   ALIGNED, HAS_BASE/HAS_SAVE as hvp.py pairs them, HAS_BASELINE, FIRST, the refresh
   MODE with its N_SAMPLES), except ``update_kernel``'s POWER_MODE, taken pairwise
   (see there). About 140 compiles, 20-40 s of a 2-CPU machine.
+* The machine code of each compile is checked too (Triton's own ``ptxas -v`` report,
+  and the PTX): every variant stays at or under 128 registers without spills, and an
+  aligned variant moves every array of a full tile in 16-byte accesses
+  (``ld/st.global.v4.b32``), counted exactly from the arrays the tile reads and
+  writes (``full_tile_vectors``).
 * Skipped only when triton cannot be imported or its CUDA backend or ptxas is
   missing (the skip says which).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -96,7 +103,8 @@ def _variants():
                     ALIGNED=aligned, n=3)
             # a group of one tensor: n == 1 is a constexpr, which y's rows s > 0 are offset by
             add("update_kernel", X=x, MODE=MODE_AUTOGRAD, N_SAMPLES=2, POWER_MODE=0, ALIGNED=aligned, n=1)
-    add("sum_partials_kernel")
+    add("sum_partials_kernel", n=100_000)  # a round of 25 programs
+    add("sum_partials_kernel", n=25)  # the last round
     return out
 
 
@@ -121,9 +129,11 @@ def _launch(kernel: str, v: dict):
         return torch.zeros(shape, dtype=torch.float32)
 
     blocks = torch.zeros((programs, 2), dtype=torch.int64)
-    common = dict(BLOCK=tb.BLOCK, num_warps=tb.NUM_WARPS)
-    if kernel == "sum_partials_kernel":  # TritonBackend.sq_norm, second stage
-        return (f32(programs), programs, f32()), dict(BLOCK=tb.REDUCE_BLOCK, num_warps=4)
+    common = dict(BLOCK=tb.BLOCK, num_warps=tb.num_warps(v.get("ALIGNED", True)))
+    if kernel == "sum_partials_kernel":  # TritonBackend._sum_partials: a round of many programs, and the last
+        n = v["n"]
+        out = f32() if tb.reduce_programs(n) == 1 else f32(tb.reduce_programs(n))
+        return (f32(n), n, out), dict(BLOCK=tb.REDUCE_BLOCK, ITERS=tb.REDUCE_ITERS, num_warps=4)
     x = tb._tl_dtype(dt[v["X"]])
     if kernel == "sq_norm_partials_kernel":
         return (blocks, col(), col(), col(), f32(programs), 0), dict(
@@ -156,7 +166,9 @@ def _launch(kernel: str, v: dict):
 
 
 def _compile(kernel_name: str, v: dict):
-    """Bind the launch's arguments as JITFunction.run does, then compile for TARGET."""
+    """Bind the launch's arguments as JITFunction.run does, compile for TARGET: (PTX, ptxas log, cubin)."""
+    import io
+
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
@@ -174,10 +186,96 @@ def _compile(kernel_name: str, v: dict):
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     bound_args, specialization, options = binder(*args, **kwargs)
     options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization, options)
-    compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
-                              options=options.__dict__)
+    # ptxas runs with -v inside triton.compile; its report is printed when asked for
+    nvidia = getattr(triton.knobs, "nvidia", None)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), _knob(nvidia, "dump_ptxas_log", True):
+        compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
+                                  options=options.__dict__)
     if not compiled.asm.get("cubin"):
         raise RuntimeError("no cubin produced")
+    log = printed.getvalue()
+    if "Used" not in log:  # a triton without the knob: run its ptxas again on the PTX, as make_cubin does
+        log = _ptxas_log(compiled.asm["ptx"], options)
+    return compiled.asm["ptx"], log, compiled.asm["cubin"]
+
+
+@contextlib.contextmanager
+def _knob(obj, name, value):
+    if obj is None or not hasattr(obj, name):
+        yield
+        return
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, old)
+
+
+def _ptxas_log(ptx: str, options) -> str:
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        cmd = [get_ptxas(TARGET[1]).path, "-lineinfo", "-v", *([] if options.enable_fp_fusion else ["--fmad=false"]),
+               f"--gpu-name={sm_arch_from_capability(TARGET[1])}", src, "-o", os.path.join(tmp, "k.cubin")]
+        return subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
+
+
+# a 16-byte global access: four 32-bit words (fp32, or eight packed 16-bit values), or two 64-bit ones
+_WIDE = {op: re.compile(rf"\b{op}\.global(?:\.[a-z0-9]+)*?(?:\.v4\.[bfsu]32|\.v2\.[bfsu]64)\b")
+         for op in ("ld", "st")}
+
+
+def _machine_code(ptx: str, log: str) -> dict:
+    """What the kernel does on the GPU: its 16-byte global accesses (PTX) and ``ptxas -v``'s report."""
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)]
+    return {"ld16": len(_WIDE["ld"].findall(ptx)), "st16": len(_WIDE["st"].findall(ptx)),
+            "registers": int(regs.group(1)) if regs else None, "spill_bytes": sum(spills) if spills else None,
+            "ptxas": log.strip()[-2000:]}
+
+
+def full_tile_vectors(kernel: str, v: dict):
+    """(loads, stores) of 16-byte vectors one thread makes on an aligned full tile, from the arrays it moves.
+
+    Each thread holds BLOCK / (32 * num_warps) elements of every array: 8 at 8 warps,
+    two vectors of fp32, one of a 16-bit type. Every array the tile reads or writes
+    must move in such vectors, so the counts are exact: one array left scalar (or
+    split into 8-byte halves) changes them.
+    """
+    from sassha_fused.backends import triton_backend as tb
+
+    per_thread = tb.BLOCK // (32 * tb.num_warps(True))
+    size = {F32: 4, BF16: 2, F16: 2}
+
+    def vectors(dtypes):
+        return sum(per_thread * size[d] // 16 for d in dtypes)
+
+    x = v.get("X")
+    if kernel == "sq_norm_partials_kernel":
+        reads, writes = [v["V"]] + [x] * v["ADAPTIVE"], []
+    elif kernel == "perturb_kernel":
+        reads, writes = [x, v["V"]], [x, x]  # x and v; backup and x
+    elif kernel == "probes_kernel":
+        reads, writes = [], [x]
+    elif kernel == "fd_move_kernel":
+        # x is read when it is saved or moved from (without a base); the base when given
+        reads = [x] * (v["HAS_SAVE"] or not v["HAS_BASE"]) + [x] * v["HAS_BASE"]
+        writes = [x] + [x] * v["HAS_SAVE"]
+    elif kernel == "fd_fold_kernel":
+        reads, writes = [x] + [x] * v["HAS_BASELINE"] + [x] * (not v["FIRST"]), [x]
+    elif kernel == "update_kernel":
+        refresh = v["MODE"] != MODE_NONE
+        # x_t, g~, m, d (and y per sample); x, m (and d); then the restore of a param that is not live
+        reads = [x, x, F32, F32] + [x] * (v["N_SAMPLES"] if refresh else 0) + [x]
+        writes = [x, F32] + [F32] * refresh + [x]
+    else:
+        return None
+    return vectors(reads), vectors(writes)
 
 
 def _worker(ids, out_path: str) -> None:
@@ -196,8 +294,8 @@ def _worker(ids, out_path: str) -> None:
     for vid in ids:
         t0 = time.perf_counter()
         try:
-            _compile(*by_id[vid])
-            results[vid] = {"error": None}
+            ptx, log, _ = _compile(*by_id[vid])
+            results[vid] = {"error": None, **_machine_code(ptx, log)}
         except Exception:
             results[vid] = {"error": traceback.format_exc(limit=-8)}
         results[vid]["seconds"] = round(time.perf_counter() - t0, 3)
@@ -228,7 +326,8 @@ def _unavailable():
 
 @pytest.fixture(scope="module")
 def compiled(request):
-    """{variant id: {"error": ..., "seconds": ...}} of the selected variants, from workers run once."""
+    """{variant id: {"error", "seconds", "ld16", "st16", "registers", "spill_bytes", "ptxas"}} of the
+    selected variants, from workers run once."""
     reason = _unavailable()
     if reason is not None:
         pytest.skip(reason)
@@ -273,12 +372,40 @@ def compiled(request):
     return results
 
 
+MAX_REGISTERS = 128  # 65536 registers per SM: at least two 256-thread blocks at 128
+
+
+def _ok(compiled, vid) -> dict:
+    r = compiled[vid]
+    if r["error"] is not None:
+        pytest.fail(f"{vid} does not compile for sm_{TARGET[1]} with {compiled['']['triton']}:\n{r['error']}",
+                    pytrace=False)
+    return r
+
+
 @pytest.mark.parametrize("vid", [vid for vid, _, _ in VARIANTS])
 def test_kernel_compiles_for_sm90(compiled, vid):
-    error = compiled[vid]["error"]
-    if error is not None:
-        pytest.fail(f"{vid} does not compile for sm_{TARGET[1]} with {compiled['']['triton']}:\n{error}",
-                    pytrace=False)
+    _ok(compiled, vid)
+
+
+@pytest.mark.parametrize("vid", [vid for vid, _, _ in VARIANTS])
+def test_registers_bounded_without_spills(compiled, vid):
+    r = _ok(compiled, vid)
+    assert r["registers"] is not None and r["spill_bytes"] is not None, f"no ptxas report:\n{r['ptxas']}"
+    assert r["registers"] <= MAX_REGISTERS and r["spill_bytes"] == 0, (
+        f"{vid}: {r['registers']} registers, {r['spill_bytes']} bytes spilled "
+        f"({compiled['']['triton']}):\n{r['ptxas']}")
+
+
+ALIGNED_TILES = [(vid, kernel, v) for vid, kernel, v in VARIANTS if v.get("ALIGNED")]
+
+
+@pytest.mark.parametrize("vid,kernel,v", ALIGNED_TILES, ids=[vid for vid, _, _ in ALIGNED_TILES])
+def test_aligned_full_tiles_move_16_bytes_per_access(compiled, vid, kernel, v):
+    r = _ok(compiled, vid)
+    assert (r["ld16"], r["st16"]) == full_tile_vectors(kernel, v), (
+        f"{vid}: {r['ld16']} 16-byte loads and {r['st16']} 16-byte stores in the PTX, "
+        f"{full_tile_vectors(kernel, v)} expected ({compiled['']['triton']})")
 
 
 if __name__ == "__main__" and len(sys.argv) > 2 and sys.argv[1] == "--worker":

@@ -185,11 +185,16 @@ def _round_to(x, DTYPE: tl.constexpr):
 
 # -------------------------------------------------------------- tensor walking
 @triton.jit
-def _tile(blocks, numels):
-    """(slot, start, numel) of this program's tile."""
+def _tile(blocks, numels, BLOCK: tl.constexpr):
+    """(slot, start, numel) of this program's tile.
+
+    Tiles start at multiples of BLOCK (``TritonBackend._split``). The start comes
+    from a table, so the compiler cannot see it: without the hint the offsets of a
+    tile carry no alignment and every access stays scalar even on aligned tensors.
+    """
     pid = tl.program_id(0)
     slot = tl.load(blocks + pid * 2)
-    start = tl.load(blocks + pid * 2 + 1)
+    start = tl.multiple_of(tl.load(blocks + pid * 2 + 1), BLOCK)
     return slot, start, tl.load(numels + slot)
 
 
@@ -246,7 +251,7 @@ def _word_tile(start, element_offset, BLOCK: tl.constexpr):
 @triton.jit
 def _probe_tile(blocks, numels, param_index, element_offset, prefix, BLOCK: tl.constexpr):
     """This program's tile and its probe z (fp32 +-1): (slot, start, numel, offs, mask, z)."""
-    slot, start, numel = _tile(blocks, numels)
+    slot, start, numel = _tile(blocks, numels, BLOCK)
     k0, k1 = _param_key(prefix, tl.load(param_index + slot))
     offs, word, bits = _word_tile(start, tl.load(element_offset + slot), BLOCK)
     return slot, start, numel, offs, offs < numel, _rademacher(word, bits, k0, k1)
@@ -276,7 +281,7 @@ def sq_norm_partials_kernel(
     ALIGNED: tl.constexpr,  # every data pointer of the launch is 16-byte aligned
     BLOCK: tl.constexpr,  # elements per tile
 ):
-    slot, start, numel = _tile(blocks, numels)
+    slot, start, numel = _tile(blocks, numels, BLOCK)
     offs = start + tl.arange(0, BLOCK)
     mask = offs < numel
     vp = _ptr(v_ptrs, slot, V_DTYPE, ALIGNED)
@@ -290,17 +295,20 @@ def sq_norm_partials_kernel(
 
 @triton.jit(do_not_specialize=["n"])
 def sum_partials_kernel(
-    partials,  # fp32 [n]: per-tile partial sums of every launch of the phase
+    partials,  # fp32 [n]: partial sums (per tile, or of the previous round)
     n,  # number of partials
-    out,  # fp32 [1]: the squared norm (a 0-dim tensor)
-    BLOCK: tl.constexpr,  # partials summed per loop iteration (fixed order: deterministic)
+    out,  # fp32 [cdiv(n, BLOCK * ITERS)]: one sum per program (a 0-dim tensor in the last round)
+    BLOCK: tl.constexpr,  # partials one program adds per loop iteration
+    ITERS: tl.constexpr,  # loop iterations: a program sums BLOCK * ITERS consecutive partials
 ):
-    # One program sums in a fixed order: no atomics, the same bits on every run.
+    # Each program adds a fixed slice in a fixed order: no atomics, the same bits on
+    # every run whatever the scheduling. The host repeats rounds until one sum is left.
+    first = tl.program_id(0).to(tl.int64) * (BLOCK * ITERS)
     acc = tl.zeros([BLOCK], tl.float32)
-    for i in range(0, n, BLOCK):
-        offs = i + tl.arange(0, BLOCK)
+    for i in tl.static_range(ITERS):
+        offs = first + i * BLOCK + tl.arange(0, BLOCK)
         acc += tl.load(partials + offs, mask=offs < n, other=0.0)
-    tl.store(out, tl.sum(acc, axis=0))
+    tl.store(out + tl.program_id(0), tl.sum(acc, axis=0))
 
 
 # ------------------------------------------------------------- perturbation
@@ -331,7 +339,7 @@ def perturb_kernel(
     ALIGNED: tl.constexpr,  # every data pointer of the launch is 16-byte aligned
     BLOCK: tl.constexpr,  # elements per tile
 ):
-    slot, start, numel = _tile(blocks, numels)
+    slot, start, numel = _tile(blocks, numels, BLOCK)
     row = groups + tl.load(group_index + slot) * G_COUNT
     # the reference computes (1 / (sqrt(n2) + perturb_eps)) * (sign * rho), rounding twice
     scale = tl.div_rn(1.0, tl.sqrt_rn(tl.load(sq_norm)) + tl.load(row + G_PERTURB_EPS)) * (sign * tl.load(row + G_RHO))
@@ -488,7 +496,7 @@ def _update_tile(
     gp = _ptr(g_ptrs, slot, X_DTYPE, ALIGNED)
     mp = _ptr(m_ptrs, slot, S_DTYPE, ALIGNED)
     dp = _ptr(d_ptrs, slot, S_DTYPE, ALIGNED)
-    x = _ld(_ptr(xt_ptrs, slot, X_DTYPE, ALIGNED), offs, mask, EVEN).to(tl.float32)
+    xp = _ptr(x_ptrs, slot, X_DTYPE, ALIGNED)
     m = _ld(mp, offs, mask, EVEN)
     d = _ld(dp, offs, mask, EVEN)
     g = _ld(gp, offs, mask, EVEN).to(tl.float32)
@@ -500,9 +508,11 @@ def _update_tile(
             h = tl.maximum(tl.abs(h), h_floor * tl.abs(g))
         d = _hessian_ema(d, h, beta2, omb2)
         _st(dp, offs, d, mask, EVEN)
-    _st(mp, offs, m, mask, EVEN)
+    # x_t is read last: on refresh steps it is not held through the Hutchinson sum
+    x = _ld(_ptr(xt_ptrs, slot, X_DTYPE, ALIGNED), offs, mask, EVEN).to(tl.float32)
     x_new = _new_param(x, m, d, neg_step, c2, decay, eps, power, POWER_MODE)
-    _st(_ptr(x_ptrs, slot, X_DTYPE, ALIGNED), offs, _round_to(x_new, X_DTYPE), mask, EVEN)
+    _st(xp, offs, _round_to(x_new, X_DTYPE), mask, EVEN)
+    _st(mp, offs, m, mask, EVEN)
 
 
 @triton.jit
@@ -538,7 +548,7 @@ def update_kernel(
     ALIGNED: tl.constexpr,  # every data pointer of the launch is 16-byte aligned
     BLOCK: tl.constexpr,  # elements per tile, a multiple of 32
 ):
-    slot, start, numel = _tile(blocks, numels)
+    slot, start, numel = _tile(blocks, numels, BLOCK)
     sc = scalars + slot * U_COUNT
     # A [BLOCK/32, 32] tile: row r starts in probe word ((element_offset + start) >> 5) + r,
     # so on refresh steps the hashes are computed once per 32 elements.

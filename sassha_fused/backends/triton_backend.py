@@ -23,8 +23,9 @@ The kernels are in ``triton_kernels/sassha.py`` (imported as
   reached by real models with the defaults).
 * **Device.** Triton launches on the *current* CUDA device's current stream, so
   every launch runs under ``torch.cuda.device(<the tensors' device>)``.
-* **No host synchronisation.** The global norm is reduced on the device in two
-  deterministic stages (per-tile partials, then one fixed-order sum); the
+* **No host synchronisation.** The global norm is reduced on the device in
+  deterministic stages (per-tile partials, then rounds of fixed-order sums over
+  many programs); the
   perturbation scale and the finite-difference step are read by the kernels from
   device memory. Columns go to the device from pinned memory with
   ``non_blocking=True``.
@@ -64,10 +65,18 @@ _INTERPRET_HINT = "Triton kernels need CUDA tensors; set TRITON_INTERPRET=1 to r
 # phases. 2048 elements over 8 warps is 8 per thread: 16-byte vector accesses for
 # bf16 and 2 x 16 bytes for fp32, enough bytes in flight per SM for a
 # bandwidth-bound pass without spilling the update kernel's ~10 live arrays.
+# A launch that is not 16-byte aligned moves elements one by one, each with its
+# own 64-bit address: there 16 warps (4 elements per thread) keep the refresh
+# update under 128 registers. tests/test_triton_compile.py checks both from ptxas.
 BLOCK = 2048
 NUM_WARPS = 8
-# The final norm reduction: one program, fixed-order loop over the partials.
+NUM_WARPS_UNALIGNED = 16
+# The norm's partials are summed in rounds: each program of a round adds
+# REDUCE_BLOCK * REDUCE_ITERS consecutive partials in a fixed order, until one sum is
+# left (deterministic). 875M params (427k partials) take two rounds of 105 and 1
+# programs instead of one program looping over all of them.
 REDUCE_BLOCK = 1024
+REDUCE_ITERS = 4
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _data_ptr = Tensor.data_ptr
@@ -97,6 +106,17 @@ def _i32(key: int) -> int:
     return key - (1 << 32) if key >= 1 << 31 else key
 
 
+def num_warps(aligned: bool) -> int:
+    """Warps per program of a launch with this ALIGNED constexpr."""
+    return NUM_WARPS if aligned else NUM_WARPS_UNALIGNED
+
+
+def reduce_programs(n: int) -> int:
+    """Programs of one round of ``sum_partials_kernel`` over ``n`` partials."""
+    chunk = REDUCE_BLOCK * REDUCE_ITERS
+    return max(1, (n + chunk - 1) // chunk)
+
+
 def _tl_dtype(dtype: torch.dtype):
     return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
 
@@ -122,7 +142,6 @@ class _KernelGroup:
                  idx: Optional[List[int]]) -> None:
         self.backend, self.dtype, self.aligned, self.idx = backend, dtype, aligned, idx
         self.device = b.device
-        self.cache = b.cache  # the bucket's: "captured" once a CUDA graph capture used it
         pick = self.pick
         params = pick(b.params)
         self.n = len(params)
@@ -134,6 +153,7 @@ class _KernelGroup:
         self.element_offset = backend._upload(torch.tensor(pick(b.offsets()), dtype=torch.int64), b.device)
         self.group_index = backend._upload(torch.tensor(pick(b.group_index), dtype=torch.int64), b.device)
         self._columns: Dict[str, Tuple[List[int], Tensor, bool]] = {}
+        self._in_graphs: Dict[Tuple[str, Tuple[int, ...]], Tensor] = {}  # columns CUDA graph captures read
         self._rows: Optional[Tensor] = None if idx is None else backend._upload(
             torch.tensor(idx, dtype=torch.int64), b.device)
 
@@ -153,14 +173,15 @@ class _KernelGroup:
         else:
             ptrs = list(map(_data_ptr, picked))
         cached = self._columns.get(role)
-        if cached is not None:
-            if cached[0] == ptrs:
-                return cached[1], cached[2]
-            if self.cache.get("captured"):  # a captured graph may still read the old column
-                self.backend._captured.append(cached[1])
-        column = self.backend._upload(torch.tensor(ptrs, dtype=torch.int64), self.device)
-        aligned = not any(map(_misaligned, ptrs))
-        self._columns[role] = (ptrs, column, aligned)
+        if cached is not None and cached[0] == ptrs:
+            column, aligned = cached[1], cached[2]
+        else:  # the replaced column is freed, unless a captured graph reads it (below)
+            column = self.backend._upload(torch.tensor(ptrs, dtype=torch.int64), self.device)
+            aligned = not any(map(_misaligned, ptrs))
+            self._columns[role] = (ptrs, column, aligned)
+        if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            # a replay reads this column again: keep exactly the columns captures read
+            self._in_graphs.setdefault((role, tuple(ptrs)), column)
         return column, aligned
 
     def rows(self, table: Tensor) -> Tensor:
@@ -181,7 +202,7 @@ class TritonBackend(Backend):
         self.max_blocks_per_launch = int(max_blocks_per_launch)
         self.launches = 0  # kernel launches made so far
         self.uploads = 0  # host -> device column copies made so far
-        self._captured: List[Tensor] = []  # columns and their pinned sources a captured graph reads
+        self._captured: List[Tensor] = []  # pinned sources of the copies a captured graph replays
 
     # ------------------------------------------------------------ capability
     def supports(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:
@@ -213,7 +234,7 @@ class TritonBackend(Backend):
 
         Device tensors made during the capture are the graph's (its private memory
         pool); what the graph reads from outside it is kept: pinned sources of its
-        copies here, and a captured bucket's replaced pointer columns in ``column``.
+        copies here, and the pointer columns a capture read in ``_KernelGroup.column``.
         """
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             self._captured.extend(tensors)
@@ -265,7 +286,7 @@ class TritonBackend(Backend):
         lo = launch.lo
         with _on(g.device):
             kernel[(launch.n_programs,)](launch.blocks, *[c[lo:] for c in columns], *args, BLOCK=BLOCK,
-                                         num_warps=NUM_WARPS, **meta)
+                                         num_warps=num_warps(meta["ALIGNED"]), **meta)
         self.launches += 1
 
     # ---------------------------------------------------------------- phases
@@ -284,10 +305,20 @@ class TritonBackend(Backend):
                                  V_DTYPE=_tl_dtype(v_dtype), X_DTYPE=_tl_dtype(g.dtype),
                                  ADAPTIVE=bool(adaptive), ALIGNED=g.aligned and v_aligned)
                     base += launch.n_programs
-            out = torch.empty((), dtype=torch.float32, device=b.device)
-            _kernels.sum_partials_kernel[(1,)](partials, n_partials, out, BLOCK=REDUCE_BLOCK, num_warps=4)
-            self.launches += 1
+            out = self._sum_partials(partials, n_partials)
         return out.to(acc_dtype)
+
+    def _sum_partials(self, partials: Tensor, n: int) -> Tensor:
+        """The sum of ``partials[:n]`` as a 0-dim fp32 tensor: fixed-order rounds, many programs each."""
+        while True:
+            programs = reduce_programs(n)
+            out = torch.empty(() if programs == 1 else (programs,), dtype=torch.float32, device=partials.device)
+            _kernels.sum_partials_kernel[(programs,)](partials, n, out, BLOCK=REDUCE_BLOCK, ITERS=REDUCE_ITERS,
+                                                      num_warps=4)
+            self.launches += 1
+            if programs == 1:
+                return out
+            partials, n = out, programs
 
     def perturb(self, b: Bucket, sources: Sequence[Tensor], sq_norm: Tensor, sign: float, adaptive: bool,
                 groups: GroupTable) -> None:
@@ -377,7 +408,7 @@ class TritonBackend(Backend):
                         prefixes if prefixes is not None else g.param_index, y.stride(0), rows[lo:], float(power), fd,
                         X_DTYPE=_tl_dtype(g.dtype), S_DTYPE=tl.float32, MODE=mode,
                         N_SAMPLES=y.shape[0], POWER_MODE=power_mode, ALIGNED=aligned, BLOCK=BLOCK,
-                        num_warps=NUM_WARPS,
+                        num_warps=num_warps(aligned),
                     )
                 self.launches += 1
 
