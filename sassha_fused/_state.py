@@ -119,8 +119,6 @@ class ParamStateMixin:
             # a CUDA graph replays the plan's device tables, indices and block maps:
             # they live as long as the optimizer, whatever the plan cache evicts
             self._cache.captured_plans.append(plan)
-            for b in plan.buckets:
-                b.cache["captured"] = True
         return plan
 
     def _state_of(self, p: Tensor) -> dict:

@@ -233,11 +233,11 @@ def average_step_inputs(plan, refresh, mask: Tensor, averager: BucketedAverager)
     Every rank reduces the same list of tensors: an absent refresh input (a param
     missing from a second-order graph or an FD pass) counts as zero.
     """
+    from .plans import bucket_columns  # (plans imports this module)
+
     present = []
     for b in plan.buckets:
-        idx = b.cache.get("positions")
-        if idx is None:
-            idx = b.cache["positions"] = torch.tensor(b.positions, dtype=torch.long).to(mask.device)
+        idx = bucket_columns(b).positions.to(mask.device)
         present.append(mask.index_select(0, idx))
     tensors = [g for b in plan.buckets for g in plan.grads(b)]
     if refresh is not None:

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ._defaults import GROUP_KEYS
 from .backends import Bucket, GroupCol, GroupTable, RefreshInput
-from .plans import Counters, StepPlan, dense
+from .plans import Counters, StepPlan, bucket_columns, dense
 
 __all__ = [
     "GroupTable",
@@ -115,10 +115,7 @@ def update_scalars(b: Bucket, groups: GroupTable, power: float, refresh: bool, s
     their math dtype. Returns ``(table, c2_new, live)`` for ``Counters.commit``.
     """
     device = b.device
-    gidx = b.cache.get("group_index")
-    if gidx is None:
-        gidx = b.cache["group_index"] = torch.tensor(b.group_index, dtype=torch.long).to(device)
-    g = groups.tensor(device).index_select(0, gidx)
+    g = groups.tensor(device).index_select(0, bucket_columns(b).group_index)
     lr, beta1, beta2 = g[:, GroupCol.LR], g[:, GroupCol.BETA1], g[:, GroupCol.BETA2]
     t = steps.to(torch.float64) + 1
     if refresh:

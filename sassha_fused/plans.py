@@ -21,10 +21,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .backends import Backend, Bucket, get_backend, math_dtype
+from .backends import Backend, Bucket, BucketColumns, get_backend, math_dtype
 from .distributed import ShardGroup, element_offset, local
 
-__all__ = ["StepPlan", "PlanCache", "Counters", "attach_state", "new_state", "dense", "count_present"]
+__all__ = ["StepPlan", "PlanCache", "Counters", "attach_state", "bucket_columns", "new_state", "dense", "count_present"]
 
 _data_ptr = Tensor.data_ptr
 _is_contiguous = Tensor.is_contiguous
@@ -174,6 +174,16 @@ def _ptrs(participants: List[Tensor], shards: Optional[ShardGroup]) -> Tuple[int
     return tuple(local(p).data_ptr() for p in participants)
 
 
+def bucket_columns(b: Bucket) -> BucketColumns:
+    """The bucket's index columns on its device, built on first use and kept in the bucket."""
+    if b.columns is None:
+        def column(values: List[int]) -> Tensor:
+            return torch.tensor(values, dtype=torch.long).to(b.device)
+
+        b.columns = BucketColumns(column(b.group_index), column(b.param_index), column(b.positions))
+    return b.columns
+
+
 def attach_state(plan: StepPlan, state_of: Callable[[Tensor], dict]) -> None:
     """Fill the buckets' state lists (once per plan: state tensors are stable)."""
     if plan.has_state:
@@ -216,21 +226,14 @@ class Counters:
                 state["step"], state["bias_correction2"] = steps[i], c2[i]
         return self.steps[device][index], self.c2[device][index]
 
-    @staticmethod
-    def index(b: Bucket) -> Tensor:
-        idx = b.cache.get("param_index")
-        if idx is None:
-            idx = b.cache["param_index"] = torch.tensor(b.param_index, dtype=torch.long).to(b.device)
-        return idx
-
     def gather(self, b: Bucket) -> Tuple[Tensor, Tensor]:
         """The bucket's step counts (float64) and c2, in bucket order."""
-        idx = self.index(b)
+        idx = bucket_columns(b).param_index
         return self.steps[b.device].index_select(0, idx).to(torch.float64), self.c2[b.device].index_select(0, idx)
 
     def commit(self, b: Bucket, live: Tensor, c2: Optional[Tensor]) -> None:
         """Step counts advance where the update was live; a refresh stores its ``c2`` there."""
-        idx = self.index(b)
+        idx = bucket_columns(b).param_index
         self.steps[b.device].index_add_(0, idx, live.to(torch.float32))
         if c2 is not None:
             bank = self.c2[b.device]

@@ -32,6 +32,7 @@ __all__ = [
     "Backend",
     "BackendUnavailable",
     "Bucket",
+    "BucketColumns",
     "GroupCol",
     "GroupTable",
     "UpdateCol",
@@ -174,13 +175,24 @@ class RefreshInput:
     fd: Optional[Tensor] = None
 
 
+@dataclass(frozen=True)
+class BucketColumns:
+    """The bucket's index lists as long tensors on its device (``plans.bucket_columns``)."""
+
+    group_index: Tensor  # row of the group table, per param
+    param_index: Tensor  # position in the optimizer's parameter order (the counter banks)
+    positions: Tensor  # index in the plan's participants (data-parallel participation)
+
+
 @dataclass(eq=False)
 class Bucket:
     """The tensors of a step that one backend runs on one device; lists are parallel.
 
-    Built once per parameter set and storage by ``plans.py`` and cached; a backend
-    may keep what it derives from it (pointer tables, block maps, alignment) in
-    ``cache``, which is dropped when the bucket is rebuilt.
+    Built once per parameter set and storage by ``plans.py`` and cached; its device
+    index columns (``columns``) are built there too, on first use
+    (``plans.bucket_columns``). The bucket's own backend may keep what it derives from
+    it (kernel groups, pointer tables, alignment) in ``backend_cache``, which no one
+    else reads or writes; both are dropped when the bucket is rebuilt.
     """
 
     backend: "Backend"
@@ -195,7 +207,8 @@ class Bucket:
     element_offset: List[int] = field(default_factory=list)
     exp_avgs: List[Tensor] = field(default_factory=list)  # m, in math_dtype(param.dtype)
     exp_hessian_diags: List[Tensor] = field(default_factory=list)  # D, in math_dtype(param.dtype)
-    cache: Dict[str, Any] = field(default_factory=dict)
+    columns: Optional["BucketColumns"] = None
+    backend_cache: Dict[Any, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.params)

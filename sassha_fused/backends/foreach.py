@@ -27,22 +27,22 @@ _EAGER = EagerBackend()
 
 def _by_dtype(b: Bucket) -> Dict[torch.dtype, List[int]]:
     """Indices of the bucket's non-empty params by dtype (cached on the bucket)."""
-    cached = b.cache.get("foreach_by_dtype")
+    cached = b.backend_cache.get("foreach_by_dtype")
     if cached is None:
         cached = defaultdict(list)
         for j, p in enumerate(b.params):
             if p.numel() > 0:
                 cached[p.dtype].append(j)
-        cached = b.cache["foreach_by_dtype"] = dict(cached)
+        cached = b.backend_cache["foreach_by_dtype"] = dict(cached)
     return cached
 
 
 def _index(b: Bucket, what: str, dt: torch.dtype, values: List[int]) -> Tensor:
     """A cached device index tensor of the bucket."""
     key = ("foreach_index", what, dt)
-    t = b.cache.get(key)
+    t = b.backend_cache.get(key)
     if t is None:
-        t = b.cache[key] = torch.tensor(values, dtype=torch.long).to(b.device)
+        t = b.backend_cache[key] = torch.tensor(values, dtype=torch.long).to(b.device)
     return t
 
 

@@ -262,7 +262,7 @@ class TritonBackend(Backend):
 
     def _groups(self, b: Bucket) -> List[_KernelGroup]:
         """The bucket's kernel groups (built on first use, cached in the bucket)."""
-        groups = b.cache.get("triton")
+        groups = b.backend_cache.get("triton")
         if groups is None:
             keys: Dict[Tuple[torch.dtype, bool], List[int]] = {}
             for j, p in enumerate(b.params):
@@ -275,10 +275,10 @@ class TritonBackend(Backend):
             for (dtype, aligned), idx in keys.items():
                 whole = len(keys) == 1 and len(idx) == len(b.params)
                 groups.append(_KernelGroup(self, b, dtype, aligned, None if whole else idx))
-            b.cache["triton"] = groups
-            b.cache["triton_state"] = bool(b.exp_avgs)
-        elif b.exp_avgs and not b.cache["triton_state"]:  # state attached since: alignment of state too
-            del b.cache["triton"]
+            b.backend_cache["triton"] = groups
+            b.backend_cache["triton_state"] = bool(b.exp_avgs)
+        elif b.exp_avgs and not b.backend_cache["triton_state"]:  # state attached since: alignment of state too
+            del b.backend_cache["triton"]
             return self._groups(b)
         return groups
 
