@@ -115,7 +115,7 @@ def update_scalars(b: Bucket, groups: GroupTable, power: float, refresh: bool, s
     their math dtype. Returns ``(table, c2_new, live)`` for ``Counters.commit``.
     """
     device = b.device
-    g = groups.tensor(device).index_select(0, bucket_columns(b).group_index)
+    g = groups.tensor(device).index_select(0, (b.columns or bucket_columns(b)).group_index)
     lr, beta1, beta2 = g[:, GroupCol.LR], g[:, GroupCol.BETA1], g[:, GroupCol.BETA2]
     t = steps.to(torch.float64) + 1
     if refresh:

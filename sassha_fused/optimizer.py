@@ -132,19 +132,6 @@ class _Shared:
         return _Shared, (self.obj,)
 
 
-class _OptionAttr:
-    """An optimizer-wide option of ``OPTIONS``, read and set as an attribute (``opt.lazy_hessian``)."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __get__(self, obj: Any, owner: Any = None) -> Any:
-        return self if obj is None else obj._options[self.name]
-
-    def __set__(self, obj: Any, value: Any) -> None:
-        obj._options[self.name] = value
-
-
 class _StepVars:
     """What the step under way keeps between the public calls that make it up."""
 
@@ -209,8 +196,7 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
 
     def __init__(self, params: Iterable, options: Dict[str, Any]) -> None:
         validate_options(options)
-        self._options: Dict[str, Any] = {}
-        for o in OPTIONS:  # the optimizer-wide options are attributes (_OptionAttr), kept in _options
+        for o in OPTIONS:  # the optimizer-wide options are attributes (plain ones: the step reads them often)
             if o.scope == "optimizer" and o.takes(type(self).__name__):
                 setattr(self, o.name, o.convert(options[o.name]) if o.convert else options[o.name])
         rho = options["rho"]
@@ -262,7 +248,9 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
                 "products in between. Nothing was changed.")
         self._run.skips.poll(wait=True, warn=self.nonfinite == "skip")  # CUDA events do not copy
         out = {k: v for k, v in self.__dict__.items() if k not in ("_cache",) + self._HOOKS}  # (rebuilt)
-        out["_options"] = {k: _Shared(v) if k in self._SHARED else v for k, v in self._options.items()}
+        for k in self._SHARED:
+            if k in out:
+                out[k] = _Shared(out[k])
         out["_run"] = run = copy.copy(self._run)
         run.shards = _Shared(run.shards)
         out["state"] = {p: {k: v.clone() if k in _COUNTERS else v for k, v in s.items()}
@@ -273,7 +261,7 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
         if "_run" not in state:  # torch's load_state_dict sets state and param_groups this way
             super().__setstate__(state)
             return
-        state["_options"] = {k: v.obj if isinstance(v, _Shared) else v for k, v in state["_options"].items()}
+        state = {k: v.obj if isinstance(v, _Shared) else v for k, v in state.items()}
         counters = state.pop("state")
         super().__setstate__(state)
         self._run.shards = self._run.shards.obj
@@ -385,12 +373,12 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
                                f"{self._phase.value!r} to {to.value!r}; please report it")
         self._phase = to
 
-    def _check_not_in_passes(self, call: str) -> None:
-        if self._phase is Phase.HVP_PASSES:
-            raise RuntimeError(
-                f"{type(self).__name__}.{call} was called inside the `for _ in opt.hvp_passes()` loop, whose "
-                "iterations hold the parameters at finite-difference points: call it after the loop. "
-                "Parameters and optimizer state are unchanged.")
+    def _refuse_in_passes(self, call: str) -> None:
+        """(Its callers check the phase themselves: no call on the step's path.)"""
+        raise RuntimeError(
+            f"{type(self).__name__}.{call} was called inside the `for _ in opt.hvp_passes()` loop, whose "
+            "iterations hold the parameters at finite-difference points: call it after the loop. "
+            "Parameters and optimizer state are unchanged.")
 
     @property
     def global_step(self) -> int:
@@ -407,11 +395,13 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
         if self._this_step.begun:
             return
         self._poll_skips()
-        schedules = [s for s in (self.hessian_power, self.rho_schedule) if is_schedule(s)]
-        self._this_step.schedules_before = ([(s, s.state_dict()) for s in schedules],
-                                  [group["rho"] for group in self.param_groups])
         power = self.hessian_power
-        self._this_step.power_t = float(power.step()) if is_schedule(power) else float(power)
+        scheduled = is_schedule(power)
+        schedules = ([power] if scheduled else []) + ([self.rho_schedule] if self.rho_schedule is not None else [])
+        self._this_step.schedules_before = ([(s, s.state_dict() if hasattr(s, "state_dict") else None)
+                                             for s in schedules],
+                                            [group["rho"] for group in self.param_groups] if schedules else [])
+        self._this_step.power_t = float(power.step()) if scheduled else float(power)
         if self.rho_schedule is not None:
             rho = float(self.rho_schedule.step())
             if rho < 0:
@@ -425,7 +415,8 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
         """A step that failed leaves the schedules where it found them (they advance again on
         the retry); a schedule without ``state_dict()`` stays advanced and is not advanced twice."""
         saved = self._this_step.schedules_before
-        if not self._this_step.begun or saved is None or not all(hasattr(s, "load_state_dict") for s, _ in saved[0]):
+        if (not self._this_step.begun or saved is None
+                or not all(state is not None and hasattr(s, "load_state_dict") for s, state in saved[0])):
             return
         for schedule, state in saved[0]:
             schedule.load_state_dict(state)
@@ -463,7 +454,8 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
             from .closures import prepare_closure  # refuses what would be wrong under Lightning
 
             closure = prepare_closure(self, closure)
-        self._check_not_in_passes("step()")
+        if self._phase is Phase.HVP_PASSES:
+            self._refuse_in_passes("step()")
         if closure is None and self._is_state_initialisation():
             with torch.no_grad():
                 participants = self._participants()
@@ -846,7 +838,8 @@ class SASSHA(_SasshaBase):
         The unperturbed point is kept (not recomputed), so ``unperturb()`` restores
         every parameter bit for bit.
         """
-        self._check_not_in_passes("perturb_weights()")
+        if self._phase is Phase.HVP_PASSES:
+            self._refuse_in_passes("perturb_weights()")
         if self._phase is Phase.PERTURBED:
             raise RuntimeError("SASSHA.perturb_weights() was called twice without unperturb() or step() in between; "
                                "call opt.zero_grad() to abandon the step under way. Parameters and optimizer "
@@ -889,7 +882,8 @@ class SASSHA(_SasshaBase):
         first, at the perturbed point, while the graph of the second backward pass
         still describes it; ``step()`` then uses them.
         """
-        self._check_not_in_passes("unperturb()")
+        if self._phase is Phase.HVP_PASSES:
+            self._refuse_in_passes("unperturb()")
         if self._phase is not Phase.PERTURBED:
             return
         if (self.refresh_due and self._run.hvp_method == "autograd" and self._this_step.pending is None
@@ -1068,7 +1062,8 @@ class MSASSHA(_SasshaBase):
     @torch.no_grad()
     def unperturb(self) -> None:
         """Move the parameters to the unperturbed point :math:`x_t`, bit for bit."""
-        self._check_not_in_passes("unperturb()")
+        if self._phase is Phase.HVP_PASSES:
+            self._refuse_in_passes("unperturb()")
         if not self.is_perturbed:
             return
         params = self._with_state()
@@ -1079,7 +1074,8 @@ class MSASSHA(_SasshaBase):
     @torch.no_grad()
     def perturb_weights(self, zero_grad: bool = False) -> None:
         """Move the parameters to :math:`x_t - \\nu m` (where ``step()`` leaves them)."""
-        self._check_not_in_passes("perturb_weights()")
+        if self._phase is Phase.HVP_PASSES:
+            self._refuse_in_passes("perturb_weights()")
         if self.is_perturbed:
             return
         plan = self._plan(self._with_state(), self._backup)
@@ -1172,7 +1168,3 @@ class MSASSHA(_SasshaBase):
         else:
             self._phase = Phase.RESTING
 
-
-for _o in OPTIONS:  # one attribute per optimizer-wide option, on the classes that take it
-    if _o.scope == "optimizer":
-        setattr(_SasshaBase if _o.only is None else globals()[_o.only], _o.name, _OptionAttr(_o.name))

@@ -228,12 +228,12 @@ class Counters:
 
     def gather(self, b: Bucket) -> Tuple[Tensor, Tensor]:
         """The bucket's step counts (float64) and c2, in bucket order."""
-        idx = bucket_columns(b).param_index
+        idx = (b.columns or bucket_columns(b)).param_index
         return self.steps[b.device].index_select(0, idx).to(torch.float64), self.c2[b.device].index_select(0, idx)
 
     def commit(self, b: Bucket, live: Tensor, c2: Optional[Tensor]) -> None:
         """Step counts advance where the update was live; a refresh stores its ``c2`` there."""
-        idx = bucket_columns(b).param_index
+        idx = (b.columns or bucket_columns(b)).param_index
         self.steps[b.device].index_add_(0, idx, live.to(torch.float32))
         if c2 is not None:
             bank = self.c2[b.device]
