@@ -27,6 +27,7 @@ from torch import Tensor
 from ._defaults import OPTIONS
 from .backends import Backend, math_dtype, resolve_backend
 from .distributed import is_distributed, is_sharded
+from .phases import BETWEEN_STEPS
 from .plans import StepPlan, new_state
 from .schedules import is_schedule
 
@@ -192,6 +193,10 @@ class StateDictMixin:
         checked against the parameters before anything changes: counts, shapes and
         dtypes; a refusal names the first mismatch and loads nothing.
         """
+        if self._phase not in BETWEEN_STEPS:
+            raise RuntimeError(
+                f"{type(self).__name__}.load_state_dict: a step is under way (phase {self._phase.value!r}); load "
+                "between steps, or call opt.zero_grad() first to end the step. Nothing was loaded.")
         state_dict = dict(state_dict)
         for hook in list(self._optimizer_load_state_dict_pre_hooks.values()):
             result = hook(self, state_dict)
@@ -243,6 +248,7 @@ class StateDictMixin:
             if "rho_schedule" in extra and hasattr(self.rho_schedule, "load_state_dict"):
                 self.rho_schedule.load_state_dict(extra["rho_schedule"])
         self._cache.plans.clear()
+        self._forget_step()  # what a step that never reached step() kept (a scaler's skip)
         self._this_step.begun = False
         self._load_extra_state(extra or {})
         for hook in post_hooks.values():

@@ -604,3 +604,39 @@ def test_lr_scheduler_drives_lr_and_survives_state_dict(cls, interface):
     resumed = make_opt(cls, copy.deepcopy(model), lr=0.05)
     resumed.load_state_dict(opt.state_dict())
     assert resumed.param_groups[0]["initial_lr"] == 0.05 and resumed.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_load_mid_step_is_refused_and_zero_grad_ends_the_step(cls):
+    """load_state_dict checks the phase: mid-step it refuses and changes nothing; after
+    zero_grad() (which ends the step) it loads."""
+    model = make_model(device="cpu", dtype=torch.float32)
+    opt = make_opt(cls, model, backend="eager")
+    saved = opt.state_dict()
+    loss = lambda: coupled_loss(list(model), 1)  # noqa: E731
+    x_t = [p.detach().clone() for p in model.parameters()]
+    if cls is SASSHA:
+        loss().backward()
+        opt.perturb_weights()
+        loss().backward(create_graph=opt.hessian_due)
+        for _ in opt.hvp_passes():
+            with pytest.raises(RuntimeError, match="under way"):
+                opt.load_state_dict(saved)
+            loss().backward()
+        perturbed = [p.detach().clone() for p in model.parameters()]
+        with pytest.raises(RuntimeError, match="under way"):
+            opt.load_state_dict(saved)
+        assert opt.phase.value == "perturbed"
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), perturbed))
+        opt.zero_grad()
+        assert opt.phase.value == "idle" and not opt.is_perturbed
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), x_t))  # back at x_t, bit for bit
+    else:
+        loss().backward(create_graph=opt.hessian_due)
+        for _ in opt.hvp_passes():
+            with pytest.raises(RuntimeError, match="under way"):
+                opt.load_state_dict(saved)
+            loss().backward()
+        opt.zero_grad()
+    opt.load_state_dict(saved)
+    assert opt.global_step == 0
