@@ -59,13 +59,15 @@ def _scaled_official_step(model, opt, scaler, x, y, autocast, poison=1.0):
         with torch.autocast("cpu", dtype=torch.float16, enabled=autocast):
             return torch.nn.functional.cross_entropy(model(x).float(), y) * poison
 
-    scaler.scale(loss()).backward()
+    first = loss()
+    scaler.scale(first).backward()
     opt.perturb_weights(zero_grad=True)
     scaler.scale(loss()).backward(create_graph=opt.hessian_due)
     opt.unperturb()
     scaler.step(opt)
     scaler.update()
     opt.zero_grad()
+    return float(first.detach())
 
 
 def test_grad_scaler_gives_the_unscaled_trajectory():
@@ -152,8 +154,6 @@ def test_fp16_grad_scaler_overflowing_refresh_does_not_stall():
     lazy_hessian period.
     """
     pytest.importorskip("sklearn")
-    import torch.nn.functional as F
-
     from sassha_fused.demo import load_digits, make_model
 
     (x, y), _ = load_digits(torch.device("cpu"))
@@ -162,21 +162,9 @@ def test_fp16_grad_scaler_overflowing_refresh_does_not_stall():
     scaler = torch.amp.GradScaler("cpu")
     opt = SASSHA(model.parameters(), grad_scaler=scaler, backend="foreach")
 
-    def loss():
-        with torch.autocast("cpu", dtype=torch.float16):
-            return F.cross_entropy(model(x), y)
-
     losses, scales = [], []
     for _ in range(24):
-        first = loss()
-        scaler.scale(first).backward()
-        opt.perturb_weights(zero_grad=True)
-        scaler.scale(loss()).backward(create_graph=opt.hessian_due)
-        opt.unperturb()
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad()
-        losses.append(float(first.detach()))
+        losses.append(_scaled_official_step(model, opt, scaler, x, y, autocast=True))
         scales.append(scaler.get_scale())
     assert scales[-1] < scales[0]  # the scaler saw the overflow
     assert opt.skipped_steps == 0  # ... and skipped those steps itself
