@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from parity import protocol_step
+from parity import assert_within, outside_tolerance, protocol_step
 from sassha_fused import MSASSHA, SASSHA
 
 SIZES = [5, 0, 33, 2]
@@ -39,25 +39,77 @@ def _split(v):
     return list(torch.split(v, SIZES))
 
 
-def _simulate(steps):
-    """Single process, both ranks' data: the semantics of SPEC section 6."""
+def _simulate(steps, draw=None, fd=False, rho=RHO):
+    """Single process, both ranks' data: the semantics of SPEC section 6.
+
+    ``draw``: every quantity moved by its rounding bound (``_tolerance``), random signs
+    from a seeded generator; ``fd``: h also moved by a finite difference's rounding.
+    """
     problems = [_problem(r) for r in range(2)]
-    x, m, d, c2 = _x0(), torch.zeros(sum(SIZES), dtype=torch.float64), None, None
+    n = sum(SIZES)
+    gen = torch.Generator().manual_seed(1000 + (draw or 0))
+    u = torch.finfo(torch.float64).eps / 2
+
+    def rounded(v, magnitude, ulps=ELEM_ULPS):
+        if draw is None:
+            return v
+        sign = torch.randint(0, 2, v.shape, generator=gen).to(v.dtype) * 2 - 1
+        return v + sign * (ulps * u) * magnitude
+
+    x, m, d, c2 = _x0(), torch.zeros(n, dtype=torch.float64), None, None
     d = torch.zeros_like(m)
     for t in range(1, steps + 1):
-        gt = []
+        gt, scale = [], []
         for a, b in problems:
-            g = a * x + b
-            e = RHO * g / (g.norm() + 1e-12)
-            gt.append(a * (x + e) + b)
-        gt = (gt[0] + gt[1]) / 2
+            g = rounded(a * x + b, (a * x).abs() + b.abs())
+            e = rho * g / (rounded(g.norm(), g.norm(), n) + 1e-12)
+            e = rounded(e, e.abs())
+            xe = x + e
+            gt.append(rounded(a * xe + b, a.abs() * (x.abs() + e.abs()) + b.abs()))
+            scale.append(a.abs() * xe.abs() + b.abs())
+        gt = rounded((gt[0] + gt[1]) / 2, (gt[0].abs() + gt[1].abs()) / 2)
         if (t - 1) % K == 0:
-            h = (problems[0][0] + problems[1][0]) / 2  # z * mean(H_r z) = mean(a_r)
-            d = B2 * d + (1 - B2) * h.abs()
-            c2 = (1 - B2**t) ** 0.5
-        m = B1 * m + (1 - B1) * gt
-        x = x * (1 - LR * WD) - LR / (1 - B1**t) * m / (d.sqrt() / c2 + EPS)
+            a0, a1 = problems[0][0], problems[1][0]
+            h = rounded((a0 + a1) / 2, (a0.abs() + a1.abs()) / 2)  # z * mean(H_r z) = mean(a_r)
+            if fd:
+                # float64's step: 1e-7 (1 + ||x_t||) / sqrt(N), held in float32 (hvp.fd_scalars)
+                delta = float(torch.tensor(1e-7 * (1 + x.norm().item()) / n**0.5, dtype=torch.float32))
+                h = rounded(h, (scale[0] + scale[1]) / 2 / delta, FD_ULPS)
+            d = rounded(B2 * d + (1 - B2) * h.abs(), B2 * d + (1 - B2) * h.abs())
+            c2 = float(rounded(torch.tensor((1 - B2**t) ** 0.5, dtype=torch.float64), (1 - B2**t) ** 0.5))
+        m = rounded(B1 * m + (1 - B1) * gt, B1 * m.abs() + (1 - B1) * gt.abs())
+        step = LR / (1 - B1**t) * m / (d.sqrt() / c2 + EPS)
+        x = rounded(x * (1 - LR * WD) - step, (x * (1 - LR * WD)).abs() + step.abs())
     return x
+
+
+# ---------------------------------------------------------------- tolerances from a rounding bound
+# The ranks compute what _simulate computes in another order of operations, so each
+# comparison's tolerance comes from bounds on that rounding, carried through the 12 steps by
+# rerunning _simulate under them (the chain divides by sqrt(d), small where mean(a) is, which a
+# hand bound would overstate by orders of magnitude):
+# - every elementwise quantity (g, e, g~, h, d, m, x and c2) is a formula of at most 4 rounded
+#   operations in either implementation, each erring by at most u (= eps / 2) times its
+#   operands' magnitudes: the two differ by at most ELEM_ULPS = 2 * 4 u times the magnitudes
+#   of the terms (not of the result: cancellation is covered); the norm ||g|| is a sum of
+#   N = 40 squares in any order: N u relative;
+# - finite differences (fd=True): h = z (g(x~ + delta z) - g(x~)) / delta, exact on a
+#   quadratic but for the rounding of two gradients a_r y + b_r (3 operations each) and of the
+#   move x~ + delta z (u |x~|, times |a_r|), averaged over the ranks (1 more): FD_ULPS = 8 u
+#   (|a_r| |x~_r| + |b_r|) / delta, delta ~ 7e-8: about 1e-8 relative.
+# Each draw moves every quantity by +-its bound, random signs; the tolerance is SAFETY times the
+# largest deviation of DRAWS draws, per element (per-element maxima of 16 draws vary up to 2.1x
+# between seeds). Measured here (float64, eager and foreach, 1 and 2 threads): autograd runs
+# 8.9e-16 from _simulate, 1/40 of the tolerance (4e-15..8e-14); finite differences (the gloo and
+# the DDP runs) 2.8e-8, 1/23 of it (1e-9..2.6e-6). A wrong result fails: rho 1% off (asserted
+# below) lies up to 3e10 times (autograd) and 2.5e4 times (finite differences) outside it.
+ELEM_ULPS, FD_ULPS, DRAWS, SAFETY = 2 * 4, 8, 16, 4
+
+
+def _tolerance(fd):
+    expected = _simulate(STEPS)
+    spread = torch.stack([(_simulate(STEPS, draw, fd) - expected).abs() for draw in range(DRAWS)]).amax(0)
+    return SAFETY * spread
 
 
 def _worker(rank, world, init_file, out_dir, backend):
@@ -137,24 +189,52 @@ def test_two_gloo_ranks(backend):
         r0 = torch.load(os.path.join(tmp, "rank0.pt"))
         r1 = torch.load(os.path.join(tmp, "rank1.pt"))
     expected = _simulate(STEPS)
+    tolerance = {hvp: _tolerance(hvp == "finite_difference") for hvp in ("autograd", "finite_difference")}
     for (protocol, hvp), (x0, coll0) in r0["results"].items():
         x1, coll1 = r1["results"][protocol, hvp]
         assert torch.equal(x0, x1), f"{protocol}, {hvp}: replicas differ"
-        # On a quadratic the finite differences are exact up to the rounding of two
-        # gradients over the step delta (about 1e-8 relative in float64).
-        tol = dict(rtol=1e-11, atol=1e-13) if hvp == "autograd" else dict(rtol=1e-6, atol=1e-8)
-        torch.testing.assert_close(x0, expected, **tol)
+        assert_within(x0, expected, tolerance[hvp], f"{protocol}, {hvp} vs _simulate")
         # the participation mask, then g~ and (on refresh steps) H z or the gradients
         # at the difference point in flat buckets: one bucket for these small tensors
         assert coll0 == [2] * STEPS, (protocol, hvp)
+    wrong = _simulate(STEPS, rho=RHO * 1.01)
+    assert outside_tolerance(wrong, expected, tolerance["autograd"]) and outside_tolerance(wrong, expected, tolerance["finite_difference"])
     assert r0["counts"][5] == r0["counts"][500] == 2
     # ranks that differ in which params get a gradient still agree
     for hvp in ("autograd", "finite_difference"):
         assert torch.equal(r0["uneven"][hvp], r1["uneven"][hvp]), hvp
-    torch.testing.assert_close(r0["uneven"]["finite_difference"], r0["uneven"]["autograd"], rtol=1e-5, atol=0)
+    # Finite differences against autograd on c x^4 (x_0 = 1, 7 elements, float64): the forward
+    # difference of g = 4 c x^3 at the HVP point x~ errs by the truncation delta / |x~| relative
+    # (12 c x~ delta z over 12 c x~^2, plus delta^2 / 3 x~^2), plus the rounding of the two
+    # gradients and the move (FD_ULPS u |x~| / delta relative, as above); delta = 1e-7 (1 + ||x_t||)
+    # / sqrt(7) lies between 1e-7 / sqrt(7) and 1e-7 (1 + sqrt(7)) / sqrt(7) (the iterates shrink
+    # from x_0), and lr = 0.05 keeps |x~| <= 1 + rho (0.2, the default) and the iterates above their
+    # final values. Each update divides by sqrt of an average of |h|: a relative error eps_h of h
+    # moves each step by at most eps_h / 2 of itself, and the steps (a descent from 1) add up to
+    # |x_0 - x_6| per element. SAFETY covers the feedback through the later gradients (a changed
+    # x changes g by 12 c x^2 times it, the step by lr (1 - beta1) / (1 - beta1^t) / sqrt(d^) times
+    # that: at most 1.17 per step, 2.6 over 6). Measured here: 2.3e-8, 1/11 of the tolerance
+    # (2.7e-7 at most).
+    ag, fd = r0["uneven"]["autograd"], r0["uneven"]["finite_difference"]
+    u = torch.finfo(torch.float64).eps / 2
+    delta_lo, delta_hi = 1e-7 / 7**0.5, 1e-7 * (1 + 7**0.5) / 7**0.5
+    eps_h = delta_hi / ag.min() + (delta_hi / ag.min()) ** 2 / 3 + FD_ULPS * u * (1 + 0.2) / delta_lo
+    assert_within(fd, ag, SAFETY * eps_h / 2 * (1 - ag).abs(), "uneven ranks: finite differences vs autograd")
     assert torch.equal(r0["msassha"], r1["msassha"])
     assert torch.equal(r0["fd_diag"], r1["fd_diag"])
-    torch.testing.assert_close(r0["fd_diag"], (1 - 0.999) * torch.tensor([4.0, 2.0, 2.0]), rtol=1e-3, atol=0)
+    # One float32 finite difference on 0.5 curv x^2 at x_t = 1 (3 elements): exact on a quadratic
+    # but for the rounding of the move x~ + delta z (u |x~|, times curv) and of two gradients
+    # curv y (3 operations each: 6 u |curv x~|), averaged over the ranks (1 more), over
+    # delta = 1e-3 (1 + sqrt(3)) / sqrt(3): FD_ULPS u32 |x~| / delta times the ranks' mean |curv|,
+    # |x~| <= 1 + rho (0.2); then (1 - beta2) |h|, a few ulps more. Up to 4e-4 relative (7e-4 for
+    # b, whose h is half the ranks' mean curvature); measured here 1.7e-5 relative, 1/21 of it.
+    u32 = torch.finfo(torch.float32).eps / 2
+    mean_curv = torch.tensor([4.0, 2.0, 4.5])  # the ranks' mean |curv| per element
+    delta32 = 1e-3 * (1 + 3**0.5) / 3**0.5
+    fd_tol = (1 - 0.999) * (FD_ULPS * u32 * (1 + 0.2) / delta32 * mean_curv + 4 * u32 * torch.tensor([4.0, 2.0, 2.0]))
+    expected_diag = (1 - 0.999) * torch.tensor([4.0, 2.0, 2.0])
+    assert_within(r0["fd_diag"], expected_diag, fd_tol, "float32 finite differences")
+    assert outside_tolerance(expected_diag * 1.01, expected_diag, fd_tol)  # 1% off: 12x the tolerance (b) to 27x
 
 
 class _Quadratic(torch.nn.Module):
@@ -225,19 +305,28 @@ def test_ddp_native_reducer_averages_the_passes(backend):
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_ddp_native_worker, args=(2, os.path.join(tmp, "init"), tmp, backend), nprocs=2, join=True)
         (r0, m0), (r1, m1) = (torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(2))
-    expected = _simulate(STEPS)
+    expected, tolerance = _simulate(STEPS), _tolerance(fd=True)
     assert len(r0) == 3
     for protocol, (x0, coll0, method) in r0.items():
         x1, coll1, _ = r1[protocol]
         assert torch.equal(x0, x1), f"{protocol}: replicas differ"
         assert method == "finite_difference"
         assert coll0 == coll1 == [0] * STEPS, protocol
-        torch.testing.assert_close(x0, expected, rtol=1e-6, atol=1e-8)
-    torch.testing.assert_close(r0["closure"][0], r0["official"][0], rtol=1e-12, atol=1e-14)
+        assert_within(x0, expected, tolerance, f"DDP {protocol} vs _simulate")
+    # Bitwise, on any CPU: both protocols take the same passes and DDP averages the same
+    # gradients; the closure's difference quotient, (y - g) z / delta inside the update
+    # (FD_DIRECT), and the official one, folded as (y - g) z * 1.0 / delta (PRECOMPUTED), are the
+    # same correctly rounded IEEE operations on the same operands (z = +-1 and 1.0 multiply
+    # exactly), then the same update; no reduction of another order comes in.
+    assert torch.equal(r0["closure"][0], r0["official"][0])
     for protocol in m0:
         assert torch.equal(m0[protocol], m1[protocol]), f"M-SASSHA {protocol}: replicas differ"
-    torch.testing.assert_close(m0["closure"], m0["optimizer-averaged"], rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(m0["official"], m0["optimizer-averaged"], rtol=1e-9, atol=1e-12)
+    # Bitwise too: with two ranks DDP's average (each gradient halved, then summed) and the
+    # optimizer's (summed, then halved) give the same bits: a + b = b + a in IEEE arithmetic and
+    # halving is exact (no subnormals here); both average the gradients at the difference point
+    # before the quotient, which is then the same operations as above.
+    assert torch.equal(m0["closure"], m0["optimizer-averaged"])
+    assert torch.equal(m0["official"], m0["optimizer-averaged"])
 
 
 def test_no_sync_needs_finite_differences_and_a_callable():

@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import every_backend
-from parity import protocol_step
+from parity import assert_within, outside_tolerance, protocol_step
 from sassha_fused import MSASSHA, SASSHA
 from sassha_fused.hvp import FD_EPS
 
@@ -98,18 +98,6 @@ def _spread(run, reference, rank, world=2):
 def _tolerance(spread0, spread1):
     """Per element: SAFETY times the largest deviation of any draw (the ranks' shares together)."""
     return SAFETY * torch.maximum(spread0, spread1)
-
-
-def _assert_within(actual, expected, tol, what):
-    dev = (actual - expected).abs()
-    bad = (dev > tol).nonzero().flatten().tolist()
-    assert not bad, (f"{what}: {len(bad)} of {dev.numel()} elements outside the rounding bound, "
-                     f"e.g. element {bad[0]}: {dev[bad[0]]:.3g} > {tol[bad[0]]:.3g} (largest {dev.max():.3g})")
-
-
-def _fails(wrong, expected, tol):
-    """A deliberately wrong result lies outside the tolerance: it is not vacuous."""
-    return bool(((wrong - expected).abs() > tol).any())
 
 
 def _shard(model):
@@ -319,17 +307,17 @@ def test_fsdp2_two_ranks_equal_one_process(backend):
     total = sum(p.numel() for p in _model().parameters())
     clipped = r0["results"].pop("clipped")
     tol = _tolerance(clipped["spread"], r1["results"].pop("clipped")["spread"])
-    _assert_within(clipped["sharded"], clipped["whole"], tol, "clipped: the Hessian estimate")
+    assert_within(clipped["sharded"], clipped["whole"], tol, "clipped: the Hessian estimate")
     wrong = r0["results"].pop("wrong")
     r1["results"].pop("wrong")
     tols = {key: _tolerance(a["spread"], r1["results"][key]["spread"]) for key, a in r0["results"].items()}
-    assert _fails(wrong, r0["results"]["SASSHA", "closure"]["whole"], tols["SASSHA", "closure"])
+    assert outside_tolerance(wrong, r0["results"]["SASSHA", "closure"]["whole"], tols["SASSHA", "closure"])
     for key, a in r0["results"].items():
         b = r1["results"][key]
         assert a["hvp"] == "finite_difference"
         assert torch.equal(a["sharded"], b["sharded"]), key
         # sharded == unsharded on the whole batch, up to the reduction order
-        _assert_within(a["sharded"], a["whole"], tols[key], key)
+        assert_within(a["sharded"], a["whole"], tols[key], key)
         assert not torch.equal(a["whole"], _full(_model())), key  # it trained
         # each rank keeps the state of its own shards only
         assert a["local_state"] == a["local_params"] and b["local_state"] == b["local_params"], key
@@ -346,7 +334,7 @@ def test_fsdp2_two_ranks_equal_one_process(backend):
             assert torch.equal(expected, resumed), f"{name}: the DCP round trip changed the trajectory"
     # the same closure-protocol SASSHA run, another reduction order in its last 4 steps only: the
     # draws over all 7 steps bound it
-    _assert_within(one_process, r0["dcp"]["SASSHA"][0], tols["SASSHA", "closure"], "resumed in one process")
+    assert_within(one_process, r0["dcp"]["SASSHA"][0], tols["SASSHA", "closure"], "resumed in one process")
     assert r0["errors"]["unchanged"] and r1["errors"]["unchanged"]
 
 
@@ -403,8 +391,8 @@ def test_fsdp2_float32_kernels_on_shards(backend):
     assert r0["backends"] == {"cpu/float32": backend}
     assert torch.equal(r0["sharded"], r1["sharded"])
     tol = _tolerance(r0["spread"], r1["spread"])
-    _assert_within(r0["sharded"], r0["whole"], tol, "float32")
-    assert _fails(r0["wrong"], r0["whole"], tol) and _fails(r1["wrong"], r0["whole"], tol)
+    assert_within(r0["sharded"], r0["whole"], tol, "float32")
+    assert outside_tolerance(r0["wrong"], r0["whole"], tol) and outside_tolerance(r1["wrong"], r0["whole"], tol)
     # float32 refresh steps also agree on the gradients' precision class (one MAX)
     assert r0["counts"] == [4, 2, 2, 4, 2, 2, 4], r0["counts"]
 
