@@ -70,13 +70,22 @@ class SkipMonitor:
             self._device_count = (~ok).to(torch.int64) if count is None else count.add_((~ok).to(torch.int64))
             return
         if ok.device.type == "cuda":
-            host = torch.empty((), dtype=ok.dtype, pin_memory=True)
-            host.copy_(ok, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
+            # on the flag's device and its current stream, whatever device is current: the
+            # event then completes after the copy, and no context opens on another device
+            with torch.cuda.device(ok.device):
+                host = self._to_host(ok)
+                event = torch.cuda.Event()
+                event.record(torch.cuda.current_stream(ok.device))
             self._flags.append((step, host, event, refreshed))
         else:
             self._flags.append((step, ok, None, refreshed))
+
+    @staticmethod
+    def _to_host(ok: Tensor) -> Tensor:
+        """A pinned host copy of the flag, on the current stream (the caller made its device current)."""
+        host = torch.empty((), dtype=ok.dtype, pin_memory=True)
+        host.copy_(ok, non_blocking=True)
+        return host
 
     def total(self) -> int:
         """Skipped steps so far; reads the device count (a synchronisation) in capturable runs."""

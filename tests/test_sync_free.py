@@ -129,3 +129,49 @@ def test_captured_step_replays_like_eager_steps(backend):
 def test_capturable_needs_cuda_params():
     with pytest.raises(ValueError, match="capturable"):
         SASSHA([torch.nn.Parameter(torch.zeros(3))], capturable=True)
+
+
+def test_skip_flag_is_recorded_on_its_own_devices_stream(monkeypatch):
+    """With the model on cuda:1 and cuda:0 current (per-rank ``model.to(f"cuda:{rank}")``
+    without ``set_device``), the flag's copy and its event go on cuda:1's current stream,
+    inside cuda:1's device context; nothing touches cuda:0. Checked on the CPU with
+    stand-ins for torch.cuda's device context, streams and events."""
+    from sassha_fused.optimizer import SkipMonitor
+
+    calls = []
+
+    class Device:
+        def __init__(self, device):
+            self.device = torch.device(device)
+
+        def __enter__(self):
+            calls.append(("enter", self.device))
+
+        def __exit__(self, *exc):
+            calls.append(("exit", self.device))
+
+    class Event:
+        def record(self, stream=None):
+            calls.append(("record", stream))
+
+        def query(self):
+            return True
+
+    class Flag:  # a 0-dim bool "on cuda:1"
+        device = torch.device("cuda", 1)
+        dtype = torch.bool
+
+    class Monitor(SkipMonitor):
+        @staticmethod
+        def _to_host(ok):
+            calls.append(("copy", ok.device))
+            return torch.ones((), dtype=torch.bool)
+
+    monkeypatch.setattr(torch.cuda, "device", Device)
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: ("stream of", torch.device(device)))
+    monitor = Monitor("SASSHA", max_consecutive=3)
+    monitor.record(Flag(), step=1)
+    cuda1 = torch.device("cuda", 1)
+    assert calls == [("enter", cuda1), ("copy", cuda1), ("record", ("stream of", cuda1)), ("exit", cuda1)]
+    assert monitor.poll(wait=True) == [] and monitor.skipped == 0
