@@ -267,6 +267,8 @@ class PassDriver:
             for _ in opt.hvp_passes():
                 loss_fn(model(x), y).backward()
         """
+        if self._phase is Phase.HVP_PASSES:
+            self._refuse_in_passes("hvp_passes()")
         if not self.refresh_due or self._this_step.pending is not None:
             return
         if self._run.hvp_method == "autograd":
