@@ -24,8 +24,8 @@ import torch
 from torch import Tensor
 
 from ._defaults import GROUP_KEYS
-from .backends import Bucket, GroupCol, GroupTable, RefreshInput
-from .plans import Counters, StepPlan, bucket_columns, dense
+from .backends import Bucket, GroupCol, GroupTable, RefreshInput, RefreshMode
+from .plans import Counters, StepPlan, attach_state, bucket_columns, dense
 
 __all__ = [
     "GroupTable",
@@ -34,6 +34,7 @@ __all__ = [
     "all_finite",
     "update_scalars",
     "update",
+    "finish_step",
 ]
 
 
@@ -160,3 +161,26 @@ def update(plan: StepPlan, x_t_of: Callable[[Bucket], List[Tensor]], groups: Gro
         b.backend.update(b, x_t_of(b), dense(plan.grads(b)), table, power, None if refresh is None else refresh[i])
     for _, b, (_, c2, live) in scalars:
         counters.commit(b, live, c2 if refresh is not None else None)
+
+
+def finish_step(plan: StepPlan, x_t_of: Callable[[Bucket], List[Tensor]], groups: GroupTable, power: float,
+                refresh: Optional[List[RefreshInput]], counters: Counters, state_of: Callable[[Tensor], dict], *,
+                inv_scale: Optional[Tensor] = None,
+                average: Optional[Callable[[StepPlan, Optional[List[RefreshInput]]], List[Tensor]]] = None,
+                check: bool = True) -> Optional[Tensor]:
+    """The step after its passes, in order: unscale -> average -> check -> update -> commit.
+
+    ``inv_scale``: 1 / a GradScaler's scale, for Hessian-vector products taken by
+    autograd from the scaled loss. ``average``: data-parallel averaging of the update's
+    inputs (returns who takes part, per bucket). ``check``: the finite flag, returned
+    (a 0-dim bool device tensor; the update left a non-finite step's params and state alone).
+    """
+    if refresh is not None and refresh[0].mode == RefreshMode.AUTOGRAD and inv_scale is not None:
+        hz = [y for r in refresh for ys in r.ys for y in ys if y is not None]
+        if hz:
+            torch._foreach_mul_(hz, inv_scale.to(hz[0].dtype))
+    present = average(plan, refresh) if average is not None else None
+    ok = all_finite(plan, refresh) if check and plan.participants else None
+    attach_state(plan, state_of)  # creates missing state, once per plan
+    update(plan, x_t_of, groups, power, refresh, counters, ok, present)
+    return ok

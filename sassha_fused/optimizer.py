@@ -21,7 +21,7 @@ from torch import Tensor
 
 from . import functional as F
 from ._defaults import ARGS_DOC, DEFAULTS, GROUP_KEYS, OPTIONS, SASSHA_ONLY, args_doc, validate_group, validate_options
-from .backends import Backend, Bucket, ProbeKeys, RefreshInput, RefreshMode
+from .backends import Backend, Bucket, ProbeKeys, RefreshInput
 from ._state import ParamStateMixin, StateDictMixin
 from .distributed import BucketedAverager, average_step_inputs, copy_, local, participation, shard_group_of
 from ._passes import NothingToStep, PassDriver
@@ -569,21 +569,11 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
     def _apply_step(self, plan: StepPlan, x_t_of: Callable[[Bucket], List[Tensor]],
                     refresh: Optional[List[RefreshInput]]) -> Optional[Tensor]:
         """average / check -> update -> commit, for both classes; returns the step's finite flag."""
-        groups = F.GroupTable(self.param_groups, on_device=self.capturable)
-        ys_of = (lambda bi: [y for ys in refresh[bi].ys for y in ys if y is not None]) if refresh else None
-        if refresh is not None and refresh[0].mode == RefreshMode.AUTOGRAD and plan.participants:  # unscale H z
-            hz = [y for bi in range(len(plan.buckets)) for y in ys_of(bi)]
-            inv = self._inv_scale(plan.participants[0].device)
-            if hz and inv is not None:
-                torch._foreach_mul_(hz, inv.to(hz[0].dtype))
-        present = None
-        if self._data_parallel():
-            present = self._average(plan, refresh)
-        ok = None
-        if self.nonfinite != "ignore" and plan.participants:
-            ok = F.all_finite(plan, refresh)
-        attach_state(plan, self._state_of)  # creates missing state, once per plan
-        F.update(plan, x_t_of, groups, self._this_step.power_t, refresh, self._cache.counters, ok, present)
+        ok = F.finish_step(
+            plan, x_t_of, F.GroupTable(self.param_groups, on_device=self.capturable), self._this_step.power_t,
+            refresh, self._cache.counters, self._state_of,
+            inv_scale=self._inv_scale(plan.participants[0].device) if refresh and plan.participants else None,
+            average=self._average if self._data_parallel() else None, check=self.nonfinite != "ignore")
         self._run.global_step += 1
         if refresh is not None:
             self._run.refreshes += 1
