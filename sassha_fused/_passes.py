@@ -34,6 +34,7 @@ from .hvp import (
     is_reentrant_checkpoint_error,
     remap_refresh,
 )
+from .distributed import is_distributed
 from .plans import StepPlan, count_present
 from .utils import RandomState
 from .phases import Phase
@@ -345,8 +346,15 @@ class PassDriver:
         if not ys or grad is None:
             return
         total = torch.stack([n.to(grad.device, torch.float32) for n in torch._foreach_norm(ys)]).sum()
-        flag = torch.where(torch.isfinite(total), 1.0, float("inf")).to(grad.dtype)
-        grad[(0,) * grad.dim()].mul_(flag)
+        bad = (~torch.isfinite(total)).to(torch.float32)
+        # every rank's scaler must make the same decision (collectives follow), whoever averages
+        if self._run.shards is not None:
+            self._run.shards.max_(bad)
+        elif is_distributed(self.process_group):
+            import torch.distributed as dist
+
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=self.process_group)
+        grad[(0,) * grad.dim()].mul_(torch.where(bad > 0, float("inf"), 1.0).to(grad.dtype))
 
     def _refresh_input(self, plan: StepPlan) -> Optional[List[RefreshInput]]:
         """The update's refresh input for ``plan``: taken earlier, or now by autograd."""

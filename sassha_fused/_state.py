@@ -156,9 +156,12 @@ class StateDictMixin:
             "global_step": self._run.global_step,
             "refreshes": self._run.refreshes,
             **{o.name: getattr(self, o.name) for o in OPTIONS if o.saved and o.takes(type(self).__name__)},
-            "skipped_steps": self.skipped_steps,
-            "hvp_method": self._run.hvp_method,
+            "skipped_steps": self.skipped_steps,  # (polls the flags still on the way from a GPU first)
+            # the refresh retry, and a skipped refresh found but not yet acted on (at the end of the next step)
             "refresh_again": self._run.refresh_again,
+            "skipped_refresh": self._run.skips.skipped_refresh or 0,  # (0: none; steps count from 1)
+            "last_refresh": self._run.last_refresh,
+            "hvp_method": self._run.hvp_method,
         }
         if is_schedule(self.hessian_power) and hasattr(self.hessian_power, "state_dict"):
             extra["hessian_power_schedule"] = self.hessian_power.state_dict()
@@ -240,6 +243,8 @@ class StateDictMixin:
                     setattr(self, o.name, extra[o.name])
             self._run.skips.skipped = int(extra.get("skipped_steps", 0))
             self._run.refresh_again = bool(extra.get("refresh_again", False))
+            self._run.skips.skipped_refresh = int(extra.get("skipped_refresh", 0)) or None
+            self._run.last_refresh = int(extra.get("last_refresh", 0))
             if (self.hvp == "auto" and extra.get("hvp_method") in ("autograd", "finite_difference")
                     and not self._backward_reduces()):  # FSDP2 / DDP-native: finite differences only
                 self._run.hvp_method = extra["hvp_method"]

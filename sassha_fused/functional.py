@@ -35,6 +35,7 @@ __all__ = [
     "update_scalars",
     "update",
     "finish_step",
+    "PartialUpdate",
 ]
 
 
@@ -143,6 +144,14 @@ def update_scalars(b: Bucket, groups: GroupTable, power: float, refresh: bool, s
     return table, c2, live
 
 
+class PartialUpdate(RuntimeError):
+    """The update failed after some of its buckets (``written``) were written (see ``update``)."""
+
+    def __init__(self, written: List[Bucket], message: str) -> None:
+        super().__init__(message)
+        self.written = written
+
+
 def update(plan: StepPlan, x_t_of: Callable[[Bucket], List[Tensor]], groups: GroupTable, power: float,
            refresh: Optional[List[RefreshInput]], counters: Counters, ok: Optional[Tensor],
            present: Optional[Sequence[Optional[Tensor]]] = None) -> None:
@@ -157,8 +166,18 @@ def update(plan: StepPlan, x_t_of: Callable[[Bucket], List[Tensor]], groups: Gro
             steps, c2_old = counters.gather(b)
             scalars.append((i, b, update_scalars(b, groups, power, refresh is not None, steps, c2_old, ok,
                                                  None if present is None else present[i])))
-    for i, b, (table, _, _) in scalars:
-        b.backend.update(b, x_t_of(b), dense(plan.grads(b)), table, power, None if refresh is None else refresh[i])
+    for k, (i, b, (table, _, _)) in enumerate(scalars):
+        try:
+            b.backend.update(b, x_t_of(b), dense(plan.grads(b)), table, power,
+                             None if refresh is None else refresh[i])
+        except Exception as exc:
+            if k == 0:
+                raise  # nothing written yet
+            raise PartialUpdate([w for _, w, _ in scalars[:k]],
+                f"the update failed in bucket {k + 1} of {len(scalars)} ({b.backend.name} on {b.device}: "
+                f"{type(exc).__name__}: {exc}) after the buckets before it were written: their parameters and "
+                "optimizer state hold this step and the others do not, and putting them back would take a copy "
+                "of the whole state. Load the last checkpoint (model and optimizer) to go on.") from exc
     for _, b, (_, c2, live) in scalars:
         counters.commit(b, live, c2 if refresh is not None else None)
 

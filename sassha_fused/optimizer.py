@@ -60,7 +60,7 @@ class SkipMonitor:
         self.on_device = on_device
         self.skipped = 0  # found on the host so far
         self.consecutive = 0
-        self.refresh_skipped = False  # a skipped step was a Hessian refresh (the optimizer takes it again)
+        self.skipped_refresh: Optional[int] = None  # the latest skipped step that refreshed the Hessian
         self._flags: Deque[Tuple[int, Tensor, Any, bool]] = deque()
         self._device_count: Optional[Tensor] = None  # on_device: skipped steps counted where they happen
 
@@ -107,7 +107,8 @@ class SkipMonitor:
                 continue
             self.skipped += 1
             self.consecutive += 1
-            self.refresh_skipped |= refreshed
+            if refreshed:
+                self.skipped_refresh = max(step, self.skipped_refresh or 0)
             found.append(step)
             if warn:
                 warnings.warn(
@@ -158,6 +159,7 @@ class _StepVars:
         self.perturbed: Optional[StepPlan] = None  # SASSHA: the plan whose backups hold x_t
         self.x_t_saved: Optional[StepPlan] = None  # M-SASSHA: a plan whose x_t the FD passes saved
         self.idle: List[Tensor] = []  # M-SASSHA: params with state that take no part in this step
+        self.grads_seen: Optional[list] = None  # (grad, version) per param after perturb_weights(zero_grad=False)
 
 
 class _RunVars:
@@ -167,6 +169,7 @@ class _RunVars:
         self.global_step = 0  # optimizer steps taken
         self.refreshes = 0  # Hessian refreshes taken: the probes' counter
         self.refresh_again = False  # the last refresh was skipped: the coming step refreshes
+        self.last_refresh = 0  # the global step of the last refresh taken
         self.hvp_method = hvp_method  # "autograd" or "finite_difference", what refresh steps take now
         self.plain_backward = False  # closure passes use loss.backward() (reentrant checkpointing)
         self.graph_checked = False  # the first closure pass looked for reentrant checkpoints
@@ -423,15 +426,17 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
     def _unbegin_step(self) -> None:
         """A step that failed leaves the schedules where it found them (they advance again on
         the retry); a schedule without ``state_dict()`` stays advanced and is not advanced twice."""
-        saved = self._this_step.schedules_before
-        if (not self._this_step.begun or saved is None
-                or not all(state is not None and hasattr(s, "load_state_dict") for s, state in saved[0])):
-            return
+        if self._this_step.begun and self._rewind_schedules(self._this_step.schedules_before):
+            self._this_step.begun, self._this_step.schedules_before = False, None
+
+    def _rewind_schedules(self, saved: Optional[Tuple[list, list]]) -> bool:
+        if saved is None or not all(state is not None and hasattr(s, "load_state_dict") for s, state in saved[0]):
+            return False
         for schedule, state in saved[0]:
             schedule.load_state_dict(state)
         for group, rho in zip(self.param_groups, saved[1]):
             group["rho"] = rho
-        self._this_step.begun, self._this_step.schedules_before = False, None
+        return True
 
     def _poll_skips(self, wait: bool = False) -> None:
         self._run.skips.poll(wait=wait, warn=self.nonfinite == "skip")
@@ -555,16 +560,33 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
         except BaseException:
             self._abort_step()
             raise
+        # what nonfinite="raise" takes back when the step turns out not to have happened
+        undo = (self._this_step.schedules_before, self._run.refresh_again, self._run.last_refresh)
         try:
-            ok = self._apply_step(plan, self._x_t_for_update(plan), refresh)
+            x_t_of = self._x_t_for_update(plan)
+            ok = self._apply_step(plan, x_t_of, refresh)
+        except F.PartialUpdate as exc:  # the written buckets hold the step; the others go back to x_t
+            written = set(map(id, exc.written))
+            with torch.no_grad():
+                for b in plan.buckets:
+                    if id(b) not in written and b.params and x_t_of(b) is not b.params:
+                        torch._foreach_copy_(b.params, x_t_of(b))
+            self._this_step.perturbed, self._this_step.fd_displaced = None, False
+            self._phase = Phase.IDLE
+            self._forget_step()
+            self._detach_grads()
+            raise
         except BaseException:  # nothing was written: back to where the step found the params
             self._abort_step()
             raise
         self._this_step.pending = None
         self._this_step.fd_displaced = False
-        self._after_update()
-        if ok is not None:
-            self._account(ok, refresh is not None)
+        self._this_step.begun, self._this_step.schedules_before = False, None
+        try:
+            self._after_update()
+        finally:
+            if ok is not None:
+                self._account(ok, refresh is not None, undo)
 
     def _apply_step(self, plan: StepPlan, x_t_of: Callable[[Bucket], List[Tensor]],
                     refresh: Optional[List[RefreshInput]]) -> Optional[Tensor]:
@@ -578,37 +600,41 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
         if refresh is not None:
             self._run.refreshes += 1
             self._run.refresh_again = False
-        self._this_step.begun, self._this_step.schedules_before = False, None
+            self._run.last_refresh = self._run.global_step
         if self._run.shards is not None:  # FSDP2: the scalar all-reduces since the last step
             self.last_step_collectives, self._run.shards.collectives = self._run.shards.collectives, 0
         return ok
 
-    def _account(self, ok: Tensor, refreshed: bool) -> None:
-        """Count a skipped step (its update left params and state alone); nonfinite='raise' undoes its count.
+    def _account(self, ok: Tensor, refreshed: bool, undo: Tuple[Any, bool, int]) -> None:
+        """Count a skipped step (its update left params and state alone); nonfinite='raise' undoes its
+        count, the schedules' advance and the refresh bookkeeping (``undo``).
 
         A skipped Hessian refresh is taken again on the next step once its flag is on the
-        host (at once on the CPU; from a GPU, on the first step after the copy landed).
+        host (at once on the CPU; from a GPU, on the first step after the copy landed), unless
+        a refresh was taken since.
         """
-        self._run.skips.record(ok, self._run.global_step, refreshed)
-        skipped: List[int] = []
-        try:
-            if self.nonfinite == "raise" or (ok.device.type == "cpu" and not self.capturable):
-                skipped = self._run.skips.poll(wait=True, warn=self.nonfinite == "skip")
-            else:
-                self._run.skips.poll(wait=False, warn=self.nonfinite == "skip")
-        finally:
-            if self._run.skips.refresh_skipped and not (skipped and self.nonfinite == "raise"):
-                self._run.refresh_again = True
-            self._run.skips.refresh_skipped = False
+        skips = self._run.skips
+        skips.record(ok, self._run.global_step, refreshed)
+        wait = self.nonfinite == "raise" or (ok.device.type == "cpu" and not self.capturable)
+        skipped = skips.poll(wait=wait, warn=self.nonfinite == "skip")
         if skipped and self.nonfinite == "raise":  # not a skipped step: a step that did not happen
-            self._run.skips.skipped -= 1
-            self._run.skips.consecutive -= 1
+            skips.skipped -= 1
+            skips.consecutive -= 1
+            skips.skipped_refresh = None
             self._run.global_step -= 1
             self._run.refreshes -= refreshed
+            self._rewind_schedules(undo[0])
+            self._run.refresh_again, self._run.last_refresh = undo[1], undo[2]
             raise FloatingPointError(
                 f"{type(self).__name__}: step {self._run.global_step + 1}: the perturbed gradients or the "
                 "Hessian estimate contain NaN or Inf (nonfinite='raise'). Parameters and optimizer "
                 "state are unchanged.")
+        self._run.refresh_again |= self._refresh_skipped()
+
+    def _refresh_skipped(self) -> bool:
+        """Whether a skipped refresh, found on the host by now, has had no refresh after it (and clear it)."""
+        late, self._run.skips.skipped_refresh = self._run.skips.skipped_refresh, None
+        return late is not None and late >= self._run.last_refresh
 
     def _presence(self) -> Optional[Tensor]:
         """Data-parallel: which trainable params have a gradient on some rank (once per step).
@@ -654,15 +680,28 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
         and goes on: the parameters go back to where the step found them (x_t), the
         Hessian-vector products taken for it are dropped with the gradients, and the
         next step starts afresh. Inside a step's own passes (a standard closure's
-        ``zero_grad()``, or one inside the ``hvp_passes()`` loop) it clears ``.grad`` only.
+        ``zero_grad()``, or one inside the ``hvp_passes()`` loop) it clears ``.grad`` only,
+        and so it does right after ``perturb_weights(zero_grad=False)``, before any backward
+        (the SAM-port habit ``first_step(); optimizer.zero_grad()``).
         """
-        super().zero_grad(set_to_none)
         phase = self._phase
-        if self._this_step.in_closure or phase is Phase.HVP_PASSES:
+        clears_only = self._this_step.in_closure or phase is Phase.HVP_PASSES or (
+            phase is Phase.PERTURBED and self._grads_untouched())
+        super().zero_grad(set_to_none)
+        self._this_step.grads_seen = None
+        if clears_only:
             return
         if phase not in BETWEEN_STEPS or self._this_step.fd_displaced or self._this_step.pending is not None:
             self._abort_step()
         self._this_step.presence_mask = None
+
+    def _grads_untouched(self) -> bool:
+        """Whether the gradients are those ``perturb_weights(zero_grad=False)`` left: no backward since."""
+        seen = self._this_step.grads_seen
+        if seen is None:
+            return False
+        grads = [p.grad for p in self._all_params()]
+        return all(g is h and (g is None or g._version == v) for g, (h, v) in zip(grads, seen))
 
     def _materialize_restore(self) -> None:
         """Carry out a restore that ``defer_unperturb`` left for ``step()`` (SASSHA)."""
@@ -872,6 +911,9 @@ class SASSHA(_SasshaBase):
         self._move(Phase.PERTURBED)
         if zero_grad:
             torch.optim.Optimizer.zero_grad(self)  # part of this call: it does not end the step
+        else:
+            self._this_step.grads_seen = [(p.grad, -1 if p.grad is None else p.grad._version)
+                                          for p in self._all_params()]
 
     @torch.no_grad()
     def unperturb(self) -> None:
@@ -924,8 +966,9 @@ class SASSHA(_SasshaBase):
         try:
             yield
         finally:
-            with torch.no_grad():
-                copy_(plan.participants, aside)
+            if self._this_step.perturbed is plan:  # (a zero_grad() in the block ended the step: x_t stays)
+                with torch.no_grad():
+                    copy_(plan.participants, aside)
 
     def state_dict(self) -> Dict[str, Any]:
         self._materialize_restore()

@@ -343,3 +343,45 @@ def test_no_sync_needs_finite_differences_and_a_callable():
     assert trained.hvp_method == "autograd"
     opt.load_state_dict(trained.state_dict())
     assert opt.hvp_method == "finite_difference" and opt.global_step == 1
+
+
+def _scaler_overflow_worker(rank, world, init_file, out_dir, distributed):
+    import datetime
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        w = torch.nn.Parameter(torch.full((4,), 1e-11))
+        scaler = torch.amp.GradScaler("cpu")
+        opt = SASSHA([w], lr=1e-3, rho=1e-13, backend="foreach", hvp="autograd", grad_scaler=scaler,
+                     distributed=distributed)
+        c = 1e14 if rank == 0 else 1.0  # only rank 0's scaled Hessian-vector product overflows
+
+        def loss():
+            return ((c * w) ** 4).sum()
+
+        scaler.scale(loss()).backward()
+        opt.perturb_weights(zero_grad=True)
+        scaler.scale(loss()).backward(create_graph=opt.hessian_due)
+        opt.unperturb()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        dist.barrier()
+        torch.save({"step": opt.global_step, "scale": scaler.get_scale(), "w": w.detach().clone()},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("distributed", [True, False], ids=["optimizer-averages", "wrapper-averages"])
+def test_grad_scaler_overflow_on_one_rank_skips_the_step_on_every_rank(distributed):
+    """A Hessian estimate that overflows on one rank only is reported to every rank's scaler
+    (one MAX): all skip the step together, none waits alone in a collective."""
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_scaler_overflow_worker, args=(2, os.path.join(tmp, "init"), tmp, distributed), nprocs=2,
+                 join=True)
+        r0, r1 = (torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(2))
+    assert r0["step"] == r1["step"] == 0
+    assert r0["scale"] == r1["scale"] < 65536.0
+    assert torch.equal(r0["w"], r1["w"]) and torch.equal(r0["w"], torch.full((4,), 1e-11))

@@ -46,7 +46,7 @@ from typing import Dict, Optional, Tuple
 import pytest
 import torch
 
-from conftest import device_for, every_backend
+from conftest import device_for, every_backend, requires_cpp
 from parity import coupled_loss
 from sassha_fused import MSASSHA, SASSHA, get_backend
 from sassha_fused.backends import Backend
@@ -391,3 +391,86 @@ def test_fault_leaves_nothing_behind_and_the_run_goes_on(row: Fault, backend: st
             run_step(opt, params, t, row.interface)
         assert_same(snapshot(opt, params), twin[t], f"step {t}" + (" (taken again after its fault)"
                                                                   if t in faults_at else ""))
+
+
+# ----------------------------------------------------- what the second reader found
+@requires_cpp
+def test_a_later_buckets_failed_update_says_what_was_written():
+    """Two buckets (a non-contiguous param goes to the eager fallback, ahead of the faulty
+    backend's bucket): the first bucket's update is written before the second fails. That
+    cannot be undone without a copy of the state; the error says so, names the bucket, and
+    the unwritten bucket's params are back at x_t."""
+    from sassha_fused.functional import PartialUpdate
+
+    a = torch.nn.Parameter(torch.randn(4, 3, dtype=torch.float64).t())  # not contiguous: the eager fallback
+    b = torch.nn.Parameter(torch.randn(6, dtype=torch.float64))
+    wrapper = FaultyBackend("cpp")  # (the C++ kernels take contiguous tensors only)
+    opt = SASSHA([a, b], lr=0.1, lazy_hessian=2, backend=wrapper, defer_unperturb=True)
+
+    def loss():
+        return ((a - 1) ** 4).sum() + ((b + 1) ** 4).sum()
+
+    opt.step(loss)
+    loss().backward()
+    b_t = b.detach().clone()
+    opt.perturb_weights()
+    loss().backward(create_graph=opt.hessian_due)
+    opt.unperturb()  # deferred: b still holds x_t + e_t until the update
+    wrapper.arm("update")
+    with pytest.raises(PartialUpdate, match="bucket 2 of 2.*Load the last checkpoint"):
+        opt.step()
+    assert torch.equal(b, b_t) and opt.phase.value == "idle" and not opt.is_perturbed
+
+
+def test_zero_grad_right_after_perturb_weights_keeps_the_step():
+    """``perturb_weights(zero_grad=False); opt.zero_grad()`` (a SAM-port habit) clears .grad
+    only: the step goes on and equals ``perturb_weights(zero_grad=True)`` bitwise."""
+    def run(habit):
+        gen = torch.Generator().manual_seed(0)
+        w = torch.nn.Parameter(torch.randn(5, generator=gen, dtype=torch.float64))
+        opt = SASSHA([w], lr=0.1, lazy_hessian=2, backend="eager")
+        for _ in range(3):
+            ((w - 1) ** 4).sum().backward()
+            if habit:
+                opt.perturb_weights(zero_grad=False)
+                opt.zero_grad()
+                assert opt.is_perturbed
+            else:
+                opt.perturb_weights(zero_grad=True)
+            ((w - 1) ** 4).sum().backward(create_graph=opt.hessian_due)
+            opt.unperturb()
+            opt.step()
+            opt.zero_grad()
+        return w.detach().clone(), opt.state[w]["exp_hessian_diag"].clone()
+
+    (w1, d1), (w2, d2) = run(True), run(False)
+    assert torch.equal(w1, w2) and torch.equal(d1, d2)
+
+
+def test_zero_grad_inside_unperturbed_ends_the_step_at_x_t():
+    w = torch.nn.Parameter(torch.randn(5, dtype=torch.float64))
+    opt = SASSHA([w], lr=0.1, backend="eager")
+    ((w - 1) ** 4).sum().backward()
+    x_t = w.detach().clone()
+    opt.perturb_weights()
+    with opt.unperturbed():
+        opt.zero_grad()  # ends the step under way
+    assert torch.equal(w, x_t) and opt.phase.value == "idle"
+
+
+def test_nonfinite_raise_leaves_the_schedules_and_the_retry_where_they_were():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(3, generator=gen, dtype=torch.float64))
+    power = LinearSchedule(0.5, 1.0, 10)
+    opt = SASSHA([w], lr=0.05, lazy_hessian=3, backend="eager", nonfinite="raise", hessian_power=power)
+    poison = [1.0]
+
+    def loss():
+        return ((w - 1) ** 4).sum() * poison[0]
+
+    opt.step(loss)
+    before = (opt.global_step, power.state_dict(), opt.refresh_due)
+    poison[0] = float("nan")
+    with pytest.raises(FloatingPointError):
+        opt.step(loss)
+    assert (opt.global_step, power.state_dict(), opt.refresh_due) == before
