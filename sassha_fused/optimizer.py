@@ -159,7 +159,7 @@ class _StepVars:
         self.perturbed: Optional[StepPlan] = None  # SASSHA: the plan whose backups hold x_t
         self.x_t_saved: Optional[StepPlan] = None  # M-SASSHA: a plan whose x_t the FD passes saved
         self.idle: List[Tensor] = []  # M-SASSHA: params with state that take no part in this step
-        self.grads_seen: Optional[list] = None  # (grad, version) per param after perturb_weights(zero_grad=False)
+        self.grads_seen: Optional[tuple] = None  # (grads, versions) after perturb_weights(zero_grad=False)
 
 
 class _RunVars:
@@ -700,8 +700,8 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
         seen = self._this_step.grads_seen
         if seen is None:
             return False
-        grads = [p.grad for p in self._all_params()]
-        return all(g is h and (g is None or g._version == v) for g, (h, v) in zip(grads, seen))
+        grads = [p.grad for g in self.param_groups for p in g["params"]]
+        return all(g is h and (g is None or g._version == v) for g, h, v in zip(grads, *seen))
 
     def _materialize_restore(self) -> None:
         """Carry out a restore that ``defer_unperturb`` left for ``step()`` (SASSHA)."""
@@ -911,9 +911,9 @@ class SASSHA(_SasshaBase):
         self._move(Phase.PERTURBED)
         if zero_grad:
             torch.optim.Optimizer.zero_grad(self)  # part of this call: it does not end the step
-        else:
-            self._this_step.grads_seen = [(p.grad, -1 if p.grad is None else p.grad._version)
-                                          for p in self._all_params()]
+        else:  # (list comprehensions: no Python call per tensor on the step's path)
+            grads = [p.grad for g in self.param_groups for p in g["params"]]
+            self._this_step.grads_seen = (grads, [-1 if x is None else x._version for x in grads])
 
     @torch.no_grad()
     def unperturb(self) -> None:
