@@ -92,7 +92,7 @@ def all_finite(plan: StepPlan, refresh: Optional[Sequence[RefreshInput]]) -> Ten
     squares that overflows (|g| beyond ~1e19 in fp32) counts as non-finite as well.
     """
     total = global_sq_norm(plan, plan.grads, reduce=False)
-    n_lists = 0 if refresh is None else len(refresh[0].ys)
+    n_lists = len(refresh[0].ys) if refresh else 0  # (a plan without buckets has an empty refresh)
     for s in range(n_lists):
         # an absent entry (None) is checked as the gradient, which is checked anyway
         total = total + global_sq_norm(plan, lambda b: [g if y is None else y for g, y in
@@ -194,7 +194,7 @@ def finish_step(plan: StepPlan, x_t_of: Callable[[Bucket], List[Tensor]], groups
     inputs (returns who takes part, per bucket). ``check``: the finite flag, returned
     (a 0-dim bool device tensor; the update left a non-finite step's params and state alone).
     """
-    if refresh is not None and refresh[0].mode == RefreshMode.AUTOGRAD and inv_scale is not None:
+    if refresh and refresh[0].mode == RefreshMode.AUTOGRAD and inv_scale is not None:
         hz = [y for r in refresh for ys in r.ys for y in ys if y is not None]
         if hz:
             torch._foreach_mul_(hz, inv_scale.to(hz[0].dtype))
