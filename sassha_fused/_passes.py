@@ -291,11 +291,12 @@ class PassDriver:
             self._abort_step()
             raise
 
-    def _reduce_max(self) -> Optional[Callable[[Tensor], None]]:
-        """Data-parallel: an in-place MAX over the group (the FD precision decision), else None."""
+    def _reduce_max(self, whoever_averages: bool = False) -> Optional[Callable[[Tensor], None]]:
+        """Data-parallel: an in-place MAX over the group, else None. For decisions every rank must
+        share: the FD precision (where the optimizer averages), the scaler's overflow (``whoever_averages``)."""
         if self._run.shards is not None:  # FSDP2: every rank decides over its shards, then the mesh agrees
             return self._run.shards.max_
-        if not self._data_parallel():
+        if not (self._data_parallel() or (whoever_averages and is_distributed(self.process_group))):
             return None
         import torch.distributed as dist
 
@@ -347,13 +348,9 @@ class PassDriver:
             return
         total = torch.stack([n.to(grad.device, torch.float32) for n in torch._foreach_norm(ys)]).sum()
         bad = (~torch.isfinite(total)).to(torch.float32)
-        # every rank's scaler must make the same decision (collectives follow), whoever averages
-        if self._run.shards is not None:
-            self._run.shards.max_(bad)
-        elif is_distributed(self.process_group):
-            import torch.distributed as dist
-
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=self.process_group)
+        reduce_max = self._reduce_max(whoever_averages=True)
+        if reduce_max is not None:  # every rank's scaler must make the same decision (collectives follow)
+            reduce_max(bad)
         grad[(0,) * grad.dim()].mul_(torch.where(bad > 0, float("inf"), 1.0).to(grad.dtype))
 
     def _refresh_input(self, plan: StepPlan) -> Optional[List[RefreshInput]]:

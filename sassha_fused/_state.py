@@ -129,6 +129,13 @@ class ParamStateMixin:
             state.update(new_state(p, step, c2))
         return state
 
+    def _bank_counters(self, p: Tensor, state: dict, saved: Dict[str, Any]) -> None:
+        """Point ``state``'s counters at ``p``'s views of the banks, holding the ``saved`` values."""
+        state["step"], state["bias_correction2"] = self._counter_views(p)
+        for key, dtype in _STATE_DTYPES.items():
+            if key in saved:
+                state[key].copy_(torch.as_tensor(saved[key], dtype=dtype))
+
     def _counter_views(self, p: Tensor) -> Tuple[Tensor, Tensor]:
         """The (step, c2) bank views of param ``p`` (its state's counters)."""
         index = self._cache.index_of[id(p)]
@@ -226,12 +233,9 @@ class StateDictMixin:
             if not saved:
                 continue
             state = self.state[p]
-            # the counters live in the optimizer's banks; the state holds views of them
-            step, c2 = self._counter_views(p)
-            state["step"], state["bias_correction2"] = step, c2
+            self._bank_counters(p, state, saved)
             for key, value in saved.items():
                 if key in _STATE_DTYPES:
-                    state[key].copy_(torch.as_tensor(value, dtype=_STATE_DTYPES[key]))
                     continue
                 dtype = math_dtype(p.dtype) if key in ("exp_avg", "exp_hessian_diag") else p.dtype
                 state[key] = torch.as_tensor(value).to(device=p.device, dtype=dtype, copy=True)

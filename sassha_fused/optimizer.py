@@ -40,8 +40,6 @@ def _options(frame_locals: Dict[str, Any]) -> Dict[str, Any]:
     return {k: v for k, v in frame_locals.items() if k not in ("self", "params", "__class__")}
 
 
-
-
 _COUNTERS = ("step", "bias_correction2")
 
 
@@ -284,9 +282,7 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
             entry = self.state[p]
             entry.update(saved)
             if "step" in saved:  # back into the bank, as load_state_dict does
-                entry["step"], entry["bias_correction2"] = self._counter_views(p)
-                entry["step"].copy_(saved["step"])
-                entry["bias_correction2"].copy_(saved["bias_correction2"])
+                self._bank_counters(p, entry, saved)
 
     # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
@@ -491,8 +487,9 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
             self._this_step.closure_calls = 0
             # a first pass without loss or gradient skips the step only where nothing of a step is
             # under way and no other rank waits for this one's collectives
-            self._this_step.may_skip = (not self._mid_step() and self._this_step.pending is None and not self._this_step.fd_displaced
-                              and not self._data_parallel() and not self._backward_reduces())
+            self._this_step.may_skip = (not self._mid_step() and self._this_step.pending is None
+                                        and not self._this_step.fd_displaced
+                                        and not self._data_parallel() and not self._backward_reduces())
             self._this_step.in_closure = True  # a standard closure's zero_grad() is part of the step
             try:
                 loss = self._closure_passes(closure)
@@ -537,7 +534,6 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
                 "timm's train loop needs the README's timm recipe). "
                 "For a step without perturbation, set rho=0. Parameters, gradients and optimizer state are "
                 "unchanged.")
-
 
     def _is_state_initialisation(self) -> bool:
         """A step of torch.distributed.checkpoint's ``_init_optim_state`` (see ``step``)."""
@@ -710,7 +706,6 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
                 self._restore(self._this_step.perturbed)
             self._this_step.perturbed = None
             self._move(Phase.RESTORED)
-
 
     def _forget_step(self) -> None:
         """Drop what a step in progress kept for ``step()``: its HVPs, participation, FD move."""

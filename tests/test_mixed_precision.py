@@ -153,7 +153,7 @@ def test_fp16_grad_scaler_overflowing_refresh_does_not_stall():
     the optimizer skipped the refresh itself, and the loss stood still for a whole
     lazy_hessian period.
     """
-    pytest.importorskip("sklearn")
+    pytest.importorskip("sklearn", reason="the demo's digits data ships in scikit-learn (the 'demo' extra)")
     from sassha_fused.demo import load_digits, make_model
 
     (x, y), _ = load_digits(torch.device("cpu"))
