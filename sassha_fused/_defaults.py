@@ -145,6 +145,18 @@ OPTIONS: Tuple[Option, ...] = (
     Option("capturable", False, "optimizer", convert=bool, doc=r"""
         keep every per-step value on the device so that the
         optimizer's calls can be captured in a CUDA graph (CUDA params only)."""),
+    Option("state_bits", 32, "optimizer", doc=r"""
+        how ``exp_avg`` and ``exp_hessian_diag`` are kept: ``32`` (default)
+        in float32; ``16`` in bfloat16; ``8`` as 8-bit codes with one float32
+        scale per 32 elements (1.125 bytes per element; the encodings are in
+        ``sassha_fused.encoding``). The update decodes, computes in float32 and
+        encodes again in one pass; ``opt.float_state(p)`` reads them as floats."""),
+    Option("master_weight_bits", None, "optimizer", doc=r"""
+        for bfloat16 parameters: ``24`` or ``32`` keeps the bits of a float32
+        master weight below the parameter's 16 in ``master_correction`` state
+        (8 bits: int8, or all 16: int16), and the update computes on the master
+        and writes both halves; ``None`` (default) updates the bfloat16 values
+        themselves. Other parameters are their own master."""),
     Option("defer_unperturb", False, "optimizer", only="SASSHA", convert=bool, doc=r"""
         in the official protocol, let ``unperturb()`` leave the
         restore to the next ``step()``, which fuses it into the update (one read
@@ -254,6 +266,10 @@ def validate_options(options: Mapping[str, Any]) -> None:
     if options["capturable"] and options["nonfinite"] == "raise":
         raise ValueError("nonfinite: 'raise' reads the finite flag on the host every step, which a captured "
                          "CUDA graph cannot; with capturable=True use 'skip' (and read opt.skipped_steps) or 'ignore'")
+    if options["state_bits"] not in (32, 16, 8) or isinstance(options["state_bits"], bool):
+        raise ValueError(f"state_bits: expected 32, 16 or 8, got {options['state_bits']!r}")
+    if options["master_weight_bits"] not in (None, 24, 32) or isinstance(options["master_weight_bits"], bool):
+        raise ValueError(f"master_weight_bits: expected None, 24 or 32, got {options['master_weight_bits']!r}")
     check_backend_name(options["backend"])
     no_sync = options.get("no_sync")
     if no_sync is not None and not callable(no_sync):

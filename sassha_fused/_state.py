@@ -27,6 +27,7 @@ from torch import Tensor
 from ._defaults import OPTIONS
 from .backends import Backend, math_dtype, resolve_backend
 from .distributed import is_distributed, is_sharded
+from .encoding import decode_state, join_master, n_groups, state_format
 from .phases import BETWEEN_STEPS
 from .plans import StepPlan, new_state
 from .schedules import is_schedule
@@ -39,6 +40,11 @@ _is_not_none = functools.partial(operator.is_not, None)
 EXTRA_KEY = "sassha_fused"
 _STATE_DTYPES = {"step": torch.float32, "bias_correction2": torch.float64}
 _PARAM_SHAPED = ("exp_avg", "exp_hessian_diag", "unperturbed_param")
+#: the integer param-shaped entries (state_bits=8 codes, master corrections) and their dtypes
+_CODES = {"exp_avg_codes": (torch.int8,), "exp_hessian_diag_codes": (torch.uint8,),
+          "master_correction": (torch.int8, torch.int16)}
+_SCALES = ("exp_avg_scales", "exp_hessian_diag_scales")
+_CORRECTION = {24: torch.int8, 32: torch.int16}
 
 
 @contextlib.contextmanager
@@ -77,6 +83,27 @@ class ParamStateMixin:
     def backends(self) -> Dict[str, str]:
         """The backend running each (device, dtype) seen so far, e.g. ``{"cpu/float32": "cpp"}``."""
         return {f"{d}/{str(dt).replace('torch.', '')}": b.name for (d, dt), b in self._cache.backends.items()}
+
+    def float_state(self, p: Tensor) -> Dict[str, Tensor]:
+        """``exp_avg`` (m) and ``exp_hessian_diag`` (D) of ``p`` as float tensors, whatever ``state_bits``.
+
+        Copies in the param's math dtype (float32 for 16-bit params), decoded from
+        bfloat16 or 8-bit codes as the update decodes them; an empty dict before the
+        parameter's first step. For logging and analysis: writing to them changes nothing.
+        """
+        state = self.state.get(p, {})
+        if state_format(state) is None:
+            return {}
+        m, d = decode_state(state, math_dtype(p.dtype))
+        return {"exp_avg": m, "exp_hessian_diag": d}
+
+    def master_weight(self, p: Tensor) -> Tensor:
+        """The float32 weight the update computes on: ``p`` joined with its ``master_correction``
+        (``master_weight_bits``), else ``p`` itself as float32 (a copy)."""
+        correction = self.state.get(p, {}).get("master_correction")
+        if correction is None:
+            return p.detach().to(math_dtype(p.dtype), copy=True)
+        return join_master(p.detach(), correction)
 
     def _participants(self) -> List[Tensor]:
         """Params taking part in the step: those with a gradient (every trainable one
@@ -124,9 +151,9 @@ class ParamStateMixin:
 
     def _state_of(self, p: Tensor) -> dict:
         state = self.state[p]
-        if "exp_avg" not in state:
+        if state_format(state) is None:
             step, c2 = self._counter_views(p)
-            state.update(new_state(p, step, c2))
+            state.update(new_state(p, step, c2, self.state_bits, self.master_weight_bits))
         return state
 
     def _bank_counters(self, p: Tensor, state: dict, saved: Dict[str, Any]) -> None:
@@ -237,8 +264,14 @@ class StateDictMixin:
             for key, value in saved.items():
                 if key in _STATE_DTYPES:
                     continue
-                dtype = math_dtype(p.dtype) if key in ("exp_avg", "exp_hessian_diag") else p.dtype
-                state[key] = torch.as_tensor(value).to(device=p.device, dtype=dtype, copy=True)
+                value = torch.as_tensor(value)
+                if key in ("exp_avg", "exp_hessian_diag"):  # state_bits 32 or 16 (checked to match)
+                    dtype = torch.bfloat16 if self.state_bits == 16 else math_dtype(p.dtype)
+                elif key in _CODES or key in _SCALES:
+                    dtype = value.dtype  # as saved (checked)
+                else:
+                    dtype = p.dtype
+                state[key] = value.to(device=p.device, dtype=dtype, copy=True)
         if extra is not None:
             self._run.global_step = int(extra["global_step"])
             self._run.refreshes = int(extra["refreshes"])
@@ -292,9 +325,25 @@ class StateDictMixin:
                         raise ValueError(f"{name}.load_state_dict: {where} must be a number or a one-element "
                                          f"tensor, got {type(value).__name__}. Nothing was loaded.")
                     continue
-                if key not in _PARAM_SHAPED:
+                if key in _SCALES:
+                    if not isinstance(value, Tensor) or value.dtype != torch.float32 or value.numel() != n_groups(p.numel()):
+                        raise ValueError(f"{name}.load_state_dict: {where} must be a float32 tensor of "
+                                         f"{n_groups(p.numel())} group scales. Nothing was loaded.")
                     continue
-                if not isinstance(value, Tensor) or not value.is_floating_point():
+                if key in _CODES:
+                    if not isinstance(value, Tensor) or value.dtype not in _CODES[key]:
+                        raise ValueError(f"{name}.load_state_dict: {where} must be a tensor of "
+                                         f"{' or '.join(map(str, _CODES[key]))} codes. Nothing was loaded.")
+                    if key == "master_correction" and (self.master_weight_bits is None
+                                                       or value.dtype != _CORRECTION[self.master_weight_bits]):
+                        raise ValueError(
+                            f"{name}.load_state_dict: {where} is a {value.dtype} master correction (master_weight_bits="
+                            f"{24 if value.dtype == torch.int8 else 32}) but this optimizer has master_weight_bits="
+                            f"{self.master_weight_bits}: build it with the checkpoint's master_weight_bits. Nothing "
+                            "was loaded.")
+                elif key not in _PARAM_SHAPED:
+                    continue
+                elif not isinstance(value, Tensor) or not value.is_floating_point():
                     what = f"a {value.dtype} tensor" if isinstance(value, Tensor) else type(value).__name__
                     raise ValueError(f"{name}.load_state_dict: {where} must be a floating-point tensor, got "
                                      f"{what}. Nothing was loaded.")
@@ -303,6 +352,15 @@ class StateDictMixin:
                         f"{name}.load_state_dict: {where} has shape {tuple(value.shape)} but the parameter has "
                         f"shape {tuple(p.shape)}: the state dict comes from a model with other shapes (or the "
                         "parameters are in another order). Nothing was loaded.")
+        for gi_j, p, i in zip(places, self._all_params(), ids):
+            saved_bits = state_format(saved_state.get(i, {}))
+            if saved_bits is not None and saved_bits != self.state_bits:
+                raise ValueError(
+                    f"{name}.load_state_dict: the state dict keeps exp_avg and exp_hessian_diag with state_bits="
+                    f"{saved_bits} and this optimizer has state_bits={self.state_bits}. Build the optimizer with "
+                    f"state_bits={saved_bits}, or convert the state first: "
+                    f"opt.load_state_dict(sassha_fused.encoding.convert_state_dict(sd, state_bits={self.state_bits})). "
+                    "Nothing was loaded.")
         if extra is None and any(float(s.get("step", 0)) > 0 for s in saved_state.values()):
             raise ValueError(
                 f"{name}.load_state_dict: the state dict has per-parameter steps but not the optimizer-wide "

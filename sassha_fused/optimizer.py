@@ -23,6 +23,7 @@ from . import functional as F
 from ._defaults import ARGS_DOC, DEFAULTS, GROUP_KEYS, OPTIONS, SASSHA_ONLY, args_doc, validate_group, validate_options
 from .backends import Backend, Bucket, ProbeKeys, RefreshInput
 from ._state import ParamStateMixin, StateDictMixin
+from .encoding import state_format
 from .distributed import BucketedAverager, average_step_inputs, copy_, local, participation, shard_group_of
 from ._passes import NothingToStep, PassDriver
 from .hvp import cannot_differentiate_twice
@@ -233,9 +234,30 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
                     f"hvp: 'autograd' needs a double backward, which {who} cannot give; use "
                     "hvp='finite_difference' (or 'auto'): every pass is then an ordinary forward and backward")
             self._run.hvp_method = "finite_difference"
+        self._check_encoding()
         if self.capturable and any(p.device.type != "cuda" for p in self._all_params()):
             raise ValueError("capturable: CUDA graphs capture CUDA work only; capturable=True needs every "
                              "parameter on a CUDA device (leave it False on the CPU)")
+
+    def _check_encoding(self) -> None:
+        """``state_bits`` and ``master_weight_bits`` against the parameters (ValueError naming the argument)."""
+        dtypes = {p.dtype for p in self._all_params()}
+        if self.master_weight_bits is not None:
+            if torch.float16 in dtypes:
+                raise ValueError(
+                    "master_weight_bits: it applies to bfloat16 parameters (the master weight's top 16 bits); "
+                    "float16 parameters have no such split. Keep float16 parameters with master_weight_bits=None, "
+                    "or train in bfloat16")
+            if torch.bfloat16 not in dtypes:
+                names = ", ".join(sorted(str(d).replace("torch.", "") for d in dtypes)) or "none"
+                raise ValueError(
+                    f"master_weight_bits: it applies to 16-bit (bfloat16) parameters, and these are {names}: "
+                    "float32 parameters are their own master weight; leave master_weight_bits=None")
+        if self.state_bits == 8 and self._run.shards is not None:
+            raise ValueError(
+                "state_bits: 8-bit state under FSDP2 (fully_shard) is not supported yet (its scales, one per 32 "
+                "elements, do not shard like the parameter); use state_bits=16, whose bfloat16 state shards like "
+                "the parameter, or 32")
 
     # ------------------------------------------------------------ copy, pickle
     #: handles of the run outside the optimizer: a deepcopy shares them, it does not copy them
@@ -814,6 +836,8 @@ class SASSHA(_SasshaBase):
         process_group: Optional[Any] = DEFAULTS["process_group"],
         grad_scaler: Optional[Any] = DEFAULTS["grad_scaler"],
         capturable: bool = DEFAULTS["capturable"],
+        state_bits: int = DEFAULTS["state_bits"],
+        master_weight_bits: Optional[int] = DEFAULTS["master_weight_bits"],
         defer_unperturb: bool = SASSHA_ONLY["defer_unperturb"],
         no_sync: Optional[Callable[[], Any]] = SASSHA_ONLY["no_sync"],
     ) -> None:
@@ -1056,6 +1080,8 @@ class MSASSHA(_SasshaBase):
         process_group: Optional[Any] = DEFAULTS["process_group"],
         grad_scaler: Optional[Any] = DEFAULTS["grad_scaler"],
         capturable: bool = DEFAULTS["capturable"],
+        state_bits: int = DEFAULTS["state_bits"],
+        master_weight_bits: Optional[int] = DEFAULTS["master_weight_bits"],
     ) -> None:
         super().__init__(params, _options(locals()))
 
@@ -1066,7 +1092,7 @@ class MSASSHA(_SasshaBase):
 
     def _with_state(self) -> List[Tensor]:
         state = self.state
-        return [p for p in self._all_params() if "exp_avg" in state.get(p, ())]
+        return [p for p in self._all_params() if state_format(state.get(p, {})) is not None]
 
     def _backup(self, p: Tensor) -> Tensor:
         state = self._state_of(p)
@@ -1118,7 +1144,7 @@ class MSASSHA(_SasshaBase):
         plan = self._plan(self._with_state(), self._backup)
         if plan.participants:
             attach_state(plan, self._state_of)
-            F.perturb(plan, lambda b: b.exp_avgs, -1.0, False, F.GroupTable(self.param_groups, self.capturable))
+            F.perturb(plan, lambda b: b.momentum(), -1.0, False, F.GroupTable(self.param_groups, self.capturable))
             self._move(Phase.RESTING)
         self._run.perturbation_owed = False
         if zero_grad:

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from .backends import Backend, Bucket, BucketColumns, get_backend, math_dtype
 from .distributed import ShardGroup, element_offset, local
+from .encoding import new_encoded_state
 
 __all__ = ["StepPlan", "PlanCache", "Counters", "attach_state", "bucket_columns", "new_state", "dense", "count_present"]
 
@@ -190,8 +191,18 @@ def attach_state(plan: StepPlan, state_of: Callable[[Tensor], dict]) -> None:
         return
     for b in plan.buckets:
         states = [state_of(p) for p in plan.params_of(b)]
-        b.exp_avgs = [s["exp_avg"] for s in states]
-        b.exp_hessian_diags = [s["exp_hessian_diag"] for s in states]
+        if "exp_avg_codes" in states[0] if states else False:
+            b.state_bits = 8
+            b.exp_avgs = [s["exp_avg_codes"] for s in states]
+            b.exp_hessian_diags = [s["exp_hessian_diag_codes"] for s in states]
+            b.exp_avg_scales = [s["exp_avg_scales"] for s in states]
+            b.exp_hessian_diag_scales = [s["exp_hessian_diag_scales"] for s in states]
+        else:
+            b.exp_avgs = [s["exp_avg"] for s in states]
+            b.exp_hessian_diags = [s["exp_hessian_diag"] for s in states]
+            b.state_bits = 16 if b.exp_avgs and b.exp_avgs[0].dtype == torch.bfloat16 else 32
+        if any("master_correction" in s for s in states):
+            b.master_corrections = [s.get("master_correction") for s in states]
         if plan.shards is not None:  # FSDP2: state is sharded like its param; the kernels take the shards
             b.exp_avgs, b.exp_hessian_diags = list(map(local, b.exp_avgs)), list(map(local, b.exp_hessian_diags))
     plan.has_state = True
@@ -240,17 +251,20 @@ class Counters:
             bank.index_copy_(0, idx, torch.where(live > 0, c2, bank.index_select(0, idx)))
 
 
-def new_state(p: Tensor, step: Tensor, c2: Tensor) -> dict:
-    """Fresh optimizer state of a parameter (names as in the official code); counters are bank views."""
-    mdt = math_dtype(p.dtype)
+def new_state(p: Tensor, step: Tensor, c2: Tensor, state_bits: int = 32,
+              master_weight_bits: Optional[int] = None) -> dict:
+    """Fresh optimizer state of a parameter (names as in the official code); counters are bank views.
+
+    ``m`` and ``D`` in the encoding of ``state_bits``; a bfloat16 param under
+    ``master_weight_bits`` also gets its (zero) ``master_correction``.
+    """
     step.zero_()
     c2.zero_()  # 0 until the parameter's first Hessian refresh: the update skips it until then
-    return {
-        "step": step,
-        "exp_avg": torch.zeros_like(p, dtype=mdt, memory_format=torch.preserve_format),
-        "exp_hessian_diag": torch.zeros_like(p, dtype=mdt, memory_format=torch.preserve_format),
-        "bias_correction2": c2,
-    }
+    state = {"step": step, **new_encoded_state(p, state_bits, math_dtype(p.dtype)), "bias_correction2": c2}
+    if master_weight_bits is not None and p.dtype == torch.bfloat16:
+        state["master_correction"] = torch.zeros_like(p, dtype=torch.int8 if master_weight_bits == 24 else torch.int16,
+                                                      memory_format=torch.contiguous_format)
+    return state
 
 
 def flat_numel(tensors: Sequence[Tensor]) -> int:

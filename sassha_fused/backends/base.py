@@ -28,6 +28,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from ..encoding import decode_momentum
+
 __all__ = [
     "Backend",
     "BackendUnavailable",
@@ -205,8 +207,18 @@ class Bucket:
     # global row-major index of each param's first element in the probes (FSDP2
     # shards); empty means 0 for every param
     element_offset: List[int] = field(default_factory=list)
-    exp_avgs: List[Tensor] = field(default_factory=list)  # m, in math_dtype(param.dtype)
-    exp_hessian_diags: List[Tensor] = field(default_factory=list)  # D, in math_dtype(param.dtype)
+    # the optimizer state, encoded as ``state_bits`` says (``sassha_fused.encoding``):
+    # 32: m and D in math_dtype(param.dtype); 16: bfloat16; 8: int8 / uint8 codes, param-shaped,
+    # with one float32 scale per group of 32 elements in the ``*_scales`` lists (empty otherwise)
+    state_bits: int = 32
+    exp_avgs: List[Tensor] = field(default_factory=list)  # m
+    exp_hessian_diags: List[Tensor] = field(default_factory=list)  # D
+    exp_avg_scales: List[Tensor] = field(default_factory=list)
+    exp_hessian_diag_scales: List[Tensor] = field(default_factory=list)
+    # master_weight_bits: per param, the int8 (24) / int16 (32) ``master_correction`` of a
+    # bfloat16 param (the update computes on ``encoding.join_master(x_t, correction)`` and
+    # writes both halves), None for a param without one; empty when the option is off
+    master_corrections: List[Optional[Tensor]] = field(default_factory=list)
     columns: Optional["BucketColumns"] = None
     backend_cache: Dict[Any, Any] = field(default_factory=dict)
 
@@ -225,6 +237,14 @@ class Bucket:
     @property
     def has_state(self) -> bool:
         return bool(self.exp_avgs) or not self.params
+
+    def momentum(self) -> List[Tensor]:
+        """m of every param as float tensors: the state itself at ``state_bits=32``, else decoded copies."""
+        if self.state_bits == 32:
+            return self.exp_avgs
+        if self.state_bits == 8:
+            return [decode_momentum(c, s) for c, s in zip(self.exp_avgs, self.exp_avg_scales)]
+        return [m.to(math_dtype(p.dtype)) for m, p in zip(self.exp_avgs, self.params)]
 
 
 class Backend:
@@ -296,5 +316,11 @@ class Backend:
         step's ``hessian_power``. Where ``LIVE`` is 0 the param is set to ``x_t``
         and its state is not written. On refresh steps (``refresh`` given) ``D``
         takes the EMA of ``|h|``; step counts and ``c2`` are committed by the caller.
+
+        The state is read and written in its encoding (``b.state_bits``, see
+        ``Bucket`` and ``sassha_fused.encoding``): decoded, computed on in the math
+        dtype, encoded again in the same pass; D is written on refresh steps only.
+        A param with a master correction (``b.master_corrections[j]``) starts from
+        ``join_master(x_t[j], correction)`` and writes both halves of the result.
         """
         raise NotImplementedError

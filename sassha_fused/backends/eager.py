@@ -21,10 +21,12 @@ from typing import List, Optional, Sequence
 import torch
 from torch import Tensor
 
+from ..encoding import decode_hessian, decode_momentum, encode_hessian, encode_momentum, join_master, split_master
 from ..probes import param_key, rademacher
 from .base import Backend, Bucket, GroupCol, GroupTable, ProbeKeys, RefreshInput, RefreshMode, UpdateCol, math_dtype
 
-__all__ = ["EagerBackend", "probe", "hessian_sample_mean", "hessian_magnitude"]
+__all__ = ["EagerBackend", "probe", "hessian_sample_mean", "hessian_magnitude", "read_state", "write_state",
+           "read_x_t", "write_param"]
 
 
 def probe(b: Bucket, j: int, keys: ProbeKeys, sample: int, dtype: torch.dtype) -> Tensor:
@@ -67,6 +69,47 @@ def hessian_magnitude(h: Tensor, g: Tensor, refresh: RefreshInput, mdt: torch.dt
     if refresh.mode == RefreshMode.AUTOGRAD:
         return h.abs()
     return torch.maximum(h.abs(), refresh.fd[1].to(mdt) * g.to(mdt).abs())
+
+
+def read_state(b: Bucket, j: int, mdt: torch.dtype) -> "tuple[Tensor, Tensor]":
+    """m and D of param ``j`` in the math dtype, decoded from ``b.state_bits``'s encoding."""
+    if b.state_bits == 8:
+        return (decode_momentum(b.exp_avgs[j], b.exp_avg_scales[j]).to(mdt),
+                decode_hessian(b.exp_hessian_diags[j], b.exp_hessian_diag_scales[j]).to(mdt))
+    return b.exp_avgs[j].to(mdt), b.exp_hessian_diags[j].to(mdt)
+
+
+def write_state(b: Bucket, j: int, m_new: Tensor, d_new: Optional[Tensor], live: Tensor) -> None:
+    """Store m (and D, when given) of param ``j`` in its encoding where ``live``; else keep them."""
+    if b.state_bits == 8:
+        pairs = [(encode_momentum(m_new), b.exp_avgs[j], b.exp_avg_scales[j])]
+        if d_new is not None:
+            pairs.append((encode_hessian(d_new), b.exp_hessian_diags[j], b.exp_hessian_diag_scales[j]))
+        for (codes, scales), codes_out, scales_out in pairs:
+            codes_out.copy_(torch.where(live, codes.view_as(codes_out), codes_out))
+            scales_out.copy_(torch.where(live, scales, scales_out))
+        return
+    for new, out in ((m_new, b.exp_avgs[j]), (d_new, b.exp_hessian_diags[j])):
+        if new is not None:  # (16 bits: one rounding to bfloat16, nearest even)
+            out.copy_(torch.where(live, new.to(out.dtype), out))
+
+
+def read_x_t(b: Bucket, j: int, x_t: Tensor, mdt: torch.dtype) -> Tensor:
+    """The point the update starts from: the master weight when the param has a correction."""
+    correction = b.master_corrections[j] if b.master_corrections else None
+    return x_t.to(mdt) if correction is None else join_master(x_t, correction).to(mdt)
+
+
+def write_param(b: Bucket, j: int, x_new: Tensor, x_t: Tensor, live: Tensor) -> None:
+    """Param ``j`` takes ``x_new`` (both halves of a master weight) where ``live``, else goes back to x_t."""
+    x = b.params[j]
+    correction = b.master_corrections[j] if b.master_corrections else None
+    if correction is None:
+        x.copy_(torch.where(live, x_new.to(x.dtype), x_t))
+        return
+    high, low = split_master(x_new, 24 if correction.dtype == torch.int8 else 32)
+    x.copy_(torch.where(live, high.view_as(x), x_t))
+    correction.copy_(torch.where(live, low.view_as(correction), correction))
 
 
 class EagerBackend(Backend):
@@ -128,7 +171,8 @@ class EagerBackend(Backend):
         for j, x in enumerate(b.params):
             mdt = math_dtype(x.dtype)
             s = scalars[j].to(mdt)
-            m, d, g = b.exp_avgs[j], b.exp_hessian_diags[j], grads[j].to(mdt)
+            m, d = read_state(b, j, mdt)
+            g = grads[j].to(mdt)
             live = s[UpdateCol.LIVE] > 0
             # m_t = beta1 m_{t-1} + (1 - beta1) g~_t
             m_new = m * s[UpdateCol.BETA1] + g * s[UpdateCol.ONE_MINUS_BETA1]
@@ -139,9 +183,7 @@ class EagerBackend(Backend):
                 d_new = d * s[UpdateCol.BETA2] + h * s[UpdateCol.ONE_MINUS_BETA2]
             # x_{t+1} = x_t (1 - lr wd) - lr / (1 - beta1^t) * m_t / (D_t^p / c2 + eps)
             denom = d_new.pow(power) / s[UpdateCol.C2] + s[UpdateCol.EPS]
-            x_new = x_t[j].to(mdt) * s[UpdateCol.DECAY] + s[UpdateCol.NEG_STEP] * (m_new / denom)
+            x_new = read_x_t(b, j, x_t[j], mdt) * s[UpdateCol.DECAY] + s[UpdateCol.NEG_STEP] * (m_new / denom)
             # a param that is not live goes back to x_t and keeps its state
-            x.copy_(torch.where(live, x_new.to(x.dtype), x_t[j]))
-            m.copy_(torch.where(live, m_new, m))
-            if refresh is not None:
-                d.copy_(torch.where(live, d_new, d))
+            write_param(b, j, x_new, x_t[j], live)
+            write_state(b, j, m_new, d_new if refresh is not None else None, live)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .base import Backend, Bucket, GroupCol, GroupTable, ProbeKeys, RefreshInput, UpdateCol, math_dtype
-from .eager import EagerBackend, hessian_magnitude, hessian_sample_mean
+from .eager import EagerBackend, hessian_magnitude, hessian_sample_mean, read_state, read_x_t, write_param, write_state
 
 __all__ = ["ForeachBackend"]
 
@@ -109,7 +109,11 @@ class ForeachBackend(Backend):
             mdt = math_dtype(dt)
             rows = scalars.index_select(0, _index(b, "rows", dt, idx)).to(mdt)
             col = [c.unbind(0) for c in rows.unbind(1)]
-            ms, ds = _pick(b.exp_avgs, idx), _pick(b.exp_hessian_diags, idx)
+            plain = b.state_bits == 32 and not b.master_corrections
+            if plain:
+                ms, ds = _pick(b.exp_avgs, idx), _pick(b.exp_hessian_diags, idx)
+            else:  # compact state or master weights: decoded into float temporaries, encoded after
+                ms, ds = (list(t) for t in zip(*[read_state(b, j, mdt) for j in idx]))
             gs = _lift(_pick(grads, idx), mdt)
             m_new = torch._foreach_mul(ms, col[UpdateCol.BETA1])
             torch._foreach_add_(m_new, torch._foreach_mul(gs, col[UpdateCol.ONE_MINUS_BETA1]))
@@ -125,10 +129,16 @@ class ForeachBackend(Backend):
             step = torch._foreach_div(m_new, denom)
             torch._foreach_mul_(step, col[UpdateCol.NEG_STEP])
             xts = _pick(x_t, idx)
-            x_new = torch._foreach_mul(_lift(xts, mdt), col[UpdateCol.DECAY])
+            x0 = _lift(xts, mdt) if plain else [read_x_t(b, j, x_t[j], mdt) for j in idx]
+            x_new = torch._foreach_mul(x0, col[UpdateCol.DECAY])
             torch._foreach_add_(x_new, step)
             xs = _pick(b.params, idx)
             live = (rows[:, UpdateCol.LIVE] > 0).unbind(0)
+            if not plain:
+                for k, j in enumerate(idx):
+                    write_param(b, j, x_new[k], xts[k], live[k])
+                    write_state(b, j, m_new[k], d_new[k] if refresh is not None else None, live[k])
+                continue
             for k in range(len(idx)):  # a param that is not live goes back to x_t, state untouched
                 xs[k].copy_(torch.where(live[k], x_new[k].to(dt), xts[k]))
                 ms[k].copy_(torch.where(live[k], m_new[k], ms[k]))

@@ -1,0 +1,261 @@
+r"""Compact optimizer state: the encodings behind ``state_bits`` and ``master_weight_bits``.
+
+This module states each encoding once, in plain torch ops on one tensor; it is the
+reference the fused kernels (``csrc/sassha_math.h``, ``triton_kernels/sassha.py``)
+follow operation for operation, so that given the same float32 values every backend
+writes the same codes, bit for bit.
+
+``state_bits`` (both state tensors, every parameter):
+
+- ``32``: ``exp_avg`` (:math:`m`) and ``exp_hessian_diag`` (:math:`D`) in the math
+  dtype (float32; float64 for float64 params), 8 bytes per parameter.
+- ``16``: both in bfloat16, rounded to nearest even from the float32 result.
+- ``8``: both as 8-bit codes in groups of ``GROUP`` = 32 consecutive elements
+  (row-major, from element 0) with one float32 scale per group:
+  1 + 4/32 = 1.125 bytes per parameter and tensor.
+
+  - :math:`m` (signed): scale :math:`s = \max_{group} |m|`, :math:`u = m / s`,
+    softsign companding :math:`c = 2u / (1 + |u|)`, ``int8`` code
+    :math:`q = \mathrm{sign}(c)\,\lfloor (|c| + \tfrac{1}{254}) \cdot 127 \rfloor`.
+    Decoded: :math:`c = q / 127`, :math:`m = c / (2 - |c|) \cdot s`. Companding
+    spends the codes where momentum entries are: most sit far below the group's
+    largest, and softsign halves the step of the code grid near zero.
+  - :math:`D` (non-negative): scale :math:`s = \max_{group} D`,
+    :math:`c = \sqrt{D / s}`, ``uint8`` code :math:`q = \lfloor (c + \tfrac{1}{510})
+    \cdot 255 \rfloor`, and at least 1 where :math:`D > 0`. Decoded:
+    :math:`c = q / 255`, :math:`D = c^2 s`. With the default ``hessian_power``
+    0.5 the preconditioner :math:`\sqrt{D}` is then linear in the code, and an entry
+    far below its group's largest decodes to :math:`s / 255^2` instead of zero: a
+    zero would leave only ``eps`` under that coordinate's step (the failure of coarser
+    encodings), while a floor too high only shortens it.
+
+  Only ``+ - * /``, ``sqrt`` and ``floor``, each rounded on its own (no fused
+  multiply-add can change a rounding: no product is added to), so every IEEE
+  machine encodes alike; no ``exp``/``log``, whose last bits differ between math
+  libraries. Rounding is deterministic (no stochastic rounding): a resumed run
+  and every backend agree.
+
+``master_weight_bits`` (bfloat16 parameters): the parameter holds the top 16 bits of a
+float32 master weight, rounded to nearest (ties away from zero); the state entry
+``master_correction`` holds what lies below them: the next 8 bits (``24``, ``int8``,
+the master rounded to 24 bits) or all 16 (``32``, ``int16``, the exact float32).
+``join_master`` puts them together with integer arithmetic on the bits, so nothing is
+rounded on the way back.
+
+Groups start at element 0 of each tensor. Under FSDP2 a shard is a tensor of its own
+here, so ``state_bits=8`` is refused there for now (``state_bits=16`` shards like the
+parameter).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "GROUP",
+    "M_LEVELS",
+    "D_LEVELS",
+    "STATE_BITS",
+    "MASTER_WEIGHT_BITS",
+    "n_groups",
+    "encode_momentum",
+    "decode_momentum",
+    "encode_hessian",
+    "decode_hessian",
+    "split_master",
+    "join_master",
+    "state_keys",
+    "state_format",
+    "new_encoded_state",
+    "decode_state",
+    "encode_state",
+    "convert_state_dict",
+]
+
+GROUP = 32  # elements per scale
+M_LEVELS = 127  # int8 codes of m: -127 .. 127
+D_LEVELS = 255  # uint8 codes of D: 0 .. 255
+STATE_BITS = (32, 16, 8)
+MASTER_WEIGHT_BITS = (None, 24, 32)
+#: the constants added before the scaling to the code grid (rounding to nearest)
+M_HALF = 0.5 / M_LEVELS
+D_HALF = 0.5 / D_LEVELS
+_CORRECTION_DTYPE = {24: torch.int8, 32: torch.int16}
+
+
+def n_groups(numel: int) -> int:
+    """Scales per tensor of ``numel`` elements under ``state_bits=8``."""
+    return (numel + GROUP - 1) // GROUP
+
+
+def _grouped(v: Tensor) -> Tensor:
+    """``v`` as float32 ``[groups, GROUP]`` in row-major order, the last group zero-padded."""
+    flat = v.reshape(-1).to(torch.float32)
+    pad = (-flat.numel()) % GROUP
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    return flat.view(-1, GROUP)
+
+
+def _ungrouped(v: Tensor, like: Tensor) -> Tensor:
+    return v.reshape(-1)[:like.numel()].view(like.shape)
+
+
+def _scaled(v: Tensor, s: Tensor) -> Tensor:
+    """``v / s`` per group, 0 in a group whose scale is 0."""
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    return torch.where(s[:, None] > 0, v / safe[:, None], torch.zeros_like(v))
+
+
+def encode_momentum(m: Tensor) -> Tuple[Tensor, Tensor]:
+    """``m`` (float) -> (``int8`` codes shaped like ``m``, float32 scale per group)."""
+    v = _grouped(m)
+    s = v.abs().amax(dim=1)
+    u = _scaled(v, s)
+    c = (u + u) / (1.0 + u.abs())
+    q = torch.floor((c.abs() + M_HALF) * M_LEVELS).clamp_(max=M_LEVELS)
+    q = torch.where(c < 0, -q, q)
+    return _ungrouped(q.to(torch.int8), m), s
+
+
+def decode_momentum(codes: Tensor, scales: Tensor) -> Tensor:
+    """float32 ``m`` from its codes and group scales."""
+    c = _grouped(codes) / M_LEVELS
+    return _ungrouped(c / (2.0 - c.abs()) * scales[:, None], codes)
+
+
+def encode_hessian(d: Tensor) -> Tuple[Tensor, Tensor]:
+    """``D`` (float, >= 0) -> (``uint8`` codes shaped like ``D``, float32 scale per group)."""
+    v = _grouped(d)
+    s = v.amax(dim=1)
+    c = torch.sqrt(_scaled(v, s))
+    q = torch.floor((c + D_HALF) * D_LEVELS).clamp_(max=D_LEVELS)
+    q = torch.where((v > 0) & (q < 1), torch.ones_like(q), q)  # a positive entry never decodes to 0
+    return _ungrouped(q.to(torch.uint8), d), s
+
+
+def decode_hessian(codes: Tensor, scales: Tensor) -> Tensor:
+    """float32 ``D`` from its codes and group scales."""
+    c = _grouped(codes) / D_LEVELS
+    return _ungrouped(c * c * scales[:, None], codes)
+
+
+# ------------------------------------------------------------------------ master weights
+def split_master(x: Tensor, bits: int) -> Tuple[Tensor, Tensor]:
+    """A float32 master weight -> (the bfloat16 parameter, its ``master_correction``).
+
+    The parameter is the master's top 16 bits rounded to nearest, ties away from
+    zero (after rounding the master to 24 bits when ``bits`` is 24); the correction
+    is the rest as a signed integer: master bits = (parameter bits << 16) +
+    (correction << 8) for 24, + correction for 32. Non-finite values keep their
+    bfloat16 rounding and a zero correction.
+    """
+    bits_of = x.to(torch.float32).contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    if bits == 24:
+        bits_of = (bits_of + 0x80) & 0xFFFFFF00
+    high = (bits_of + 0x8000) >> 16
+    rest = bits_of - (high << 16)
+    finite = torch.isfinite(x)
+    param = torch.where(finite, _bits_to_bf16(high), x.to(torch.bfloat16))
+    correction = torch.where(finite, rest >> 8 if bits == 24 else rest, torch.zeros_like(rest))
+    return param, correction.to(_CORRECTION_DTYPE[bits])
+
+
+def join_master(param: Tensor, correction: Tensor) -> Tensor:
+    """The float32 master weight of a bfloat16 ``param`` and its ``master_correction``."""
+    high = param.contiguous().view(torch.int16).to(torch.int64) & 0xFFFF
+    rest = correction.to(torch.int64)
+    if correction.dtype == torch.int8:
+        rest = rest << 8
+    bits = ((high << 16) + rest) & 0xFFFFFFFF
+    bits = torch.where(bits >= 1 << 31, bits - (1 << 32), bits)
+    return bits.to(torch.int32).view(torch.float32)
+
+
+def _bits_to_bf16(high: Tensor) -> Tensor:
+    h = torch.where(high >= 1 << 15, high - (1 << 16), high)
+    return h.to(torch.int16).view(torch.bfloat16)
+
+
+# ------------------------------------------------------------------------- state entries
+def state_keys(state_bits: int) -> Tuple[str, ...]:
+    """The param-shaped and per-group state entries ``state_bits`` keeps (besides the counters)."""
+    if state_bits == 8:
+        return ("exp_avg_codes", "exp_avg_scales", "exp_hessian_diag_codes", "exp_hessian_diag_scales")
+    return ("exp_avg", "exp_hessian_diag")
+
+
+def state_format(state: Dict[str, object]) -> Optional[int]:
+    """The ``state_bits`` a parameter's state dict was written with (None: no state yet)."""
+    if "exp_avg_codes" in state:
+        return 8
+    m = state.get("exp_avg")
+    if isinstance(m, Tensor):
+        return 16 if m.dtype == torch.bfloat16 else 32
+    return None
+
+
+def new_encoded_state(p: Tensor, state_bits: int, math_dtype: torch.dtype) -> Dict[str, Tensor]:
+    """Zero ``m`` and ``D`` of ``p`` in the encoding of ``state_bits`` (zero codes and scales)."""
+    if state_bits == 8:
+        groups = n_groups(p.numel())
+        return {
+            "exp_avg_codes": torch.zeros_like(p, dtype=torch.int8, memory_format=torch.contiguous_format),
+            "exp_avg_scales": torch.zeros(groups, dtype=torch.float32, device=p.device),
+            "exp_hessian_diag_codes": torch.zeros_like(p, dtype=torch.uint8, memory_format=torch.contiguous_format),
+            "exp_hessian_diag_scales": torch.zeros(groups, dtype=torch.float32, device=p.device),
+        }
+    dtype = torch.bfloat16 if state_bits == 16 else math_dtype
+    return {
+        "exp_avg": torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format),
+        "exp_hessian_diag": torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format),
+    }
+
+
+def decode_state(state: Dict[str, Tensor], math_dtype: torch.dtype = torch.float32) -> Tuple[Tensor, Tensor]:
+    """``(m, D)`` of one parameter's state as ``math_dtype`` tensors (copies), whatever its encoding."""
+    if "exp_avg_codes" in state:
+        return (decode_momentum(state["exp_avg_codes"], state["exp_avg_scales"]).to(math_dtype),
+                decode_hessian(state["exp_hessian_diag_codes"], state["exp_hessian_diag_scales"]).to(math_dtype))
+    return (state["exp_avg"].to(math_dtype, copy=True), state["exp_hessian_diag"].to(math_dtype, copy=True))
+
+
+def encode_state(m: Tensor, d: Tensor, state_bits: int, math_dtype: torch.dtype) -> Dict[str, Tensor]:
+    """The state entries of ``state_bits`` holding ``m`` and ``D``."""
+    if state_bits == 8:
+        mc, ms = encode_momentum(m)
+        dc, ds = encode_hessian(d)
+        return {"exp_avg_codes": mc, "exp_avg_scales": ms, "exp_hessian_diag_codes": dc,
+                "exp_hessian_diag_scales": ds}
+    dtype = torch.bfloat16 if state_bits == 16 else math_dtype
+    return {"exp_avg": m.to(dtype), "exp_hessian_diag": d.to(dtype)}
+
+
+def convert_state_dict(state_dict: Dict[str, object], state_bits: int) -> Dict[str, object]:
+    """A copy of an optimizer ``state_dict()`` with ``m`` and ``D`` re-encoded for ``state_bits``.
+
+    Load the result into an optimizer built with that ``state_bits``; converting to
+    fewer bits rounds the state as a step would. Whole (unsharded) tensors only.
+    """
+    if state_bits not in STATE_BITS:
+        raise ValueError(f"state_bits: expected one of {STATE_BITS}, got {state_bits!r}")
+    out = dict(state_dict)
+    new_state = {}
+    for key, entry in dict(state_dict["state"]).items():  # type: ignore[arg-type]
+        entry = dict(entry)
+        if state_format(entry) is not None:
+            if any(type(v).__name__ == "DTensor" for v in entry.values()):
+                raise ValueError("convert_state_dict: the state holds DTensor shards (FSDP2); convert a full "
+                                 "state dict (torch.distributed.checkpoint's full_state_dict=True) instead")
+            kept = entry["exp_avg"] if "exp_avg" in entry else None
+            mdt = kept.dtype if kept is not None and kept.dtype == torch.float64 else torch.float32
+            m, d = decode_state(entry, mdt)
+            for k in state_keys(8) + state_keys(32):
+                entry.pop(k, None)
+            entry.update(encode_state(m, d, state_bits, mdt))
+        new_state[key] = entry
+    out["state"] = new_state
+    return out
