@@ -44,6 +44,33 @@ def _options(frame_locals: Dict[str, Any]) -> Dict[str, Any]:
 _COUNTERS = ("step", "bias_correction2")
 
 
+class HeldStorage:
+    """Tensors whose memory is given back between uses and taken again before the next.
+
+    ``release`` frees each tensor's storage (the tensor object stays, so the step
+    plans' lists of it stay valid); ``hold`` allocates it again, uninitialised. The
+    address may change: the backends re-read pointers they cache.
+    """
+
+    def __init__(self) -> None:
+        self._nbytes: Dict[int, int] = {}  # id(storage owner) -> bytes it had; present while released
+
+    def release(self, tensors: Iterable[Tensor]) -> None:
+        for t in tensors:
+            storage = local(t).untyped_storage()
+            if storage.nbytes():
+                self._nbytes[id(t)] = storage.nbytes()
+                storage.resize_(0)
+
+    def hold(self, tensors: Iterable[Tensor]) -> None:
+        if not self._nbytes:
+            return
+        for t in tensors:
+            nbytes = self._nbytes.pop(id(t), None)
+            if nbytes is not None:
+                local(t).untyped_storage().resize_(nbytes)
+
+
 class SkipMonitor:
     """Brings the steps' finite flags to the host without stalling, and reports skips.
 
@@ -189,6 +216,7 @@ class _Caches:
         self.counters = Counters()  # every param's step and c2, one bank per device
         self.averager = BucketedAverager(process_group)
         self.backups: Dict[int, Tensor] = {}  # SASSHA: x_t while the params hold x_t + e_t, by id(param)
+        self.held_backups = HeldStorage()  # their memory, released between steps with compact state
         self.index_of: Dict[int, int] = {}  # id(param) -> position (the probes' counter)
         self.group_of: Dict[int, int] = {}  # id(param) -> param group
         self.trainable: List[Tensor] = []
@@ -858,7 +886,17 @@ class SASSHA(_SasshaBase):
         # (a param's storage may have been replaced since: p.data = ... with another shape)
         if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
             buf = self._cache.backups[id(p)] = torch.empty_like(p, memory_format=torch.preserve_format)
+        self._cache.held_backups.hold([buf])
         return buf
+
+    def _lean(self) -> bool:
+        """Whether x_t's backups are held only inside a step: compact state (the configurations
+        chosen to save memory), unless a CUDA graph needs their addresses to stay."""
+        return (self.state_bits != 32 or self.master_weight_bits is not None) and not self.capturable
+
+    def _release_backups(self) -> None:
+        if self._lean():
+            self._cache.held_backups.release(self._cache.backups.values())
 
     def _x_t_of(self, plan: StepPlan) -> Callable[[Bucket], List[Tensor]]:
         # the backups hold x_t while these very params are perturbed
@@ -886,6 +924,7 @@ class SASSHA(_SasshaBase):
             self._restore(self._this_step.perturbed)
         self._this_step.perturbed = None
         self._move(Phase.IDLE)
+        self._release_backups()
 
     @torch.no_grad()
     def perturb_weights(self, zero_grad: bool = True) -> None:
@@ -920,6 +959,7 @@ class SASSHA(_SasshaBase):
             if inv is not None:  # the perturbation follows the unscaled gradient
                 torch._foreach_mul_(grads, inv.to(grads[0].dtype))
             try:
+                self._cache.held_backups.hold([t for b in plan.buckets for t in b.backups])
                 F.perturb(plan, plan.grads, 1.0, self.adaptive, F.GroupTable(self.param_groups, self.capturable))
             except BaseException:  # F.perturb put back what it moved; the schedules go back too
                 if inv is not None:  # the gradients as the user left them (a power-of-two scale: exact)
@@ -1012,6 +1052,7 @@ class SASSHA(_SasshaBase):
     def _after_update(self) -> None:
         self._this_step.perturbed = None
         self._phase = Phase.IDLE
+        self._release_backups()
 
     def _abort_step(self) -> None:
         """Params back to x_t (bit for bit) and nothing of the step kept: the phase is IDLE."""
@@ -1023,6 +1064,7 @@ class SASSHA(_SasshaBase):
         self._forget_step()
         self._unbegin_step()
         self._detach_grads()
+        self._release_backups()
 
 
 class MSASSHA(_SasshaBase):

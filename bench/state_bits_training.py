@@ -1,0 +1,161 @@
+"""Training with compact optimizer state (``state_bits``, ``master_weight_bits``), 3 seeds.
+
+One row per configuration, each trained from the same starts as the float32-state
+anchor of its parameter dtype:
+
+* the demo task: an MLP on scikit-learn's digits (``sassha_fused.demo``), test accuracy;
+* MNIST-1D (procedural, ships in the ``mnist1d`` package): an MLP, test accuracy;
+* a small causal transformer on the English help text that ships with Python
+  (``pydoc_data.topics``), held-out loss: float32 params in float32 and under bf16
+  autocast; bfloat16 params in bfloat16.
+
+The claim checked: every configuration reaches its anchor's result within the
+spread over seeds. Runs use ``backend="foreach"`` (the encodings are the same on
+every backend; this measures them, not a kernel).
+
+    python bench/state_bits_training.py            # about 45 minutes on 2 CPU cores
+    python bench/state_bits_training.py --quick    # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from typing import Dict, List, Optional
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from common import env_info  # noqa: E402
+from fd_accuracy import Transformer  # noqa: E402
+from fd_training import text  # noqa: E402
+from sassha_fused import SASSHA  # noqa: E402
+from sassha_fused.demo import load_digits, make_model  # noqa: E402
+
+#: (label, param dtype, optimizer options); the first row of each dtype is its anchor
+CONFIGS = [
+    ("fp32 params, state_bits=32 (anchor)", torch.float32, {"state_bits": 32}),
+    ("fp32 params, state_bits=16", torch.float32, {"state_bits": 16}),
+    ("fp32 params, state_bits=8", torch.float32, {"state_bits": 8}),
+    ("bf16 params, state_bits=32 (anchor)", torch.bfloat16, {"state_bits": 32}),
+    ("bf16 params, master 24, state_bits=8", torch.bfloat16, {"state_bits": 8, "master_weight_bits": 24}),
+    ("bf16 params, master 32, state_bits=16", torch.bfloat16, {"state_bits": 16, "master_weight_bits": 32}),
+]
+
+
+def classify_run(data, width_in: int, options: Dict, dtype: torch.dtype, seed: int, epochs: int) -> Dict[str, float]:
+    (xtr, ytr), (xte, yte) = data
+    xtr, xte = xtr.to(dtype), xte.to(dtype)
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(width_in, 128), torch.nn.GELU(), torch.nn.Linear(128, 128),
+                                torch.nn.GELU(), torch.nn.Linear(128, 10)).to(dtype)
+    opt = SASSHA(model.parameters(), lr=0.05, rho=0.05, weight_decay=1e-3, lazy_hessian=10, backend="foreach",
+                 **options)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        perm = torch.randperm(len(xtr), generator=g)
+        for i in range(len(xtr) // 64):
+            idx = perm[i * 64:(i + 1) * 64]
+            opt.step(lambda: F.cross_entropy(model(xtr[idx]).float(), ytr[idx]))
+    with torch.no_grad():
+        acc = float((model(xte).argmax(1) == yte).float().mean())
+    return {"test_acc": acc}
+
+
+def digits_data():
+    return load_digits(torch.device("cpu"), seed=0)
+
+
+def mnist1d_data(quick: bool):
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    d = make_dataset(get_dataset_args())  # procedural: built from templates in code, no download
+    x, y = torch.tensor(d["x"], dtype=torch.float32), torch.tensor(d["y"], dtype=torch.long)
+    xt, yt = torch.tensor(d["x_test"], dtype=torch.float32), torch.tensor(d["y_test"], dtype=torch.long)
+    if quick:
+        x, y = x[:800], y[:800]
+    return (x, y), (xt, yt)
+
+
+def charlm_run(options: Dict, dtype: torch.dtype, seed: int, steps: int, autocast: bool) -> Dict[str, float]:
+    data = text()
+    split = int(0.9 * len(data))
+    train, held = data[:split], data[split:]
+    seq, batch = 64, 32
+    torch.manual_seed(seed)
+    model = Transformer(vocab=95, d=64, seq=seq, layers=2, heads=4).to(dtype)
+    opt = SASSHA(model.parameters(), lr=0.02, rho=0.02, weight_decay=1e-2, lazy_hessian=10, backend="foreach",
+                 **options)
+    g = torch.Generator().manual_seed(seed)
+
+    def batch_of(source, gen):
+        starts = torch.randint(0, len(source) - seq - 1, (batch,), generator=gen)
+        chunk = torch.stack([source[s:s + seq + 1] for s in starts])
+        return chunk[:, :-1], chunk[:, 1:]
+
+    def loss_on(x, y):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model(x)
+        return F.cross_entropy(out.float().reshape(-1, 95), y.reshape(-1))
+
+    for _ in range(steps):
+        x, y = batch_of(train, g)
+        opt.step(lambda: loss_on(x, y))
+    held_gen = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        losses = [float(loss_on(*batch_of(held, held_gen))) for _ in range(20)]
+    return {"held_out_loss": statistics.mean(losses)}
+
+
+def summary(values: List[float]) -> str:
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values) if len(values) > 1 else 0:.4f}"
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--tasks", default="digits,mnist1d,charlm")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    seeds = range(2 if args.quick else args.seeds)
+    epochs, steps = (1, 10) if args.quick else (12, 300)
+    tasks = args.tasks.split(",")
+    results: Dict = {"env": env_info(torch.device("cpu")), "rows": []}
+    print("| configuration | task | metric | mean ± std over seeds | per seed |")
+    print("|---|---|---|---|---|")
+
+    def row(label: str, task: str, metric: str, runs: List[Dict[str, float]]) -> None:
+        vals = [r[metric] for r in runs]
+        results["rows"].append({"configuration": label, "task": task, "metric": metric, "values": vals})
+        print(f"| {label} | {task} | {metric} | {summary(vals)} | {', '.join(f'{v:.4f}' for v in vals)} |",
+              flush=True)
+
+    data = {"digits": digits_data() if "digits" in tasks else None,
+            "mnist1d": mnist1d_data(args.quick) if "mnist1d" in tasks else None}
+    for label, dtype, options in CONFIGS:
+        if "digits" in tasks:
+            row(label, f"digits MLP, {epochs} epochs", "test_acc",
+                [classify_run(data["digits"], 64, options, dtype, s, epochs) for s in seeds])
+        if "mnist1d" in tasks:
+            row(label, f"MNIST-1D MLP, {epochs} epochs", "test_acc",
+                [classify_run(data["mnist1d"], 40, options, dtype, s, epochs) for s in seeds])
+        if "charlm" in tasks:
+            for autocast in ((False, True) if dtype == torch.float32 else (False,)):
+                how = "bf16 autocast" if autocast else str(dtype).replace("torch.", "")
+                row(label, f"char transformer, {steps} steps, {how}", "held_out_loss",
+                    [charlm_run(options, dtype, s, steps, autocast) for s in seeds])
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,349 @@
+"""Compact optimizer state (``state_bits``) and master weights (``master_weight_bits``).
+
+The encodings of ``sassha_fused.encoding`` against their stated error bounds; the
+optimizer with them: parity of the backends that implement them against the eager
+reference, checkpoints (codes saved as they are, resumed bitwise, refused across
+encodings unless converted), the skip path, the accessors, and bad input.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+
+from parity import TOLERANCE, clone_params, coupled_loss, make_params, protocol_step
+from sassha_fused import MSASSHA, SASSHA
+from sassha_fused.encoding import (
+    GROUP,
+    convert_state_dict,
+    decode_hessian,
+    decode_momentum,
+    encode_hessian,
+    encode_momentum,
+    join_master,
+    split_master,
+)
+
+SIZES = (1, 31, 33, 96, 1000, 2 * 3 * 37)
+F32_EPS = torch.finfo(torch.float32).eps
+
+
+def group_max(v: torch.Tensor) -> torch.Tensor:
+    """Each element's group maximum of |v| (groups of 32 in row-major order), shaped like ``v``."""
+    flat = v.reshape(-1).abs()
+    pad = (-flat.numel()) % GROUP
+    padded = torch.cat([flat, flat.new_zeros(pad)]).view(-1, GROUP)
+    return padded.amax(1, keepdim=True).expand(-1, GROUP).reshape(-1)[:flat.numel()].view(v.shape)
+
+
+# ----------------------------------------------------------------------------- encodings
+def samples(n: int = 4000, seed: int = 0) -> torch.Tensor:
+    """Values over many orders of magnitude within a group, zeros and signs mixed."""
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(n, generator=g) * 10.0 ** torch.randint(-8, 3, (n,), generator=g).float()
+    v[::7] = 0.0
+    return v
+
+
+def test_momentum_codes_are_within_one_code_step():
+    m = samples()
+    codes, scales = encode_momentum(m)
+    assert codes.dtype == torch.int8 and codes.shape == m.shape and scales.numel() == -(-m.numel() // GROUP)
+    back = decode_momentum(codes, scales)
+    s = group_max(m)
+    # rounding c to the grid of 1/127 errs by half a step; du/dc = 2 / (2 - |c|)^2 <= 2; a few ulps of the scale
+    assert ((back - m).abs() <= s * (1 / 127 + 8 * F32_EPS)).all()
+    assert (back[m.abs() == s] == m[m.abs() == s]).all(), "each group's largest entry decodes exactly"
+    assert (torch.sign(back) * torch.sign(m) >= 0).all(), "no sign flips"
+    assert (back[m == 0] == 0).all()
+
+
+def test_hessian_codes_are_within_one_code_step_and_never_zero():
+    d = samples().abs()
+    codes, scales = encode_hessian(d)
+    assert codes.dtype == torch.uint8
+    back = decode_hessian(codes, scales)
+    s = group_max(d)
+    # sqrt(D / s) on a grid of 1/255: |c' - c| <= 1/510, so |D' - D| <= (2c/510 + 1/510^2) s <= s/255 + ...
+    assert ((back - d).abs() <= s * (1 / 255 + 1 / 510 ** 2 + 8 * F32_EPS)).all()
+    assert (back[d > 0] > 0).all(), "a positive entry never decodes to zero (only eps would be left under it)"
+    assert (back[d == 0] == 0).all()
+    assert (back[d == s] == d[d == s]).all(), "each group's largest entry decodes exactly"
+    # sqrt(D), the default preconditioner, is on a uniform grid: within half a step of sqrt(s) / 255
+    # an entry far below its group's largest decodes to the floor: code 1, s / 255^2
+    tiny = (d > 0) & (d < s / 255 ** 2 / 4)
+    assert tiny.any()
+    torch.testing.assert_close(back[tiny], s[tiny] / 255 ** 2, rtol=4 * F32_EPS, atol=0)
+
+
+def test_groups_follow_row_major_elements_whatever_the_layout():
+    m = samples(32 * 6).view(6, 32)
+    t = m.t().contiguous().t()  # same values, column-major storage
+    assert not t.is_contiguous()
+    for enc in (encode_momentum, encode_hessian):
+        v = m.abs() if enc is encode_hessian else m
+        vt = t.abs() if enc is encode_hessian else t
+        codes, scales = enc(v)
+        codes_t, scales_t = enc(vt)
+        assert torch.equal(codes, codes_t) and torch.equal(scales, scales_t)
+        rows = [enc(v[i]) for i in range(6)]  # each row is one group
+        assert torch.equal(scales, torch.cat([s for _, s in rows]))
+        assert torch.equal(codes, torch.stack([c for c, _ in rows]))
+
+
+def test_master_weight_split_and_join():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(20000, generator=g) * 10.0 ** torch.randint(-30, 30, (20000,), generator=g).float()
+    x[:4] = torch.tensor([0.0, -0.0, 1e-40, -3e-39])  # zeros and float32 subnormals
+    p, c = split_master(x, 32)
+    assert p.dtype == torch.bfloat16 and c.dtype == torch.int16
+    assert torch.equal(join_master(p, c).view(torch.int32), x.view(torch.int32)), "32 bits: the float32 itself"
+    assert torch.equal(p, x.to(torch.bfloat16)) or ((p.float() - x).abs() <= x.abs() * 2 ** -8 + 1e-38).all()
+    p24, c24 = split_master(x, 24)
+    assert c24.dtype == torch.int8
+    joined = join_master(p24, c24)
+    normal = x.abs() >= torch.finfo(torch.float32).tiny
+    # the master rounded to 24 bits (16 significant): half a unit of 2^-15 relative
+    assert ((joined - x).abs()[normal] <= x.abs()[normal] * 2 ** -16).all()
+    # the parameter is the master's nearest bfloat16 (ties away from zero): half a bfloat16 ulp
+    assert ((p24.float() - joined).abs()[normal] <= joined.abs()[normal] * 2 ** -8).all()
+    inf = torch.tensor([float("inf"), float("-inf"), float("nan")])
+    pi, ci = split_master(inf, 24)
+    assert torch.equal(ci, torch.zeros(3, dtype=torch.int8)) and torch.isinf(pi[:2]).all() and torch.isnan(pi[2])
+
+
+# ----------------------------------------------------------------------------- the optimizer
+def compact_run(backend: str, state_bits: int, master=None, dtype=torch.float32, steps: int = 8, cls=SASSHA,
+                hvp: str = "autograd", **kw):
+    """``steps`` closure steps on ``coupled_loss``; the optimizer records ``largest_move``: the
+    largest change of any param element in one step (the scale of a code flip's effect)."""
+    params = make_params(SIZES, dtype=dtype, seed=3)
+    opt = cls(params, lr=0.01, lazy_hessian=2, backend=backend, hvp=hvp, state_bits=state_bits,
+              master_weight_bits=master, **kw)
+    opt.largest_move = 0.0
+    for t in range(steps):
+        before = [p.detach().float().clone() for p in params]
+        protocol_step(opt, lambda t=t: coupled_loss(params, t), "closure")
+        opt.largest_move = max([opt.largest_move] + [(p.detach().float() - b).abs().max().item()
+                                                     for p, b in zip(params, before)])
+    return params, opt
+
+
+def state_of(opt, p):
+    return {k: v for k, v in opt.state[p].items() if isinstance(v, torch.Tensor)}
+
+
+@pytest.mark.parametrize("state_bits", [16, 8])
+def test_first_step_codes_equal_the_float32_state_encoded(state_bits):
+    """From zero state the first step's m and D are those of a float32-state run: encoded, bit for bit."""
+    ref_params, ref = compact_run("eager", 32, steps=1)
+    params, opt = compact_run("eager", state_bits, steps=1)
+    for rp, p in zip(ref_params, params):
+        assert torch.equal(rp, p)
+        m, d = ref.state[rp]["exp_avg"], ref.state[rp]["exp_hessian_diag"]
+        got = opt.state[p]
+        if state_bits == 16:
+            assert torch.equal(got["exp_avg"], m.to(torch.bfloat16))
+            assert torch.equal(got["exp_hessian_diag"], d.to(torch.bfloat16))
+        else:
+            assert torch.equal(got["exp_avg_codes"], encode_momentum(m)[0])
+            assert torch.equal(got["exp_avg_scales"], encode_momentum(m)[1])
+            assert torch.equal(got["exp_hessian_diag_codes"], encode_hessian(d)[0])
+            assert torch.equal(got["exp_hessian_diag_scales"], encode_hessian(d)[1])
+
+
+def assert_compact_close(ref_params, ref_opt, params, opt, dtype):
+    """Params and decoded state of two compact runs agree within the float tolerance plus code flips.
+
+    Where the two runs' float32 values differ by an ulp and straddle a code boundary, their
+    codes differ by one: m by up to 2 s / 127 (du/dc <= 2), D by up to 2.01 s / 255 (s the
+    group's scale), and a step that reads them by up to its own size (a D code of 1 against
+    2). FLIPS = 2 such flips per element over the run, each moving a param by at most the
+    largest one-step move of the reference run, carried on with KAPPA = 2.
+    """
+    rtol, atol = TOLERANCE[dtype]
+    flips = 2 * 2 * ref_opt.largest_move
+    for k, (rp, p) in enumerate(zip(ref_params, params)):
+        torch.testing.assert_close(p.float(), rp.float(), rtol=rtol, atol=atol + flips,
+                                   msg=lambda m: f"param {k}: {m}")
+        a, b = ref_opt.float_state(rp), opt.float_state(p)
+        for key, code_step in (("exp_avg", 2 / 127), ("exp_hessian_diag", 2.01 / 255)):
+            s = group_max(a[key])
+            err = (a[key] - b[key]).abs()
+            assert (err <= rtol * a[key].abs() + atol + 2 * code_step * s).all(), (
+                f"param {k} {key}: off by {err.max().item():.3g}")
+
+
+@pytest.mark.parametrize("state_bits,master,dtype", [
+    (16, None, torch.float32), (8, None, torch.float32), (8, None, torch.bfloat16), (8, 24, torch.bfloat16),
+    (16, 32, torch.bfloat16)])
+@pytest.mark.parametrize("hvp", ["autograd", "finite_difference"])
+def test_foreach_matches_eager(state_bits, master, dtype, hvp):
+    ref_params, ref = compact_run("eager", state_bits, master, dtype, hvp=hvp)
+    params, opt = compact_run("foreach", state_bits, master, dtype, hvp=hvp)
+    assert set(ref.state[ref_params[0]]) == set(opt.state[params[0]])
+    assert_compact_close(ref_params, ref, params, opt, dtype)
+
+
+def test_msassha_perturbs_along_the_decoded_momentum():
+    ref_params, ref = compact_run("eager", 8, cls=MSASSHA, steps=6)
+    params, opt = compact_run("foreach", 8, cls=MSASSHA, steps=6)
+    assert_compact_close(ref_params, ref, params, opt, torch.float32)
+    assert "unperturbed_param" in opt.state[params[0]]
+
+
+def test_master_weights_carry_what_bfloat16_rounds_away():
+    """A step too small for bfloat16 moves the master; without it the parameter never moves."""
+    p = torch.nn.Parameter(torch.full((64,), 1.0, dtype=torch.bfloat16))
+    q = torch.nn.Parameter(p.detach().clone())
+    with_master = SASSHA([p], lr=1e-4, rho=0.0, lazy_hessian=1, backend="eager", master_weight_bits=24)
+    without = SASSHA([q], lr=1e-4, rho=0.0, lazy_hessian=1, backend="eager")
+    for _ in range(40):
+        for opt, w in ((with_master, p), (without, q)):
+            opt.step(lambda w=w: (w.float() * 0.5).sum() + (w.float() ** 2).sum() * 1e-3)
+    assert torch.equal(q, torch.full_like(q, 1.0)), "each step is below half a bfloat16 ulp at 1.0"
+    master = with_master.master_weight(p)
+    assert (master < 1.0 - 1e-3).all(), "the master moved by 40 steps of about lr"
+    assert torch.equal(p, master.to(torch.bfloat16)) or ((p.float() - master).abs() <= 2 ** -8).all()
+
+
+def test_checkpoints_hold_codes_and_resume_bitwise():
+    def fresh():
+        params = make_params(SIZES, dtype=torch.bfloat16, seed=3)
+        return params, SASSHA(params, lr=0.01, lazy_hessian=2, backend="foreach", state_bits=8, master_weight_bits=24)
+
+    params, opt = fresh()
+    for t in range(3):
+        opt.step(lambda t=t: coupled_loss(params, t))
+    sd = copy.deepcopy(opt.state_dict())
+    saved = [p.detach().clone() for p in params]
+    for t in range(3, 6):
+        opt.step(lambda t=t: coupled_loss(params, t))
+    params2, opt2 = fresh()
+    with torch.no_grad():
+        for p2, s in zip(params2, saved):
+            p2.copy_(s)
+    opt2.load_state_dict(sd)
+    for t in range(3, 6):
+        opt2.step(lambda t=t: coupled_loss(params2, t))
+    for p, p2 in zip(params, params2):
+        assert torch.equal(p, p2)
+        for key, value in state_of(opt, p).items():
+            assert torch.equal(value, opt2.state[p2][key]), key
+    # the checkpoint is smaller: codes and scales as they are
+    def size(o):
+        buf = io.BytesIO()
+        torch.save(o.state_dict(), buf)
+        return buf.tell()
+
+    big_params = make_params((100_000,), seed=0)
+    sizes = {}
+    for bits in (32, 8):
+        o = SASSHA(big_params, lr=0.01, backend="foreach", state_bits=bits)
+        o.step(lambda: coupled_loss(big_params, 0))
+        sizes[bits] = size(o)
+    assert sizes[8] < 0.3 * sizes[32], sizes
+
+
+def test_loading_another_encoding_is_refused_unless_converted():
+    params, opt = compact_run("foreach", 8, steps=3)
+    sd = opt.state_dict()
+    other = SASSHA(clone_params(params), lr=0.01, lazy_hessian=2, backend="foreach", state_bits=32)
+    with pytest.raises(ValueError, match=r"state_bits=8.*state_bits=32.*convert_state_dict"):
+        other.load_state_dict(sd)
+    assert not other.state, "nothing was loaded"
+    other.load_state_dict(convert_state_dict(sd, 32))
+    for p, q in zip(params, other.param_groups[0]["params"]):
+        a, b = opt.float_state(p), other.float_state(q)
+        assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_hessian_diag"], b["exp_hessian_diag"])
+    # and back: re-encoding decoded codes gives the same codes
+    back = convert_state_dict(other.state_dict(), 8)
+    for i, p in enumerate(params):
+        for key in ("exp_avg_codes", "exp_avg_scales", "exp_hessian_diag_codes", "exp_hessian_diag_scales"):
+            assert torch.equal(back["state"][i][key], opt.state[p][key]), key
+
+
+def test_master_correction_mismatch_is_refused():
+    params, opt = compact_run("foreach", 8, master=24, dtype=torch.bfloat16, steps=2)
+    other = SASSHA(clone_params(params), lr=0.01, backend="foreach", state_bits=8, master_weight_bits=32)
+    with pytest.raises(ValueError, match="master_weight_bits"):
+        other.load_state_dict(opt.state_dict())
+    assert not other.state
+
+
+def test_a_skipped_step_leaves_codes_scales_and_corrections_alone():
+    params, opt = compact_run("foreach", 8, master=24, dtype=torch.bfloat16, steps=3)
+    before = [state_of(opt, p) for p in params]
+    before = [{k: v.clone() for k, v in s.items()} for s in before]
+    x_before = [p.detach().clone() for p in params]
+
+    def nan_loss():
+        return coupled_loss(params, 3) * float("nan")
+
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        opt.step(nan_loss)
+    for p, x, s in zip(params, x_before, before):
+        assert torch.equal(p, x)
+        for key, value in s.items():
+            assert torch.equal(opt.state[p][key], value), key
+
+
+def test_float_state_reads_every_encoding():
+    for bits in (32, 16, 8):
+        params, opt = compact_run("foreach", bits, steps=2)
+        fs = opt.float_state(params[4])
+        assert fs["exp_avg"].dtype == torch.float32 and fs["exp_avg"].shape == params[4].shape
+        assert fs["exp_hessian_diag"].min() >= 0 and fs["exp_avg"].abs().max() > 0
+    fresh = SASSHA(make_params((3,)), state_bits=8)
+    assert fresh.float_state(fresh.param_groups[0]["params"][0]) == {}
+
+
+def test_backups_are_released_between_steps_with_compact_state():
+    params, opt = compact_run("foreach", 8, steps=2)
+    assert opt._cache.backups and all(b.untyped_storage().nbytes() == 0 for b in opt._cache.backups.values())
+    params32, opt32 = compact_run("foreach", 32, steps=2)
+    assert all(b.untyped_storage().nbytes() > 0 for b in opt32._cache.backups.values())
+    # the official protocol holds them again for the step, and a zero_grad() in between restores exactly
+    x = [p.detach().clone() for p in params]
+    coupled_loss(params, 2).backward()
+    opt.perturb_weights()
+    assert all(b.untyped_storage().nbytes() > 0 for b in opt._cache.backups.values())
+    opt.zero_grad()
+    assert all(torch.equal(p, q) for p, q in zip(params, x))
+    assert all(b.untyped_storage().nbytes() == 0 for b in opt._cache.backups.values())
+
+
+def test_deepcopy_of_compact_state_steps_alike():
+    params, opt = compact_run("foreach", 8, master=24, dtype=torch.bfloat16, steps=2)
+    twin = copy.deepcopy(opt)  # (its params are copies of these)
+    twin_params = twin.param_groups[0]["params"]
+    for o, ps in ((opt, params), (twin, twin_params)):
+        o.step(lambda ps=ps: coupled_loss(ps, 2))
+    for p, q in zip(params, twin_params):
+        assert torch.equal(p, q)
+        assert torch.equal(opt.state[p]["exp_avg_codes"], twin.state[q]["exp_avg_codes"])
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"state_bits": 12}, "state_bits"),
+    ({"state_bits": True}, "state_bits"),
+    ({"master_weight_bits": 16}, "master_weight_bits"),
+])
+def test_bad_options_name_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SASSHA(make_params((4,)), **kwargs)
+
+
+def test_master_weights_need_bfloat16_params():
+    with pytest.raises(ValueError, match="16-bit"):
+        SASSHA(make_params((4,)), master_weight_bits=24)
+    with pytest.raises(ValueError, match="float16"):
+        SASSHA(make_params((4,), dtype=torch.float16), master_weight_bits=24)
+    # float32 params beside bfloat16 ones are their own master: no correction for them
+    mixed = make_params((4,), dtype=torch.bfloat16) + make_params((4,))
+    opt = SASSHA(mixed, backend="foreach", master_weight_bits=24, lazy_hessian=1)
+    opt.step(lambda: coupled_loss(mixed, 0))
+    assert "master_correction" in opt.state[mixed[0]] and "master_correction" not in opt.state[mixed[1]]
