@@ -48,27 +48,24 @@ class HeldStorage:
     """Tensors whose memory is given back between uses and taken again before the next.
 
     ``release`` frees each tensor's storage (the tensor object stays, so the step
-    plans' lists of it stay valid); ``hold`` allocates it again, uninitialised. The
-    address may change: the backends re-read pointers they cache.
+    plans' lists of it stay valid); ``hold`` allocates every released storage again,
+    uninitialised. The addresses may change: the backends re-read pointers they cache.
     """
 
     def __init__(self) -> None:
-        self._nbytes: Dict[int, int] = {}  # id(storage owner) -> bytes it had; present while released
+        self._released: List[Tuple[Any, int]] = []  # (storage, the bytes it had)
 
     def release(self, tensors: Iterable[Tensor]) -> None:
         for t in tensors:
             storage = local(t).untyped_storage()
             if storage.nbytes():
-                self._nbytes[id(t)] = storage.nbytes()
+                self._released.append((storage, storage.nbytes()))
                 storage.resize_(0)
 
-    def hold(self, tensors: Iterable[Tensor]) -> None:
-        if not self._nbytes:
-            return
-        for t in tensors:
-            nbytes = self._nbytes.pop(id(t), None)
-            if nbytes is not None:
-                local(t).untyped_storage().resize_(nbytes)
+    def hold(self) -> None:
+        for storage, nbytes in self._released:
+            storage.resize_(nbytes)
+        self._released.clear()
 
 
 class SkipMonitor:
@@ -452,6 +449,7 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
         """Advance the schedules once per optimizer step (``_unbegin_step`` takes that back)."""
         if self._this_step.begun:
             return
+        self._cache.held_backups.hold()  # (compact state: the backups' memory is released between steps)
         self._poll_skips()
         power = self.hessian_power
         scheduled = is_schedule(power)
@@ -886,7 +884,7 @@ class SASSHA(_SasshaBase):
         # (a param's storage may have been replaced since: p.data = ... with another shape)
         if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
             buf = self._cache.backups[id(p)] = torch.empty_like(p, memory_format=torch.preserve_format)
-        self._cache.held_backups.hold([buf])
+        self._cache.held_backups.hold()
         return buf
 
     def _lean(self) -> bool:
@@ -959,7 +957,7 @@ class SASSHA(_SasshaBase):
             if inv is not None:  # the perturbation follows the unscaled gradient
                 torch._foreach_mul_(grads, inv.to(grads[0].dtype))
             try:
-                self._cache.held_backups.hold([t for b in plan.buckets for t in b.backups])
+                self._cache.held_backups.hold()
                 F.perturb(plan, plan.grads, 1.0, self.adaptive, F.GroupTable(self.param_groups, self.capturable))
             except BaseException:  # F.perturb put back what it moved; the schedules go back too
                 if inv is not None:  # the gradients as the user left them (a power-of-two scale: exact)

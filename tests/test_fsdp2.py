@@ -414,3 +414,38 @@ def test_flattened_distributed_state_dict_is_refused_not_half_loaded():
         set_state_dict(model, opt, model_state_dict={}, optim_state_dict=osd, options=flat)
     assert opt.global_step == 1
     assert all(torch.equal(v, opt.state[next(model.parameters())][k]) for k, v in before.items())
+
+
+def _compact_worker(rank, world, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        x, y = _batch(rank)
+        args = dict(ARGS, state_bits=16)
+        model = _shard(_model())
+        opt = SASSHA(model.parameters(), backend="foreach", **args)
+        _train(opt, model, x, y, "closure", STEPS)
+        whole = _whole(SASSHA, "closure", "foreach", args)
+        out = dict(sharded=_full(model, opt), whole=whole,
+                   spread=_spread(lambda d: _whole(SASSHA, "closure", "foreach", args, d), whole, rank),
+                   dtypes={str(opt.state[p]["exp_avg"].dtype) for p in model.parameters()},
+                   sharded_state=all(hasattr(opt.state[p]["exp_avg"], "to_local") for p in model.parameters()))
+        try:
+            SASSHA(_shard(_model()).parameters(), state_bits=8, **ARGS)
+            out["refused"] = ""
+        except ValueError as exc:
+            out["refused"] = str(exc)
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_bfloat16_state_shards_like_the_parameter():
+    """state_bits=16 keeps bfloat16 DTensor state and equals the whole-batch run; 8-bit is refused."""
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_compact_worker, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
+        r0, r1 = (torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(2))
+    assert r0["dtypes"] == {"torch.bfloat16"} and r0["sharded_state"]
+    assert torch.equal(r0["sharded"], r1["sharded"])
+    assert_within(r0["sharded"], r0["whole"], _tolerance(r0["spread"], r1["spread"]), "state_bits=16 under FSDP2")
+    assert "FSDP2" in r0["refused"] and "state_bits=16" in r0["refused"]
