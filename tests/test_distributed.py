@@ -385,3 +385,42 @@ def test_grad_scaler_overflow_on_one_rank_skips_the_step_on_every_rank(distribut
     assert r0["step"] == r1["step"] == 0
     assert r0["scale"] == r1["scale"] < 65536.0
     assert torch.equal(r0["w"], r1["w"]) and torch.equal(r0["w"], torch.full((4,), 1e-11))
+
+
+def _compact_worker(rank, world, init_file, out_dir):
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        a, b = _problem(rank)
+        out = {}
+        for mode in ("optimizer-averages", "ddp-native"):
+            if mode == "ddp-native":
+                model = DistributedDataParallel(_Quadratic())
+                kw = {"no_sync": model.no_sync}
+            else:
+                model, kw = _Quadratic(), {}
+            opt = SASSHA(model.parameters(), lr=LR, rho=RHO, weight_decay=WD, eps=EPS, lazy_hessian=K,
+                         backend="foreach", state_bits=8, **kw)
+            for _ in range(STEPS):
+                opt.step(lambda: model(a, b))
+            out[mode] = [p.detach().clone() for p in model.parameters()] + [
+                v.clone() for p in model.parameters() for k, v in sorted(opt.state[p].items())
+                if k.startswith("exp_")]
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_compact_state_stays_identical_on_every_replica():
+    """state_bits=8 with data parallelism: every rank encodes the same averaged inputs to the same
+    codes and scales (the optimizer's averaging and DDP's reducer alike)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_compact_worker, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
+        r0, r1 = (torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(2))
+    for mode in r0:
+        assert len(r0[mode]) > 2
+        for x0, x1 in zip(r0[mode], r1[mode]):
+            assert torch.equal(x0, x1), mode
+    assert any(t.dtype == torch.int8 and t.abs().max() > 0 for t in r0["ddp-native"])
