@@ -143,7 +143,8 @@ def test_step_inside_one_autocast_region_sees_every_move():
     assert torch.equal(d_in, d_out) and torch.equal(x_in, x_out)
 
 
-def test_fp16_grad_scaler_overflowing_refresh_does_not_stall():
+@pytest.mark.parametrize("state_bits", [32, 8])
+def test_fp16_grad_scaler_overflowing_refresh_does_not_stall(state_bits):
     """The README's GradScaler recipe, fp16 CPU autocast, autograd HVPs, the demo's task.
 
     Here the scaled Hessian-vector products of the refresh at step 11 overflow fp16
@@ -151,7 +152,7 @@ def test_fp16_grad_scaler_overflowing_refresh_does_not_stall():
     gradient: the scaler skips the step and halves its scale, and the refresh is taken
     again next step, until it fits. Before, the scaler never saw it (its scale stayed),
     the optimizer skipped the refresh itself, and the loss stood still for a whole
-    lazy_hessian period.
+    lazy_hessian period. The same with 8-bit state.
     """
     pytest.importorskip("sklearn", reason="the demo's digits data ships in scikit-learn (the 'demo' extra)")
     from sassha_fused.demo import load_digits, make_model
@@ -160,7 +161,7 @@ def test_fp16_grad_scaler_overflowing_refresh_does_not_stall():
     x, y = x[:256], y[:256]
     model = make_model(0, 64, torch.device("cpu"))
     scaler = torch.amp.GradScaler("cpu")
-    opt = SASSHA(model.parameters(), grad_scaler=scaler, backend="foreach")
+    opt = SASSHA(model.parameters(), grad_scaler=scaler, backend="foreach", state_bits=state_bits)
 
     losses, scales = [], []
     for _ in range(24):
