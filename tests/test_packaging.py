@@ -202,3 +202,26 @@ def test_demo_without_scikit_learn_says_how_to_install_it():
     lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1, out.stderr
     assert 'pip install "sassha_fused[demo]"' in lines[0] and "torch==" in lines[0]
+
+
+def test_integrations_without_their_framework_raise_importerror_naming_the_extra():
+    """Each integration module, imported where its framework is missing, says which extra to install."""
+    code = (
+        "import importlib.abc, sys\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('lightning', 'pytorch_lightning', 'timm', 'transformers'):\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "for module, extra in (('lightning', 'lightning'), ('timm', 'timm'), ('hf', 'hf')):\n"
+        "    try:\n"
+        "        __import__('sassha_fused.integrations.' + module)\n"
+        "    except ImportError as exc:\n"
+        "        assert f'sassha_fused[{extra}]' in str(exc), (module, str(exc))\n"
+        "    else:\n"
+        "        raise AssertionError(module + ' imported without its framework')\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stdout + done.stderr

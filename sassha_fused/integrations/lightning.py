@@ -12,6 +12,23 @@ The checks are re-exported here for code that calls them directly.
 
 from __future__ import annotations
 
+import importlib.util
+
 from ..closures import check_closure, prepare_closure
+
+# Lightning installs as ``lightning`` (or, older, ``pytorch_lightning``). Located, not
+# imported: the checks themselves never import it (a run without Lightning pays nothing).
+def _installed(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a broken install, or a name blocked in sys.modules
+        return False
+
+
+if not (_installed("lightning") or _installed("pytorch_lightning")):
+    raise ImportError(
+        "sassha_fused: sassha_fused.integrations.lightning is for PyTorch Lightning, which is not installed here. "
+        "Install it with the extra: pip install \"sassha_fused[lightning]\" -c <(echo \"torch==<your installed "
+        "torch version>\") (the constraint keeps your torch build).")
 
 __all__ = ["check_closure", "prepare_closure"]

@@ -22,6 +22,8 @@ from typing import Any, Callable, Optional
 from ..optimizer import MSASSHA, SASSHA
 from . import require
 
+require("timm", "timm", "sassha_fused.integrations.timm")
+
 __all__ = ["NAMES", "register"]
 
 #: the names ``register()`` adds
