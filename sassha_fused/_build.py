@@ -222,6 +222,7 @@ def _jit(directory: str, digest: str, build_dir: Optional[str], verbose: bool) -
     path = os.environ.get("PATH")
     if shutil.which("ninja") is None:
         os.environ["PATH"] = os.pathsep.join(p for p in (ninja_dir(), path) if p)
+    _announce(name, directory, build_dir, with_cuda)
     try:
         cpp_extension.load(
             name=name,
@@ -248,6 +249,23 @@ def _jit(directory: str, digest: str, build_dir: Optional[str], verbose: bool) -
         return ExtensionBuild(False, cause="build", notes=notes,
                               error="the extension was built but registered no sassha_fused operators")
     return ExtensionBuild(True, "jit", build_dir or name, with_cuda, notes=notes)
+
+
+#: How to build ahead of time, for the line a just-in-time build prints.
+AHEAD_OF_TIME = "python -m sassha_fused.build"
+
+
+def _announce(name: str, directory: str, build_dir: Optional[str], with_cuda: bool) -> None:
+    """One line on stderr before a just-in-time build compiles (not when its result is cached)."""
+    from torch.utils import cpp_extension
+
+    where = build_dir or cpp_extension._get_build_directory(name, False)
+    if os.path.exists(os.path.join(where, f"{name}.so")):
+        return  # built before: loading takes a moment
+    what = "CPU and CUDA kernels" if with_cuda else "CPU kernels"
+    print(f"sassha_fused: compiling the C++ extension ({what}) from {directory} for this torch, once; "
+          f"it takes about {'3-6' if with_cuda else '1-2'} minutes and is cached in {where}. To build ahead "
+          f"of time: {AHEAD_OF_TIME}", file=sys.stderr, flush=True)
 
 
 _lock = threading.Lock()

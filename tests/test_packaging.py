@@ -225,3 +225,34 @@ def test_integrations_without_their_framework_raise_importerror_naming_the_extra
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stdout + done.stderr
+
+
+def test_a_just_in_time_build_says_what_it_does_first(tmp_path, monkeypatch, capsys):
+    """Before compiling: one line with what, why, how long, and the ahead-of-time command; nothing
+    when the build is cached (the compiler is replaced here by a stub that stops at once)."""
+    from torch.utils import cpp_extension
+
+    calls = []
+
+    def stop(**kwargs):
+        calls.append(kwargs["name"])
+        raise RuntimeError("stopped before compiling (test)")
+
+    monkeypatch.setattr(cpp_extension, "load", stop)
+    result = _build._jit(_build.csrc_dir(), "0123abcd", str(tmp_path), False)
+    assert not result.ok and calls
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("sassha_fused: compiling")]
+    assert len(lines) == 1 and "python -m sassha_fused.build" in lines[0] and "minutes" in lines[0], err
+    name = calls[0]
+    open(os.path.join(tmp_path, name, f"{name}.so"), "w").close()  # as a finished build leaves it
+    _build._jit(_build.csrc_dir(), "0123abcd", str(tmp_path), False)
+    assert "sassha_fused: compiling" not in capsys.readouterr().err
+
+
+def test_the_ahead_of_time_build_command():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-m", "sassha_fused.build"], capture_output=True, text=True, timeout=900,
+                          env=env, cwd=REPO)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "C++ extension ready" in done.stdout and "cpp" in done.stdout
