@@ -18,7 +18,6 @@ It relies on the optimizer's plans, state and abort (``optimizer._SasshaBase``).
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Callable, Iterator, List, Optional
 
 import torch
@@ -36,7 +35,7 @@ from .hvp import (
 )
 from .distributed import is_distributed
 from .plans import StepPlan, count_present
-from .utils import RandomState
+from .utils import RandomState, warn_at_caller
 from .phases import Phase
 
 __all__ = ["PassDriver"]
@@ -165,12 +164,11 @@ class PassDriver:
             return False
         found = has_reentrant_checkpoint(loss, _GRAPH_WALK_LIMIT)
         if found is None:
-            warnings.warn(
+            warn_at_caller(
                 f"{type(self).__name__}: some parameters got no gradient in the first pass, and the autograd graph "
                 f"is too large (over {_GRAPH_WALK_LIMIT} nodes) to look for reentrant activation checkpoints, "
                 "whose parameters torch.autograd.grad can miss. If the model checkpoints with use_reentrant=True, "
-                "use use_reentrant=False, or a closure that calls loss.backward() itself.",
-                RuntimeWarning, stacklevel=6)
+                "use use_reentrant=False, or a closure that calls loss.backward() itself.")
         return bool(found)
 
     def _use_finite_differences(self, cause: BaseException) -> None:
@@ -189,10 +187,9 @@ class PassDriver:
         if self._run.hvp_method != "finite_difference":
             self._run.hvp_method = "finite_difference"
             if not isinstance(cause, _UseFiniteDifferences):
-                warnings.warn(
+                warn_at_caller(
                     f"{type(self).__name__}: switching to finite-difference Hessian-vector products for the rest "
-                    f"of the run: the model cannot be differentiated twice ({str(cause).splitlines()[0]}).",
-                    RuntimeWarning, stacklevel=5)
+                    f"of the run: the model cannot be differentiated twice ({str(cause).splitlines()[0]}).")
 
     def require_finite_differences(self, who: str) -> None:
         """Say that this run's refresh steps take finite differences: for drivers whose

@@ -20,8 +20,9 @@ documents the Lightning recipes and re-exports these two functions.
 from __future__ import annotations
 
 import functools
-import warnings
 from typing import Any, Callable, Optional
+
+from .utils import warn_at_caller
 
 __all__ = ["check_closure", "prepare_closure"]
 
@@ -117,11 +118,10 @@ def check_closure(optimizer: Any, closure: Callable[[], Any]) -> None:
             f"{recipe}, running every pass of the step over all micro-batches. Parameters and optimizer "
             "state are unchanged.")
     if clip_overridden:
-        warnings.warn(
+        warn_at_caller(
             f"{name}: {type(model).__name__}.configure_gradient_clipping is overridden; Lightning calls it after "
             "every pass of a SASSHA step, the finite-difference Hessian passes included. If it clips, "
-            f"use manual optimization and clip once, {_where_to_clip(optimizer)}.",
-            RuntimeWarning, stacklevel=4)
+            f"use manual optimization and clip once, {_where_to_clip(optimizer)}.")
 
 
 def _do_nothing(closure: Any) -> bool:

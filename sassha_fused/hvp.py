@@ -42,7 +42,6 @@ over every participating element, so every rank and every backend uses the same
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -51,6 +50,7 @@ from torch import Tensor
 from .backends import Bucket, ProbeKeys, RefreshInput, RefreshMode
 from .functional import global_sq_norm
 from .plans import StepPlan, count_present, dense
+from .utils import warn_at_caller
 
 __all__ = [
     "FD_EPS",
@@ -152,11 +152,11 @@ def autograd_refresh(plan: StepPlan, keys: ProbeKeys) -> Tuple[Optional[List[Ref
         missing = sum(p.numel() for p in plan.participants if p.grad is not None and not p.grad.requires_grad)
         if missing > 0.1 * plan.numel and not _warned_partial_graph:
             _warned_partial_graph = True
-            warnings.warn(
+            warn_at_caller(
                 f"{missing} of {plan.numel} parameter elements have gradients without a second-order graph, "
                 "so their Hessian estimate is zero. That is right where the loss is linear in them; if the "
                 "model uses reentrant activation checkpointing (use_reentrant=True) or detaches inside, use "
-                "hvp='finite_difference'.", RuntimeWarning, stacklevel=4)
+                "hvp='finite_difference'.")
         inputs = [p for _, _, p in live]
         outputs = [p.grad for p in inputs]
         ys: List[List[List[Optional[Tensor]]]] = [[[None] * len(b.params) for _ in range(keys.n_samples)]

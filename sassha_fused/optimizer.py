@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import sys
-import warnings
 from collections import defaultdict, deque
 from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
@@ -31,6 +30,7 @@ from .phases import BETWEEN_STEPS, MOVES, Phase
 from .plans import Counters, PlanCache, StepPlan, attach_state
 from .probes import MAX_PROBE_NUMEL, key_prefix
 from .schedules import is_schedule
+from .utils import warn_at_caller
 
 __all__ = ["SASSHA", "MSASSHA"]
 
@@ -134,11 +134,9 @@ class SkipMonitor:
                 self.skipped_refresh = max(step, self.skipped_refresh or 0)
             found.append(step)
             if warn:
-                warnings.warn(
+                warn_at_caller(
                     f"{self.owner}: step {step} skipped: the perturbed gradients or the Hessian estimate "
-                    "contain NaN or Inf. Parameters and optimizer state are unchanged.",
-                    RuntimeWarning, stacklevel=4,
-                )
+                    "contain NaN or Inf. Parameters and optimizer state are unchanged.")
             if self.max_consecutive is not None and self.consecutive >= self.max_consecutive:
                 self._flags.clear()
                 raise FloatingPointError(

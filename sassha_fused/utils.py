@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import sys
+import warnings
 from typing import Any, Iterator, List, Optional, Tuple
 
 import torch
@@ -93,3 +95,15 @@ def preserve_bn_stats(model: nn.Module, enabled: bool = True) -> Iterator[None]:
                 m.momentum = momentum
                 if tracked is not None:
                     m.num_batches_tracked.copy_(tracked)
+
+
+_INSIDE = (os.path.dirname(os.path.abspath(__file__)) + os.sep, os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)
+
+
+def warn_at_caller(message: str, category: type = RuntimeWarning) -> None:
+    """``warnings.warn`` pointing at the first frame outside this package and torch: the user's
+    line (``opt.step(...)``), not torch.optim's wrapper or our own internals."""
+    level, frame = 2, sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(_INSIDE):
+        level, frame = level + 1, frame.f_back
+    warnings.warn(message, category, stacklevel=level)

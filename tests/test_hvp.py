@@ -216,8 +216,10 @@ def test_auto_switches_to_finite_differences_and_loses_nothing(kind, cls):
     run = torch.compile(model, backend="aot_eager") if kind == "compile" else model
     opt = cls(model.parameters(), lr=0.01, lazy_hessian=2, backend="eager")
     ref = cls(twin.parameters(), lr=0.01, lazy_hessian=2, backend="eager", hvp="finite_difference")
-    with pytest.warns(RuntimeWarning, match="finite-difference"):
+    with pytest.warns(RuntimeWarning, match="finite-difference") as record:
         opt.step(lambda: run(x))
+    assert [w.filename for w in record if "finite-difference" in str(w.message)] == [__file__], \
+        "the warning points at the user's opt.step() line"
     assert opt.hvp_method == "finite_difference" and not opt.hessian_due
     ref.step(lambda: twin(x))
     for _ in range(3):
@@ -249,13 +251,14 @@ def test_official_protocol_with_auto_switches_inside_hvp_passes():
     opt.perturb_weights()
     model(x).backward(create_graph=opt.hessian_due)  # builds the graph; sdpa fails only in the HVP
     passes = 0
-    with pytest.warns(RuntimeWarning, match="finite-difference"):
+    with pytest.warns(RuntimeWarning, match="finite-difference") as record:
         for _ in opt.hvp_passes():
             model(x).backward()
             passes += 1
     opt.unperturb()
     opt.step()
     assert passes == 1 and opt.hvp_method == "finite_difference" and opt.global_step == 1
+    assert {w.filename for w in record if "finite-difference" in str(w.message)} == {__file__}
 
 
 def test_known_errors_are_recognised():

@@ -20,9 +20,6 @@ triton not installed) is silent.
 from __future__ import annotations
 
 import importlib
-import os
-import sys
-import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Union
 
@@ -41,6 +38,7 @@ from .base import (
     UpdateCol,
     math_dtype,
 )
+from ..utils import warn_at_caller
 from .eager import EagerBackend
 from .foreach import ForeachBackend
 
@@ -179,20 +177,11 @@ def _warn_auto_fallback(skipped: str, reason: str, chosen: str, device: torch.de
         return
     _auto_fallback_warned = True
     first = reason.strip().splitlines()[0] if reason.strip() else "no reason recorded"
-    # Point at the caller's line, outside this package and torch (torch.optim's
-    # constructor calls ours).
-    inside = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep
-                   for m in (sys.modules[__name__.split(".")[0]], torch))
-    level, frame = 1, sys._getframe(0)
-    while frame is not None and frame.f_code.co_filename.startswith(inside):
-        level, frame = level + 1, frame.f_back
-    warnings.warn(
+    # at the caller's line, outside this package and torch (torch.optim's constructor calls ours)
+    warn_at_caller(
         f"sassha_fused: backend='auto' runs {device.type} tensors on {chosen!r} instead of {skipped!r}: "
         f"the C++ extension is unavailable: {first} (sassha_fused.available_backends() gives the full "
-        "reason; pass backend='foreach' to choose the fallback explicitly and silence this)",
-        RuntimeWarning,
-        stacklevel=level,
-    )
+        "reason; pass backend='foreach' to choose the fallback explicitly and silence this)")
 
 
 def check_backend_name(spec: Optional[Union[str, Backend]]) -> None:
