@@ -150,7 +150,9 @@ OPTIONS: Tuple[Option, ...] = (
         in float32; ``16`` in bfloat16; ``8`` as 8-bit codes with one float32
         scale per 32 elements (1.125 bytes per element; the encodings are in
         ``sassha_fused.encoding``). The update decodes, computes in float32 and
-        encodes again in one pass; ``opt.float_state(p)`` reads them as floats."""),
+        encodes again in one pass; ``opt.float_state(p)`` reads them as floats.
+        With compact state (16, 8, or master weights) SASSHA also holds the x_t
+        backup only inside a step (not with ``capturable``)."""),
     Option("master_weight_bits", None, "optimizer", doc=r"""
         for bfloat16 parameters: ``24`` or ``32`` keeps the bits of a float32
         master weight below the parameter's 16 in ``master_correction`` state

@@ -272,6 +272,10 @@ class StateDictMixin:
                 else:
                     dtype = p.dtype
                 state[key] = value.to(device=p.device, dtype=dtype, copy=True)
+            if (self.master_weight_bits is not None and p.dtype == torch.bfloat16 and "master_correction" not in state
+                    and state_format(state) is not None):  # a checkpoint without master weights: they start at p
+                state["master_correction"] = torch.zeros_like(
+                    p, dtype=_CORRECTION[self.master_weight_bits], memory_format=torch.contiguous_format)
         if extra is not None:
             self._run.global_step = int(extra["global_step"])
             self._run.refreshes = int(extra["refreshes"])

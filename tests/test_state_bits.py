@@ -348,3 +348,14 @@ def test_master_weights_need_bfloat16_params():
     opt = SASSHA(mixed, backend="foreach", master_weight_bits=24, lazy_hessian=1)
     opt.step(lambda: coupled_loss(mixed, 0))
     assert "master_correction" in opt.state[mixed[0]] and "master_correction" not in opt.state[mixed[1]]
+
+
+def test_a_checkpoint_without_master_weights_starts_them_at_the_parameter():
+    params, opt = compact_run("foreach", 8, dtype=torch.bfloat16, steps=2)
+    other_params = clone_params(params)
+    other = SASSHA(other_params, lr=0.01, lazy_hessian=2, backend="foreach", state_bits=8, master_weight_bits=24)
+    other.load_state_dict(opt.state_dict())
+    for p in other_params:
+        assert torch.equal(other.state[p]["master_correction"], torch.zeros_like(p, dtype=torch.int8))
+        assert torch.equal(other.master_weight(p), p.float())
+    other.step(lambda: coupled_loss(other_params, 2))
