@@ -65,14 +65,16 @@ def text() -> torch.Tensor:
 LR = 0.02
 
 
-def charlm_run(hvp: str, seed: int, steps: int, autocast: bool) -> Dict[str, float]:
+def charlm_run(hvp: str, seed: int, steps: int, autocast: bool, dtype: torch.dtype = torch.float32,
+               **options) -> Dict[str, float]:
+    """Held-out loss of the char transformer after ``steps`` SASSHA steps (``options`` go to SASSHA)."""
     data = text()
     split = int(0.9 * len(data))
     train, held = data[:split], data[split:]
     seq, batch = 64, 32
     torch.manual_seed(seed)
-    model = Transformer(vocab=95, d=64, seq=seq, layers=2, heads=4)
-    opt = SASSHA(model.parameters(), lr=LR, rho=0.02, weight_decay=1e-2, lazy_hessian=10, hvp=hvp)
+    model = Transformer(vocab=95, d=64, seq=seq, layers=2, heads=4).to(dtype)
+    opt = SASSHA(model.parameters(), lr=LR, rho=0.02, weight_decay=1e-2, lazy_hessian=10, hvp=hvp, **options)
     g = torch.Generator().manual_seed(seed)
 
     def batch_of(source, gen):

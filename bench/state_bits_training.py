@@ -34,10 +34,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from common import env_info  # noqa: E402
-from fd_accuracy import Transformer  # noqa: E402
-from fd_training import text  # noqa: E402
+from fd_training import charlm_run as charlm  # noqa: E402
 from sassha_fused import SASSHA  # noqa: E402
-from sassha_fused.demo import load_digits, make_model  # noqa: E402
+from sassha_fused.demo import load_digits  # noqa: E402
 
 #: (label, param dtype, optimizer options); the first row of each dtype is its anchor
 CONFIGS = [
@@ -84,36 +83,6 @@ def mnist1d_data(quick: bool):
     return (x, y), (xt, yt)
 
 
-def charlm_run(options: Dict, dtype: torch.dtype, seed: int, steps: int, autocast: bool) -> Dict[str, float]:
-    data = text()
-    split = int(0.9 * len(data))
-    train, held = data[:split], data[split:]
-    seq, batch = 64, 32
-    torch.manual_seed(seed)
-    model = Transformer(vocab=95, d=64, seq=seq, layers=2, heads=4).to(dtype)
-    opt = SASSHA(model.parameters(), lr=0.02, rho=0.02, weight_decay=1e-2, lazy_hessian=10, backend="foreach",
-                 **options)
-    g = torch.Generator().manual_seed(seed)
-
-    def batch_of(source, gen):
-        starts = torch.randint(0, len(source) - seq - 1, (batch,), generator=gen)
-        chunk = torch.stack([source[s:s + seq + 1] for s in starts])
-        return chunk[:, :-1], chunk[:, 1:]
-
-    def loss_on(x, y):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            out = model(x)
-        return F.cross_entropy(out.float().reshape(-1, 95), y.reshape(-1))
-
-    for _ in range(steps):
-        x, y = batch_of(train, g)
-        opt.step(lambda: loss_on(x, y))
-    held_gen = torch.Generator().manual_seed(1234)
-    with torch.no_grad():
-        losses = [float(loss_on(*batch_of(held, held_gen))) for _ in range(20)]
-    return {"held_out_loss": statistics.mean(losses)}
-
-
 def summary(values: List[float]) -> str:
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values) if len(values) > 1 else 0:.4f}"
 
@@ -151,7 +120,7 @@ def main(argv: Optional[List[str]] = None) -> None:
             for autocast in ((False, True) if dtype == torch.float32 else (False,)):
                 how = "bf16 autocast" if autocast else str(dtype).replace("torch.", "")
                 row(label, f"char transformer, {steps} steps, {how}", "held_out_loss",
-                    [charlm_run(options, dtype, s, steps, autocast) for s in seeds])
+                    [charlm("auto", s, steps, autocast, dtype, backend="foreach", **options) for s in seeds])
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
