@@ -295,18 +295,24 @@ PASS_ARRAYS = {
 }
 
 
-def pass_bytes(name: str, dtype: torch.dtype = torch.float32) -> int:
-    """Minimal bytes per element a pass moves for params of ``dtype`` (fp32 state)."""
+#: bytes per element of each state array (m, D) per ``state_bits``: 8 bits add a float32 scale per 32
+STATE_BYTES = {32: 4.0, 16: 2.0, 8: 1.0 + 4 / 32}
+
+
+def pass_bytes(name: str, dtype: torch.dtype = torch.float32, state_bits: int = 32) -> float:
+    """Minimal bytes per element a pass moves for params of ``dtype`` and state of ``state_bits``."""
     p, f = PASS_ARRAYS[name]
-    return p * torch.empty((), dtype=dtype).element_size() + 4 * f
+    return p * torch.empty((), dtype=dtype).element_size() + STATE_BYTES[state_bits] * f
 
 
 PASS_BYTES = {name: pass_bytes(name) for name in PASS_ARRAYS}  # fp32 params
 
 
 def pass_calls(backend_name: str, device: torch.device, numel: int, n_tensors: int,
-               dtype: torch.dtype = torch.float32) -> Dict[str, Callable[[], None]]:
-    """One call of each numeric pass of a step on ``numel`` params of ``dtype``, through the backend API."""
+               dtype: torch.dtype = torch.float32, state_bits: int = 32) -> Dict[str, Callable[[], None]]:
+    """One call of each numeric pass of a step on ``numel`` params of ``dtype``, through the backend API,
+    with the optimizer state encoded as ``state_bits`` says."""
+    from sassha_fused import encoding
     from sassha_fused import functional as F
     from sassha_fused.backends import Bucket, ProbeKeys, RefreshInput, RefreshMode, get_backend
 
@@ -315,8 +321,16 @@ def pass_calls(backend_name: str, device: torch.device, numel: int, n_tensors: i
     xs = [p.detach() for p in pb.params]
     b = Bucket(backend=backend, device=device, params=xs, param_index=list(range(len(xs))),
                group_index=[0] * len(xs), backups=[torch.empty_like(x) for x in xs],
-               positions=list(range(len(xs))), exp_avgs=[torch.zeros_like(x, dtype=torch.float32) for x in xs],
-               exp_hessian_diags=[torch.rand_like(x, dtype=torch.float32) + 0.1 for x in xs])
+               positions=list(range(len(xs))), state_bits=state_bits)
+    states = [encoding.encode_state(torch.zeros_like(x, dtype=torch.float32),
+                                    torch.rand_like(x, dtype=torch.float32) + 0.1, state_bits, torch.float32)
+              for x in xs]
+    codes = "_codes" if state_bits == 8 else ""
+    b.exp_avgs = [s["exp_avg" + codes] for s in states]
+    b.exp_hessian_diags = [s["exp_hessian_diag" + codes] for s in states]
+    if state_bits == 8:
+        b.exp_avg_scales = [s["exp_avg_scales"] for s in states]
+        b.exp_hessian_diag_scales = [s["exp_hessian_diag_scales"] for s in states]
     groups = F.GroupTable([dict(lr=1e-6, betas=(0.9, 0.999), weight_decay=0.0, eps=1e-4, rho=1e-6,
                                 perturb_eps=1e-12)])
     keys = ProbeKeys((0x12345,))

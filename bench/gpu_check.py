@@ -221,6 +221,16 @@ def stage_passes(rec: Recorder, dry: bool, out: str) -> None:
                 rec(item="pass", backend=backend, dtype=str(dtype).replace("torch.", ""), numel=numel, pass_=name,
                     median_ms=s["median_ms"], GBps=gbps, of_copy=gbps / bw)
             del calls
+            # the update with 8-bit state: fewer bytes, the same pass
+            calls = pass_calls(backend, device, numel, 100, dtype, state_bits=8)
+            for name, fn in calls.items():
+                if not name.startswith("update"):
+                    continue
+                s = summarize(time_it(fn, device, reps=3 if dry else 20, warmup=1 if dry else 3))
+                gbps = pass_bytes(name, dtype, 8) * numel / (s["median_ms"] / 1e3) / 1e9
+                rec(item="pass", backend=backend, dtype=str(dtype).replace("torch.", ""), numel=numel,
+                    pass_=f"{name}, state_bits=8", median_ms=s["median_ms"], GBps=gbps, of_copy=gbps / bw)
+            del calls
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
