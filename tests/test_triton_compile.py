@@ -23,12 +23,18 @@ the triton wheel): the front end, the TTIR/TTGIR/LLVM passes and ptxas all run.
   the backend passes (param dtype fp32/bf16/fp16, v dtype param or fp32, ADAPTIVE,
   ALIGNED, HAS_BASE/HAS_SAVE as hvp.py pairs them, HAS_BASELINE, FIRST, the refresh
   MODE with its N_SAMPLES), except ``update_kernel``'s POWER_MODE, taken pairwise
-  (see there). About 140 compiles, 20-40 s of a 2-CPU machine.
+  (see there); ``update_kernel`` also on compact state (STATE_BITS 16 and 8, every
+  refresh mode) and, for bf16 params, with master weights (MASTER_BITS 24 / 32 over
+  every STATE_BITS, a plain and a refresh step). About 210 compiles, 2-3 minutes of a
+  2-CPU machine.
 * The machine code of each compile is checked too (Triton's own ``ptxas -v`` report,
   and the PTX): every variant stays at or under 128 registers without spills, and an
   aligned variant moves every array of a full tile in 16-byte accesses
   (``ld/st.global.v4.b32``), counted exactly from the arrays the tile reads and
-  writes (``full_tile_vectors``).
+  writes (``full_tile_vectors``). 8-bit codes and int8 corrections are 8 bytes a
+  thread (8 elements at 8 warps): each moves in one 8-byte access
+  (``ld/st.global.v2.b32``, counted the same way) and adds no 16-byte one; bf16 state
+  and int16 corrections add one 16-byte vector each.
 * Skipped only when triton cannot be imported or its CUDA backend or ptxas is
   missing (the skip says which).
 """
@@ -59,6 +65,9 @@ MODE_NONE, MODE_AUTOGRAD, MODE_FD_DIRECT, MODE_PRECOMPUTED = 0, 1, 2, 3
 # POWER_SQRT, POWER_ONE, POWER_GENERAL of triton_kernels/sassha.py, with the
 # hessian_power that selects each in TritonBackend.update
 POWERS = {0: 0.5, 1: 1.0, 2: 0.75}
+# state_bits other than 32 (sassha_fused.encoding.STATE_BITS) and master_weight_bits (bf16 params)
+COMPACT_STATE_BITS = (16, 8)
+MASTER_WEIGHT_BITS = (24, 32)
 
 
 # ------------------------------------------------------------------- variants
@@ -103,6 +112,19 @@ def _variants():
                     ALIGNED=aligned, n=3)
             # a group of one tensor: n == 1 is a constexpr, which y's rows s > 0 are offset by
             add("update_kernel", X=x, MODE=MODE_AUTOGRAD, N_SAMPLES=2, POWER_MODE=0, ALIGNED=aligned, n=1)
+            # compact state (state_bits 16: bf16, 8: int8/uint8 codes and group scales): every
+            # refresh mode, POWER_MODE pairwise as above
+            for si, state_bits in enumerate(COMPACT_STATE_BITS):
+                for mi, (mode, n_samples) in enumerate(((MODE_NONE, 1), (MODE_AUTOGRAD, 2), (MODE_FD_DIRECT, 1),
+                                                        (MODE_PRECOMPUTED, 1))):
+                    add("update_kernel", X=x, MODE=mode, N_SAMPLES=n_samples, POWER_MODE=(xi + ai + mi + si) % 3,
+                        ALIGNED=aligned, n=3, STATE_BITS=state_bits)
+            if x == BF16:
+                # master weights (bf16 params): with each state format, a plain and a refresh step
+                for mw, state_bits, (mode, n_samples) in itertools.product(
+                        MASTER_WEIGHT_BITS, (32,) + COMPACT_STATE_BITS, ((MODE_NONE, 1), (MODE_AUTOGRAD, 2))):
+                    add("update_kernel", X=x, MODE=mode, N_SAMPLES=n_samples, POWER_MODE=0, ALIGNED=aligned, n=3,
+                        STATE_BITS=state_bits, MASTER_BITS=mw)
     add("sum_partials_kernel", n=100_000)  # a round of 25 programs
     add("sum_partials_kernel", n=25)  # the last round
     return out
@@ -157,11 +179,13 @@ def _launch(kernel: str, v: dict):
         power_mode = {k.POWER_SQRT.value: 0.5, k.POWER_ONE.value: 1.0, k.POWER_GENERAL.value: 0.75}
         assert power_mode[v["POWER_MODE"]] == POWERS[v["POWER_MODE"]]
         prefixes = torch.zeros(v["N_SAMPLES"], dtype=torch.int64)
-        cols = [torch.zeros(n, dtype=torch.int64) for _ in range(9)]
-        return (blocks, *cols[:5], y, *cols[5:8], prefixes, y.stride(0), f32(n, k.U_COUNT.value),
+        cols = [torch.zeros(n, dtype=torch.int64) for _ in range(12)]
+        state_bits = v.get("STATE_BITS", 32)
+        s_dtype = {32: k.tl.float32, 16: k.tl.bfloat16, 8: k.tl.int8}[state_bits]
+        return (blocks, *cols[:8], y, *cols[8:11], prefixes, y.stride(0), f32(n, k.U_COUNT.value),
                 float(POWERS[v["POWER_MODE"]]), fd), dict(
-            X_DTYPE=x, S_DTYPE=k.tl.float32, MODE=v["MODE"], N_SAMPLES=y.shape[0], POWER_MODE=v["POWER_MODE"],
-            ALIGNED=v["ALIGNED"], **common)
+            X_DTYPE=x, S_DTYPE=s_dtype, STATE_BITS=state_bits, MASTER_BITS=v.get("MASTER_BITS", 0), MODE=v["MODE"],
+            N_SAMPLES=y.shape[0], POWER_MODE=v["POWER_MODE"], ALIGNED=v["ALIGNED"], **common)
     raise KeyError(kernel)
 
 
@@ -228,6 +252,8 @@ def _ptxas_log(ptx: str, options) -> str:
 # a 16-byte global access: four 32-bit words (fp32, or eight packed 16-bit values), or two 64-bit ones
 _WIDE = {op: re.compile(rf"\b{op}\.global(?:\.[a-z0-9]+)*?(?:\.v4\.[bfsu]32|\.v2\.[bfsu]64)\b")
          for op in ("ld", "st")}
+# an 8-byte vector access: two 32-bit words (eight packed 8-bit codes)
+_HALF = {op: re.compile(rf"\b{op}\.global(?:\.[a-z0-9]+)*?\.v2\.[bfsu]32\b") for op in ("ld", "st")}
 
 
 def _machine_code(ptx: str, log: str) -> dict:
@@ -235,25 +261,29 @@ def _machine_code(ptx: str, log: str) -> dict:
     regs = re.search(r"Used (\d+) registers", log)
     spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)]
     return {"ld16": len(_WIDE["ld"].findall(ptx)), "st16": len(_WIDE["st"].findall(ptx)),
+            "ld8": len(_HALF["ld"].findall(ptx)), "st8": len(_HALF["st"].findall(ptx)),
             "registers": int(regs.group(1)) if regs else None, "spill_bytes": sum(spills) if spills else None,
             "ptxas": log.strip()[-2000:]}
 
 
-def full_tile_vectors(kernel: str, v: dict):
-    """(loads, stores) of 16-byte vectors one thread makes on an aligned full tile, from the arrays it moves.
+def full_tile_vectors(kernel: str, v: dict, width: int = 16):
+    """(loads, stores) of ``width``-byte vectors one thread makes on an aligned full tile, from the arrays it moves.
 
     Each thread holds BLOCK / (32 * num_warps) elements of every array: 8 at 8 warps,
     two vectors of fp32, one of a 16-bit type. Every array the tile reads or writes
     must move in such vectors, so the counts are exact: one array left scalar (or
-    split into 8-byte halves) changes them.
+    split into 8-byte halves) changes them. An array of 8 bytes a thread (8-bit codes,
+    int8 master corrections) moves in one 8-byte vector (``width`` 8) instead.
     """
     from sassha_fused.backends import triton_backend as tb
 
     per_thread = tb.BLOCK // (32 * tb.num_warps(True))
-    size = {F32: 4, BF16: 2, F16: 2}
+    size = {F32: 4, BF16: 2, F16: 2, "int8": 1, "int16": 2}
 
     def vectors(dtypes):
-        return sum(per_thread * size[d] // 16 for d in dtypes)
+        if width == 16:
+            return sum(per_thread * size[d] // 16 for d in dtypes)
+        return sum(per_thread * size[d] % 16 // width for d in dtypes)
 
     x = v.get("X")
     if kernel == "sq_norm_partials_kernel":
@@ -270,9 +300,14 @@ def full_tile_vectors(kernel: str, v: dict):
         reads, writes = [x] + [x] * v["HAS_BASELINE"] + [x] * (not v["FIRST"]), [x]
     elif kernel == "update_kernel":
         refresh = v["MODE"] != MODE_NONE
-        # x_t, g~, m, d (and y per sample); x, m (and d); then the restore of a param that is not live
-        reads = [x, x, F32, F32] + [x] * (v["N_SAMPLES"] if refresh else 0) + [x]
-        writes = [x, F32] + [F32] * refresh + [x]
+        # m and D in their encoding: 8-bit codes are 8 bytes a thread (a 16-byte vector holds 16),
+        # so they and the group scales add no 16-byte access; a master correction is int8 / int16
+        state = {32: F32, 16: BF16, 8: "int8"}[v.get("STATE_BITS", 32)]
+        master = {0: [], 24: ["int8"], 32: ["int16"]}[v.get("MASTER_BITS", 0)]
+        # x_t, g~, m, d (and y per sample), the correction; x, m (and d), the correction;
+        # then the restore of a param that is not live
+        reads = [x, x, state, state] + [x] * (v["N_SAMPLES"] if refresh else 0) + master + [x]
+        writes = [x, state] + [state] * refresh + master + [x]
     else:
         return None
     return vectors(reads), vectors(writes)
@@ -406,6 +441,10 @@ def test_aligned_full_tiles_move_16_bytes_per_access(compiled, vid, kernel, v):
     assert (r["ld16"], r["st16"]) == full_tile_vectors(kernel, v), (
         f"{vid}: {r['ld16']} 16-byte loads and {r['st16']} 16-byte stores in the PTX, "
         f"{full_tile_vectors(kernel, v)} expected ({compiled['']['triton']})")
+    # arrays of 8 bytes a thread (8-bit codes, int8 corrections) in one 8-byte vector each, not byte by byte
+    assert (r["ld8"], r["st8"]) == full_tile_vectors(kernel, v, width=8), (
+        f"{vid}: {r['ld8']} 8-byte loads and {r['st8']} 8-byte stores in the PTX, "
+        f"{full_tile_vectors(kernel, v, width=8)} expected ({compiled['']['triton']})")
 
 
 if __name__ == "__main__" and len(sys.argv) > 2 and sys.argv[1] == "--worker":

@@ -30,6 +30,27 @@ The per-element math lives in small ``@triton.jit`` helpers (``_fmix32``,
 ``_rademacher``, ``_perturbed``, ``_momentum``, ``_hessian_ema``, ``_new_param``);
 the kernels only walk tensors, load, call the helpers and store.
 
+Compact state (``sassha_fused/encoding.py``, issue 22) is decoded, used and encoded
+again inside the update's single pass, chosen by constexprs (``STATE_BITS`` 32 is the
+plain float32 path, unchanged):
+
+* ``STATE_BITS`` 16: m and D are bfloat16, widened on load and rounded to nearest
+  even at the store (``_round_to``).
+* ``STATE_BITS`` 8: int8 / uint8 codes and one float32 scale per group of 32
+  elements (``_decode_*``/``_encode_*``). Groups start at element 0 of each tensor
+  and a tile starts at a multiple of BLOCK, so the update's ``[BLOCK/32, 32]`` tile
+  (the probes' rows) holds whole groups: row r is group ``start / 32 + r``, and the
+  group maximum is a ``tl.max(axis=1)`` over the row, elements past the tensor
+  counting as 0. D's codes and scales are written on refresh steps only.
+* ``MASTER_BITS`` 24 / 32 (bf16 params): the update starts from
+  ``join_master(x_t, correction)`` and writes both halves of ``split_master(x_new)``
+  (``_join_master``/``_split_master``: integer arithmetic on the bits).
+
+Given the same float32 ``m_new``/``D_new``/``x_new`` the codes, scales and
+corrections are the reference's bit for bit: the encodes use the reference's
+operations in its order, IEEE-rounded, and never add to a product, so fp fusion
+cannot change a rounding.
+
 Rounding choices follow ``backends/eager.py``: fp32 math, ``div_rn``/``sqrt_rn``
 (IEEE-rounded, like torch) where the reference divides or takes a square root,
 one rounding to the parameter dtype at the store.
@@ -84,6 +105,14 @@ MODE_AUTOGRAD = tl.constexpr(1)
 MODE_FD_DIRECT = tl.constexpr(2)
 MODE_PRECOMPUTED = tl.constexpr(3)
 KEY1_SALT = tl.constexpr(0x9E3779B9)
+# Compact state (sassha_fused/encoding.py): groups of GROUP elements share a float32 scale
+# under state_bits=8; the codes' levels and the constants added before the scaling to the
+# code grid (float32 values of encoding.M_HALF / D_HALF, as torch adds them)
+GROUP = tl.constexpr(32)
+M_LEVELS = tl.constexpr(127.0)
+D_LEVELS = tl.constexpr(255.0)
+M_HALF = tl.constexpr(0.5 / 127)
+D_HALF = tl.constexpr(0.5 / 255)
 
 
 # --------------------------------------------------------------------------- math
@@ -181,6 +210,84 @@ def _round_to(x, DTYPE: tl.constexpr):
         return (r >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         return x.to(DTYPE)
+
+
+# ------------------------------------------------------------- compact state
+# encoding.py's encodings, operation for operation: only + - * /, sqrt and floor, each
+# rounded on its own (div_rn/sqrt_rn; no product is added to, so fp fusion cannot
+# change a rounding). A tile is [BLOCK/32, 32]: row r is group (start / 32) + r.
+@triton.jit
+def _decode_momentum(q, s):
+    """float32 m of int8 codes ``q`` ([R, 32]) and their group scales ``s`` ([R, 1])."""
+    c = tl.div_rn(q.to(tl.float32), tl.full((), M_LEVELS, tl.float32))
+    return tl.div_rn(c, 2.0 - tl.abs(c)) * s
+
+
+@triton.jit
+def _decode_hessian(q, s):
+    """float32 D of uint8 codes ``q`` and their group scales ``s``."""
+    c = tl.div_rn(q.to(tl.float32), tl.full((), D_LEVELS, tl.float32))
+    return c * c * s
+
+
+@triton.jit
+def _group_scaled(v, s):
+    """v / s per group ([R, 32] over [R, 1]), 0 in a group whose scale is 0."""
+    return tl.where(s > 0, tl.div_rn(v, tl.where(s > 0, s, 1.0)), 0.0)
+
+
+@triton.jit
+def _encode_momentum(m):
+    """(int8 codes, [R, 1] float32 scales) of m ([R, 32], elements past the tensor 0)."""
+    s = tl.max(tl.abs(m), axis=1, keep_dims=True)
+    u = _group_scaled(m, s)
+    c = tl.div_rn(u + u, 1.0 + tl.abs(u))  # softsign companding
+    q = tl.minimum(tl.floor((tl.abs(c) + tl.full((), M_HALF, tl.float32)) * M_LEVELS), M_LEVELS)
+    q = tl.where(c < 0, -q, q)
+    return q.to(tl.int8), s
+
+
+@triton.jit
+def _encode_hessian(d):
+    """(uint8 codes, [R, 1] float32 scales) of D >= 0 ([R, 32], elements past the tensor 0)."""
+    s = tl.max(d, axis=1, keep_dims=True)
+    c = tl.sqrt_rn(_group_scaled(d, s))
+    q = tl.minimum(tl.floor((c + tl.full((), D_HALF, tl.float32)) * D_LEVELS), D_LEVELS)
+    q = tl.where((d > 0) & (q < 1.0), 1.0, q)  # a positive entry never decodes to 0
+    return q.to(tl.uint8), s
+
+
+@triton.jit
+def _join_master(x, correction, MASTER_BITS: tl.constexpr):
+    """The float32 master of bf16 ``x`` and its int8 (24) / int16 (32) correction: integer bit arithmetic."""
+    high = x.to(tl.uint16, bitcast=True).to(tl.uint32)
+    rest = correction.to(tl.int32)
+    if MASTER_BITS == 24:
+        rest = rest << 8
+    bits = (high << 16) + rest.to(tl.uint32, bitcast=True)  # modulo 2**32, as the reference
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _split_master(x, MASTER_BITS: tl.constexpr):
+    """float32 master -> (bf16 param: its top 16 bits rounded, ties away; the correction below them).
+
+    24 bits: the master is first rounded to 24 bits. Non-finite values keep their
+    bf16 rounding and a zero correction.
+    """
+    u = x.to(tl.uint32, bitcast=True)
+    bits = u
+    if MASTER_BITS == 24:
+        bits = ((bits + 0x80) >> 8) << 8  # (bits + 0x80) & 0xFFFFFF00
+    high = (bits + 0x8000) >> 16
+    rest = bits.to(tl.int32, bitcast=True) - (high << 16).to(tl.int32, bitcast=True)  # in [-2**15, 2**15)
+    finite = (u & 0x7F800000) != 0x7F800000
+    param = tl.where(finite, high.to(tl.uint16).to(tl.bfloat16, bitcast=True), _round_to(x, tl.bfloat16))
+    if MASTER_BITS == 24:
+        correction = tl.where(finite, rest >> 8, 0).to(tl.int8)
+    else:
+        correction = tl.where(finite, rest, 0).to(tl.int16)
+    return param, correction
 
 
 # -------------------------------------------------------------- tensor walking
@@ -487,38 +594,99 @@ def _hutchinson(y_ptrs, prefixes, pidx, slot, n, gp, g, word, bits, offs, mask, 
 
 
 @triton.jit
+def _load_state(p, sp, offs, grp, mask, gmask, HESSIAN: tl.constexpr, STATE_BITS: tl.constexpr,
+                EVEN: tl.constexpr):
+    """m (or D: HESSIAN) of a tile as float32, decoded from its encoding (``grp``: the rows' groups)."""
+    v = _ld(p, offs, mask, EVEN)
+    if STATE_BITS == 8:
+        s = _ld(sp, grp, gmask, EVEN)
+        if HESSIAN:
+            v = _decode_hessian(v, s)
+        else:
+            v = _decode_momentum(v, s)
+    else:
+        v = v.to(tl.float32)
+    return v
+
+
+@triton.jit
+def _store_state(p, sp, offs, grp, v, mask, gmask, HESSIAN: tl.constexpr, STATE_BITS: tl.constexpr,
+                 EVEN: tl.constexpr):
+    """Store m (or D) of a tile in its encoding: float32, bf16 (nearest even), or 8-bit codes and group scales."""
+    if STATE_BITS == 8:
+        if not EVEN:
+            v = tl.where(mask, v, 0.0)  # elements past the tensor do not count in a group's scale
+        if HESSIAN:
+            q, s = _encode_hessian(v)
+        else:
+            q, s = _encode_momentum(v)
+        _st(p, offs, q, mask, EVEN)
+        _st(sp, grp, s, gmask, EVEN)
+    elif STATE_BITS == 16:
+        _st(p, offs, _round_to(v, tl.bfloat16), mask, EVEN)
+    else:
+        _st(p, offs, v, mask, EVEN)
+
+
+@triton.jit
 def _update_tile(
-    x_ptrs, xt_ptrs, g_ptrs, m_ptrs, d_ptrs, y_ptrs, prefixes, pidx, slot, n, start, offs, word, bits, mask,
-    neg_step, decay, beta1, omb1, beta2, omb2, c2, eps, power, delta, h_floor,
-    X_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, MODE: tl.constexpr, N_SAMPLES: tl.constexpr,
-    POWER_MODE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr, EVEN: tl.constexpr,
+    x_ptrs, xt_ptrs, g_ptrs, m_ptrs, d_ptrs, ms_ptrs, ds_ptrs, c_ptrs, y_ptrs, prefixes, pidx, slot, n, start,
+    numel, offs, word, bits, mask, neg_step, decay, beta1, omb1, beta2, omb2, c2, eps, power, delta, h_floor,
+    X_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, STATE_BITS: tl.constexpr, MASTER_BITS: tl.constexpr,
+    MODE: tl.constexpr, N_SAMPLES: tl.constexpr, POWER_MODE: tl.constexpr, ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr, EVEN: tl.constexpr,
 ):
     gp = _ptr(g_ptrs, slot, X_DTYPE, ALIGNED)
     mp = _ptr(m_ptrs, slot, S_DTYPE, ALIGNED)
-    dp = _ptr(d_ptrs, slot, S_DTYPE, ALIGNED)
+    if STATE_BITS == 8:
+        dp = _ptr(d_ptrs, slot, tl.uint8, ALIGNED)
+    else:
+        dp = _ptr(d_ptrs, slot, S_DTYPE, ALIGNED)
     xp = _ptr(x_ptrs, slot, X_DTYPE, ALIGNED)
-    m = _ld(mp, offs, mask, EVEN)
-    d = _ld(dp, offs, mask, EVEN)
+    # state_bits=8: row r of the tile is group (start / 32) + r, with its scale
+    grp = start // GROUP + tl.arange(0, BLOCK // GROUP)[:, None]
+    gmask = grp * GROUP < numel
+    msp = _ptr(ms_ptrs, slot, tl.float32, ALIGNED)
+    dsp = _ptr(ds_ptrs, slot, tl.float32, ALIGNED)
+    if STATE_BITS != 8:
+        m = _load_state(mp, msp, offs, grp, mask, gmask, False, STATE_BITS, EVEN)
+    d = _load_state(dp, dsp, offs, grp, mask, gmask, True, STATE_BITS, EVEN)
     g = _ld(gp, offs, mask, EVEN).to(tl.float32)
-    m = _momentum(m, g, beta1, omb1)
+    if STATE_BITS != 8:
+        m = _momentum(m, g, beta1, omb1)
     if MODE != 0:
         h = _hutchinson(y_ptrs, prefixes, pidx, slot, n, gp, g, word, bits, offs, mask, delta, X_DTYPE, MODE,
                         N_SAMPLES, ALIGNED, BLOCK, EVEN)
         if MODE != 1:  # finite differences resolve |h| only down to h_floor * |g~|
             h = tl.maximum(tl.abs(h), h_floor * tl.abs(g))
         d = _hessian_ema(d, h, beta2, omb2)
-        _st(dp, offs, d, mask, EVEN)
+        _store_state(dp, dsp, offs, grp, d, mask, gmask, True, STATE_BITS, EVEN)  # D: on refresh steps only
+    if STATE_BITS == 8:  # 8-bit: m is decoded and encoded after D, fewer values live across the group maxima
+        m = _momentum(_load_state(mp, msp, offs, grp, mask, gmask, False, STATE_BITS, EVEN), g, beta1, omb1)
+        _store_state(mp, msp, offs, grp, m, mask, gmask, False, STATE_BITS, EVEN)
     # x_t is read last: on refresh steps it is not held through the Hutchinson sum
-    x = _ld(_ptr(xt_ptrs, slot, X_DTYPE, ALIGNED), offs, mask, EVEN).to(tl.float32)
-    x_new = _new_param(x, m, d, neg_step, c2, decay, eps, power, POWER_MODE)
-    _st(xp, offs, _round_to(x_new, X_DTYPE), mask, EVEN)
-    _st(mp, offs, m, mask, EVEN)
+    xt = _ld(_ptr(xt_ptrs, slot, X_DTYPE, ALIGNED), offs, mask, EVEN)
+    if MASTER_BITS != 0:  # bf16 params: the update starts from the float32 master weight
+        if MASTER_BITS == 24:
+            cp = _ptr(c_ptrs, slot, tl.int8, ALIGNED)
+        else:
+            cp = _ptr(c_ptrs, slot, tl.int16, ALIGNED)
+        x = _join_master(xt, _ld(cp, offs, mask, EVEN), MASTER_BITS)
+        x_new = _new_param(x, m, d, neg_step, c2, decay, eps, power, POWER_MODE)
+        high, low = _split_master(x_new, MASTER_BITS)
+        _st(xp, offs, high, mask, EVEN)
+        _st(cp, offs, low, mask, EVEN)
+    else:
+        x_new = _new_param(xt.to(tl.float32), m, d, neg_step, c2, decay, eps, power, POWER_MODE)
+        _st(xp, offs, _round_to(x_new, X_DTYPE), mask, EVEN)
+    if STATE_BITS != 8:
+        _store_state(mp, msp, offs, grp, m, mask, gmask, False, STATE_BITS, EVEN)
 
 
 @triton.jit
 def _restore_tile(x_ptrs, xt_ptrs, slot, offs, mask, X_DTYPE: tl.constexpr, ALIGNED: tl.constexpr,
                   EVEN: tl.constexpr):
-    """A param that is not live: x = x_t, bit for bit; state untouched."""
+    """A param that is not live: x = x_t, bit for bit; state (and master correction) untouched."""
     xt = _ld(_ptr(xt_ptrs, slot, X_DTYPE, ALIGNED), offs, mask, EVEN)
     _st(_ptr(x_ptrs, slot, X_DTYPE, ALIGNED), offs, xt, mask, EVEN)
 
@@ -529,8 +697,11 @@ def update_kernel(
     x_ptrs,  # int64 [n]: x (param, written)
     xt_ptrs,  # int64 [n]: x_t, the point the update starts from (a backup, or x itself)
     g_ptrs,  # int64 [n]: the gradient at the perturbed point, g~
-    m_ptrs,  # int64 [n]: exp_avg (fp32)
-    d_ptrs,  # int64 [n]: exp_hessian_diag (fp32)
+    m_ptrs,  # int64 [n]: exp_avg (S_DTYPE: fp32, bf16, or int8 codes at STATE_BITS 8)
+    d_ptrs,  # int64 [n]: exp_hessian_diag (S_DTYPE, or uint8 codes at STATE_BITS 8)
+    ms_ptrs,  # int64 [n]: exp_avg's fp32 group scales (STATE_BITS 8; else any column, not read)
+    ds_ptrs,  # int64 [n]: exp_hessian_diag's fp32 group scales (STATE_BITS 8; else not read)
+    c_ptrs,  # int64 [n]: master corrections, int8 (MASTER_BITS 24) / int16 (32) (else not read)
     y_ptrs,  # int64 [N_SAMPLES, n]: refresh input per sample (MODE; 0: absent, counts as 0)
     numels,  # int64 [n]
     param_index,  # int64 [n]: probe counters
@@ -541,17 +712,20 @@ def update_kernel(
     power,  # hessian_power of the step
     fd,  # fp32 [2]: the finite-difference step delta and h_floor (read in the FD modes)
     X_DTYPE: tl.constexpr,  # element type of x, x_t, g~ and y
-    S_DTYPE: tl.constexpr,  # element type of exp_avg and exp_hessian_diag (fp32)
+    S_DTYPE: tl.constexpr,  # element type of exp_avg (fp32 at STATE_BITS 32, bf16 at 16, int8 at 8)
+    STATE_BITS: tl.constexpr,  # 32 / 16 / 8: the state's encoding (sassha_fused.encoding)
+    MASTER_BITS: tl.constexpr,  # 0, or 24 / 32: bf16 params with a master correction
     MODE: tl.constexpr,  # MODE_NONE / MODE_AUTOGRAD / MODE_FD_DIRECT / MODE_PRECOMPUTED
     N_SAMPLES: tl.constexpr,  # rows of y_ptrs (S for AUTOGRAD, 1 otherwise)
     POWER_MODE: tl.constexpr,  # POWER_SQRT / POWER_ONE / POWER_GENERAL
     ALIGNED: tl.constexpr,  # every data pointer of the launch is 16-byte aligned
-    BLOCK: tl.constexpr,  # elements per tile, a multiple of 32
+    BLOCK: tl.constexpr,  # elements per tile, a multiple of 32 (a tile holds whole groups)
 ):
     slot, start, numel = _tile(blocks, numels, BLOCK)
     sc = scalars + slot * U_COUNT
     # A [BLOCK/32, 32] tile: row r starts in probe word ((element_offset + start) >> 5) + r,
-    # so on refresh steps the hashes are computed once per 32 elements.
+    # so on refresh steps the hashes are computed once per 32 elements; at STATE_BITS 8
+    # row r is also a group of the encoding (groups start at the tensor's element 0).
     offs, word, bits = _word_tile(start, tl.load(element_offset + slot), BLOCK)
     mask = offs < numel
     if tl.load(sc + U_LIVE) != 0:
@@ -571,13 +745,15 @@ def update_kernel(
             h_floor = tl.load(fd + 1)
         pidx = tl.load(param_index + slot)
         if start + BLOCK <= numel:
-            _update_tile(x_ptrs, xt_ptrs, g_ptrs, m_ptrs, d_ptrs, y_ptrs, prefixes, pidx, slot, n, start, offs,
-                         word, bits, mask, neg_step, decay, beta1, omb1, beta2, omb2, c2, eps, power, dlt, h_floor,
-                         X_DTYPE, S_DTYPE, MODE, N_SAMPLES, POWER_MODE, ALIGNED, BLOCK, True)
+            _update_tile(x_ptrs, xt_ptrs, g_ptrs, m_ptrs, d_ptrs, ms_ptrs, ds_ptrs, c_ptrs, y_ptrs, prefixes, pidx,
+                         slot, n, start, numel, offs, word, bits, mask, neg_step, decay, beta1, omb1, beta2, omb2,
+                         c2, eps, power, dlt, h_floor, X_DTYPE, S_DTYPE, STATE_BITS, MASTER_BITS, MODE, N_SAMPLES,
+                         POWER_MODE, ALIGNED, BLOCK, True)
         else:
-            _update_tile(x_ptrs, xt_ptrs, g_ptrs, m_ptrs, d_ptrs, y_ptrs, prefixes, pidx, slot, n, start, offs,
-                         word, bits, mask, neg_step, decay, beta1, omb1, beta2, omb2, c2, eps, power, dlt, h_floor,
-                         X_DTYPE, S_DTYPE, MODE, N_SAMPLES, POWER_MODE, ALIGNED, BLOCK, False)
+            _update_tile(x_ptrs, xt_ptrs, g_ptrs, m_ptrs, d_ptrs, ms_ptrs, ds_ptrs, c_ptrs, y_ptrs, prefixes, pidx,
+                         slot, n, start, numel, offs, word, bits, mask, neg_step, decay, beta1, omb1, beta2, omb2,
+                         c2, eps, power, dlt, h_floor, X_DTYPE, S_DTYPE, STATE_BITS, MASTER_BITS, MODE, N_SAMPLES,
+                         POWER_MODE, ALIGNED, BLOCK, False)
     else:
         if start + BLOCK <= numel:
             _restore_tile(x_ptrs, xt_ptrs, slot, offs, mask, X_DTYPE, ALIGNED, True)

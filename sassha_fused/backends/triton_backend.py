@@ -4,10 +4,13 @@ The kernels are in ``triton_kernels/sassha.py`` (imported as
 ``sassha_fused.triton_kernels.sassha``); this module is the host side.
 
 * **Launch plans, cached on the bucket.** A bucket's tensors are split once into
-  *kernel groups* by dtype and by whether every array of the tensor is 16-byte
+  *kernel groups* by dtype, by whether every array of the tensor is 16-byte
   aligned (so one misaligned view does not turn a whole launch into scalar
-  loads). Per kernel group the plan holds the block map (program -> tensor slot,
-  first element), the ``numels``/``param_index``/``element_offset``/``group_index``
+  loads; the arrays are the param, its backup and its state: codes, scales and
+  master correction included) and by master-weight format (bf16 params with an
+  int8 / int16 ``master_correction`` take the update's MASTER_BITS variant). Per
+  kernel group the plan holds the block map (program -> tensor slot, first
+  element), the ``numels``/``param_index``/``element_offset``/``group_index``
   columns (``element_offset``: where a shard's elements are in the probes) and the
   pointer columns of the optimizer's own arrays (params, backups, state), all on
   the device. A bucket lives as long as its parameters' storage (``plans.py``), so
@@ -69,6 +72,9 @@ _INTERPRET_HINT = "Triton kernels need CUDA tensors; set TRITON_INTERPRET=1 to r
 # own 64-bit address: there 16 warps (4 elements per thread) keep the refresh
 # update under 128 registers. tests/test_triton_compile.py checks both from ptxas.
 BLOCK = 2048
+# a tile holds whole groups of state_bits=8 (GROUP = 32 elements, one scale each), and its
+# codes and scales start 16-byte aligned in an aligned tensor (BLOCK bytes, BLOCK / 8 bytes in)
+assert BLOCK % 32 == 0 and BLOCK % 16 == 0 and (BLOCK // 32 * 4) % 16 == 0
 NUM_WARPS = 8
 NUM_WARPS_UNALIGNED = 16
 # The norm's partials are summed in rounds: each program of a round adds
@@ -132,15 +138,16 @@ class _Launch:
 
 
 class _KernelGroup:
-    """The tensors of a bucket one launch sequence covers: one dtype, one alignment.
+    """The tensors of a bucket one launch sequence covers: one dtype, one alignment, one master format.
 
     ``idx`` are the tensors' positions in the bucket (``None``: all of them, in
     order); columns are device tensors, static ones built once.
     """
 
     def __init__(self, backend: "TritonBackend", b: Bucket, dtype: torch.dtype, aligned: bool,
-                 idx: Optional[List[int]]) -> None:
+                 idx: Optional[List[int]], master: int = 0) -> None:
         self.backend, self.dtype, self.aligned, self.idx = backend, dtype, aligned, idx
+        self.master = master  # MASTER_BITS of the group's params: 0, or 24 / 32 (bf16 with a master correction)
         self.device = b.device
         pick = self.pick
         params = pick(b.params)
@@ -264,23 +271,41 @@ class TritonBackend(Backend):
         """The bucket's kernel groups (built on first use, cached in the bucket)."""
         groups = b.backend_cache.get("triton")
         if groups is None:
-            keys: Dict[Tuple[torch.dtype, bool], List[int]] = {}
+            keys: Dict[Tuple[torch.dtype, bool, int], List[int]] = {}
             for j, p in enumerate(b.params):
                 if p.numel() == 0:
                     continue
-                own = [p, b.backups[j]] + ([b.exp_avgs[j], b.exp_hessian_diags[j]] if b.exp_avgs else [])
+                own = [p, b.backups[j]] + self._state_of(b, j)
                 aligned = not any(t.data_ptr() % 16 for t in own)
-                keys.setdefault((p.dtype, aligned), []).append(j)
+                correction = b.master_corrections[j] if b.master_corrections else None
+                master = 0 if correction is None else (24 if correction.dtype == torch.int8 else 32)
+                keys.setdefault((p.dtype, aligned, master), []).append(j)
             groups = []
-            for (dtype, aligned), idx in keys.items():
+            for (dtype, aligned, master), idx in keys.items():
                 whole = len(keys) == 1 and len(idx) == len(b.params)
-                groups.append(_KernelGroup(self, b, dtype, aligned, None if whole else idx))
+                groups.append(_KernelGroup(self, b, dtype, aligned, None if whole else idx, master))
             b.backend_cache["triton"] = groups
             b.backend_cache["triton_state"] = bool(b.exp_avgs)
         elif b.exp_avgs and not b.backend_cache["triton_state"]:  # state attached since: alignment of state too
             del b.backend_cache["triton"]
             return self._groups(b)
         return groups
+
+    @staticmethod
+    def _state_of(b: Bucket, j: int) -> List[Tensor]:
+        """The state arrays of param ``j`` the update reads and writes (their alignment decides the launch's).
+
+        A tile starts BLOCK elements after the previous one: BLOCK bytes into int8 / uint8
+        codes and int8 corrections, 2 BLOCK into bf16 state and int16 corrections, BLOCK / 32
+        floats into the scales, all multiples of 16, so each tile of a 16-byte aligned array
+        starts 16-byte aligned too.
+        """
+        own = [b.exp_avgs[j], b.exp_hessian_diags[j]] if b.exp_avgs else []
+        if b.state_bits == 8 and b.exp_avg_scales:
+            own += [b.exp_avg_scales[j], b.exp_hessian_diag_scales[j]]
+        if b.master_corrections and b.master_corrections[j] is not None:
+            own.append(b.master_corrections[j])
+        return own
 
     def _launch(self, kernel, g: _KernelGroup, launch: _Launch, columns: Sequence[Tensor], *args, **meta) -> None:
         lo = launch.lo
@@ -379,6 +404,8 @@ class TritonBackend(Backend):
         else:
             power_mode = _kernels.POWER_GENERAL.value
         mode = RefreshMode.NONE if refresh is None else refresh.mode
+        state_bits = b.state_bits
+        s_dtype = {32: tl.float32, 16: tl.bfloat16, 8: tl.int8}[state_bits]  # exp_avg's element type
         table = scalars.to(torch.float32)
         fd = refresh.fd if refresh is not None and refresh.fd is not None else table
         prefixes = None
@@ -391,6 +418,12 @@ class TritonBackend(Backend):
             gr, g_aligned = g.column("update.grad", grads)
             m, _ = g.column("exp_avgs", b.exp_avgs)
             d, _ = g.column("exp_hessian_diags", b.exp_hessian_diags)
+            # columns a format does not read get any column of the right length (never dereferenced)
+            ms, ds = m, d
+            if state_bits == 8:
+                ms, _ = g.column("exp_avg_scales", b.exp_avg_scales)
+                ds, _ = g.column("exp_hessian_diag_scales", b.exp_hessian_diag_scales)
+            cs = g.column("master_corrections", b.master_corrections)[0] if g.master else m
             aligned = g.aligned and xt_aligned and g_aligned
             if refresh is not None:
                 ys = [g.column(f"update.y{s}", sample, maybe_none=True) for s, sample in enumerate(refresh.ys)]
@@ -403,10 +436,11 @@ class TritonBackend(Backend):
                 lo = launch.lo
                 with _on(g.device):
                     _kernels.update_kernel[(launch.n_programs,)](
-                        launch.blocks, x[lo:], xt[lo:], gr[lo:], m[lo:], d[lo:], y[:, lo:], g.numels[lo:],
-                        g.param_index[lo:], g.element_offset[lo:],
+                        launch.blocks, x[lo:], xt[lo:], gr[lo:], m[lo:], d[lo:], ms[lo:], ds[lo:], cs[lo:],
+                        y[:, lo:], g.numels[lo:], g.param_index[lo:], g.element_offset[lo:],
                         prefixes if prefixes is not None else g.param_index, y.stride(0), rows[lo:], float(power), fd,
-                        X_DTYPE=_tl_dtype(g.dtype), S_DTYPE=tl.float32, MODE=mode,
+                        X_DTYPE=_tl_dtype(g.dtype), S_DTYPE=s_dtype, STATE_BITS=state_bits, MASTER_BITS=g.master,
+                        MODE=mode,
                         N_SAMPLES=y.shape[0], POWER_MODE=power_mode, ALIGNED=aligned, BLOCK=BLOCK,
                         num_warps=num_warps(aligned),
                     )
