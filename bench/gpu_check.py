@@ -340,7 +340,8 @@ def run_tests(out: str, dry: bool, budget: float, env: Dict[str, str]) -> Dict:
     if dry:
         args = ["tests/test_sync_free.py", "-k", "foreach and autograd"]
     else:
-        args = ["tests/test_sync_free.py", "tests/test_triton_backend.py", "tests/test_cuda_sources.py",
+        args = ["tests/test_sync_free.py", "tests/test_triton_backend.py", "tests/test_triton_compact_state.py",
+                "tests/test_cuda_sources.py",
                 "tests/test_hvp.py", "tests/test_faults.py", "tests/test_properties.py",
                 "tests/test_triton_compile.py",  # the PTX/ptxas checks with the machine's triton
                 "tests/test_timm.py",  # timm imports on the GPU machine's torch stack (it skips on CPU CI)

@@ -205,6 +205,7 @@ def attach_state(plan: StepPlan, state_of: Callable[[Tensor], dict]) -> None:
             b.master_corrections = [s.get("master_correction") for s in states]
         if plan.shards is not None:  # FSDP2: state is sharded like its param; the kernels take the shards
             b.exp_avgs, b.exp_hessian_diags = list(map(local, b.exp_avgs)), list(map(local, b.exp_hessian_diags))
+            b.master_corrections = [None if c is None else local(c) for c in b.master_corrections]
     plan.has_state = True
 
 

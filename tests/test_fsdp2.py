@@ -9,6 +9,7 @@ Float64 mostly: a finite difference divides that rounding by the step delta, whi
 float32 turns into visible drift.
 """
 
+import math
 import os
 import tempfile
 import warnings
@@ -429,6 +430,15 @@ def _compact_worker(rank, world, init_file, out_dir):
                    spread=_spread(lambda d: _whole(SASSHA, "closure", "foreach", args, d), whole, rank),
                    dtypes={str(opt.state[p]["exp_avg"].dtype) for p in model.parameters()},
                    sharded_state=all(hasattr(opt.state[p]["exp_avg"], "to_local") for p in model.parameters()))
+        # bfloat16 params with master weights: the corrections shard like the parameter too
+        model16 = _shard(_model().to(torch.bfloat16))
+        opt16 = SASSHA(model16.parameters(), backend="foreach", state_bits=16, master_weight_bits=24,
+                       **dict(ARGS, fd_eps="auto"))
+        losses = []
+        for _ in range(4):
+            losses.append(float(opt16.step(lambda: _loss(model16, x.to(torch.bfloat16), y.to(torch.bfloat16))())))
+        out["master"] = dict(losses=losses, sharded=all(
+            hasattr(opt16.state[p]["master_correction"], "to_local") for p in model16.parameters()))
         try:
             SASSHA(_shard(_model()).parameters(), state_bits=8, **ARGS)
             out["refused"] = ""
@@ -449,3 +459,4 @@ def test_fsdp2_bfloat16_state_shards_like_the_parameter():
     assert torch.equal(r0["sharded"], r1["sharded"])
     assert_within(r0["sharded"], r0["whole"], _tolerance(r0["spread"], r1["spread"]), "state_bits=16 under FSDP2")
     assert "FSDP2" in r0["refused"] and "state_bits=16" in r0["refused"]
+    assert r0["master"]["sharded"] and all(map(math.isfinite, r0["master"]["losses"]))
