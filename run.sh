@@ -2,7 +2,8 @@
 # One entry point for a fresh machine with only Python:
 #
 #   ./run.sh demo          set up, then train on real data: SASSHA vs AdamW, every backend's speed
-#   ./run.sh test [args]   set up, then run the whole test suite (extra args go to pytest)
+#   ./run.sh test [args]   set up, then run the whole test suite (extra args go to pytest); it
+#                          runs every README/docs block and mkdocs build --strict (tests/test_docs.py)
 #   ./run.sh bench [args]  set up, then run the benchmark suite (pytest-benchmark)
 #   ./run.sh setup         only set up
 #
@@ -75,6 +76,9 @@ case "$cmd" in
         if ! "$VPY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
             export TRITON_INTERPRET=1
         fi
+        # Setup installed the docs packages: tests/test_docs.py then builds the site with
+        # mkdocs build --strict and fails (instead of skipping) if they are missing.
+        export SASSHA_DOCS_REQUIRED=1
         set +e
         "$VPY" -m pytest tests -q -p no:cacheprovider "$@"
         rc=$?

@@ -118,6 +118,8 @@ setup(
         "timm": ["timm>=1.0.12"],
         "demo": ["scikit-learn", "tqdm"],
         "dev": ["pytest", "pytest-benchmark", "hypothesis", "ninja", "pybind11"],
+        # the documentation site: mkdocs build --strict (mkdocs.yml, docs/)
+        "docs": ["mkdocs>=1.6,<2", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26"],
     },
     **_safe_extension_args(),
 )
