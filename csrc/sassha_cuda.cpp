@@ -56,7 +56,8 @@ void check_tensor(const char* op, const char* what, const at::Tensor& t, int64_t
   TORCH_CHECK(t.device() == p.device(), "sassha_fused::", op, ": ", what, "[", j, "] is on ", t.device(),
               " but its param is on ", p.device(), "; keep each parameter's tensors on one device");
   TORCH_CHECK(t.scalar_type() == expected, "sassha_fused::", op, ": ", what, "[", j, "] has dtype ",
-              t.scalar_type(), " but ", expected, " is expected (16-bit params keep float32 state)");
+              t.scalar_type(), " but ", expected, " is expected (state_bits=32: 16-bit params keep float32 state; "
+              "16: bfloat16; 8: int8 / uint8 codes)");
   TORCH_CHECK(t.numel() == p.numel(), "sassha_fused::", op, ": ", what, "[", j, "] has ", t.numel(),
               " elements but its param has ", p.numel());
   TORCH_CHECK(t.is_contiguous(), "sassha_fused::", op, ": ", what, "[", j, "] is not contiguous; pass contiguous tensors");
@@ -86,7 +87,9 @@ TensorRec make_rec(const at::Tensor& x, int64_t j, const char* op) {
 }
 
 void finish_rec(TensorRec& r) {
-  r.aligned = aligned16(r.x) && aligned16(r.src) && aligned16(r.aux) && aligned16(r.m) && aligned16(r.d);
+  // the scales are read and written one float at a time: any alignment
+  r.aligned = aligned16(r.x) && aligned16(r.src) && aligned16(r.aux) && aligned16(r.m) && aligned16(r.d) &&
+              aligned16(r.corr);
 }
 
 // What a launch reads: the call's records and the block map of its tensors' sizes.
@@ -357,8 +360,20 @@ void fd_fold_cuda(at::TensorList acc, at::TensorList grads, at::TensorList basel
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The group scales of param j under state_bits=8: encoding.n_groups(numel) float32 values.
+void check_scales(const char* what, const at::Tensor& t, int64_t j, const at::Tensor& p) {
+  TORCH_CHECK(t.defined() && t.device() == p.device() && t.scalar_type() == at::kFloat && t.is_contiguous(),
+              "sassha_fused::update: ", what, "[", j, "] must be a contiguous float32 tensor on its param's "
+              "device (one scale per group of 32 elements)");
+  TORCH_CHECK(t.numel() == n_groups(p.numel()), "sassha_fused::update: ", what, "[", j, "] has ", t.numel(),
+              " scales but its param of ", p.numel(), " elements needs ", n_groups(p.numel()),
+              " (one per group of 32 elements, encoding.n_groups)");
+}
+
 void update_cuda(at::TensorList params, at::TensorList x_t, at::TensorList grads, at::TensorList exp_avgs,
-                 at::TensorList exp_hessian_diags, const at::Tensor& scalars, double power, int64_t refresh_mode,
+                 at::TensorList exp_hessian_diags, at::TensorList exp_avg_scales,
+                 at::TensorList exp_hessian_diag_scales, const c10::List<std::optional<at::Tensor>>& master_corrections,
+                 int64_t state_bits, const at::Tensor& scalars, double power, int64_t refresh_mode,
                  const c10::List<std::optional<at::Tensor>>& ys, c10::ArrayRef<int64_t> param_index,
                  c10::ArrayRef<int64_t> element_offset, c10::ArrayRef<int64_t> prefixes,
                  const std::optional<at::Tensor>& fd) {
@@ -368,6 +383,15 @@ void update_cuda(at::TensorList params, at::TensorList x_t, at::TensorList grads
               "sassha_fused::update: params, x_t, grads, exp_avgs, exp_hessian_diags and param_index need one "
               "entry per param");
   check_element_offsets("update", element_offset, params);
+  TORCH_CHECK(state_bits == 32 || state_bits == 16 || state_bits == 8,
+              "sassha_fused::update: state_bits must be 32, 16 or 8, got ", state_bits);
+  TORCH_CHECK(state_bits == 8 ? (exp_avg_scales.size() == n && exp_hessian_diag_scales.size() == n)
+                              : (exp_avg_scales.empty() && exp_hessian_diag_scales.empty()),
+              "sassha_fused::update: with state_bits=8 pass one exp_avg_scales and one exp_hessian_diag_scales "
+              "entry per param; scales are for state_bits=8 only (empty lists otherwise)");
+  TORCH_CHECK(master_corrections.empty() || master_corrections.size() == n, "sassha_fused::update: got ",
+              master_corrections.size(), " master_corrections for ", n,
+              " params; pass one per param (None where a param has none) or an empty list (no master weights)");
   TORCH_CHECK(refresh_mode >= RefreshMode::kNone && refresh_mode <= RefreshMode::kPrecomputed,
               "sassha_fused::update: unknown refresh_mode ", refresh_mode);
   const bool refresh = refresh_mode != RefreshMode::kNone;
@@ -393,13 +417,38 @@ void update_cuda(at::TensorList params, at::TensorList x_t, at::TensorList grads
     const auto pt = params[j].scalar_type();
     check_tensor("update", "grads", grads[j], j, params[j], pt);
     check_tensor("update", "x_t", x_t[j], j, params[j], pt);
-    check_tensor("update", "exp_avgs", exp_avgs[j], j, params[j], at::kFloat);
-    check_tensor("update", "exp_hessian_diags", exp_hessian_diags[j], j, params[j], at::kFloat);
+    // state_bits 32: float32; 16: bfloat16; 8: int8 codes of m, uint8 codes of D (+ float32 scales)
+    const at::ScalarType m_dtype = state_bits == 32 ? at::kFloat : state_bits == 16 ? at::kBFloat16 : at::kChar;
+    const at::ScalarType d_dtype = state_bits == 32 ? at::kFloat : state_bits == 16 ? at::kBFloat16 : at::kByte;
+    check_tensor("update", "exp_avgs", exp_avgs[j], j, params[j], m_dtype);
+    check_tensor("update", "exp_hessian_diags", exp_hessian_diags[j], j, params[j], d_dtype);
     TensorRec r = make_rec(params[j], j, "update");
     r.src = grads[j].const_data_ptr();
     r.aux = const_cast<void*>(x_t[j].const_data_ptr());
-    r.m = exp_avgs[j].data_ptr<float>();
-    r.d = exp_hessian_diags[j].data_ptr<float>();
+    r.m = exp_avgs[j].data_ptr();
+    r.d = exp_hessian_diags[j].data_ptr();
+    if (state_bits == 8) {
+      check_scales("exp_avg_scales", exp_avg_scales[j], j, params[j]);
+      check_scales("exp_hessian_diag_scales", exp_hessian_diag_scales[j], j, params[j]);
+      r.m_scale = exp_avg_scales[j].data_ptr<float>();
+      r.d_scale = exp_hessian_diag_scales[j].data_ptr<float>();
+    }
+    if (!master_corrections.empty()) {
+      const std::optional<at::Tensor> corr = master_corrections[j];
+      if (corr.has_value() && corr->defined()) {
+        TORCH_CHECK(pt == at::kBFloat16, "sassha_fused::update: master_corrections[", j, "] is given for a ", pt,
+                    " parameter; master weights are for bfloat16 parameters (pass None for the others)");
+        TORCH_CHECK(corr->scalar_type() == at::kChar || corr->scalar_type() == at::kShort,
+                    "sassha_fused::update: master_corrections[", j, "] has dtype ", corr->scalar_type(),
+                    "; expected int8 (master_weight_bits=24) or int16 (master_weight_bits=32)");
+        TORCH_CHECK(corr->device() == params[j].device() && corr->numel() == params[j].numel() &&
+                        corr->is_contiguous(),
+                    "sassha_fused::update: master_corrections[", j, "] must be a contiguous tensor of its param's ",
+                    params[j].numel(), " elements on its device");
+        r.corr = corr->data_ptr();
+        r.master_bits = corr->scalar_type() == at::kChar ? 24 : 32;
+      }
+    }
     r.param_index = static_cast<uint32_t>(param_index[j]);
     r.element_offset = offset_of(element_offset, j);
     finish_rec(r);
@@ -441,7 +490,8 @@ void update_cuda(at::TensorList params, at::TensorList x_t, at::TensorList grads
     d_fd = fd->const_data_ptr<float>();
   }
   launch_update(t.recs, t.blocks, t.n_blocks, static_cast<int64_t>(n), scalars.const_data_ptr<double>(), power,
-                static_cast<int>(refresh_mode), d_ys, d_prefixes, n_samples, d_fd, current_stream());
+                static_cast<int>(refresh_mode), d_ys, d_prefixes, n_samples, d_fd, static_cast<int>(state_bits),
+                current_stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -42,27 +42,33 @@ enum DType : int32_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 //   probes:  x = z (written)
 //   fd_move: x = params, src = base (x itself when moving in place), aux = save
 //   fd_fold: x = acc, src = this pass's gradient, aux = baseline
-//   update:  x = params, src = g~, aux = x_t (may alias x), m, d = state
+//   update:  x = params, src = g~, aux = x_t (may alias x), m, d = state in the
+//            launch's state_bits encoding (32: float32; 16: bfloat16; 8: int8 / uint8
+//            codes with float32 group scales m_scale, d_scale), corr = the int8 (24) /
+//            int16 (32) master correction of a bfloat16 param (master_bits), else null
 // The probe ops (probes, fd_move, fd_fold, update) draw local element i's probe at
 // global element element_offset + i (a shard of a larger tensor, FSDP2; else 0).
 struct TensorRec {
   void* x;
   const void* src;
   void* aux;
-  float* m;
-  float* d;
+  void* m;
+  void* d;
+  float* m_scale;  // state_bits 8: one float32 scale per group of 32 elements
+  float* d_scale;
+  void* corr;      // master correction (update, master_bits != 0)
   int64_t numel;
   int64_t element_offset;  // global probe element of the tensor's first element
   int32_t dtype;       // DType of x, src, aux (src may be fp32 when src_fp32)
   int32_t src_fp32;    // 1 when ``src`` is fp32 while x is 16-bit (M-SASSHA's exp_avg)
-  int32_t aligned;     // 1 when every pointer is 16-byte aligned: vector loads allowed
+  int32_t aligned;     // 1 when every vector-accessed pointer is 16-byte aligned: vector loads allowed
   uint32_t param_index;  // the probes' counter
   int32_t group;       // row of the group table
-  int32_t pad;
+  int32_t master_bits;  // 0, or 24 / 32: corr holds the low bits of a bfloat16 param's master weight
 };
 // The host (sassha_cuda.cpp, a C++ compiler) and the kernels (nvcc) must agree on it,
 // and the table cache keys on its bytes: no implicit padding.
-static_assert(sizeof(TensorRec) == 5 * sizeof(void*) + 2 * sizeof(int64_t) + 6 * sizeof(int32_t),
+static_assert(sizeof(TensorRec) == 8 * sizeof(void*) + 2 * sizeof(int64_t) + 6 * sizeof(int32_t),
               "TensorRec has padding");
 
 // One CUDA block: which tensor, which kBlockElems-sized chunk of it.
@@ -93,10 +99,11 @@ void launch_fd_fold(const TensorRec* recs, const BlockRec* blocks, int64_t n_blo
 // The SASSHA update. ``scalars`` is the float64 [n, UpdateCol] table; on refresh
 // steps ys[s * n_tensors + j] is the refresh input of sample s (null: 0) and
 // prefixes[s] the key prefix of its probe vector (refresh_mode: RefreshMode);
-// fd = [delta, h_floor] in the finite-difference modes.
+// fd = [delta, h_floor] in the finite-difference modes. ``state_bits`` (32, 16, 8):
+// the encoding of every record's m and d (sassha_math.h, encoding.py).
 void launch_update(const TensorRec* recs, const BlockRec* blocks, int64_t n_blocks, int64_t n_tensors,
                    const double* scalars, double power, int refresh_mode, const void* const* ys,
-                   const uint32_t* prefixes, int64_t n_samples, const float* fd, void* stream);
+                   const uint32_t* prefixes, int64_t n_samples, const float* fd, int state_bits, void* stream);
 
 }  // namespace cuda
 }  // namespace sassha

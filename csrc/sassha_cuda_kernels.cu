@@ -6,6 +6,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <type_traits>
+
 #include "sassha_cuda.h"
 #include "sassha_math.h"
 
@@ -318,8 +320,232 @@ __global__ void __launch_bounds__(kThreads) fd_fold_kernel(const TensorRec* __re
   });
 }
 
+// ---- compact state and master weights -------------------------------------------------
+// 8-byte accesses for the 8 one-byte codes (int8 m, uint8 D, int8 corrections) of a
+// thread's kVec elements: a warp's 32 of them are 256 contiguous bytes, one coalesced
+// access; scalar, not a narrower vector, so the 16-byte rule of the data vectors stands.
+__device__ __forceinline__ unsigned long long ld_global8(const void* p) {
+  unsigned long long v;
+  asm volatile("ld.global.u64 %0, [%1];" : "=l"(v) : "l"(p));
+  return v;
+}
+__device__ __forceinline__ void st_global8(void* p, unsigned long long v) {
+  asm volatile("st.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+// kVec one-byte values (C: int8_t or uint8_t) starting at i, widened to int32.
+template <typename C>
+__device__ __forceinline__ void load_bytes(const C* p, int64_t i, int64_t end, bool vec, int32_t (&out)[kVec]) {
+  static_assert(kVec == 8, "one 8-byte access per thread");
+  if (vec && i + kVec <= end) {
+    const unsigned long long u = ld_global8(p + i);
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) {
+      const uint32_t byte = static_cast<uint32_t>(u >> (8 * k)) & 0xFFu;
+      out[k] = static_cast<C>(byte);  // sign-extends an int8 code
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) out[k] = i + k < end ? static_cast<int32_t>(p[i + k]) : 0;
+  }
+}
+template <typename C>
+__device__ __forceinline__ void store_bytes(C* p, int64_t i, int64_t end, bool vec, const int32_t (&in)[kVec]) {
+  if (vec && i + kVec <= end) {
+    unsigned long long u = 0;
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) u |= static_cast<unsigned long long>(static_cast<uint32_t>(in[k]) & 0xFFu) << (8 * k);
+    st_global8(p + i, u);
+  } else {
+#pragma unroll
+    for (int k = 0; k < kVec; ++k)
+      if (i + k < end) p[i + k] = static_cast<C>(in[k]);
+  }
+}
+// kVec int16 values (32-bit master corrections): one 16-byte access.
+__device__ __forceinline__ void load_shorts(const int16_t* p, int64_t i, int64_t end, bool vec, int32_t (&out)[kVec]) {
+  if (vec && i + kVec <= end) {
+    const uint4 u = ld_global16(p + i);
+#pragma unroll
+    for (int k = 0; k < kVec; ++k)
+      out[k] = static_cast<int16_t>(static_cast<uint16_t>(lane(u, k / 2) >> (16 * (k % 2))));
+  } else {
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) out[k] = i + k < end ? static_cast<int32_t>(p[i + k]) : 0;
+  }
+}
+// kVec 16-bit patterns (int16 corrections, or bfloat16 params' bits): one 16-byte access.
+__device__ __forceinline__ void store_shorts(void* p, int64_t i, int64_t end, bool vec, const int32_t (&in)[kVec]) {
+  uint16_t* q = static_cast<uint16_t*>(p);
+  if (vec && i + kVec <= end) {
+    uint32_t w[4];
+#pragma unroll
+    for (int c = 0; c < 4; ++c)
+      w[c] = (static_cast<uint32_t>(in[2 * c]) & 0xFFFFu) | (static_cast<uint32_t>(in[2 * c + 1]) << 16);
+    st_global16(q + i, make_uint4(w[0], w[1], w[2], w[3]));
+  } else {
+#pragma unroll
+    for (int k = 0; k < kVec; ++k)
+      if (i + k < end) q[i + k] = static_cast<uint16_t>(in[k]);
+  }
+}
+
+// The group's scale (encoding.py): a group of kGroup = 32 elements is 4 consecutive
+// threads' kVec-element runs (every run starts at a multiple of kVec, a block's chunk at
+// a multiple of kGroup), so each thread takes the maximum of its 8 values (0 past the
+// tensor's end, as encoding.py pads) and two butterfly shuffles within the 4 lanes give
+// all of them the group's. Every lane of the warp must call it (full mask).
+static_assert(kGroup == 4 * kVec && kBlockElems % kGroup == 0 && (kThreads * kVec) % kGroup == 0,
+              "a group is 4 threads' runs");
+template <bool ABS>
+__device__ __forceinline__ float group_max(const float (&v)[kVec], int64_t i, int64_t end) {
+  float s = 0.f;
+#pragma unroll
+  for (int k = 0; k < kVec; ++k) s = nan_max(s, i + k < end ? (ABS ? fabsf(v[k]) : v[k]) : 0.f);
+  s = nan_max(s, __shfl_xor_sync(0xffffffffu, s, 1));
+  s = nan_max(s, __shfl_xor_sync(0xffffffffu, s, 2));
+  return s;
+}
+
+// The update of one tensor whose state is compact (SB 16 / 8) or that has a master weight
+// (MW 24 / 32; bfloat16 params): decode, compute, group maximum, encode, in one pass.
+// The loop runs every thread of the block through the same iterations (a thread past the
+// tensor's end computes on zeros and stores nothing), so the shuffles see whole warps.
+template <typename T, int MODE, bool SQRT_POWER, int SB, int MW>
+__device__ __forceinline__ void update_compact(const TensorRec& r, const BlockRec& b, const Range& range,
+                                               const UpdateScalars<float>& s, int64_t n_tensors,
+                                               const void* const* __restrict__ ys,
+                                               const uint32_t* __restrict__ prefixes, int64_t n_samples, float dlt,
+                                               float h_floor) {
+  T* x = static_cast<T*>(r.x);
+  const T* xt = static_cast<const T*>(r.aux);
+  const bool vec = r.aligned;
+  for (int64_t base = range.begin; base < range.end; base += kThreads * kVec) {
+    const int64_t i = base + threadIdx.x * kVec;
+    const bool active = i < range.end;
+    const int64_t grp = i / kGroup;
+    // m and d: the new values (0 where no element is: the group maxima read them)
+    float m[kVec], d[kVec];
+    if (!active) {
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) m[k] = d[k] = 0.f;
+    } else {
+      // The Hutchinson sum first, with as little held through its divisions (calls on their
+      // slow path) as possible: g is read again after it, x_t and the state later still.
+      float xv[kVec], g[kVec], h[kVec] = {};
+      if (MODE != RefreshMode::kNone) {
+        for (int64_t smp = 0; smp < n_samples; ++smp) {
+          const T* y = static_cast<const T*>(ys[smp * n_tensors + b.tensor]);
+          if (y == nullptr) continue;  // absent: contributes 0
+          float yv[kVec], z[kVec];
+          load_vec(y, i, range.end, vec && reinterpret_cast<uintptr_t>(y) % 16 == 0, yv);
+          if (MODE == RefreshMode::kPrecomputed) {
+#pragma unroll
+            for (int k = 0; k < kVec; ++k) h[k] += yv[k];
+            continue;
+          }
+          probe_vec(r.element_offset + i, param_key(prefixes[smp], r.param_index), z);
+          if (MODE == RefreshMode::kFdDirect) {
+            load_vec(static_cast<const T*>(r.src), i, range.end, vec, g);
+#pragma unroll
+            for (int k = 0; k < kVec; ++k) yv[k] = (yv[k] - g[k]) * z[k];
+#pragma unroll
+            for (int k = 0; k < kVec; ++k) h[k] += yv[k] / dlt;
+          } else {
+#pragma unroll
+            for (int k = 0; k < kVec; ++k) h[k] += z[k] * yv[k];
+          }
+        }
+      }
+      load_vec(static_cast<const T*>(r.src), i, range.end, vec, g);
+      if (MODE != RefreshMode::kNone) {
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) {
+          if (MODE == RefreshMode::kAutograd) h[k] = h[k] / static_cast<float>(n_samples);
+          else h[k] = fd_magnitude<float>(h[k], g[k], h_floor);
+        }
+      }
+      load_vec(xt, i, range.end, vec, xv);
+      if (MW != 0) {  // the master weight: the param's bits and the correction below them
+        int32_t c[kVec];
+        if (MW == 24) load_bytes(static_cast<const int8_t*>(r.corr), i, range.end, vec, c);
+        else load_shorts(static_cast<const int16_t*>(r.corr), i, range.end, vec, c);
+#pragma unroll
+        for (int k = 0; k < kVec; ++k)  // a bfloat16 widened to float32 is its bits << 16
+          xv[k] = join_master<MW == 24 ? 24 : 32>(static_cast<uint16_t>(float_bits(xv[k]) >> 16), c[k]);
+      }
+      if (SB == 8) {
+        int32_t qm[kVec], qd[kVec];
+        load_bytes(static_cast<const int8_t*>(r.m), i, range.end, vec, qm);
+        load_bytes(static_cast<const uint8_t*>(r.d), i, range.end, vec, qd);
+        const float sm = r.m_scale[grp], sd = r.d_scale[grp];
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) {
+          m[k] = decode_m(qm[k], sm);
+          d[k] = decode_d(qd[k], sd);
+        }
+      } else if (SB == 16) {
+        load_vec(static_cast<const __nv_bfloat16*>(r.m), i, range.end, vec, m);
+        load_vec(static_cast<const __nv_bfloat16*>(r.d), i, range.end, vec, d);
+      } else {
+        load_vec(static_cast<const float*>(r.m), i, range.end, vec, m);
+        load_vec(static_cast<const float*>(r.d), i, range.end, vec, d);
+      }
+      if (MODE != RefreshMode::kNone) {
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) d[k] = hessian_ema<float>(d[k], h[k], s);
+      }
+      float out[kVec];
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) out[k] = sassha_update<float, SQRT_POWER>(xv[k], m[k], d[k], g[k], s);
+      if (MW != 0) {
+        int32_t bits[kVec], c[kVec];
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) {
+          uint16_t pb;
+          split_master<MW == 24 ? 24 : 32>(out[k], pb, c[k]);
+          bits[k] = pb;
+        }
+        store_shorts(x, i, range.end, vec, bits);
+        if (MW == 24) store_bytes(static_cast<int8_t*>(r.corr), i, range.end, vec, c);
+        else store_shorts(r.corr, i, range.end, vec, c);
+      } else {
+        store_vec(x, i, range.end, vec, out);
+      }
+      if (SB == 16) {
+        store_vec(static_cast<__nv_bfloat16*>(r.m), i, range.end, vec, m);
+        if (MODE != RefreshMode::kNone) store_vec(static_cast<__nv_bfloat16*>(r.d), i, range.end, vec, d);
+      } else if (SB == 32) {
+        store_vec(static_cast<float*>(r.m), i, range.end, vec, m);
+        if (MODE != RefreshMode::kNone) store_vec(static_cast<float*>(r.d), i, range.end, vec, d);
+      }
+    }
+    if (SB == 8) {  // every lane: the shuffles take whole warps
+      const float sm = group_max<true>(m, i, range.end);
+      int32_t q[kVec];
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) q[k] = encode_m(m[k], sm);
+      if (active) {
+        store_bytes(static_cast<int8_t*>(r.m), i, range.end, vec, q);
+        if ((threadIdx.x & 3) == 0) r.m_scale[grp] = sm;  // the group's first run is active if any is
+      }
+      if (MODE != RefreshMode::kNone) {
+        const float sd = group_max<false>(d, i, range.end);
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) q[k] = encode_d(d[k], sd);
+        if (active) {
+          store_bytes(static_cast<uint8_t*>(r.d), i, range.end, vec, q);
+          if ((threadIdx.x & 3) == 0) r.d_scale[grp] = sd;
+        }
+      }
+    }
+  }
+}
+
 // ---- update -------------------------------------------------------------------------
-template <int MODE, bool SQRT_POWER>
+// SB: the launch's state_bits. A tensor with float32 state and no master weight takes the
+// plain loop (SB 32); the others update_compact.
+template <int MODE, bool SQRT_POWER, int SB>
 __global__ void __launch_bounds__(kThreads) update_kernel(const TensorRec* __restrict__ recs,
                                                           const BlockRec* __restrict__ blocks, int64_t n_tensors,
                                                           const double* __restrict__ scalars, double power,
@@ -342,6 +568,21 @@ __global__ void __launch_bounds__(kThreads) update_kernel(const TensorRec* __res
           copy_vec(x, xt, i, range.end, r.aligned);
       return;
     }
+    if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+      if (r.master_bits == 24) {
+        update_compact<T, MODE, SQRT_POWER, SB, 24>(r, b, range, s, n_tensors, ys, prefixes, n_samples, dlt, h_floor);
+        return;
+      }
+      if (r.master_bits == 32) {
+        update_compact<T, MODE, SQRT_POWER, SB, 32>(r, b, range, s, n_tensors, ys, prefixes, n_samples, dlt, h_floor);
+        return;
+      }
+    }
+    if constexpr (SB != 32) {
+      update_compact<T, MODE, SQRT_POWER, SB, 0>(r, b, range, s, n_tensors, ys, prefixes, n_samples, dlt, h_floor);
+      return;
+    }
+    if constexpr (SB == 32) {  // the plain loop: float32 state, no master weight
     for (int64_t i = range.begin + threadIdx.x * kVec; i < range.end; i += kThreads * kVec) {
       float xv[kVec], g[kVec], m[kVec], d[kVec], h[kVec] = {};
       load_vec(static_cast<const T*>(r.src), i, range.end, r.aligned, g);
@@ -380,8 +621,9 @@ __global__ void __launch_bounds__(kThreads) update_kernel(const TensorRec* __res
 #pragma unroll
       for (int k = 0; k < kVec; ++k) out[k] = sassha_update<float, SQRT_POWER>(xv[k], m[k], d[k], g[k], s);
       store_vec(x, i, range.end, r.aligned, out);
-      store_vec(r.m, i, range.end, r.aligned, m);
-      if (MODE != RefreshMode::kNone) store_vec(r.d, i, range.end, r.aligned, d);
+      store_vec(static_cast<float*>(r.m), i, range.end, r.aligned, m);
+      if (MODE != RefreshMode::kNone) store_vec(static_cast<float*>(r.d), i, range.end, r.aligned, d);
+    }
     }
   });
 }
@@ -435,35 +677,58 @@ void launch_fd_fold(const TensorRec* recs, const BlockRec* blocks, int64_t n_blo
   else fd_fold_kernel<false><<<n_blocks, kThreads, 0, st>>>(recs, blocks, prefix, delta, coefficient);
 }
 
-template <int MODE>
+template <int MODE, int SB>
 void launch_update_mode(const TensorRec* recs, const BlockRec* blocks, int64_t n_blocks, int64_t n_tensors,
                         const double* scalars, double power, const void* const* ys, const uint32_t* prefixes,
                         int64_t n_samples, const float* fd, cudaStream_t st) {
   if (power == 0.5) {
-    update_kernel<MODE, true><<<n_blocks, kThreads, 0, st>>>(recs, blocks, n_tensors, scalars, power, ys, prefixes,
-                                                             n_samples, fd);
+    update_kernel<MODE, true, SB><<<n_blocks, kThreads, 0, st>>>(recs, blocks, n_tensors, scalars, power, ys,
+                                                                 prefixes, n_samples, fd);
   } else {
-    update_kernel<MODE, false><<<n_blocks, kThreads, 0, st>>>(recs, blocks, n_tensors, scalars, power, ys, prefixes,
-                                                              n_samples, fd);
+    update_kernel<MODE, false, SB><<<n_blocks, kThreads, 0, st>>>(recs, blocks, n_tensors, scalars, power, ys,
+                                                                  prefixes, n_samples, fd);
+  }
+}
+
+template <int SB>
+void launch_update_bits(const TensorRec* recs, const BlockRec* blocks, int64_t n_blocks, int64_t n_tensors,
+                        const double* scalars, double power, int refresh_mode, const void* const* ys,
+                        const uint32_t* prefixes, int64_t n_samples, const float* fd, cudaStream_t st) {
+  switch (refresh_mode) {
+    case RefreshMode::kNone:
+      launch_update_mode<RefreshMode::kNone, SB>(recs, blocks, n_blocks, n_tensors, scalars, power, ys, prefixes,
+                                                 n_samples, fd, st);
+      break;
+    case RefreshMode::kAutograd:
+      launch_update_mode<RefreshMode::kAutograd, SB>(recs, blocks, n_blocks, n_tensors, scalars, power, ys,
+                                                     prefixes, n_samples, fd, st);
+      break;
+    case RefreshMode::kFdDirect:
+      launch_update_mode<RefreshMode::kFdDirect, SB>(recs, blocks, n_blocks, n_tensors, scalars, power, ys,
+                                                     prefixes, n_samples, fd, st);
+      break;
+    default:
+      launch_update_mode<RefreshMode::kPrecomputed, SB>(recs, blocks, n_blocks, n_tensors, scalars, power, ys,
+                                                        prefixes, n_samples, fd, st);
   }
 }
 
 void launch_update(const TensorRec* recs, const BlockRec* blocks, int64_t n_blocks, int64_t n_tensors,
                    const double* scalars, double power, int refresh_mode, const void* const* ys,
-                   const uint32_t* prefixes, int64_t n_samples, const float* fd, void* stream) {
+                   const uint32_t* prefixes, int64_t n_samples, const float* fd, int state_bits, void* stream) {
   auto st = static_cast<cudaStream_t>(stream);
-  switch (refresh_mode) {
-    case RefreshMode::kNone:
-      launch_update_mode<RefreshMode::kNone>(recs, blocks, n_blocks, n_tensors, scalars, power, ys, prefixes, n_samples, fd, st);
+  switch (state_bits) {
+    case 8:
+      launch_update_bits<8>(recs, blocks, n_blocks, n_tensors, scalars, power, refresh_mode, ys, prefixes, n_samples,
+                            fd, st);
       break;
-    case RefreshMode::kAutograd:
-      launch_update_mode<RefreshMode::kAutograd>(recs, blocks, n_blocks, n_tensors, scalars, power, ys, prefixes, n_samples, fd, st);
-      break;
-    case RefreshMode::kFdDirect:
-      launch_update_mode<RefreshMode::kFdDirect>(recs, blocks, n_blocks, n_tensors, scalars, power, ys, prefixes, n_samples, fd, st);
+    case 16:
+      launch_update_bits<16>(recs, blocks, n_blocks, n_tensors, scalars, power, refresh_mode, ys, prefixes, n_samples,
+                             fd, st);
       break;
     default:
-      launch_update_mode<RefreshMode::kPrecomputed>(recs, blocks, n_blocks, n_tensors, scalars, power, ys, prefixes, n_samples, fd, st);
+      launch_update_bits<32>(recs, blocks, n_blocks, n_tensors, scalars, power, refresh_mode, ys, prefixes, n_samples,
+                             fd, st);
   }
 }
 

@@ -14,6 +14,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #if defined(__CUDACC__)
 #define SASSHA_HD __host__ __device__ __forceinline__
@@ -198,6 +199,124 @@ SASSHA_HD M sassha_update(M x, M& m, M d, M g, const UpdateScalars<M>& s) {
   m = m * s.beta1 + g * s.one_minus_beta1;
   const M denom = hessian_power<M, SQRT_POWER>(d, s.power) / s.c2 + s.eps;
   return x * s.decay + s.neg_step * (m / denom);
+}
+
+
+// ---- compact state (sassha_fused/encoding.py) -------------------------------------------
+// state_bits 8: groups of kGroup consecutive elements (row-major, from each tensor's
+// element 0) share one float32 scale; m as int8 softsign codes, D as uint8 square-root
+// codes. state_bits 16: bfloat16 (the callers' own round-to-nearest-even conversion).
+// Every operation below is one IEEE operation rounded on its own, in the order of
+// encoding.py, and none adds to a product (so no compiler contracts one into a fused
+// multiply-add): given the same float32 values every backend writes the same codes.
+// The 8-bit encodings are float32 whatever the math dtype (encoding.py rounds to
+// float32 first).
+constexpr int kGroup = 32;  // encoding.GROUP: elements per scale, one probe word
+static_assert(kGroup == kProbeWordBits, "a group of the 8-bit state is one probe word");
+constexpr float kMLevels = 127.0f;  // encoding.M_LEVELS
+constexpr float kDLevels = 255.0f;  // encoding.D_LEVELS
+// encoding.M_HALF / D_HALF (Python floats) as torch applies them to a float32 tensor
+constexpr float kMHalf = static_cast<float>(0.5 / 127.0);
+constexpr float kDHalf = static_cast<float>(0.5 / 255.0);
+
+// Scales per tensor of n elements (encoding.n_groups).
+SASSHA_HD int64_t n_groups(int64_t n) { return (n + kGroup - 1) / kGroup; }
+
+// The group maximum as torch's amax takes it: a NaN wins (and stays). Bitwise | rather
+// than ||: a select, no branch (the CPU loops vectorise).
+SASSHA_HD float nan_max(float a, float b) { return ((b > a) | (b != b)) ? b : a; }
+
+// floor(x) for 0 <= x < 2^31, as a truncation: the encodings' x lie in [0, 256), where
+// both are exact and equal. (A vectorised floor needs -fno-trapping-math from GCC; the
+// truncating conversion vectorises everywhere.)
+SASSHA_HD float floor_nonneg(float x) { return static_cast<float>(static_cast<int32_t>(x)); }
+
+// m (float32) -> its int8 code in a group of scale s = max |m| (encoding.encode_momentum):
+// u = m / s (0 when s is 0), c = (u + u) / (1 + |u|),
+// q = sign(c) * min(floor((|c| + M_HALF) * 127), 127).
+SASSHA_HD int8_t encode_m(float m, float s) {
+  const float u = s > 0.f ? m / s : 0.f;
+  const float c = (u + u) / (1.f + std::fabs(u));
+  float q = floor_nonneg((std::fabs(c) + kMHalf) * kMLevels);
+  q = q > kMLevels ? kMLevels : q;
+  return static_cast<int8_t>(static_cast<int32_t>(c < 0.f ? -q : q));
+}
+// The code's value relative to its scale: c / (2 - |c|), c = q / 127. decode_m = unit * s.
+SASSHA_HD float decode_m_unit(int32_t q) {
+  const float c = static_cast<float>(q) / kMLevels;
+  return c / (2.f - std::fabs(c));
+}
+SASSHA_HD float decode_m(int32_t q, float s) { return decode_m_unit(q) * s; }
+
+// D (float32, >= 0) -> its uint8 code in a group of scale s = max D (encoding.encode_hessian):
+// c = sqrt(D / s) (0 when s is 0), q = min(floor((c + D_HALF) * 255), 255), at least 1 where D > 0.
+SASSHA_HD uint8_t encode_d(float d, float s) {
+  const float c = std::sqrt(s > 0.f ? d / s : 0.f);
+  float q = floor_nonneg((c + kDHalf) * kDLevels);
+  q = q > kDLevels ? kDLevels : q;
+  q = ((d > 0.f) & (q < 1.f)) ? 1.f : q;
+  return static_cast<uint8_t>(static_cast<int32_t>(q));
+}
+// c * c, c = q / 255. decode_d = unit * s.
+SASSHA_HD float decode_d_unit(int32_t q) {
+  const float c = static_cast<float>(q) / kDLevels;
+  return c * c;
+}
+SASSHA_HD float decode_d(int32_t q, float s) { return decode_d_unit(q) * s; }
+
+// ---- master weights (master_weight_bits, bfloat16 params) --------------------------------
+SASSHA_HD uint32_t float_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return u;
+#endif
+}
+SASSHA_HD float bits_float(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+#endif
+}
+
+// float32 -> bfloat16 bits, round to nearest even, a NaN to 0x7FC0 (c10::BFloat16's rounding,
+// which torch's .to(torch.bfloat16) uses).
+SASSHA_HD uint16_t bf16_bits_rne(float f) {
+  const uint32_t u = float_bits(f);
+  const uint32_t rounded = (u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16;
+  return static_cast<uint16_t>(f != f ? 0x7FC0u : rounded);
+}
+
+// The float32 master weight of a bfloat16 param (its bits) and its correction
+// (encoding.join_master): bits = (param << 16) + (correction << 8) for 24, + correction for 32.
+template <int MW>
+SASSHA_HD float join_master(uint16_t param_bits, int32_t correction) {
+  static_assert(MW == 24 || MW == 32, "master_weight_bits is 24 or 32");
+  const uint32_t rest = static_cast<uint32_t>(MW == 24 ? correction * 256 : correction);
+  return bits_float((static_cast<uint32_t>(param_bits) << 16) + rest);
+}
+
+// A float32 master weight -> the bfloat16 param's bits and the correction
+// (encoding.split_master): for 24 the bits are first rounded to 24 (+0x80, low byte
+// cleared); the param is the top 16 bits rounded to nearest, ties away from zero
+// (+0x8000); the correction the signed rest (>> 8 for 24). Non-finite values: the
+// param's plain bfloat16 rounding, correction 0.
+template <int MW>
+SASSHA_HD void split_master(float x, uint16_t& param_bits, int32_t& correction) {
+  static_assert(MW == 24 || MW == 32, "master_weight_bits is 24 or 32");
+  // selects, not branches: the CPU loops vectorise
+  uint32_t b = float_bits(x);
+  const bool finite = (b & 0x7F800000u) != 0x7F800000u;
+  if (MW == 24) b = (b + 0x80u) & 0xFFFFFF00u;
+  const uint32_t high = (b + 0x8000u) >> 16;
+  const int32_t rest = static_cast<int32_t>(b - (high << 16));  // in [-0x8000, 0x7FFF]
+  param_bits = finite ? static_cast<uint16_t>(high) : bf16_bits_rne(x);
+  correction = finite ? (MW == 24 ? rest / 256 : rest) : 0;  // a multiple of 256 for 24: exact
 }
 
 }  // namespace sassha

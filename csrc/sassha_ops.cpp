@@ -20,6 +20,7 @@
 
 #include <atomic>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #if defined(__SSE2__)
 #include <emmintrin.h>
@@ -602,8 +603,263 @@ void update_chunk_dispatch(bool sqrt_power, T* x, const T* xt, const T* g, math_
   }
 }
 
+// ---- update with compact state (state_bits 16 / 8) or master weights -------------------
+// One pass per group of kGroup = 32 elements (one probe word; a chunk is a whole number
+// of groups, and groups start at the tensor's element 0): decode m and D (codes and the
+// group's scale), compute, take the group's maximum of the new values, encode, store.
+// The per-element encodings are sassha_math.h's, shared with the CUDA kernels.
+
+// The state's element types by state_bits (32: the math dtype).
+template <typename T, int SB>
+using m_state_t = std::conditional_t<SB == 8, int8_t, std::conditional_t<SB == 16, c10::BFloat16, math_t<T>>>;
+template <typename T, int SB>
+using d_state_t = std::conditional_t<SB == 8, uint8_t, std::conditional_t<SB == 16, c10::BFloat16, math_t<T>>>;
+template <int MW>
+using correction_t = std::conditional_t<MW == 24, int8_t, int16_t>;
+
+// What one tensor's compact update reads besides the scalars.
+template <typename T>
+struct CompactArgs {
+  T* x;
+  const T* xt;
+  const T* g;
+  void* m;         // m_state_t
+  void* d;         // d_state_t
+  float* m_scales;  // state_bits 8 only
+  float* d_scales;
+  void* correction;  // correction_t, MW != 0 only
+  int mode;          // RefreshMode (runtime: one branch per word)
+  const T* const* ys;
+  const ProbeKey* keys;
+  int64_t n_samples;
+  int64_t offset;
+  math_t<T> delta;
+  math_t<T> h_floor;
+};
+
+// h of the word at element w (len elements), as chunk_update computes it.
+template <typename T>
+SASSHA_ALWAYS_INLINE inline void word_h(const CompactArgs<T>& a, int64_t w, int64_t len, math_t<T>* h) {
+  using M = math_t<T>;
+  for (int64_t b = 0; b < kProbeWordBits; ++b) h[b] = M(0);
+  if (a.mode == RefreshMode::kAutograd) {
+    for (int64_t smp = 0; smp < a.n_samples; ++smp) {
+      const T* hs = a.ys[smp];
+      if (hs == nullptr) continue;  // param absent from the graph: Hz = 0
+      const uint32_t bits = probe_bits_at(a.offset + w, a.keys[smp], len);
+      const T* hw = hs + w;
+      for (int64_t b = 0; b < len; ++b) h[b] += probe_sign<M>(bits, static_cast<uint32_t>(b)) * static_cast<M>(hw[b]);
+    }
+    for (int64_t b = 0; b < len; ++b) h[b] = h[b] / static_cast<M>(a.n_samples);
+    return;
+  }
+  if (a.ys[0] != nullptr) {
+    const T* yw = a.ys[0] + w;
+    if (a.mode == RefreshMode::kFdDirect) {
+      const uint32_t bits = probe_bits_at(a.offset + w, a.keys[0], len);
+      for (int64_t b = 0; b < len; ++b) {
+        h[b] = (static_cast<M>(yw[b]) - static_cast<M>(a.g[w + b])) * probe_sign<M>(bits, static_cast<uint32_t>(b)) /
+               a.delta;
+      }
+    } else {
+      for (int64_t b = 0; b < len; ++b) h[b] = static_cast<M>(yw[b]);
+    }
+  }
+  for (int64_t b = 0; b < len; ++b) h[b] = fd_magnitude<M>(h[b], static_cast<M>(a.g[w + b]), a.h_floor);
+}
+
+// The group's scale: max |v| (ABS) or max v over the 32 values (zero-padded past the
+// tensor's end, as encoding.py pads; a NaN makes it NaN, as torch's amax). A tree of
+// elementwise maxima and a separate NaN test: both vectorise (a NaN-propagating
+// running maximum compiles to a compare-and-branch per element).
+template <bool ABS>
+SASSHA_ALWAYS_INLINE inline float group_max(const float* v) {
+  static_assert(kGroup == 32, "the tree below halves 32 values");
+  alignas(64) float t[16];
+  int32_t nan = 0;
+  for (int l = 0; l < kGroup; ++l) nan |= static_cast<int32_t>(v[l] != v[l]);
+  for (int l = 0; l < 16; ++l) {
+    const float a = ABS ? std::fabs(v[l]) : v[l];
+    const float b = ABS ? std::fabs(v[l + 16]) : v[l + 16];
+    t[l] = a > b ? a : b;
+  }
+  for (int l = 0; l < 8; ++l) t[l] = t[l] > t[l + 8] ? t[l] : t[l + 8];
+  for (int l = 0; l < 4; ++l) t[l] = t[l] > t[l + 4] ? t[l] : t[l + 4];
+  for (int l = 0; l < 2; ++l) t[l] = t[l] > t[l + 2] ? t[l] : t[l + 2];
+  float s = t[0] > t[1] ? t[0] : t[1];
+  s = s > 0.f ? s : 0.f;  // the padding's zeros (the values are >= 0 anyway)
+  return nan != 0 ? std::numeric_limits<float>::quiet_NaN() : s;
+}
+
+// One group of the compact update: elements [w, w + len) of group grp. FULL: len is
+// kGroup (every group but a tensor's last), so every loop has a fixed trip count and
+// vectorises whole.
+template <typename T, bool REFRESH, bool SQRT_POWER, int SB, int MW, bool FULL>
+SASSHA_ALWAYS_INLINE inline void update_group(const CompactArgs<T>& a, const UpdateScalars<math_t<T>>& s, int64_t w,
+                                              int64_t len_arg) {
+  using M = math_t<T>;
+  using MS = m_state_t<T, SB>;
+  using DS = d_state_t<T, SB>;
+  using C = correction_t<MW>;
+  const int64_t len = FULL ? kGroup : len_arg;
+  const int64_t grp = w / kGroup;
+  const T* xw = a.xt + w;
+  const T* gw = a.g + w;
+  const MS* mw = static_cast<const MS*>(a.m) + w;
+  const DS* dw = static_cast<const DS*>(a.d) + w;
+  const C* cw = static_cast<const C*>(a.correction) + w;
+  alignas(64) M h[kGroup];
+  alignas(64) M m_new[kGroup];
+  alignas(64) M d_new[kGroup];
+  alignas(64) float v[kGroup];  // float32 of m_new / d_new, zero-padded: what the 8-bit encoding reads
+  alignas(64) T x_new[kGroup];
+  alignas(64) C c_new[kGroup];
+  alignas(64) MS m_out[kGroup];
+  alignas(64) DS d_out[kGroup];
+  if constexpr (REFRESH) word_h<T>(a, w, len, h);
+  float m_scale = 0.f, d_scale = 0.f;
+  if constexpr (SB == 8) {
+    m_scale = a.m_scales[grp];
+    d_scale = a.d_scales[grp];
+  }
+  for (int64_t b = 0; b < len; ++b) {
+    M mi, di;
+    if constexpr (SB == 8) {
+      mi = static_cast<M>(decode_m(static_cast<int32_t>(mw[b]), m_scale));
+      di = static_cast<M>(decode_d(static_cast<int32_t>(dw[b]), d_scale));
+    } else {
+      mi = static_cast<M>(mw[b]);
+      di = static_cast<M>(dw[b]);
+    }
+    if constexpr (REFRESH) di = hessian_ema<M>(di, h[b], s);
+    M x0;
+    if constexpr (MW != 0) {
+      x0 = join_master<MW>(xw[b].x, static_cast<int32_t>(cw[b]));
+    } else {
+      x0 = static_cast<M>(xw[b]);
+    }
+    const M xn = sassha_update<M, SQRT_POWER>(x0, mi, di, static_cast<M>(gw[b]), s);
+    if constexpr (MW != 0) {
+      uint16_t bits;
+      int32_t rest;
+      split_master<MW>(xn, bits, rest);
+      x_new[b] = c10::BFloat16(bits, c10::BFloat16::from_bits());
+      c_new[b] = static_cast<C>(rest);
+    } else {
+      x_new[b] = static_cast<T>(xn);
+    }
+    m_new[b] = mi;
+    d_new[b] = di;
+  }
+  if constexpr (std::is_same_v<T, float>) {
+    store_tile(a.x + w, x_new, len);
+  } else {
+    std::memcpy(a.x + w, x_new, len * sizeof(T));
+  }
+  if constexpr (MW != 0) std::memcpy(static_cast<C*>(a.correction) + w, c_new, len * sizeof(C));
+  MS* m_dst = static_cast<MS*>(a.m) + w;
+  DS* d_dst = static_cast<DS*>(a.d) + w;
+  if constexpr (SB == 8) {
+    for (int64_t b = 0; b < kGroup; ++b) v[b] = (FULL || b < len) ? static_cast<float>(m_new[b]) : 0.f;
+    const float ms = group_max<true>(v);
+    for (int64_t b = 0; b < kGroup; ++b) m_out[b] = encode_m(v[b], ms);
+    a.m_scales[grp] = ms;
+    std::memcpy(m_dst, m_out, len * sizeof(MS));
+    if constexpr (REFRESH) {
+      for (int64_t b = 0; b < kGroup; ++b) v[b] = (FULL || b < len) ? static_cast<float>(d_new[b]) : 0.f;
+      const float ds = group_max<false>(v);
+      for (int64_t b = 0; b < kGroup; ++b) d_out[b] = encode_d(v[b], ds);
+      a.d_scales[grp] = ds;
+      std::memcpy(d_dst, d_out, len * sizeof(DS));
+    }
+  } else {
+    for (int64_t b = 0; b < len; ++b) m_out[b] = static_cast<MS>(m_new[b]);  // 16: bfloat16, nearest even
+    std::memcpy(m_dst, m_out, len * sizeof(MS));
+    if constexpr (REFRESH) {
+      for (int64_t b = 0; b < len; ++b) d_out[b] = static_cast<DS>(d_new[b]);
+      std::memcpy(d_dst, d_out, len * sizeof(DS));
+    }
+  }
+}
+
+template <typename T, bool REFRESH, bool SQRT_POWER, int SB, int MW>
+SASSHA_CPU_CLONES void chunk_update_compact(const CompactArgs<T>& args, const UpdateScalars<math_t<T>>& s,
+                                            int64_t begin, int64_t end) {
+  static_assert(MW == 0 || std::is_same_v<T, c10::BFloat16>, "master weights are for bfloat16 params");
+  const CompactArgs<T> a = args;  // by value: the compiler knows nothing below writes it
+  int64_t w = begin;
+  for (; w + kGroup <= end; w += kGroup) update_group<T, REFRESH, SQRT_POWER, SB, MW, true>(a, s, w, kGroup);
+  if (w < end) update_group<T, REFRESH, SQRT_POWER, SB, MW, false>(a, s, w, end - w);
+  if constexpr (std::is_same_v<T, float>) store_fence();
+}
+
+template <typename T, int SB, int MW>
+void compact_dispatch(bool refresh, bool sqrt_power, const CompactArgs<T>& a, const UpdateScalars<math_t<T>>& s,
+                      const Chunk& c) {
+  if (refresh) {
+    if (sqrt_power) chunk_update_compact<T, true, true, SB, MW>(a, s, c.begin, c.end);
+    else chunk_update_compact<T, true, false, SB, MW>(a, s, c.begin, c.end);
+  } else {
+    if (sqrt_power) chunk_update_compact<T, false, true, SB, MW>(a, s, c.begin, c.end);
+    else chunk_update_compact<T, false, false, SB, MW>(a, s, c.begin, c.end);
+  }
+}
+
+template <typename T, int SB>
+void compact_dispatch_master(int master_bits, bool refresh, bool sqrt_power, const CompactArgs<T>& a,
+                             const UpdateScalars<math_t<T>>& s, const Chunk& c) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (master_bits == 24) return compact_dispatch<T, SB, 24>(refresh, sqrt_power, a, s, c);
+    if (master_bits == 32) return compact_dispatch<T, SB, 32>(refresh, sqrt_power, a, s, c);
+  }
+  compact_dispatch<T, SB, 0>(refresh, sqrt_power, a, s, c);
+}
+
+// The optimizer state of param j in the encoding of state_bits (see sassha_fused/encoding.py).
+void check_state(const char* op, const char* what, const at::Tensor& t, int64_t j, const at::Tensor& p,
+                 int64_t state_bits, at::ScalarType expected) {
+  TORCH_CHECK(t.defined(), "sassha_fused::", op, ": ", what, "[", j, "] is undefined");
+  TORCH_CHECK(t.device() == p.device(), "sassha_fused::", op, ": ", what, "[", j, "] is on ", t.device(),
+              " but its param is on ", p.device(), "; keep each parameter's tensors on its device");
+  TORCH_CHECK(t.scalar_type() == expected, "sassha_fused::", op, ": ", what, "[", j, "] has dtype ", t.scalar_type(),
+              " but ", expected, " is expected for a ", p.scalar_type(), " parameter with state_bits=", state_bits,
+              " (32: the math dtype, so 16-bit params keep float32 optimizer state; 16: bfloat16; "
+              "8: int8 codes of m and uint8 codes of D, with float32 scales)");
+  TORCH_CHECK(t.numel() == p.numel(), "sassha_fused::", op, ": ", what, "[", j, "] has ", t.numel(),
+              " elements but its param has ", p.numel(), "; shapes must match");
+  TORCH_CHECK(t.is_contiguous(), "sassha_fused::", op, ": ", what, "[", j, "] is not contiguous; pass contiguous tensors");
+}
+
+// The float32 group scales of param j (state_bits 8): encoding.n_groups(numel) of them.
+void check_scales(const char* op, const char* what, const at::Tensor& t, int64_t j, const at::Tensor& p) {
+  TORCH_CHECK(t.defined() && t.device() == p.device() && t.scalar_type() == at::kFloat && t.is_contiguous(),
+              "sassha_fused::", op, ": ", what, "[", j, "] must be a contiguous float32 tensor on its param's "
+              "device (one scale per group of 32 elements)");
+  TORCH_CHECK(t.numel() == n_groups(p.numel()), "sassha_fused::", op, ": ", what, "[", j, "] has ", t.numel(),
+              " scales but its param of ", p.numel(), " elements needs ", n_groups(p.numel()),
+              " (one per group of 32 elements, encoding.n_groups)");
+}
+
+// The master correction of param j (master_weight_bits), or none: 24 for int8, 32 for
+// int16, 0 for none.
+int check_correction(const char* op, const std::optional<at::Tensor>& t, int64_t j, const at::Tensor& p) {
+  if (!t.has_value() || !t->defined()) return 0;
+  TORCH_CHECK(p.scalar_type() == at::kBFloat16, "sassha_fused::", op, ": master_corrections[", j,
+              "] is given for a ", p.scalar_type(), " parameter; master weights are for bfloat16 parameters "
+              "(pass None for the others)");
+  TORCH_CHECK(t->scalar_type() == at::kChar || t->scalar_type() == at::kShort, "sassha_fused::", op,
+              ": master_corrections[", j, "] has dtype ", t->scalar_type(),
+              "; expected int8 (master_weight_bits=24) or int16 (master_weight_bits=32)");
+  TORCH_CHECK(t->device() == p.device() && t->numel() == p.numel() && t->is_contiguous(), "sassha_fused::", op,
+              ": master_corrections[", j, "] must be a contiguous tensor of its param's ", p.numel(),
+              " elements on its device");
+  return t->scalar_type() == at::kChar ? 24 : 32;
+}
+
 void update_cpu(at::TensorList params, at::TensorList x_t, at::TensorList grads, at::TensorList exp_avgs,
-                at::TensorList exp_hessian_diags, const at::Tensor& scalars, double power, int64_t refresh_mode,
+                at::TensorList exp_hessian_diags, at::TensorList exp_avg_scales,
+                at::TensorList exp_hessian_diag_scales, const c10::List<std::optional<at::Tensor>>& master_corrections,
+                int64_t state_bits, const at::Tensor& scalars, double power, int64_t refresh_mode,
                 const c10::List<std::optional<at::Tensor>>& ys, c10::ArrayRef<int64_t> param_index,
                 c10::ArrayRef<int64_t> element_offset, c10::ArrayRef<int64_t> prefixes,
                 const std::optional<at::Tensor>& fd) {
@@ -614,6 +870,19 @@ void update_cpu(at::TensorList params, at::TensorList x_t, at::TensorList grads,
   check_same_length("update", "params", n, "exp_hessian_diags", exp_hessian_diags.size());
   check_same_length("update", "params", n, "param_index values", param_index.size());
   check_element_offsets("update", element_offset, params);
+  TORCH_CHECK(state_bits == 32 || state_bits == 16 || state_bits == 8,
+              "sassha_fused::update: state_bits must be 32, 16 or 8, got ", state_bits);
+  if (state_bits == 8) {
+    check_same_length("update", "params", n, "exp_avg_scales", exp_avg_scales.size());
+    check_same_length("update", "params", n, "exp_hessian_diag_scales", exp_hessian_diag_scales.size());
+  } else {
+    TORCH_CHECK(exp_avg_scales.empty() && exp_hessian_diag_scales.empty(), "sassha_fused::update: scales are "
+                "for state_bits=8 only; pass empty exp_avg_scales and exp_hessian_diag_scales with state_bits=",
+                state_bits);
+  }
+  TORCH_CHECK(master_corrections.empty() || master_corrections.size() == n, "sassha_fused::update: got ",
+              master_corrections.size(), " master_corrections for ", n,
+              " params; pass one per param (None where a param has none) or an empty list (no master weights)");
   TORCH_CHECK(refresh_mode >= RefreshMode::kNone && refresh_mode <= RefreshMode::kPrecomputed,
               "sassha_fused::update: unknown refresh_mode ", refresh_mode);
   TORCH_CHECK(scalars.dim() == 2 && scalars.size(0) == static_cast<int64_t>(n) &&
@@ -634,14 +903,27 @@ void update_cpu(at::TensorList params, at::TensorList x_t, at::TensorList grads,
   if (n == 0) return;
   const auto device = params[0].device();
   std::vector<const void*> y_ptrs(refresh ? ys.size() : 0, nullptr);
+  std::vector<int> master_bits(n, 0);
+  std::vector<void*> corr_ptrs(n, nullptr);
   for (size_t j = 0; j < n; ++j) {
     const auto& p = params[j];
     const auto pt = p.scalar_type();
     check_param("update", p, j, device);
     check_companion("update", "grads", grads[j], j, p, pt);
     check_companion("update", "x_t", x_t[j], j, p, pt);
-    check_companion("update", "exp_avgs", exp_avgs[j], j, p, math_dtype(pt));
-    check_companion("update", "exp_hessian_diags", exp_hessian_diags[j], j, p, math_dtype(pt));
+    const at::ScalarType m_dtype = state_bits == 32 ? math_dtype(pt) : state_bits == 16 ? at::kBFloat16 : at::kChar;
+    const at::ScalarType d_dtype = state_bits == 32 ? math_dtype(pt) : state_bits == 16 ? at::kBFloat16 : at::kByte;
+    check_state("update", "exp_avgs", exp_avgs[j], j, p, state_bits, m_dtype);
+    check_state("update", "exp_hessian_diags", exp_hessian_diags[j], j, p, state_bits, d_dtype);
+    if (state_bits == 8) {
+      check_scales("update", "exp_avg_scales", exp_avg_scales[j], j, p);
+      check_scales("update", "exp_hessian_diag_scales", exp_hessian_diag_scales[j], j, p);
+    }
+    if (!master_corrections.empty()) {
+      const std::optional<at::Tensor> corr = master_corrections[j];
+      master_bits[j] = check_correction("update", corr, j, p);
+      if (master_bits[j] != 0) corr_ptrs[j] = corr->data_ptr();
+    }
   }
   for (size_t k = 0; k < y_ptrs.size(); ++k) {
     const std::optional<at::Tensor> y = ys[k];
@@ -674,8 +956,6 @@ void update_cpu(at::TensorList params, at::TensorList x_t, at::TensorList grads,
         return;
       }
       const T* g = static_cast<const T*>(grads[j].const_data_ptr());
-      M* m = static_cast<M*>(exp_avgs[j].data_ptr());
-      M* dd = static_cast<M*>(exp_hessian_diags[j].data_ptr());
       const M delta_m = static_cast<M>(fd_host[0]);
       const M floor_m = static_cast<M>(fd_host[1]);
       const int64_t offset = offset_of(element_offset, j);
@@ -685,6 +965,21 @@ void update_cpu(at::TensorList params, at::TensorList x_t, at::TensorList grads,
         yj[smp] = static_cast<const T*>(y_ptrs[smp * n + j]);
         kj[smp] = key_of(prefixes[smp], param_index[j]);
       }
+      if (state_bits != 32 || master_bits[j] != 0) {  // compact state or master weights
+        CompactArgs<T> a{x, xt, g, exp_avgs[j].data_ptr(), exp_hessian_diags[j].data_ptr(),
+                         state_bits == 8 ? exp_avg_scales[j].data_ptr<float>() : nullptr,
+                         state_bits == 8 ? exp_hessian_diag_scales[j].data_ptr<float>() : nullptr,
+                         corr_ptrs[j], static_cast<int>(refresh_mode), yj.data(), kj.data(), n_samples, offset,
+                         delta_m, floor_m};
+        switch (state_bits) {
+          case 8: compact_dispatch_master<T, 8>(master_bits[j], refresh, sqrt_power, a, s, c); break;
+          case 16: compact_dispatch_master<T, 16>(master_bits[j], refresh, sqrt_power, a, s, c); break;
+          default: compact_dispatch_master<T, 32>(master_bits[j], refresh, sqrt_power, a, s, c);
+        }
+        return;
+      }
+      M* m = static_cast<M*>(exp_avgs[j].data_ptr());
+      M* dd = static_cast<M*>(exp_hessian_diags[j].data_ptr());
       switch (refresh_mode) {
         case RefreshMode::kNone:
           update_chunk_dispatch<T, RefreshMode::kNone>(sqrt_power, x, xt, g, m, dd, nullptr, nullptr, 0, offset,
@@ -743,9 +1038,17 @@ TORCH_LIBRARY(sassha_fused, m) {
   // the float64 [n, UpdateCol.COUNT] table of functional.update_scalars; on refresh
   // steps ys[s * n + j] (None: 0) and the probe prefixes per sample (RefreshMode);
   // fd = [delta, h_floor] (float32) in the finite-difference modes.
+  // The state is encoded as state_bits says (sassha_fused/encoding.py): 32: m and D in the
+  // math dtype; 16: bfloat16; 8: int8 / uint8 codes with one float32 scale per group of 32
+  // elements in exp_avg_scales / exp_hessian_diag_scales (empty lists otherwise). D is
+  // written on refresh steps only. master_corrections (empty: none; else one per param,
+  // None for a param without one): the int8 (24) / int16 (32) low bits of a bfloat16
+  // param's float32 master weight; the update starts from the joined master and writes
+  // both halves. A param that is not live goes back to x_t and no state is written.
   m.def("update(Tensor(a!)[] params, Tensor[] x_t, Tensor[] grads, Tensor(b!)[] exp_avgs, "
-        "Tensor(c!)[] exp_hessian_diags, Tensor scalars, float power, int refresh_mode, Tensor?[] ys, "
-        "int[] param_index, int[] element_offset, int[] prefixes, Tensor? fd) -> ()");
+        "Tensor(c!)[] exp_hessian_diags, Tensor(d!)[] exp_avg_scales, Tensor(e!)[] exp_hessian_diag_scales, "
+        "Tensor(f!)?[] master_corrections, int state_bits, Tensor scalars, float power, int refresh_mode, "
+        "Tensor?[] ys, int[] param_index, int[] element_offset, int[] prefixes, Tensor? fd) -> ()");
   // Which sources this library was built from (see sassha_fused/_build.py).
   m.def("build_info() -> str", &sassha::build_info);
 }

@@ -196,9 +196,9 @@ def test_op_argument_errors_say_what_to_do():
     bf = [torch.zeros(4, dtype=torch.bfloat16)]
     table = torch.zeros(1, 9, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="float32 optimizer state"):
-        ops.update(bf, bf, bf, bf, [torch.zeros(4)], table, 0.5, 0, [], [0], [], [], None)
+        ops.update(bf, bf, bf, bf, [torch.zeros(4)], [], [], [], 32, table, 0.5, 0, [], [0], [], [], None)
     with pytest.raises(RuntimeError, match="update_scalars"):
-        ops.update(x[:1], x[:1], x[:1], x[:1], x[:1], table.float(), 0.5, 0, [], [0], [], [], None)
+        ops.update(x[:1], x[:1], x[:1], x[:1], x[:1], [], [], [], 32, table.float(), 0.5, 0, [], [0], [], [], None)
     with pytest.raises(RuntimeError, match="not contiguous"):
         ops.probes([torch.zeros(4, 3).t()], [1], [], 7)
     with pytest.raises(RuntimeError, match="one entry per parameter"):
@@ -206,7 +206,7 @@ def test_op_argument_errors_say_what_to_do():
     with pytest.raises(RuntimeError, match="element_offset values"):
         ops.probes([torch.zeros(4)], [1], [0, 5], 7)
     with pytest.raises(RuntimeError, match="element_offset values"):
-        ops.update(x[:1], x[:1], x[:1], x[:1], x[:1], table, 0.5, 0, [], [0], [1, 2], [], None)
+        ops.update(x[:1], x[:1], x[:1], x[:1], x[:1], [], [], [], 32, table, 0.5, 0, [], [0], [1, 2], [], None)
     with pytest.raises(RuntimeError, match=r"outside the probes' range \[0, 2\*\*37\)"):
         ops.probes([torch.zeros(4)], [1], [2**37 - 3], 7)
     with pytest.raises(RuntimeError, match="outside the probes' range"):

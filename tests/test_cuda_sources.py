@@ -98,6 +98,25 @@ def test_cuda_kernels_move_16_bytes_per_access_without_spills(sm90_kernels):
 
 
 @needs_nvcc
+def test_update_kernels_cover_every_state_format(sm90_kernels):
+    """update_kernel<mode, sqrt power, state_bits>: 4 refresh modes x 2 power paths x state_bits 32 / 16 / 8.
+
+    Every one of them also takes the master weights of bfloat16 params. The 8-bit ones find a
+    group's scale (32 elements: 4 threads' runs) with warp shuffles, and move their one-byte
+    codes 8 bytes per thread (scalar 64-bit accesses: a warp's are 256 contiguous bytes)."""
+    update = {name: k for name, k in sm90_kernels.items() if name.startswith("update_kernel")}
+    formats = {}
+    for name in update:
+        mode, power, bits = re.match(r"update_kernelILi(\d)ELb(\d)ELi(\d+)E", name).groups()
+        formats.setdefault(int(bits), set()).add((int(mode), int(power)))
+    assert sorted(formats) == [8, 16, 32] and all(len(v) == 8 for v in formats.values()), sorted(update)
+    for name, k in update.items():
+        if "ELi8E" in name:
+            assert "shfl.sync.bfly" in k["ptx"], f"{name}: no warp shuffle for the group maxima"
+            assert re.search(r"\b(ld|st)\.global\.u64\b", k["ptx"]), f"{name}: codes not moved 8 bytes at a time"
+
+
+@needs_nvcc
 def test_cuda_binding_parses(tmp_path):
     # The torch side of the CUDA backend (sassha_cuda.cpp) against this torch's
     # headers. CPU wheels ship c10/cuda headers but not the build-generated

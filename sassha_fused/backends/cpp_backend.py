@@ -81,14 +81,19 @@ class CppBackend(Backend):
 
     def update(self, b: Bucket, x_t: Sequence[Tensor], grads: Sequence[Tensor], scalars: Tensor, power: float,
                refresh: Optional[RefreshInput]) -> None:
+        # the state in its encoding (state_bits; scales only at 8) and the master corrections
+        # ([] when the option is off, None for a param without one): decoded, computed on and
+        # encoded again in the same pass
+        state = (b.exp_avgs, b.exp_hessian_diags, b.exp_avg_scales, b.exp_hessian_diag_scales, b.master_corrections,
+                 b.state_bits)
         if refresh is None:
-            self._ops.update(b.params, x_t, grads, b.exp_avgs, b.exp_hessian_diags, scalars, power, 0, [],
-                             b.param_index, b.element_offset, [], None)
+            self._ops.update(b.params, x_t, grads, *state, scalars, power, 0, [], b.param_index, b.element_offset, [],
+                             None)
             return
         ys = [y for sample in refresh.ys for y in sample]
         prefixes = list(refresh.keys.prefixes if refresh.mode == RefreshMode.AUTOGRAD else refresh.keys.prefixes[:1])
-        self._ops.update(b.params, x_t, grads, b.exp_avgs, b.exp_hessian_diags, scalars, power, refresh.mode, ys,
-                         b.param_index, b.element_offset, prefixes, refresh.fd)
+        self._ops.update(b.params, x_t, grads, *state, scalars, power, refresh.mode, ys, b.param_index,
+                         b.element_offset, prefixes, refresh.fd)
 
 
 class CudaBackend(CppBackend):
