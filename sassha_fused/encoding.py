@@ -104,6 +104,17 @@ def _ungrouped(v: Tensor, like: Tensor) -> Tensor:
     return v.reshape(-1)[:like.numel()].view(like.shape)
 
 
+def _sqrt(v: Tensor) -> Tensor:
+    """The correctly rounded float32 square root (torch's CPU float32 sqrt is not, in about 1 in 5
+    results): computed in float64, whose rounding to float32 is then exact to the last bit."""
+    return torch.sqrt(v.to(torch.float64)).to(torch.float32)
+
+
+def _over(v: Tensor, levels: int) -> Tensor:
+    """``v / levels`` as a true division (torch on CUDA multiplies by the reciprocal of a scalar)."""
+    return v / torch.full_like(v, float(levels))
+
+
 def _scaled(v: Tensor, s: Tensor) -> Tensor:
     """``v / s`` per group, 0 in a group whose scale is 0."""
     safe = torch.where(s > 0, s, torch.ones_like(s))
@@ -123,7 +134,7 @@ def encode_momentum(m: Tensor) -> Tuple[Tensor, Tensor]:
 
 def decode_momentum(codes: Tensor, scales: Tensor) -> Tensor:
     """float32 ``m`` from its codes and group scales."""
-    c = _grouped(codes) / M_LEVELS
+    c = _over(_grouped(codes), M_LEVELS)
     return _ungrouped(c / (2.0 - c.abs()) * scales[:, None], codes)
 
 
@@ -131,7 +142,7 @@ def encode_hessian(d: Tensor) -> Tuple[Tensor, Tensor]:
     """``D`` (float, >= 0) -> (``uint8`` codes shaped like ``D``, float32 scale per group)."""
     v = _grouped(d)
     s = v.amax(dim=1)
-    c = torch.sqrt(_scaled(v, s))
+    c = _sqrt(_scaled(v, s))
     q = torch.floor((c + D_HALF) * D_LEVELS).clamp_(max=D_LEVELS)
     q = torch.where((v > 0) & (q < 1), torch.ones_like(q), q)  # a positive entry never decodes to 0
     return _ungrouped(q.to(torch.uint8), d), s
@@ -139,7 +150,7 @@ def encode_hessian(d: Tensor) -> Tuple[Tensor, Tensor]:
 
 def decode_hessian(codes: Tensor, scales: Tensor) -> Tensor:
     """float32 ``D`` from its codes and group scales."""
-    c = _grouped(codes) / D_LEVELS
+    c = _over(_grouped(codes), D_LEVELS)
     return _ungrouped(c * c * scales[:, None], codes)
 
 
