@@ -34,7 +34,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from common import env_info  # noqa: E402
-from fd_training import charlm_run as charlm  # noqa: E402
+from fd_training import charlm_run as charlm, summary  # noqa: E402
 from sassha_fused import SASSHA  # noqa: E402
 from sassha_fused.demo import load_digits  # noqa: E402
 
@@ -81,10 +81,6 @@ def mnist1d_data(quick: bool):
     if quick:
         x, y = x[:800], y[:800]
     return (x, y), (xt, yt)
-
-
-def summary(values: List[float]) -> str:
-    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values) if len(values) > 1 else 0:.4f}"
 
 
 def main(argv: Optional[List[str]] = None) -> None:
