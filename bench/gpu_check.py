@@ -333,6 +333,19 @@ def stage_e2e(rec: Recorder, dry: bool, out: str) -> None:
             torch.cuda.empty_cache()
 
 
+def _gpu_doc_pages() -> str:
+    """`` or <page>`` for each documentation page with a GPU block (tests/test_docs.py runs a
+    page's blocks in order, so selecting the page runs its setup blocks too)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+    try:
+        import test_docs
+
+        pages = sorted({os.path.splitext(os.path.basename(b.page))[0] for b in test_docs.gpu_blocks()})
+    finally:
+        sys.path.pop(0)
+    return "".join(f" or {page}" for page in pages)
+
+
 def run_tests(out: str, dry: bool, budget: float, env: Dict[str, str]) -> Dict:
     """pytest of the GPU-relevant tests, in the stages' environment (the build stage's
     extension is found, not rebuilt); per-test results parsed from the verbose log."""
@@ -345,7 +358,8 @@ def run_tests(out: str, dry: bool, budget: float, env: Dict[str, str]) -> Dict:
                 "tests/test_hvp.py", "tests/test_faults.py", "tests/test_properties.py",
                 "tests/test_triton_compile.py",  # the PTX/ptxas checks with the machine's triton
                 "tests/test_timm.py",  # timm imports on the GPU machine's torch stack (it skips on CPU CI)
-                "-k", "triton or cuda or sync or capt or every_backend or timm"]
+                "tests/test_docs.py",  # the documentation pages with blocks marked <!-- gpu -->
+                "-k", "triton or cuda or sync or capt or every_backend or timm" + _gpu_doc_pages()]
     cmd = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", *args]
     try:
         import pytest_timeout  # noqa: F401
