@@ -98,12 +98,21 @@ class ParamStateMixin:
         return {"exp_avg": m, "exp_hessian_diag": d}
 
     def master_weight(self, p: Tensor) -> Tensor:
-        """The float32 weight the update computes on: ``p`` joined with its ``master_correction``
-        (``master_weight_bits``), else ``p`` itself as float32 (a copy)."""
-        correction = self.state.get(p, {}).get("master_correction")
+        """The float32 weight the update computes on (a copy): x_t's bfloat16 bits joined with
+        the ``master_correction`` (``master_weight_bits``), else x_t as float32. x_t is ``p``
+        itself unless ``p`` holds a perturbed point (then its backup, or M-SASSHA's
+        ``unperturbed_param``)."""
+        state = self.state.get(p, {})
+        x_t = p.detach()
+        if "unperturbed_param" in state and self.is_perturbed:  # M-SASSHA between steps
+            x_t = state["unperturbed_param"]
+        elif getattr(self._this_step, "perturbed", None) is not None and id(p) in self._cache.backups \
+                and any(q is p for q in self._this_step.perturbed.participants):  # SASSHA inside a step
+            x_t = self._cache.backups[id(p)]
+        correction = state.get("master_correction")
         if correction is None:
-            return p.detach().to(math_dtype(p.dtype), copy=True)
-        return join_master(p.detach(), correction)
+            return x_t.to(math_dtype(p.dtype), copy=True)
+        return join_master(x_t, correction)
 
     def _participants(self) -> List[Tensor]:
         """Params taking part in the step: those with a gradient (every trainable one
@@ -338,6 +347,11 @@ class StateDictMixin:
                     if not isinstance(value, Tensor) or value.dtype not in _CODES[key]:
                         raise ValueError(f"{name}.load_state_dict: {where} must be a tensor of "
                                          f"{' or '.join(map(str, _CODES[key]))} codes. Nothing was loaded.")
+                    if key == "master_correction" and p.dtype != torch.bfloat16:
+                        raise ValueError(f"{name}.load_state_dict: {where} is a master correction, but the "
+                                         f"parameter is {p.dtype}: master weights are kept for bfloat16 parameters "
+                                         "only (the parameters are in another order, or of another dtype). Nothing "
+                                         "was loaded.")
                     if key == "master_correction" and (self.master_weight_bits is None
                                                        or value.dtype != _CORRECTION[self.master_weight_bits]):
                         raise ValueError(

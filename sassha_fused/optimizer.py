@@ -22,7 +22,6 @@ from . import functional as F
 from ._defaults import ARGS_DOC, DEFAULTS, GROUP_KEYS, OPTIONS, SASSHA_ONLY, args_doc, validate_group, validate_options
 from .backends import Backend, Bucket, ProbeKeys, RefreshInput
 from ._state import ParamStateMixin, StateDictMixin
-from .encoding import state_format
 from .distributed import BucketedAverager, average_step_inputs, copy_, local, participation, shard_group_of
 from ._passes import NothingToStep, PassDriver
 from .hvp import cannot_differentiate_twice
@@ -57,6 +56,8 @@ class HeldStorage:
 
     def release(self, tensors: Iterable[Tensor]) -> None:
         for t in tensors:
+            if t.device.type not in ("cpu", "cuda"):  # (resizing other devices' storage: not known to work)
+                continue
             storage = local(t).untyped_storage()
             if storage.nbytes():
                 self._released.append((storage, storage.nbytes()))
@@ -257,13 +258,14 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
                     f"hvp: 'autograd' needs a double backward, which {who} cannot give; use "
                     "hvp='finite_difference' (or 'auto'): every pass is then an ordinary forward and backward")
             self._run.hvp_method = "finite_difference"
-        self._check_encoding()
+        self._check_encoding(self._run.shards, whole=True)
         if self.capturable and any(p.device.type != "cuda" for p in self._all_params()):
             raise ValueError("capturable: CUDA graphs capture CUDA work only; capturable=True needs every "
                              "parameter on a CUDA device (leave it False on the CPU)")
 
-    def _check_encoding(self) -> None:
-        """``state_bits`` and ``master_weight_bits`` against the parameters (ValueError naming the argument)."""
+    def _check_encoding(self, shards: Any, whole: bool) -> None:
+        """``state_bits`` and ``master_weight_bits`` against the parameters (ValueError naming the
+        argument); ``whole``: all of them (the constructor), else a group being added."""
         dtypes = {p.dtype for p in self._all_params()}
         if self.master_weight_bits is not None:
             if torch.float16 in dtypes:
@@ -271,12 +273,12 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
                     "master_weight_bits: it applies to bfloat16 parameters (the master weight's top 16 bits); "
                     "float16 parameters have no such split. Keep float16 parameters with master_weight_bits=None, "
                     "or train in bfloat16")
-            if torch.bfloat16 not in dtypes:
+            if whole and torch.bfloat16 not in dtypes:
                 names = ", ".join(sorted(str(d).replace("torch.", "") for d in dtypes)) or "none"
                 raise ValueError(
                     f"master_weight_bits: it applies to 16-bit (bfloat16) parameters, and these are {names}: "
                     "float32 parameters are their own master weight; leave master_weight_bits=None")
-        if self.state_bits == 8 and self._run.shards is not None:
+        if self.state_bits == 8 and shards is not None:
             raise ValueError(
                 "state_bits: 8-bit state under FSDP2 (fully_shard) is not supported yet (its scales, one per 32 "
                 "elements, do not shard like the parameter); use state_bits=16, whose bfloat16 state shards like "
@@ -357,6 +359,8 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
                     raise ValueError(f"a parameter has {p.numel()} elements; the probes address at most 2**37")
                 # an explicit backend that cannot run these params fails now, not at the first step
                 self._backend_for(p.device, p.dtype)
+            if hasattr(self, "state_bits"):  # (set before torch's constructor adds the first groups)
+                self._check_encoding(shards, whole=False)
         except Exception:
             self.param_groups.pop()
             raise
@@ -617,6 +621,7 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
             self._phase = Phase.IDLE
             self._forget_step()
             self._detach_grads()
+            self._release_backups()
             raise
         except BaseException:  # nothing was written: back to where the step found the params
             self._abort_step()
@@ -961,6 +966,7 @@ class SASSHA(_SasshaBase):
                 if inv is not None:  # the gradients as the user left them (a power-of-two scale: exact)
                     torch._foreach_div_(grads, inv.to(grads[0].dtype))
                 self._unbegin_step()
+                self._release_backups()
                 raise
         self._this_step.perturbed = plan
         self._move(Phase.PERTURBED)
@@ -1130,7 +1136,7 @@ class MSASSHA(_SasshaBase):
 
     def _with_state(self) -> List[Tensor]:
         state = self.state
-        return [p for p in self._all_params() if state_format(state.get(p, {})) is not None]
+        return [p for p in self._all_params() if "exp_avg" in state.get(p, ()) or "exp_avg_codes" in state.get(p, ())]
 
     def _backup(self, p: Tensor) -> Tensor:
         state = self._state_of(p)
@@ -1182,7 +1188,9 @@ class MSASSHA(_SasshaBase):
         plan = self._plan(self._with_state(), self._backup)
         if plan.participants:
             attach_state(plan, self._state_of)
-            F.perturb(plan, lambda b: b.momentum(), -1.0, False, F.GroupTable(self.param_groups, self.capturable))
+            # m of every bucket once (compact state: decoded into float transients for the norm and the move)
+            momentum = {id(b): b.momentum() for b in plan.buckets}
+            F.perturb(plan, lambda b: momentum[id(b)], -1.0, False, F.GroupTable(self.param_groups, self.capturable))
             self._move(Phase.RESTING)
         self._run.perturbation_owed = False
         if zero_grad:

@@ -359,3 +359,49 @@ def test_a_checkpoint_without_master_weights_starts_them_at_the_parameter():
         assert torch.equal(other.state[p]["master_correction"], torch.zeros_like(p, dtype=torch.int8))
         assert torch.equal(other.master_weight(p), p.float())
     other.step(lambda: coupled_loss(other_params, 2))
+
+
+@pytest.mark.parametrize("backend", ["eager", "foreach", "cpp"])
+def test_msassha_float64_with_8bit_state(backend):
+    """M-SASSHA perturbs along m decoded in the param's math dtype (float64 here)."""
+    from sassha_fused import available_backends
+
+    if not available_backends()[backend]:
+        pytest.skip(available_backends()[backend].reason)
+    params, opt = compact_run(backend, 8, cls=MSASSHA, dtype=torch.float64, steps=3)
+    assert opt.global_step == 3 and all(torch.isfinite(p).all() for p in params)
+
+
+def test_master_weight_is_x_t_while_the_params_hold_a_perturbed_point():
+    for cls in (SASSHA, MSASSHA):
+        params, opt = compact_run("foreach", 8, master=32, dtype=torch.bfloat16, steps=3, cls=cls)
+        if cls is MSASSHA:
+            assert opt.is_perturbed  # between steps the params hold x_t - nu m
+            with opt.unperturbed():
+                at_x_t = [opt.master_weight(p) for p in params]
+            assert all(torch.equal(opt.master_weight(p), w) for p, w in zip(params, at_x_t))
+        else:
+            before = [opt.master_weight(p) for p in params]
+            coupled_loss(params, 3).backward()
+            opt.perturb_weights()
+            assert all(torch.equal(opt.master_weight(p), w) for p, w in zip(params, before))
+            opt.zero_grad()
+
+
+def test_a_master_correction_for_a_float32_param_is_refused():
+    a, b = make_params((40,), dtype=torch.bfloat16) + make_params((40,), dtype=torch.bfloat16, seed=1)
+    opt = SASSHA([a, b], backend="foreach", master_weight_bits=24, lazy_hessian=1)
+    opt.step(lambda: coupled_loss([a, b], 0))
+    a2, b2 = make_params((40,), dtype=torch.bfloat16) + make_params((40,), seed=1)
+    other = SASSHA([a2, b2], backend="foreach", master_weight_bits=24)
+    with pytest.raises(ValueError, match="bfloat16 parameters only"):
+        other.load_state_dict(opt.state_dict())
+    assert not other.state
+
+
+def test_add_param_group_checks_the_encoding_too():
+    opt = SASSHA(make_params((4,), dtype=torch.bfloat16), master_weight_bits=24)
+    with pytest.raises(ValueError, match="float16"):
+        opt.add_param_group({"params": make_params((4,), dtype=torch.float16)})
+    assert len(opt.param_groups) == 1
+    opt.add_param_group({"params": make_params((4,))})  # float32 beside bfloat16: its own master

@@ -243,7 +243,8 @@ class Bucket:
         if self.state_bits == 32:
             return self.exp_avgs
         if self.state_bits == 8:
-            return [decode_momentum(c, s) for c, s in zip(self.exp_avgs, self.exp_avg_scales)]
+            return [decode_momentum(c, s).to(math_dtype(p.dtype))
+                    for c, s, p in zip(self.exp_avgs, self.exp_avg_scales, self.params)]
         return [m.to(math_dtype(p.dtype)) for m, p in zip(self.exp_avgs, self.params)]
 
 
