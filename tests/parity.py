@@ -275,6 +275,18 @@ def assert_same_trajectory(
                 )
 
 
+def sync_run(ref_params, ref_opt, params, opt) -> None:
+    """``opt``'s params and tensor state (not the step counters) take ``ref_opt``'s values, in
+    place (its plans and buckets keep their tensors): compact-state runs compared in lockstep,
+    each step from the same inputs, since a code a step off cannot be bounded over later steps."""
+    with torch.no_grad():
+        for rp, p in zip(ref_params, params):
+            p.copy_(rp)
+            for key, value in ref_opt.state.get(rp, {}).items():
+                if isinstance(value, torch.Tensor) and key not in ("step", "bias_correction2"):
+                    opt.state[p][key].copy_(value)
+
+
 # ------------------------------------------------------------------ phase-level checks
 def phase_groups():
     """A group table of two groups with their own hyper-parameters."""

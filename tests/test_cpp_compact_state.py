@@ -27,7 +27,8 @@ import pytest
 import torch
 
 from conftest import requires_cpp, requires_cuda_backend
-from parity import TOLERANCE, clone_params, coupled_loss, fd_bound, make_params, phase_groups, protocol_step
+from parity import (TOLERANCE, clone_params, coupled_loss, fd_bound, make_params, phase_groups, protocol_step,
+                    sync_run)
 from sassha_fused import SASSHA, encoding
 from sassha_fused.backends import Bucket, ProbeKeys, RefreshInput, RefreshMode, UpdateCol, get_backend
 
@@ -48,15 +49,6 @@ def _groups(ps):
 def _state_tensors(opt, p) -> Dict[str, torch.Tensor]:
     return {k: v for k, v in opt.state[p].items() if isinstance(v, torch.Tensor) and k not in ("step",
                                                                                                 "bias_correction2")}
-
-
-def _sync(ref, ref_opt, new, new_opt) -> None:
-    """The cpp optimizer's params and state take the reference's values (in place: the buckets keep them)."""
-    with torch.no_grad():
-        for rp, p in zip(ref, new):
-            p.copy_(rp)
-            for k, v in _state_tensors(ref_opt, rp).items():
-                new_opt.state[p][k].copy_(v)
 
 
 def _tol(dtype, extra=0.0):
@@ -155,7 +147,7 @@ def test_compact_state_matches_eager_every_step(backend, dtype, state_bits, mast
         protocol_step(ref_opt, lambda: coupled_loss(ref, t), "closure")
         protocol_step(new_opt, lambda: coupled_loss(new, t), "closure")
         _compare_step(ref, ref_opt, new, new_opt, dtype, t)
-        _sync(ref, ref_opt, new, new_opt)
+        sync_run(ref, ref_opt, new, new_opt)
     assert new_opt.global_step == 12
     if master_weight_bits is not None:
         assert "master_correction" not in new_opt.state[new[-1]]  # the float32 param

@@ -52,6 +52,7 @@ from parity import (
     make_params,
     phase_groups,
     protocol_step,
+    sync_run,
 )
 from sassha_fused import SASSHA
 from sassha_fused.encoding import (
@@ -139,16 +140,6 @@ def assert_state_close(k: int, rp: torch.Tensor, rs: Dict[str, Any], p: torch.Te
         assert math.isclose(float(rs[key]), float(s[key]), rel_tol=1e-12), f"{what} {key}"
 
 
-def _sync(ref_params, ref_opt, params, opt) -> None:
-    """The Triton run's params and state become the reference's (in place: the plans keep their pointers)."""
-    with torch.no_grad():
-        for rp, p in zip(ref_params, params):
-            p.copy_(rp)
-            for key, value in ref_opt.state.get(rp, {}).items():
-                if isinstance(value, torch.Tensor) and key not in _COUNTERS:
-                    opt.state[p][key].copy_(value)
-
-
 def _lockstep(sizes, dtype, steps: int, **kwargs: Any):
     """Eager and Triton SASSHA side by side, compared (and re-synchronised) after every step."""
     start = make_params(sizes, dtype)
@@ -163,7 +154,7 @@ def _lockstep(sizes, dtype, steps: int, **kwargs: Any):
             assert_state_close(k, rp, ref.state[rp], p, tri.state[p])
         moved = [not torch.equal(a, b) for a, b in zip(start, tri_p) if a.numel()]
         assert any(moved), f"step {t}: the Triton run did not move the params"
-        _sync(ref_p, ref, tri_p, tri)
+        sync_run(ref_p, ref, tri_p, tri)
     assert backend.launches > 0 and set(tri.backends.values()) == {"triton"}
     return ref_p, ref, tri_p, tri
 
@@ -212,7 +203,7 @@ def test_state_bits_8_with_mixed_dtypes_and_master_weights():
         for k, (rp, p) in enumerate(zip(ref_p, tri_p)):
             assert ("master_correction" in tri.state[p]) == (p.dtype == torch.bfloat16)
             assert_state_close(k, rp, ref.state[rp], p, tri.state[p])
-        _sync(ref_p, ref, tri_p, tri)
+        sync_run(ref_p, ref, tri_p, tri)
 
 
 # ------------------------------------------------------------------ bitwise codes
