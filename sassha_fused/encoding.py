@@ -14,24 +14,34 @@ writes the same codes, bit for bit.
   (row-major, from element 0) with one float32 scale per group:
   1 + 4/32 = 1.125 bytes per parameter and tensor.
 
-  - :math:`m` (signed): scale :math:`s = \max_{group} |m|`, :math:`u = m / s`,
-    softsign companding :math:`c = 2u / (1 + |u|)`, ``int8`` code
-    :math:`q = \mathrm{sign}(c)\,\lfloor (|c| + \tfrac{1}{254}) \cdot 127 \rfloor`.
-    Decoded: :math:`c = q / 127`, :math:`m = c / (2 - |c|) \cdot s`. Companding
-    spends the codes where momentum entries are: most sit far below the group's
-    largest, and softsign halves the step of the code grid near zero.
-  - :math:`D` (non-negative): scale :math:`s = \max_{group} D`,
-    :math:`c = \sqrt{D / s}`, ``uint8`` code :math:`q = \lfloor (c + \tfrac{1}{510})
-    \cdot 255 \rfloor`, and at least 1 where :math:`D > 0`. Decoded:
-    :math:`c = q / 255`, :math:`D = c^2 s`. With the default ``hessian_power``
-    0.5 the preconditioner :math:`\sqrt{D}` is then linear in the code, and an entry
-    far below its group's largest decodes to :math:`s / 255^2` instead of zero: a
-    zero would leave only ``eps`` under that coordinate's step (the failure of coarser
-    encodings), while a floor too high only shortens it.
+  - :math:`m` (signed): scale :math:`s = \max_{group} |m|`, its reciprocal
+    :math:`r = 1 / s` (once per group; 0 when :math:`s` is below float32's smallest
+    normal, ``TINY``, where :math:`1/s` could overflow: such a group encodes as 0),
+    square-root companding :math:`c = \sqrt{|m| \cdot r}`, ``int8`` code
+    :math:`q = \mathrm{sign}(m)\,\min(\lfloor (c + \tfrac{1}{254}) \cdot 127
+    \rfloor, 127)`. Decoded: :math:`t = q \cdot \tfrac{1}{127}`,
+    :math:`m = (t\,|t|) \cdot s`: products only. Companding spends the codes where
+    momentum entries are: most sit far below the group's largest, and the square root
+    makes the grid's first step :math:`s / 127^2` instead of linear codes'
+    :math:`s / 127`, at the same step as linear codes at the top.
+  - :math:`D` (non-negative) through its square root :math:`R = \sqrt{D}`: scale
+    :math:`s = \max_{group} R`, :math:`c = R / s` (0 when :math:`s` is 0), ``uint8``
+    code :math:`q = \min(\lfloor (c + \tfrac{1}{510}) \cdot 255 \rfloor, 255)`, and
+    at least 1 where :math:`D > 0`. Decoded: :math:`\sqrt{D} = (q \cdot
+    \tfrac{1}{255}) \cdot s` and :math:`D` its square. With the default
+    ``hessian_power`` 0.5 the preconditioner is this root, one product per element
+    (``hessian_root``; a step that refreshes D uses the fresh float :math:`D`), and
+    an entry far below its group's largest decodes to :math:`s / 255` instead of zero:
+    a zero would leave only ``eps`` under that coordinate's step (the failure of
+    coarser encodings), while a floor too high only shortens it. D is encoded on
+    refresh steps only, so its one division per element is paid once in
+    ``lazy_hessian`` steps.
 
   Only ``+ - * /``, ``sqrt`` and ``floor``, each rounded on its own (no fused
   multiply-add can change a rounding: no product is added to), so every IEEE
-  machine encodes alike; no ``exp``/``log``, whose last bits differ between math
+  machine encodes alike; the decodes are products by the float32 constants
+  ``1/127`` and ``1/255`` (no division), and an update outside a refresh step
+  divides once per element, as with float32 state; no ``exp``/``log``, whose last bits differ between math
   libraries. Rounding is deterministic (no stochastic rounding): a resumed run
   and every backend agree.
 
@@ -65,6 +75,7 @@ __all__ = [
     "decode_momentum",
     "encode_hessian",
     "decode_hessian",
+    "hessian_root",
     "split_master",
     "join_master",
     "state_keys",
@@ -83,6 +94,11 @@ MASTER_WEIGHT_BITS = (None, 24, 32)
 #: the constants added before the scaling to the code grid (rounding to nearest)
 M_HALF = 0.5 / M_LEVELS
 D_HALF = 0.5 / D_LEVELS
+#: the decodes' factors: the float32 values nearest 1/127 and 1/255
+M_UNIT = float(torch.tensor(1.0 / M_LEVELS, dtype=torch.float32))
+D_UNIT = float(torch.tensor(1.0 / D_LEVELS, dtype=torch.float32))
+#: float32's smallest normal: a group of m whose largest |m| is below it encodes as 0
+TINY = 2.0 ** -126
 _CORRECTION_DTYPE = {24: torch.int8, 32: torch.int16}
 
 
@@ -110,48 +126,55 @@ def _sqrt(v: Tensor) -> Tensor:
     return torch.sqrt(v.to(torch.float64)).to(torch.float32)
 
 
-def _over(v: Tensor, levels: int) -> Tensor:
-    """``v / levels`` as a true division (torch on CUDA multiplies by the reciprocal of a scalar)."""
-    return v / torch.full_like(v, float(levels))
-
-
-def _scaled(v: Tensor, s: Tensor) -> Tensor:
-    """``v / s`` per group, 0 in a group whose scale is 0."""
-    safe = torch.where(s > 0, s, torch.ones_like(s))
-    return torch.where(s[:, None] > 0, v / safe[:, None], torch.zeros_like(v))
+def _unit(codes: Tensor, unit: float) -> Tensor:
+    """The codes (grouped) times the float32 constant ``unit``: 1/127 or 1/255, rounded."""
+    return _grouped(codes) * torch.tensor(unit, dtype=torch.float32)
 
 
 def encode_momentum(m: Tensor) -> Tuple[Tensor, Tensor]:
     """``m`` (float) -> (``int8`` codes shaped like ``m``, float32 scale per group)."""
     v = _grouped(m)
     s = v.abs().amax(dim=1)
-    u = _scaled(v, s)
-    c = (u + u) / (1.0 + u.abs())
-    q = torch.floor((c.abs() + M_HALF) * M_LEVELS).clamp_(max=M_LEVELS)
-    q = torch.where(c < 0, -q, q)
+    normal = s >= TINY
+    r = torch.where(normal, torch.ones_like(s) / torch.where(normal, s, torch.ones_like(s)), torch.zeros_like(s))
+    c = _sqrt(v.abs() * r[:, None])
+    q = torch.floor((c + M_HALF) * M_LEVELS).clamp_(max=M_LEVELS)
+    q = torch.where(v < 0, -q, q)
     return _ungrouped(q.to(torch.int8), m), s
 
 
 def decode_momentum(codes: Tensor, scales: Tensor) -> Tensor:
     """float32 ``m`` from its codes and group scales."""
-    c = _over(_grouped(codes), M_LEVELS)
-    return _ungrouped(c / (2.0 - c.abs()) * scales[:, None], codes)
+    t = _unit(codes, M_UNIT)
+    return _ungrouped((t * t.abs()) * scales[:, None], codes)
 
 
 def encode_hessian(d: Tensor) -> Tuple[Tensor, Tensor]:
-    """``D`` (float, >= 0) -> (``uint8`` codes shaped like ``D``, float32 scale per group)."""
+    """``D`` (float, >= 0) -> (``uint8`` codes shaped like ``D``, float32 scale of sqrt(D) per group)."""
     v = _grouped(d)
-    s = v.amax(dim=1)
-    c = _sqrt(_scaled(v, s))
+    root = _sqrt(v)
+    s = root.amax(dim=1)
+    positive = s > 0
+    c = torch.where(positive[:, None], root / torch.where(positive, s, torch.ones_like(s))[:, None],
+                    torch.zeros_like(root))
     q = torch.floor((c + D_HALF) * D_LEVELS).clamp_(max=D_LEVELS)
     q = torch.where((v > 0) & (q < 1), torch.ones_like(q), q)  # a positive entry never decodes to 0
     return _ungrouped(q.to(torch.uint8), d), s
 
 
+def hessian_root(codes: Tensor, scales: Tensor) -> Tensor:
+    """float32 ``sqrt(D)`` from its codes and group scales: ``(q * 1/255) * s``.
+
+    Called with ``scales / c2`` (one division per group) it is the default
+    preconditioner ``sqrt(D) / c2`` of a step that does not refresh D.
+    """
+    return _ungrouped(_unit(codes, D_UNIT) * scales[:, None], codes)
+
+
 def decode_hessian(codes: Tensor, scales: Tensor) -> Tensor:
-    """float32 ``D`` from its codes and group scales."""
-    c = _over(_grouped(codes), D_LEVELS)
-    return _ungrouped(c * c * scales[:, None], codes)
+    """float32 ``D`` from its codes and group scales: the square of ``hessian_root``."""
+    root = hessian_root(codes, scales)
+    return root * root
 
 
 # ------------------------------------------------------------------------ master weights

@@ -23,6 +23,7 @@ from sassha_fused.encoding import (
     decode_momentum,
     encode_hessian,
     encode_momentum,
+    hessian_root,
     join_master,
     split_master,
 )
@@ -54,11 +55,26 @@ def test_momentum_codes_are_within_one_code_step():
     assert codes.dtype == torch.int8 and codes.shape == m.shape and scales.numel() == -(-m.numel() // GROUP)
     back = decode_momentum(codes, scales)
     s = group_max(m)
-    # rounding c to the grid of 1/127 errs by half a step; du/dc = 2 / (2 - |c|)^2 <= 2; a few ulps of the scale
-    assert ((back - m).abs() <= s * (1 / 127 + 8 * F32_EPS)).all()
+    # c = sqrt(|m| / s) rounded to the grid of 1/127 errs by half a step, so
+    # |m' - m| = |c' - c| (c' + c) s <= (1/254) (2 + 1/254) s; a few ulps for the roundings on the way
+    assert ((back - m).abs() <= s * (1 / 127 + 1 / 254 ** 2 + 16 * F32_EPS)).all()
     assert (back[m.abs() == s] == m[m.abs() == s]).all(), "each group's largest entry decodes exactly"
     assert (torch.sign(back) * torch.sign(m) >= 0).all(), "no sign flips"
     assert (back[m == 0] == 0).all()
+    # companding: the error shrinks with the entry, (2c/254 + 1/254^2) s with c = sqrt(|m| / s) (the first
+    # step of the grid is s / 127^2), not a fixed s / 254 as with linear codes
+    c = torch.sqrt(m.abs() / s.clamp_min(1e-38))
+    assert ((back - m).abs() <= s * (c / 127 + 1 / 254 ** 2 + 16 * F32_EPS)).all()
+
+
+def test_a_group_of_momentum_below_the_smallest_normal_encodes_as_zero():
+    # 1 / s would overflow for a subnormal s: such a group is encoded as zeros (encoding.TINY)
+    m = torch.tensor([1e-39, -2e-39] + [0.0] * 30 + [3.0, -1.0] + [0.0] * 30)
+    codes, scales = encode_momentum(m)
+    assert torch.equal(codes[:32], torch.zeros(32, dtype=torch.int8))
+    assert torch.equal(scales, torch.tensor([2e-39, 3.0]))
+    back = decode_momentum(codes, scales)
+    assert (back[:32] == 0).all() and back[32] == 3.0 and back[33] < 0
 
 
 def test_hessian_codes_are_within_one_code_step_and_never_zero():
@@ -67,16 +83,23 @@ def test_hessian_codes_are_within_one_code_step_and_never_zero():
     assert codes.dtype == torch.uint8
     back = decode_hessian(codes, scales)
     s = group_max(d)
-    # sqrt(D / s) on a grid of 1/255: |c' - c| <= 1/510, so |D' - D| <= (2c/510 + 1/510^2) s <= s/255 + ...
-    assert ((back - d).abs() <= s * (1 / 255 + 1 / 510 ** 2 + 8 * F32_EPS)).all()
+    # c = sqrt(D / s) on a grid of 1/255: |c' - c| <= 1/510, so |D' - D| <= (2c/510 + 1/510^2) s <= s/255 + ...
+    assert ((back - d).abs() <= s * (1 / 255 + 1 / 510 ** 2 + 16 * F32_EPS)).all()
     assert (back[d > 0] > 0).all(), "a positive entry never decodes to zero (only eps would be left under it)"
     assert (back[d == 0] == 0).all()
-    assert (back[d == s] == d[d == s]).all(), "each group's largest entry decodes exactly"
-    # sqrt(D), the default preconditioner, is on a uniform grid: within half a step of sqrt(s) / 255
+    # sqrt(D), the default preconditioner, is on a uniform grid of sqrt(s) / 255, and its largest entry exact
+    root = hessian_root(codes, scales)
+    exact_root = torch.sqrt(d.double()).float()
+    half_step = torch.where(codes == 1, 1 / 255, 1 / 510)  # code 1 also holds the floor, down to 0
+    assert ((root - exact_root).abs() <= scales.repeat_interleave(GROUP)[:d.numel()] * (half_step + 4 * F32_EPS)).all()
+    assert (root[d == s] == exact_root[d == s]).all(), "each group's largest sqrt(D) decodes exactly"
+    # and D is its square, so sqrt(decoded D) is the root again, bit for bit (sqrt(x * x) = x in binary IEEE
+    # arithmetic): the preconditioner taken from the codes equals the one taken from D
+    assert torch.equal(torch.sqrt(back.double()).float(), root)
     # an entry far below its group's largest decodes to the floor: code 1, s / 255^2
     tiny = (d > 0) & (d < s / 255 ** 2 / 4)
     assert tiny.any()
-    torch.testing.assert_close(back[tiny], s[tiny] / 255 ** 2, rtol=4 * F32_EPS, atol=0)
+    torch.testing.assert_close(back[tiny], s[tiny] / 255 ** 2, rtol=8 * F32_EPS, atol=0)
 
 
 def test_groups_follow_row_major_elements_whatever_the_layout():

@@ -113,6 +113,11 @@ M_LEVELS = tl.constexpr(127.0)
 D_LEVELS = tl.constexpr(255.0)
 M_HALF = tl.constexpr(0.5 / 127)
 D_HALF = tl.constexpr(0.5 / 255)
+# the decodes' factors, encoding.M_UNIT / D_UNIT: the float32 values nearest 1/127 and 1/255
+M_UNIT = tl.constexpr(0.007874015718698502)
+D_UNIT = tl.constexpr(0.003921568859368563)
+# float32's smallest normal (encoding.TINY): a group of m whose largest |m| is below it encodes as 0
+TINY = tl.constexpr(2.0 ** -126)
 
 
 # --------------------------------------------------------------------------- math
@@ -180,8 +185,8 @@ def _hessian_ema(d, h, beta2, one_minus_beta2):
 
 
 @triton.jit
-def _new_param(x, m, d, neg_step, c2, decay, eps, power, POWER_MODE: tl.constexpr):
-    """x_{t+1} = x_t (1 - lr wd) - step * m_t / (D_t^p / c2 + eps)."""
+def _preconditioner(d, c2, power, POWER_MODE: tl.constexpr):
+    """D_t^p / c2."""
     if POWER_MODE == 0:
         dp = tl.sqrt_rn(d)
     elif POWER_MODE == 1:
@@ -191,7 +196,13 @@ def _new_param(x, m, d, neg_step, c2, decay, eps, power, POWER_MODE: tl.constexp
         # (the product cast: Triton 3.6's interpreter widens a float argument to fp64)
         log_dp = (power * tl.log2(tl.maximum(d, 1e-38))).to(tl.float32)
         dp = tl.where(d > 0, tl.exp2(log_dp), tl.where(power == 0, 1.0, 0.0))
-    denom = tl.div_rn(dp, c2) + eps
+    return tl.div_rn(dp, c2)
+
+
+@triton.jit
+def _new_param(x, m, pre, neg_step, decay, eps):
+    """x_{t+1} = x_t (1 - lr wd) - step * m_t / (pre + eps), pre = D_t^p / c2."""
+    denom = pre + eps
     return x * decay + neg_step * tl.div_rn(m, denom)
 
 
@@ -218,40 +229,42 @@ def _round_to(x, DTYPE: tl.constexpr):
 # change a rounding). A tile is [BLOCK/32, 32]: row r is group (start / 32) + r.
 @triton.jit
 def _decode_momentum(q, s):
-    """float32 m of int8 codes ``q`` ([R, 32]) and their group scales ``s`` ([R, 1])."""
-    c = tl.div_rn(q.to(tl.float32), tl.full((), M_LEVELS, tl.float32))
-    return tl.div_rn(c, 2.0 - tl.abs(c)) * s
+    """float32 m of int8 codes ``q`` ([R, 32]) and their group scales ``s`` ([R, 1]): (t |t|) s."""
+    t = q.to(tl.float32) * tl.full((), M_UNIT, tl.float32)
+    return (t * tl.abs(t)) * s
+
+
+@triton.jit
+def _hessian_root(q, s):
+    """float32 sqrt(D) of uint8 codes ``q`` and their group scales ``s``: (q / 255) s, a product."""
+    return (q.to(tl.float32) * tl.full((), D_UNIT, tl.float32)) * s
 
 
 @triton.jit
 def _decode_hessian(q, s):
-    """float32 D of uint8 codes ``q`` and their group scales ``s``."""
-    c = tl.div_rn(q.to(tl.float32), tl.full((), D_LEVELS, tl.float32))
-    return c * c * s
-
-
-@triton.jit
-def _group_scaled(v, s):
-    """v / s per group ([R, 32] over [R, 1]), 0 in a group whose scale is 0."""
-    return tl.where(s > 0, tl.div_rn(v, tl.where(s > 0, s, 1.0)), 0.0)
+    """float32 D of uint8 codes ``q`` and their group scales ``s``: the root squared."""
+    root = _hessian_root(q, s)
+    return root * root
 
 
 @triton.jit
 def _encode_momentum(m):
     """(int8 codes, [R, 1] float32 scales) of m ([R, 32], elements past the tensor 0)."""
     s = tl.max(tl.abs(m), axis=1, keep_dims=True)
-    u = _group_scaled(m, s)
-    c = tl.div_rn(u + u, 1.0 + tl.abs(u))  # softsign companding
-    q = tl.minimum(tl.floor((tl.abs(c) + tl.full((), M_HALF, tl.float32)) * M_LEVELS), M_LEVELS)
-    q = tl.where(c < 0, -q, q)
+    normal = s >= TINY
+    r = tl.where(normal, tl.div_rn(tl.full((), 1.0, tl.float32), tl.where(normal, s, 1.0)), 0.0)  # once per group
+    c = tl.sqrt_rn(tl.abs(m) * r)  # square-root companding
+    q = tl.minimum(tl.floor((c + tl.full((), M_HALF, tl.float32)) * M_LEVELS), M_LEVELS)
+    q = tl.where(m < 0, -q, q)
     return q.to(tl.int8), s
 
 
 @triton.jit
 def _encode_hessian(d):
-    """(uint8 codes, [R, 1] float32 scales) of D >= 0 ([R, 32], elements past the tensor 0)."""
-    s = tl.max(d, axis=1, keep_dims=True)
-    c = tl.sqrt_rn(_group_scaled(d, s))
+    """(uint8 codes, [R, 1] float32 scales of sqrt D) of D >= 0 ([R, 32], elements past the tensor 0)."""
+    root = tl.sqrt_rn(d)
+    s = tl.max(root, axis=1, keep_dims=True)
+    c = tl.where(s > 0, tl.div_rn(root, tl.where(s > 0, s, 1.0)), 0.0)
     q = tl.minimum(tl.floor((c + tl.full((), D_HALF, tl.float32)) * D_LEVELS), D_LEVELS)
     q = tl.where((d > 0) & (q < 1.0), 1.0, q)  # a positive entry never decodes to 0
     return q.to(tl.uint8), s
@@ -650,7 +663,12 @@ def _update_tile(
     dsp = _ptr(ds_ptrs, slot, tl.float32, ALIGNED)
     if STATE_BITS != 8:
         m = _load_state(mp, msp, offs, grp, mask, gmask, False, STATE_BITS, EVEN)
-    d = _load_state(dp, dsp, offs, grp, mask, gmask, True, STATE_BITS, EVEN)
+    if STATE_BITS == 8 and MODE == 0 and POWER_MODE == 0:
+        # 8-bit state, sqrt power, no refresh: sqrt(D) / c2 straight from the codes (encoding.hessian_root
+        # with the group scales over c2)
+        pre = _hessian_root(_ld(dp, offs, mask, EVEN), tl.div_rn(_ld(dsp, grp, gmask, EVEN), c2))
+    else:
+        d = _load_state(dp, dsp, offs, grp, mask, gmask, True, STATE_BITS, EVEN)
     g = _ld(gp, offs, mask, EVEN).to(tl.float32)
     if STATE_BITS != 8:
         m = _momentum(m, g, beta1, omb1)
@@ -661,6 +679,8 @@ def _update_tile(
             h = tl.maximum(tl.abs(h), h_floor * tl.abs(g))
         d = _hessian_ema(d, h, beta2, omb2)
         _store_state(dp, dsp, offs, grp, d, mask, gmask, True, STATE_BITS, EVEN)  # D: on refresh steps only
+    if not (STATE_BITS == 8 and MODE == 0 and POWER_MODE == 0):
+        pre = _preconditioner(d, c2, power, POWER_MODE)
     if STATE_BITS == 8:  # 8-bit: m is decoded and encoded after D, fewer values live across the group maxima
         m = _momentum(_load_state(mp, msp, offs, grp, mask, gmask, False, STATE_BITS, EVEN), g, beta1, omb1)
         _store_state(mp, msp, offs, grp, m, mask, gmask, False, STATE_BITS, EVEN)
@@ -672,12 +692,12 @@ def _update_tile(
         else:
             cp = _ptr(c_ptrs, slot, tl.int16, ALIGNED)
         x = _join_master(xt, _ld(cp, offs, mask, EVEN), MASTER_BITS)
-        x_new = _new_param(x, m, d, neg_step, c2, decay, eps, power, POWER_MODE)
+        x_new = _new_param(x, m, pre, neg_step, decay, eps)
         high, low = _split_master(x_new, MASTER_BITS)
         _st(xp, offs, high, mask, EVEN)
         _st(cp, offs, low, mask, EVEN)
     else:
-        x_new = _new_param(xt.to(tl.float32), m, d, neg_step, c2, decay, eps, power, POWER_MODE)
+        x_new = _new_param(xt.to(tl.float32), m, pre, neg_step, decay, eps)
         _st(xp, offs, _round_to(x_new, X_DTYPE), mask, EVEN)
     if STATE_BITS != 8:
         _store_state(mp, msp, offs, grp, m, mask, gmask, False, STATE_BITS, EVEN)

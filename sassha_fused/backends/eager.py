@@ -21,7 +21,8 @@ from typing import List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ..encoding import decode_hessian, decode_momentum, encode_hessian, encode_momentum, join_master, split_master
+from ..encoding import (decode_hessian, decode_momentum, encode_hessian, encode_momentum, hessian_root, join_master,
+                        split_master)
 from ..probes import param_key, rademacher
 from .base import Backend, Bucket, GroupCol, GroupTable, ProbeKeys, RefreshInput, RefreshMode, UpdateCol, math_dtype
 
@@ -77,6 +78,16 @@ def read_state(b: Bucket, j: int, mdt: torch.dtype) -> "tuple[Tensor, Tensor]":
         return (decode_momentum(b.exp_avgs[j], b.exp_avg_scales[j]).to(mdt),
                 decode_hessian(b.exp_hessian_diags[j], b.exp_hessian_diag_scales[j]).to(mdt))
     return b.exp_avgs[j].to(mdt), b.exp_hessian_diags[j].to(mdt)
+
+
+def preconditioner(b: Bucket, j: int, d: Tensor, power: float, c2: Tensor, refreshed: bool) -> Tensor:
+    """D^p / c2 of param ``j``, D in the math dtype. With 8-bit state, the default power 0.5 and no
+    refresh this step it comes straight from the codes, one product per element: ``hessian_root``
+    with the group scales divided by c2 (encoding.py)."""
+    if b.state_bits == 8 and power == 0.5 and not refreshed:
+        scales = b.exp_hessian_diag_scales[j] / c2.to(torch.float32)
+        return hessian_root(b.exp_hessian_diags[j], scales).to(d.dtype)
+    return d.pow(power) / c2
 
 
 def write_state(b: Bucket, j: int, m_new: Tensor, d_new: Optional[Tensor], live: Tensor) -> None:
@@ -182,7 +193,7 @@ class EagerBackend(Backend):
                 h = hessian_magnitude(hessian_sample_mean(b, j, grads[j], refresh, mdt), grads[j], refresh, mdt)
                 d_new = d * s[UpdateCol.BETA2] + h * s[UpdateCol.ONE_MINUS_BETA2]
             # x_{t+1} = x_t (1 - lr wd) - lr / (1 - beta1^t) * m_t / (D_t^p / c2 + eps)
-            denom = d_new.pow(power) / s[UpdateCol.C2] + s[UpdateCol.EPS]
+            denom = preconditioner(b, j, d_new, power, s[UpdateCol.C2], refresh is not None) + s[UpdateCol.EPS]
             x_new = read_x_t(b, j, x_t[j], mdt) * s[UpdateCol.DECAY] + s[UpdateCol.NEG_STEP] * (m_new / denom)
             # a param that is not live goes back to x_t and keeps its state
             write_param(b, j, x_new, x_t[j], live)

@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 
 from .base import Backend, Bucket, GroupCol, GroupTable, ProbeKeys, RefreshInput, UpdateCol, math_dtype
-from .eager import EagerBackend, hessian_magnitude, hessian_sample_mean, read_state, read_x_t, write_param, write_state
+from .eager import (EagerBackend, hessian_magnitude, hessian_sample_mean, preconditioner, read_state, read_x_t,
+                    write_param, write_state)
 
 __all__ = ["ForeachBackend"]
 
@@ -123,8 +124,12 @@ class ForeachBackend(Backend):
                      for j in idx]
                 d_new = torch._foreach_mul(ds, col[UpdateCol.BETA2])
                 torch._foreach_add_(d_new, torch._foreach_mul(h, col[UpdateCol.ONE_MINUS_BETA2]))
-            denom = torch._foreach_pow(d_new, power)
-            torch._foreach_div_(denom, col[UpdateCol.C2])
+            if b.state_bits == 8:  # straight from the codes where it can (eager.preconditioner)
+                denom = [preconditioner(b, j, d_new[k], power, col[UpdateCol.C2][k], refresh is not None)
+                         for k, j in enumerate(idx)]
+            else:
+                denom = torch._foreach_pow(d_new, power)
+                torch._foreach_div_(denom, col[UpdateCol.C2])
             torch._foreach_add_(denom, col[UpdateCol.EPS])
             step = torch._foreach_div(m_new, denom)
             torch._foreach_mul_(step, col[UpdateCol.NEG_STEP])
