@@ -15,6 +15,9 @@ every backend; this measures them, not a kernel).
 
     python bench/state_bits_training.py            # about 45 minutes on 2 CPU cores
     python bench/state_bits_training.py --quick    # a smoke run
+    # rerun only the 8-bit rows, keeping the others from an earlier run:
+    python bench/state_bits_training.py --configs state_bits=8 \
+        --keep bench/results/state-bits-training-cpu.json --out bench/results/state-bits-training-cpu.json
 """
 
 from __future__ import annotations
@@ -88,7 +91,18 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--tasks", default="digits,mnist1d,charlm")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--configs", default=None,
+                    help="run only the configurations whose label contains this text (anchors always run "
+                         "unless --keep holds them)")
+    ap.add_argument("--keep", default=None,
+                    help="an earlier --out file: the rows of configurations not run now are taken from it")
     args = ap.parse_args(argv)
+    kept: List[Dict] = []
+    if args.keep:
+        with open(args.keep) as f:
+            kept = json.load(f)["rows"]
+    run = [c for c in CONFIGS if args.configs is None or args.configs in c[0]
+           or ("(anchor)" in c[0] and not any(r["configuration"] == c[0] for r in kept))]
     seeds = range(2 if args.quick else args.seeds)
     epochs, steps = (1, 10) if args.quick else (12, 300)
     tasks = args.tasks.split(",")
@@ -105,6 +119,13 @@ def main(argv: Optional[List[str]] = None) -> None:
     data = {"digits": digits_data() if "digits" in tasks else None,
             "mnist1d": mnist1d_data(args.quick) if "mnist1d" in tasks else None}
     for label, dtype, options in CONFIGS:
+        if (label, dtype, options) not in run:
+            for r in kept:
+                if r["configuration"] == label:
+                    results["rows"].append({**r, "kept_from": args.keep})
+                    print(f"| {label} | {r['task']} | {r['metric']} | {summary(r['values'])} | "
+                          f"{', '.join(f'{v:.4f}' for v in r['values'])} (kept) |", flush=True)
+            continue
         if "digits" in tasks:
             row(label, f"digits MLP, {epochs} epochs", "test_acc",
                 [classify_run(data["digits"], 64, options, dtype, s, epochs) for s in seeds])

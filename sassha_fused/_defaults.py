@@ -151,6 +151,8 @@ OPTIONS: Tuple[Option, ...] = (
         scale per 32 elements (1.125 bytes per element; the encodings are in
         ``sassha_fused.encoding``). The update decodes, computes in float32 and
         encodes again in one pass; ``opt.float_state(p)`` reads them as floats.
+        Under FSDP2 a parameter whose shards do not split at groups of 32
+        elements (biases, norms) keeps ``16`` instead of ``8``.
         With compact state (16, 8, or master weights) SASSHA also holds the x_t
         backup only inside a step (not with ``capturable``)."""),
     Option("master_weight_bits", None, "optimizer", doc=r"""

@@ -27,7 +27,7 @@ from torch import Tensor
 from ._defaults import OPTIONS
 from .backends import Backend, math_dtype, resolve_backend
 from .distributed import is_distributed, is_sharded
-from .encoding import decode_state, join_master, n_groups, state_format
+from .encoding import decode_state, fsdp_state_bits, join_master, n_groups, scales_shape, state_format
 from .phases import BETWEEN_STEPS
 from .plans import StepPlan, new_state
 from .schedules import is_schedule
@@ -84,6 +84,16 @@ class ParamStateMixin:
         """The backend running each (device, dtype) seen so far, e.g. ``{"cpu/float32": "cpp"}``."""
         return {f"{d}/{str(dt).replace('torch.', '')}": b.name for (d, dt), b in self._cache.backends.items()}
 
+    def _state_bits_of(self, p: Tensor) -> int:
+        """The ``state_bits`` parameter ``p`` keeps: the option's, except that under FSDP2 a parameter
+        whose shards do not split at groups of 32 elements keeps 16 instead of 8
+        (``encoding.fsdp_state_bits``; also where it is sharded on another dim than 0)."""
+        if self.state_bits != 8 or not is_sharded(p):
+            return self.state_bits
+        if not all(pl.is_replicate() or pl.is_shard(dim=0) for pl in p.placements):
+            return 16
+        return fsdp_state_bits(tuple(p.shape), 8)
+
     def float_state(self, p: Tensor) -> Dict[str, Tensor]:
         """``exp_avg`` (m) and ``exp_hessian_diag`` (D) of ``p`` as float tensors, whatever ``state_bits``.
 
@@ -94,6 +104,11 @@ class ParamStateMixin:
         state = self.state.get(p, {})
         if state_format(state) is None:
             return {}
+        if is_sharded(p) and "exp_avg_codes" in state:  # FSDP2: each rank decodes its shard (no collective)
+            m, d = decode_state({k: v.to_local() if is_sharded(v) else v for k, v in state.items()},
+                                math_dtype(p.dtype))
+            return {key: type(p).from_local(v, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+                    for key, v in (("exp_avg", m), ("exp_hessian_diag", d))}
         m, d = decode_state(state, math_dtype(p.dtype))
         return {"exp_avg": m, "exp_hessian_diag": d}
 
@@ -150,8 +165,8 @@ class ParamStateMixin:
     def _plan(self, participants: List[Tensor], backup_of: Callable[[Tensor], Tensor]) -> StepPlan:
         if not self._cache.index_of and self.param_groups:
             self._index_maps()
-        plan = self._cache.plans.get(participants, self._cache.index_of, self._cache.group_of, backup_of, self._backend_for,
-                               self._run.shards)
+        plan = self._cache.plans.get(participants, self._cache.index_of, self._cache.group_of, backup_of,
+                                     self._backend_for, self._run.shards, self._state_bits_of)
         if self.capturable and torch.cuda.is_current_stream_capturing() and plan not in self._cache.captured_plans:
             # a CUDA graph replays the plan's device tables, indices and block maps:
             # they live as long as the optimizer, whatever the plan cache evicts
@@ -162,7 +177,7 @@ class ParamStateMixin:
         state = self.state[p]
         if state_format(state) is None:
             step, c2 = self._counter_views(p)
-            state.update(new_state(p, step, c2, self.state_bits, self.master_weight_bits))
+            state.update(new_state(p, step, c2, self._state_bits_of(p), self.master_weight_bits))
         return state
 
     def _bank_counters(self, p: Tensor, state: dict, saved: Dict[str, Any]) -> None:
@@ -275,8 +290,12 @@ class StateDictMixin:
                     continue
                 value = torch.as_tensor(value)
                 if key in ("exp_avg", "exp_hessian_diag"):  # state_bits 32 or 16 (checked to match)
-                    dtype = torch.bfloat16 if self.state_bits == 16 else math_dtype(p.dtype)
-                elif key in _CODES or key in _SCALES:
+                    dtype = torch.bfloat16 if self._state_bits_of(p) == 16 else math_dtype(p.dtype)
+                elif key in _SCALES:
+                    dtype = value.dtype  # as saved (checked), in this version's shape
+                    if not is_sharded(value):
+                        value = value.reshape(scales_shape(tuple(p.shape)))
+                elif key in _CODES:
                     dtype = value.dtype  # as saved (checked)
                 else:
                     dtype = p.dtype
@@ -372,12 +391,17 @@ class StateDictMixin:
                         "parameters are in another order). Nothing was loaded.")
         for gi_j, p, i in zip(places, self._all_params(), ids):
             saved_bits = state_format(saved_state.get(i, {}))
-            if saved_bits is not None and saved_bits != self.state_bits:
+            bits = self._state_bits_of(p)
+            if saved_bits is not None and saved_bits != bits:
+                kept = "" if bits == self.state_bits else (
+                    f" (under FSDP2 this parameter of shape {tuple(p.shape)} keeps state_bits={bits}: its shards do "
+                    "not split at groups of 32 elements; see encoding.fsdp_state_bits)")
                 raise ValueError(
                     f"{name}.load_state_dict: the state dict keeps exp_avg and exp_hessian_diag with state_bits="
-                    f"{saved_bits} and this optimizer has state_bits={self.state_bits}. Build the optimizer with "
+                    f"{saved_bits} for param_groups[{gi_j[0]}]['params'][{gi_j[1]}] and this optimizer has "
+                    f"state_bits={bits}{kept}. Build the optimizer with "
                     f"state_bits={saved_bits}, or convert the state first: "
-                    f"opt.load_state_dict(sassha_fused.encoding.convert_state_dict(sd, state_bits={self.state_bits})). "
+                    f"opt.load_state_dict(sassha_fused.encoding.convert_state_dict(sd, state_bits={bits})). "
                     "Nothing was loaded.")
         if extra is None and any(float(s.get("step", 0)) > 0 for s in saved_state.values()):
             raise ValueError(

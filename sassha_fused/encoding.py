@@ -52,9 +52,14 @@ the master rounded to 24 bits) or all 16 (``32``, ``int16``, the exact float32).
 ``join_master`` puts them together with integer arithmetic on the bits, so nothing is
 rounded on the way back.
 
-Groups start at element 0 of each tensor. Under FSDP2 a shard is a tensor of its own
-here, so ``state_bits=8`` is refused there for now (``state_bits=16`` shards like the
-parameter).
+Groups start at element 0 of each tensor, and run through it in row-major order. The
+scales are shaped ``(rows, groups per row)`` when each row of dim 0 holds a multiple of
+32 elements (``scales_shape``; the same floats in the same order as a flat ``(groups,)``):
+a group then never straddles two rows, so under FSDP2 (which shards dim 0) the codes and
+the scales shard like the parameter, and a shard quantises exactly as the whole tensor
+does, on any number of ranks. A parameter whose rows do not split at group boundaries
+(1-D ones such as biases and norms, or rows of, say, 50 elements) keeps ``state_bits=16``
+state under FSDP2 (``fsdp_state_bits``): its shards would start inside a group.
 """
 
 from __future__ import annotations
@@ -71,6 +76,8 @@ __all__ = [
     "STATE_BITS",
     "MASTER_WEIGHT_BITS",
     "n_groups",
+    "scales_shape",
+    "fsdp_state_bits",
     "encode_momentum",
     "decode_momentum",
     "encode_hessian",
@@ -107,6 +114,26 @@ def n_groups(numel: int) -> int:
     return (numel + GROUP - 1) // GROUP
 
 
+def scales_shape(shape: Tuple[int, ...]) -> Tuple[int, ...]:
+    """The shape of a tensor's scales under ``state_bits=8``: ``(rows, groups per row)`` when each
+    row of dim 0 holds a multiple of ``GROUP`` elements (so the scales shard with the tensor), else
+    ``(groups,)``."""
+    row = 1
+    for size in shape[1:]:
+        row *= size
+    if len(shape) >= 2 and row % GROUP == 0:
+        return (shape[0], row // GROUP)
+    return (n_groups(row * (shape[0] if shape else 1)),)
+
+
+def fsdp_state_bits(shape: Tuple[int, ...], state_bits: int) -> int:
+    """The ``state_bits`` a parameter of this (whole) shape keeps when FSDP2 shards its dim 0: 8-bit
+    state only where shards split at group boundaries (``scales_shape`` is 2-D), else 16."""
+    if state_bits == 8 and len(scales_shape(shape)) != 2:
+        return 16
+    return state_bits
+
+
 def _grouped(v: Tensor) -> Tensor:
     """``v`` as float32 ``[groups, GROUP]`` in row-major order, the last group zero-padded."""
     flat = v.reshape(-1).to(torch.float32)
@@ -132,7 +159,7 @@ def _unit(codes: Tensor, unit: float) -> Tensor:
 
 
 def encode_momentum(m: Tensor) -> Tuple[Tensor, Tensor]:
-    """``m`` (float) -> (``int8`` codes shaped like ``m``, float32 scale per group)."""
+    """``m`` (float) -> (``int8`` codes shaped like ``m``, float32 scale per group, ``scales_shape``)."""
     v = _grouped(m)
     s = v.abs().amax(dim=1)
     normal = s >= TINY
@@ -140,13 +167,13 @@ def encode_momentum(m: Tensor) -> Tuple[Tensor, Tensor]:
     c = _sqrt(v.abs() * r[:, None])
     q = torch.floor((c + M_HALF) * M_LEVELS).clamp_(max=M_LEVELS)
     q = torch.where(v < 0, -q, q)
-    return _ungrouped(q.to(torch.int8), m), s
+    return _ungrouped(q.to(torch.int8), m), s.view(scales_shape(tuple(m.shape)))
 
 
 def decode_momentum(codes: Tensor, scales: Tensor) -> Tensor:
     """float32 ``m`` from its codes and group scales."""
     t = _unit(codes, M_UNIT)
-    return _ungrouped((t * t.abs()) * scales[:, None], codes)
+    return _ungrouped((t * t.abs()) * scales.reshape(-1, 1), codes)
 
 
 def encode_hessian(d: Tensor) -> Tuple[Tensor, Tensor]:
@@ -159,7 +186,7 @@ def encode_hessian(d: Tensor) -> Tuple[Tensor, Tensor]:
                     torch.zeros_like(root))
     q = torch.floor((c + D_HALF) * D_LEVELS).clamp_(max=D_LEVELS)
     q = torch.where((v > 0) & (q < 1), torch.ones_like(q), q)  # a positive entry never decodes to 0
-    return _ungrouped(q.to(torch.uint8), d), s
+    return _ungrouped(q.to(torch.uint8), d), s.view(scales_shape(tuple(d.shape)))
 
 
 def hessian_root(codes: Tensor, scales: Tensor) -> Tensor:
@@ -168,7 +195,7 @@ def hessian_root(codes: Tensor, scales: Tensor) -> Tensor:
     Called with ``scales / c2`` (one division per group) it is the default
     preconditioner ``sqrt(D) / c2`` of a step that does not refresh D.
     """
-    return _ungrouped(_unit(codes, D_UNIT) * scales[:, None], codes)
+    return _ungrouped(_unit(codes, D_UNIT) * scales.reshape(-1, 1), codes)
 
 
 def decode_hessian(codes: Tensor, scales: Tensor) -> Tensor:
@@ -233,20 +260,32 @@ def state_format(state: Dict[str, object]) -> Optional[int]:
 
 
 def new_encoded_state(p: Tensor, state_bits: int, math_dtype: torch.dtype) -> Dict[str, Tensor]:
-    """Zero ``m`` and ``D`` of ``p`` in the encoding of ``state_bits`` (zero codes and scales)."""
+    """Zero ``m`` and ``D`` of ``p`` in the encoding of ``state_bits`` (zero codes and scales).
+
+    For a DTensor ``p`` (FSDP2) every entry is a DTensor placed like ``p``: the scales
+    too, which then shard with it (``scales_shape``; see ``fsdp_state_bits``).
+    """
     if state_bits == 8:
-        groups = n_groups(p.numel())
         return {
             "exp_avg_codes": torch.zeros_like(p, dtype=torch.int8, memory_format=torch.contiguous_format),
-            "exp_avg_scales": torch.zeros(groups, dtype=torch.float32, device=p.device),
+            "exp_avg_scales": _zero_scales(p),
             "exp_hessian_diag_codes": torch.zeros_like(p, dtype=torch.uint8, memory_format=torch.contiguous_format),
-            "exp_hessian_diag_scales": torch.zeros(groups, dtype=torch.float32, device=p.device),
+            "exp_hessian_diag_scales": _zero_scales(p),
         }
     dtype = torch.bfloat16 if state_bits == 16 else math_dtype
     return {
         "exp_avg": torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format),
         "exp_hessian_diag": torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format),
     }
+
+
+def _zero_scales(p: Tensor) -> Tensor:
+    shape = scales_shape(tuple(p.shape))
+    if type(p).__name__ == "DTensor":
+        from torch.distributed.tensor import zeros
+
+        return zeros(shape, dtype=torch.float32, device_mesh=p.device_mesh, placements=p.placements)
+    return torch.zeros(shape, dtype=torch.float32, device=p.device)
 
 
 def decode_state(state: Dict[str, Tensor], math_dtype: torch.dtype = torch.float32) -> Tuple[Tensor, Tensor]:

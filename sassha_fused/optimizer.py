@@ -258,12 +258,12 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
                     f"hvp: 'autograd' needs a double backward, which {who} cannot give; use "
                     "hvp='finite_difference' (or 'auto'): every pass is then an ordinary forward and backward")
             self._run.hvp_method = "finite_difference"
-        self._check_encoding(self._run.shards, whole=True)
+        self._check_encoding(whole=True)
         if self.capturable and any(p.device.type != "cuda" for p in self._all_params()):
             raise ValueError("capturable: CUDA graphs capture CUDA work only; capturable=True needs every "
                              "parameter on a CUDA device (leave it False on the CPU)")
 
-    def _check_encoding(self, shards: Any, whole: bool) -> None:
+    def _check_encoding(self, whole: bool) -> None:
         """``state_bits`` and ``master_weight_bits`` against the parameters (ValueError naming the
         argument); ``whole``: all of them (the constructor), else a group being added."""
         dtypes = {p.dtype for p in self._all_params()}
@@ -278,11 +278,6 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
                 raise ValueError(
                     f"master_weight_bits: it applies to 16-bit (bfloat16) parameters, and these are {names}: "
                     "float32 parameters are their own master weight; leave master_weight_bits=None")
-        if self.state_bits == 8 and shards is not None:
-            raise ValueError(
-                "state_bits: 8-bit state under FSDP2 (fully_shard) is not supported yet (its scales, one per 32 "
-                "elements, do not shard like the parameter); use state_bits=16, whose bfloat16 state shards like "
-                "the parameter, or 32")
 
     # ------------------------------------------------------------ copy, pickle
     #: handles of the run outside the optimizer: a deepcopy shares them, it does not copy them
@@ -360,7 +355,7 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
                 # an explicit backend that cannot run these params fails now, not at the first step
                 self._backend_for(p.device, p.dtype)
             if hasattr(self, "state_bits"):  # (set before torch's constructor adds the first groups)
-                self._check_encoding(shards, whole=False)
+                self._check_encoding(whole=False)
         except Exception:
             self.param_groups.pop()
             raise

@@ -91,8 +91,9 @@ class PlanCache:
 
     ``index_of`` / ``group_of`` map ``id(param)`` to its position and group;
     ``backup_of(param)`` gives the tensor that keeps x_t for it; ``backend_for(device,
-    dtype)`` resolves the optimizer's ``backend=`` argument. (Passed per call: the
-    cache holds no reference back to its optimizer.)
+    dtype)`` resolves the optimizer's ``backend=`` argument; ``state_bits_of(param)``
+    the encoding of its state (a bucket holds one). (Passed per call: the cache holds
+    no reference back to its optimizer.)
     """
 
     def __init__(self, size: int = 4) -> None:
@@ -111,29 +112,30 @@ class PlanCache:
         backup_of: Callable[[Tensor], Tensor],
         backend_for: Callable[[torch.device, torch.dtype], Backend],
         shards: Optional[ShardGroup] = None,
+        state_bits_of: Optional[Callable[[Tensor], int]] = None,
     ) -> StepPlan:
         key = tuple(map(id, participants))
         plan = self._plans.get(key)
         if plan is not None and _ptrs(participants, shards) == plan.ptrs:
             self._plans.move_to_end(key)
             return plan
-        plan = self._build(participants, index_of, group_of, backup_of, backend_for, shards)
+        plan = self._build(participants, index_of, group_of, backup_of, backend_for, shards, state_bits_of)
         self._plans[key] = plan
         self._plans.move_to_end(key)
         while len(self._plans) > self.size:
             self._plans.popitem(last=False)
         return plan
 
-    def _build(self, participants, index_of, group_of, backup_of, backend_for, shards) -> StepPlan:
+    def _build(self, participants, index_of, group_of, backup_of, backend_for, shards, state_bits_of) -> StepPlan:
         self.builds += 1
-        by_key: Dict[Tuple[torch.device, int], Bucket] = {}
+        by_key: Dict[Tuple[torch.device, int, int], Bucket] = {}
         owners: Dict[int, List[Tensor]] = {}
         for pos, p in enumerate(participants):
             lp = local(p) if shards is not None else p  # FSDP2: the kernels run on this rank's shard
             backend = backend_for(p.device, p.dtype)
             if not backend.accepts(lp):
                 backend = _eager()  # a layout the kernels cannot address: the reference runs it
-            key = (p.device, id(backend))
+            key = (p.device, id(backend), 0 if state_bits_of is None else state_bits_of(p))
             b = by_key.get(key)
             if b is None:
                 b = by_key[key] = Bucket(backend=backend, device=p.device, params=[], param_index=[],
@@ -205,6 +207,8 @@ def attach_state(plan: StepPlan, state_of: Callable[[Tensor], dict]) -> None:
             b.master_corrections = [s.get("master_correction") for s in states]
         if plan.shards is not None:  # FSDP2: state is sharded like its param; the kernels take the shards
             b.exp_avgs, b.exp_hessian_diags = list(map(local, b.exp_avgs)), list(map(local, b.exp_hessian_diags))
+            b.exp_avg_scales = list(map(local, b.exp_avg_scales))
+            b.exp_hessian_diag_scales = list(map(local, b.exp_hessian_diag_scales))
             b.master_corrections = [None if c is None else local(c) for c in b.master_corrections]
     plan.has_state = True
 

@@ -287,6 +287,17 @@ def sync_run(ref_params, ref_opt, params, opt) -> None:
                     opt.state[p][key].copy_(value)
 
 
+def code_step(codes_key: str, scales: torch.Tensor) -> torch.Tensor:
+    """The most one code of ``state_bits=8`` moves a decoded value, per group (float64), from the
+    group scales of ``codes_key`` (encoding.py): m = (q/127)|q/127| s moves by at most
+    (127^2 - 126^2) / 127^2 s between neighbouring codes; D = ((q/255) s)^2, s the group's
+    largest sqrt(D), by at most (255^2 - 254^2) / 255^2 s^2."""
+    s = scales.to(torch.float64)
+    if codes_key == "exp_avg_codes":
+        return (2 * 127 - 1) / 127 ** 2 * s
+    return (2 * 255 - 1) / 255 ** 2 * s * s
+
+
 # ------------------------------------------------------------------ phase-level checks
 def phase_groups():
     """A group table of two groups with their own hyper-parameters."""

@@ -23,8 +23,10 @@ from sassha_fused.encoding import (
     decode_momentum,
     encode_hessian,
     encode_momentum,
+    fsdp_state_bits,
     hessian_root,
     join_master,
+    scales_shape,
     split_master,
 )
 
@@ -102,6 +104,27 @@ def test_hessian_codes_are_within_one_code_step_and_never_zero():
     torch.testing.assert_close(back[tiny], s[tiny] / 255 ** 2, rtol=8 * F32_EPS, atol=0)
 
 
+def test_scales_are_shaped_to_shard_with_rows_that_hold_whole_groups():
+    # rows of dim 0 holding a multiple of 32 elements: (rows, groups per row), the same floats as (groups,)
+    assert scales_shape((5, 64)) == (5, 2) and scales_shape((3, 4, 8)) == (3, 1) and scales_shape((0, 32)) == (0, 1)
+    assert scales_shape((5, 7)) == (2,) and scales_shape((64,)) == (2,) and scales_shape(()) == (1,)
+    assert fsdp_state_bits((5, 64), 8) == 8 and fsdp_state_bits((64,), 8) == 16 and fsdp_state_bits((64,), 32) == 32
+    m = samples(5 * 64).view(5, 64)
+    codes, scales = encode_momentum(m)
+    flat_codes, flat_scales = encode_momentum(m.reshape(-1))
+    assert scales.shape == (5, 2) and torch.equal(scales.reshape(-1), flat_scales) and torch.equal(codes.reshape(-1),
+                                                                                                 flat_codes)
+    # a shard of whole rows quantises exactly as the whole tensor does (what FSDP2 keeps per rank)
+    shard_codes, shard_scales = encode_momentum(m[3:])
+    assert torch.equal(shard_codes, codes[3:]) and torch.equal(shard_scales, scales[3:])
+    d_codes, d_scales = encode_hessian(m[3:].abs())
+    assert torch.equal(d_codes, encode_hessian(m.abs())[0][3:]) and torch.equal(d_scales, encode_hessian(m.abs())[1][3:])
+    opt = SASSHA([torch.nn.Parameter(m.clone()), torch.nn.Parameter(torch.zeros(7))], state_bits=8, lr=0.1)
+    opt.step(lambda: sum((p * p).sum() for g in opt.param_groups for p in g["params"]))
+    shapes = [tuple(opt.state[p]["exp_avg_scales"].shape) for p in opt.param_groups[0]["params"]]
+    assert shapes == [(5, 2), (1,)]
+
+
 def test_groups_follow_row_major_elements_whatever_the_layout():
     m = samples(32 * 6).view(6, 32)
     t = m.t().contiguous().t()  # same values, column-major storage
@@ -113,7 +136,7 @@ def test_groups_follow_row_major_elements_whatever_the_layout():
         codes_t, scales_t = enc(vt)
         assert torch.equal(codes, codes_t) and torch.equal(scales, scales_t)
         rows = [enc(v[i]) for i in range(6)]  # each row is one group
-        assert torch.equal(scales, torch.cat([s for _, s in rows]))
+        assert torch.equal(scales.reshape(-1), torch.cat([s for _, s in rows]))
         assert torch.equal(codes, torch.stack([c for c, _ in rows]))
 
 

@@ -16,9 +16,10 @@ last bits (fused multiply-adds on a GPU, another summation order), a result next
 rounding boundary of its encoding lands on the neighbouring code, so state is compared
 decoded, within one code step of its group's scale on top of ``parity.TOLERANCE``:
 
-- m: ``c = q / 127`` decodes to ``c / (2 - |c|) * s``, whose slope in ``c`` is at
-  most 2 (at ``|c| = 1``): one code moves m by at most ``2 / 127 * s``;
-- D: ``(q / 255)**2 * s``: one code moves D by at most ``(2 * 255 + 1) / 255**2 * s``;
+- m: ``t = q / 127`` decodes to ``t |t| s``: one code moves m by at most
+  ``(2 * 127 - 1) / 127**2 * s`` (``parity.code_step``);
+- D: ``((q / 255) s)**2``, ``s`` the group's largest ``sqrt(D)``: one code moves D by at
+  most ``(2 * 255 - 1) / 255**2 * s**2``;
 - bfloat16 state: one bfloat16 rounding step (``eps`` relative to the larger value);
 - bfloat16 params without a master: ``parity.TOLERANCE[bfloat16]``;
 - master weights (compared joined, ``encoding.join_master``): the float32 tolerance,
@@ -47,6 +48,7 @@ from parity import (
     TOLERANCE,
     assert_close_tensors,
     assert_within,
+    code_step,
     clone_params,
     coupled_loss,
     make_params,
@@ -63,6 +65,7 @@ from sassha_fused.encoding import (
     encode_momentum,
     join_master,
     n_groups,
+    scales_shape,
     split_master,
     state_keys,
 )
@@ -72,8 +75,6 @@ pytestmark = requires_triton
 # one element; a partial group; a full and a partial group; several groups; a 2-D param
 # (3, 700) with a full tile (2048) and a partial one ending in a partial group; empty
 SIZES = (1, 31, 33, 300, 2100, 0)
-M_STEP = 2.0 / 127  # one code of m, in units of its group's scale (see the module docstring)
-D_STEP = (2.0 * 255 + 1) / 255 ** 2  # one code of D
 MASTER24_STEP = 2.0 ** -15  # one step of a 24-bit master, relative
 _COUNTERS = ("step", "bias_correction2")
 
@@ -90,9 +91,9 @@ def _per_element(scales: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return flat.view(like.shape)
 
 
-def _assert_codes_close(ref_codes, ref_scales, codes, scales, decode, step, what: str) -> None:
+def _assert_codes_close(ref_codes, ref_scales, codes, scales, decode, key, what: str) -> None:
     assert codes.dtype == ref_codes.dtype and codes.shape == ref_codes.shape, what
-    assert scales.dtype == torch.float32 and scales.shape == ref_scales.shape == (n_groups(ref_codes.numel()),), what
+    assert scales.dtype == torch.float32 and scales.shape == ref_scales.shape == scales_shape(ref_codes.shape), what
     if ref_codes.numel() == 0:
         return
     assert_close_tensors(ref_scales, scales, torch.float32, f"{what} scales")
@@ -101,7 +102,7 @@ def _assert_codes_close(ref_codes, ref_scales, codes, scales, decode, step, what
     a = decode(ref_codes, ref_scales).to(torch.float64)
     b = decode(codes, scales).to(torch.float64)
     rtol, atol = TOLERANCE[torch.float32]
-    tol = step * _per_element(torch.maximum(ref_scales, scales), a) + rtol * a.abs() + atol
+    tol = _per_element(code_step(key, torch.maximum(ref_scales, scales)), a) + rtol * a.abs() + atol
     assert_within(b.reshape(-1), a.reshape(-1), tol.reshape(-1), f"{what} (decoded)")
 
 
@@ -121,9 +122,9 @@ def assert_state_close(k: int, rp: torch.Tensor, rs: Dict[str, Any], p: torch.Te
         assert_close_tensors(rp, p, p.dtype, what)
     if "exp_avg_codes" in rs:
         _assert_codes_close(rs["exp_avg_codes"], rs["exp_avg_scales"], s["exp_avg_codes"], s["exp_avg_scales"],
-                            decode_momentum, M_STEP, f"{what} exp_avg")
+                            decode_momentum, "exp_avg_codes", f"{what} exp_avg")
         _assert_codes_close(rs["exp_hessian_diag_codes"], rs["exp_hessian_diag_scales"],
-                            s["exp_hessian_diag_codes"], s["exp_hessian_diag_scales"], decode_hessian, D_STEP,
+                            s["exp_hessian_diag_codes"], s["exp_hessian_diag_scales"], decode_hessian, "exp_hessian_diag_codes",
                             f"{what} exp_hessian_diag")
     else:
         for key in ("exp_avg", "exp_hessian_diag"):

@@ -98,7 +98,7 @@ def write_state(b: Bucket, j: int, m_new: Tensor, d_new: Optional[Tensor], live:
             pairs.append((encode_hessian(d_new), b.exp_hessian_diags[j], b.exp_hessian_diag_scales[j]))
         for (codes, scales), codes_out, scales_out in pairs:
             codes_out.copy_(torch.where(live, codes.view_as(codes_out), codes_out))
-            scales_out.copy_(torch.where(live, scales, scales_out))
+            scales_out.copy_(torch.where(live, scales.view_as(scales_out), scales_out))
         return
     for new, out in ((m_new, b.exp_avgs[j]), (d_new, b.exp_hessian_diags[j])):
         if new is not None:  # (16 bits: one rounding to bfloat16, nearest even)
