@@ -11,6 +11,14 @@
 // values come as device tensors (the group and update-scalar tables, delta); the
 // refresh inputs and probe prefixes of a refresh step travel in one small pinned,
 // non-blocking copy. The host never waits for the device.
+//
+// CUDA graph capture. No pinned memory is allocated while the current stream
+// captures (PyTorch builds whose caching host allocator is not capture-safe fail
+// there). Each records table uploaded outside a capture gets a pinned spare of its
+// size; records that are new inside a capture (gradients in the graph's pool) are
+// written into a spare of their size prepared before it, and that spare is the
+// graph's from then on. A block map or records table with no spare left raises,
+// asking for an eager warm-up step; refresh steps cannot be captured (they raise).
 #include <ATen/ATen.h>
 #include <cuda_runtime_api.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -107,59 +115,113 @@ bool capturing() {
   return status != cudaStreamCaptureStatusNone;
 }
 
-// Host bytes to the device through pinned memory, without waiting; ``host`` gets
-// the pinned source (a captured copy reads it again at every replay).
-at::Tensor upload(const void* bytes, size_t n, const at::Device& device, at::Tensor* host = nullptr) {
-  at::Tensor pinned = at::empty({static_cast<int64_t>(n)}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+const char* const kWarmUp =
+    "no pinned host memory can be allocated while a stream captures a CUDA graph; run one eager step with the "
+    "same parameters (a plain, non-refresh step, like the one captured) before capturing: the warm-up "
+    "torch.cuda.graph's documentation asks for. Its uploads prepare every buffer a captured step copies from";
+
+at::Tensor pinned_bytes(size_t n) {
+  return at::empty({static_cast<int64_t>(n)}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+}
+
+// ``bytes`` into the pinned buffer ``pinned`` and on to the device, without waiting.
+at::Tensor copy_up(const void* bytes, size_t n, const at::Tensor& pinned, const at::Device& device) {
   std::memcpy(pinned.data_ptr(), bytes, n);
-  if (host != nullptr) *host = pinned;
   return pinned.to(device, /*non_blocking=*/true);
 }
 
-// Uploaded tables by key, at most kMaxEntries: the least recently used goes first,
-// except entries a CUDA graph capture used (a replay reads them; they stay).
+// Host bytes to the device through a new pinned buffer, without waiting; outside
+// captures only (the caching host allocator keeps the buffer until the copy has run).
+at::Tensor upload(const void* bytes, size_t n, const at::Device& device, const char* what) {
+  TORCH_CHECK(!capturing(), "sassha_fused (CUDA): ", what, " is first needed inside a CUDA graph capture, but ",
+              kWarmUp);
+  return copy_up(bytes, n, pinned_bytes(n), device);
+}
+
+// Uploaded tables by key, at most kMaxEntries outside captures: the least recently
+// used goes first, except entries a CUDA graph capture used (a replay reads them;
+// they stay). Nothing is evicted or allocated (pinned) inside a capture. With
+// ``spares``, each entry holds a pinned spare of its size, allocated outside
+// captures (at its upload, or at its next use after a capture took it): a key that
+// is new inside a capture is copied up from the spare of the least recently used
+// entry of its size and device, and that buffer is then the new entry's ``host``,
+// read at every replay, never handed out or written again.
 class UploadCache {
  public:
   struct Entry {
     at::Tensor buffer;  // keeps the device memory alive
-    at::Tensor host;    // the pinned source of the copy
+    at::Tensor host;    // the pinned source of a captured copy (a replay reads it again); else undefined
+    at::Tensor spare;   // a pinned buffer of the table's size for a capture to fill (undefined: none)
     bool captured = false;
     uint64_t used = 0;
   };
+
+  UploadCache(bool spares, const char* what) : spares_(spares), what_(what) {}
 
   template <typename Make>
   const Entry& get(std::string key, const at::Device& device, bool in_capture, const Make& make_bytes) {
     ++clock_;
     auto it = map_.find(key);
     if (it == map_.end()) {
-      if (map_.size() >= kMaxEntries) evict_one();
       const std::vector<uint8_t> bytes = make_bytes();
       Entry e;
-      e.buffer = upload(bytes.data(), bytes.size(), device, &e.host);
+      if (in_capture) {
+        TORCH_CHECK(spares_, "sassha_fused (CUDA): ", what_, " is first needed inside a CUDA graph capture, but ",
+                    kWarmUp);
+        Entry* donor = spare_of(bytes.size(), device);
+        TORCH_CHECK(donor != nullptr, "sassha_fused (CUDA): ", what_, " changes inside a CUDA graph capture ",
+                    "and no pinned spare of its size is left (none prepared, or taken by a capture); ", kWarmUp);
+        e.host = std::move(donor->spare);
+        donor->spare = at::Tensor();
+        e.buffer = copy_up(bytes.data(), bytes.size(), e.host, device);
+      } else {
+        while (map_.size() >= kMaxEntries && evict_one()) {
+        }
+        e.buffer = upload(bytes.data(), bytes.size(), device, what_);
+      }
       it = map_.emplace(std::move(key), std::move(e)).first;
     }
-    it->second.captured = it->second.captured || in_capture;
-    it->second.used = clock_;
-    return it->second;
+    Entry& entry = it->second;
+    if (spares_ && !in_capture && !entry.spare.defined()) entry.spare = pinned_bytes(entry.buffer.numel());
+    entry.captured = entry.captured || in_capture;
+    entry.used = clock_;
+    return entry;
   }
 
  private:
   static constexpr size_t kMaxEntries = 16;
-  void evict_one() {
+  // the least recently used entry holding a spare of n bytes for ``device``, or null
+  Entry* spare_of(size_t n, const at::Device& device) {
+    Entry* best = nullptr;
+    for (auto& kv : map_) {
+      Entry& e = kv.second;
+      if (e.spare.defined() && static_cast<size_t>(e.spare.numel()) == n && e.buffer.device() == device &&
+          (best == nullptr || e.used < best->used))
+        best = &e;
+    }
+    return best;
+  }
+  bool evict_one() {
     auto victim = map_.end();
     for (auto e = map_.begin(); e != map_.end(); ++e)
       if (!e->second.captured && (victim == map_.end() || e->second.used < victim->second.used)) victim = e;
-    if (victim != map_.end()) map_.erase(victim);
+    if (victim == map_.end()) return false;
+    map_.erase(victim);
+    return true;
   }
   std::unordered_map<std::string, Entry> map_;
   uint64_t clock_ = 0;
+  const bool spares_;
+  const char* const what_;
 };
 
 // Records -> device tables in two caches. Block maps (8 bytes per kBlockElems
 // elements: 1.7 MB at 875M params) depend only on the tensors' sizes: keyed on the
 // sizes, built once per parameter set and shared by every op over those tensors.
 // Records (64 bytes per tensor) carry the addresses: keyed on their bytes, so new
-// gradient addresses upload only the records, never the block map.
+// gradient addresses upload only the records, never the block map. Records entries
+// keep pinned spares for captures (UploadCache); block maps do not (a parameter set
+// first seen inside a capture raises).
 class TableCache {
  public:
   DeviceTables get(const std::vector<TensorRec>& recs, const at::Device& device) {
@@ -193,7 +255,8 @@ class TableCache {
 
  private:
   std::mutex mu_;
-  UploadCache blocks_, recs_;
+  UploadCache blocks_{false, "a block map (a new parameter set)"};
+  UploadCache recs_{true, "a tensor records table (new tensor addresses)"};
 };
 
 TableCache& table_cache() {
@@ -478,7 +541,7 @@ void update_cuda(at::TensorList params, at::TensorList x_t, at::TensorList grads
       const uint32_t v = static_cast<uint32_t>(prefixes[s]);
       std::memcpy(bytes.data() + o_prefixes + s * sizeof(uint32_t), &v, sizeof(v));
     }
-    extra = upload(bytes.data(), bytes.size(), params[0].device());
+    extra = upload(bytes.data(), bytes.size(), params[0].device(), "a refresh step's inputs");
     const auto* base = static_cast<const uint8_t*>(extra.const_data_ptr());
     d_ys = reinterpret_cast<const void* const*>(base);
     d_prefixes = reinterpret_cast<const uint32_t*>(base + o_prefixes);

@@ -78,7 +78,9 @@ class GroupTable:
     Built from ``param_groups`` each step (a loop over groups, not tensors).
     ``tensor(device)`` is the float64 table on a device: uploaded from pinned memory
     without waiting, or, ``on_device`` (capturable runs), assembled there by device
-    ops, so a CUDA graph can capture it (a tensor ``lr`` is then read at replay).
+    ops, so a CUDA graph can capture it (a tensor ``lr`` is then read at replay). No
+    pinned memory is allocated while a stream captures (some PyTorch builds cannot):
+    the upload raises there, asking for ``capturable=True``.
     ``rows`` are the host values (the eager reference reads them).
     """
 
@@ -107,6 +109,11 @@ class GroupTable:
                     for row in self.values])
             else:
                 host = torch.tensor(self.rows, dtype=torch.float64).reshape(len(self.values), GroupCol.COUNT)
+                if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                    raise RuntimeError(
+                        "sassha_fused: a CUDA graph is capturing the optimizer's step, which uploads its group table "
+                        "through pinned memory unless the optimizer was built with capturable=True (the table is "
+                        "then assembled on the device); pass capturable=True to capture its steps")
                 t = host if device.type == "cpu" else host.pin_memory().to(device, non_blocking=True)
             self._on[device] = t
         return t

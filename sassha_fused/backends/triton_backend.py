@@ -32,8 +32,14 @@ The kernels are in ``triton_kernels/sassha.py`` (imported as
   perturbation scale and the finite-difference step are read by the kernels from
   device memory. Columns go to the device from pinned memory with
   ``non_blocking=True``.
+* **CUDA graph capture** (``capturable=True``). No pinned memory is allocated while
+  a stream captures (``PinnedSpares``): a pointer column whose pointers change inside
+  a capture (gradients allocated in the graph's pool) is written into the pinned
+  spare its role got at an eager upload, and that buffer is the graph's from then
+  on; a table with no spare (a kernel group or a role first used in the capture)
+  raises, asking for an eager warm-up step before capturing.
 
-``launches`` and ``uploads`` count kernel launches and host-to-device column copies
+``launches`` and ``uploads`` count kernel launches and host-to-device table copies
 (tests and benchmarks read them).
 """
 
@@ -42,14 +48,15 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from collections import OrderedDict
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from .base import Backend, BackendUnavailable, Bucket, GroupTable, ProbeKeys, RefreshInput, RefreshMode
 
-__all__ = ["TritonBackend", "load"]
+__all__ = ["PinnedSpares", "TritonBackend", "load"]
 
 try:  # triton is optional: record why it cannot be used and say so on use
     import triton
@@ -87,6 +94,15 @@ REDUCE_ITERS = 4
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _data_ptr = Tensor.data_ptr
 _misaligned = (15).__and__
+# pointer columns a kernel group keeps per role: the distinct pointer lists a role sees
+# in a step (first- and second-pass gradients, momentum) stay uploaded, each with a pinned
+# spare a capture can fill (the least recently used column goes first)
+COLUMNS_PER_ROLE = 4
+
+_WARM_UP = ("no pinned host memory can be allocated while a stream captures a CUDA graph; run one eager "
+            "step with the same parameters (a plain, non-refresh step, like the one captured) before "
+            "capturing: the warm-up torch.cuda.graph's documentation asks for. Its uploads prepare every "
+            "buffer a captured step copies from")
 
 
 @functools.lru_cache(maxsize=None)
@@ -127,6 +143,74 @@ def _tl_dtype(dtype: torch.dtype):
     return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
 
 
+def _pinned_empty(numel: int, dtype: torch.dtype) -> Tensor:
+    """A pinned host buffer from the caching host allocator."""
+    return torch.empty(numel, dtype=dtype, pin_memory=True)
+
+
+class PinnedSpares:
+    """The backend's pinned host buffers: none is allocated inside a CUDA graph capture.
+
+    Pinning memory while a stream captures fails on PyTorch builds whose caching
+    host allocator is not capture-safe (it queries and records events), so every
+    pinned buffer a captured copy reads is allocated before the capture:
+
+    * ``upload`` (outside captures): a table goes to the device from a pinned buffer
+      allocated for it, ``non_blocking`` (the host allocator keeps the buffer until
+      the copy has run). Inside a capture it raises: a table first needed there has
+      no buffer.
+    * ``spare`` (outside captures): each uploaded pointer column gets a pinned spare
+      of its size (``_KernelGroup.column``).
+    * ``from_spare`` (inside a capture): a column whose pointers changed is written
+      into a spare (a plain CPU write) and copied from there; the graph records the
+      copy and reads that buffer at every replay, so the spare is the graph's from
+      then on: kept in ``captured``, never handed out or written again.
+
+    ``allocate(numel, dtype)`` makes the pinned buffers; uploads to devices of
+    ``device_types`` go through them (tests inject a CPU allocation and ``("cpu",)``).
+    """
+
+    def __init__(self, allocate: Callable[[int, torch.dtype], Tensor] = _pinned_empty,
+                 device_types: Iterable[str] = ("cuda",)) -> None:
+        self.allocate = allocate
+        self.device_types = tuple(device_types)
+        self.captured: List[Tensor] = []  # spares captured copies read: they live as long as the backend
+
+    def staged(self, device: torch.device) -> bool:
+        """Whether tables go to ``device`` through pinned memory (else the host table is used as it is)."""
+        return device.type in self.device_types
+
+    def upload(self, host: Tensor, device: torch.device, what: str = "a table") -> Tensor:
+        """``host`` on ``device``, from a new pinned buffer, without waiting; outside captures only."""
+        if not self.staged(device):
+            return host
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"sassha_fused (triton): {what} is first needed inside a CUDA graph capture, but "
+                               + _WARM_UP)
+        pinned = self.allocate(host.numel(), host.dtype).view(host.shape)
+        pinned.copy_(host)
+        return pinned.to(device, non_blocking=True)
+
+    def spare(self, like: Tensor) -> Tensor:
+        """A pinned buffer of ``like``'s size and dtype, for a capture to fill (outside captures only)."""
+        return self.allocate(like.numel(), like.dtype)
+
+    def from_spare(self, spare: Tensor, host: Tensor, device: torch.device) -> Tensor:
+        """``host`` on ``device`` through ``spare``, inside a capture; ``spare`` is the graph's from now on."""
+        spare.copy_(host.reshape(spare.shape))
+        self.captured.append(spare)
+        return spare.to(device, non_blocking=True)
+
+
+class _Column:
+    """An uploaded pointer column: the device column, its alignment, and its pinned spare (None: none yet)."""
+
+    __slots__ = ("column", "aligned", "spare")
+
+    def __init__(self, column: Tensor, aligned: bool, spare: Optional[Tensor]) -> None:
+        self.column, self.aligned, self.spare = column, aligned, spare
+
+
 class _Launch:
     """One kernel launch's share of a kernel group: tensors ``lo:hi`` and the tiles' block map."""
 
@@ -159,7 +243,9 @@ class _KernelGroup:
         # global probe element of each tensor's first element (FSDP2 shards; zeros otherwise)
         self.element_offset = backend._upload(torch.tensor(pick(b.offsets()), dtype=torch.int64), b.device)
         self.group_index = backend._upload(torch.tensor(pick(b.group_index), dtype=torch.int64), b.device)
-        self._columns: Dict[str, Tuple[List[int], Tensor, bool]] = {}
+        self.staged = backend.pinned.staged(b.device)  # columns go up through pinned memory (CUDA)
+        # per role, its latest pointer lists (at most COLUMNS_PER_ROLE, least recently used first)
+        self._columns: Dict[str, "OrderedDict[Tuple[int, ...], _Column]"] = {}
         self._in_graphs: Dict[Tuple[str, Tuple[int, ...]], Tensor] = {}  # columns CUDA graph captures read
         self._rows: Optional[Tensor] = None if idx is None else backend._upload(
             torch.tensor(idx, dtype=torch.int64), b.device)
@@ -171,25 +257,64 @@ class _KernelGroup:
         """The pointer column of ``tensors`` and whether all are 16-byte aligned.
 
         With ``maybe_none``, ``None`` entries become null pointers (refresh inputs of
-        absent params). Re-uploaded only when the pointers changed since the last
-        call for ``role``; the comparison and the pointer reads run at C speed.
+        absent params). A role keeps its latest ``COLUMNS_PER_ROLE`` pointer lists
+        uploaded (first- and second-pass gradients alternate without re-uploads); a
+        new list is uploaded. The lookup and the pointer reads run at C speed.
+
+        Each column uploaded outside a capture gets a pinned spare of its size. Inside
+        a CUDA graph capture nothing is allocated: a new pointer list (gradients in
+        the graph's pool) takes the spare of the role's least recently used column,
+        and a role with no spare left raises (``PinnedSpares``).
         """
         picked = self.pick(tensors)
         if maybe_none:
-            ptrs = [0 if t is None else t.data_ptr() for t in picked]
+            ptrs = tuple(0 if t is None else t.data_ptr() for t in picked)
         else:
-            ptrs = list(map(_data_ptr, picked))
-        cached = self._columns.get(role)
-        if cached is not None and cached[0] == ptrs:
-            column, aligned = cached[1], cached[2]
-        else:  # the replaced column is freed, unless a captured graph reads it (below)
-            column = self.backend._upload(torch.tensor(ptrs, dtype=torch.int64), self.device)
-            aligned = not any(map(_misaligned, ptrs))
-            self._columns[role] = (ptrs, column, aligned)
-        if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            ptrs = tuple(map(_data_ptr, picked))
+        capturing = self.staged and torch.cuda.is_current_stream_capturing()
+        cols = self._columns.get(role)
+        if cols is None:
+            cols = self._columns[role] = OrderedDict()
+        entry = cols.get(ptrs)
+        if entry is None:
+            entry = self._new_column(role, cols, ptrs, capturing)
+        else:
+            cols.move_to_end(ptrs)
+            if entry.spare is None and self.staged and not capturing:  # a capture took it: a new one
+                entry.spare = self.backend.pinned.spare(entry.column)
+        if capturing:
             # a replay reads this column again: keep exactly the columns captures read
-            self._in_graphs.setdefault((role, tuple(ptrs)), column)
-        return column, aligned
+            self._in_graphs.setdefault((role, ptrs), entry.column)
+        return entry.column, entry.aligned
+
+    def _new_column(self, role: str, cols: "OrderedDict[Tuple[int, ...], _Column]", ptrs: Tuple[int, ...],
+                    capturing: bool) -> _Column:
+        """Upload a new pointer list of ``role`` (from a spare inside a capture)."""
+        backend, pinned = self.backend, self.backend.pinned
+        host = torch.tensor(ptrs, dtype=torch.int64)
+        aligned = not any(map(_misaligned, ptrs))
+        if capturing:  # no allocation: a spare prepared at an eager upload, the graph's from now on
+            donor = next((e for e in cols.values() if e.spare is not None), None)
+            if donor is None:
+                why = ("is first needed inside a CUDA graph capture (no pinned spare was prepared for it)" if not cols
+                       else f"changes inside a CUDA graph capture and all {len(cols)} of its pinned spares are taken "
+                            "(by this capture or an earlier one)")
+                raise RuntimeError(f"sassha_fused (triton): the pointer column {role!r} {why}; " + _WARM_UP)
+            spare, donor.spare = donor.spare, None
+            backend.uploads += 1
+            entry = _Column(pinned.from_spare(spare, host, self.device), aligned, None)
+        else:  # the columns dropped are freed, unless a captured graph reads them (_in_graphs)
+            spare = None
+            while len(cols) >= COLUMNS_PER_ROLE:
+                old = cols.popitem(last=False)[1]
+                if spare is None:
+                    spare = old.spare  # never written: it serves the new column
+            column = backend._upload(host, self.device, f"the pointer column {role!r}")
+            if spare is None and self.staged:
+                spare = pinned.spare(column)
+            entry = _Column(column, aligned, spare)
+        cols[ptrs] = entry
+        return entry
 
     def rows(self, table: Tensor) -> Tensor:
         """This group's rows of a per-tensor table of the bucket."""
@@ -208,8 +333,8 @@ class TritonBackend(Backend):
         self.max_tensors_per_launch = int(max_tensors_per_launch)
         self.max_blocks_per_launch = int(max_blocks_per_launch)
         self.launches = 0  # kernel launches made so far
-        self.uploads = 0  # host -> device column copies made so far
-        self._captured: List[Tensor] = []  # pinned sources of the copies a captured graph replays
+        self.uploads = 0  # host -> device table copies made so far
+        self.pinned = PinnedSpares()  # pinned host buffers; none allocated inside a capture
 
     # ------------------------------------------------------------ capability
     def supports(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:
@@ -224,27 +349,19 @@ class TritonBackend(Backend):
         return _INTERPRET_HINT if device.type == "cpu" else f"Triton kernels need CUDA tensors, got {device.type}"
 
     # ----------------------------------------------------------------- plans
-    def _upload(self, host: Tensor, device: torch.device) -> Tensor:
-        """A small host table on ``device``, without synchronising the host."""
-        self.uploads += 1
-        if device.type == "cuda":
-            # pinned + non_blocking: the copy is queued on the stream; the caching
-            # host allocator keeps the pinned block alive until the copy has run.
-            pinned = host.pin_memory()
-            out = pinned.to(device, non_blocking=True)
-            self._keep_if_capturing(device, pinned, out)
-            return out
-        return host
+    def _upload(self, host: Tensor, device: torch.device, what: str = "a kernel group's table") -> Tensor:
+        """A small host table on ``device``, without synchronising the host (never inside a capture).
 
-    def _keep_if_capturing(self, device: torch.device, *tensors: Tensor) -> None:
-        """Tensors a CUDA graph capture uses live as long as the backend: a replay reads them again.
-
-        Device tensors made during the capture are the graph's (its private memory
-        pool); what the graph reads from outside it is kept: pinned sources of its
-        copies here, and the pointer columns a capture read in ``_KernelGroup.column``.
+        Pinned + non_blocking: the copy is queued on the stream; the caching host
+        allocator keeps the pinned block alive until the copy has run. Inside a CUDA
+        graph capture this raises (``PinnedSpares.upload``): the tables of a captured
+        step are built by its eager warm-up, and changed pointer columns come from
+        spares (``_KernelGroup.column``). What a graph reads from outside its memory
+        pool is kept: the spares its copies read (``pinned.captured``), the columns
+        (``_KernelGroup._in_graphs``) and the plans (the optimizer's captured plans).
         """
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            self._captured.extend(tensors)
+        self.uploads += 1
+        return self.pinned.upload(host, device, what)
 
     def _split(self, device: torch.device, numels: List[int]) -> List[_Launch]:
         """Split the tiles of tensors with these ``numels`` into launches."""
@@ -411,7 +528,7 @@ class TritonBackend(Backend):
         prefixes = None
         if refresh is not None and mode != RefreshMode.PRECOMPUTED:
             prefixes = self._upload(torch.tensor(refresh.keys.prefixes[:len(refresh.ys)], dtype=torch.int64),
-                                    b.device)
+                                    b.device, "a refresh step's probe prefixes")
         for g in self._groups(b):
             x, _ = g.column("params", b.params)
             xt, xt_aligned = g.column("update.x_t", x_t)
