@@ -32,6 +32,7 @@ __all__ = [
     "global_sq_norm",
     "perturb",
     "all_finite",
+    "restore",
     "update_scalars",
     "update",
     "finish_step",
@@ -85,13 +86,30 @@ def perturb(plan: StepPlan, sources_of: Callable[[Bucket], List[Tensor]], sign: 
     return sq
 
 
-def all_finite(plan: StepPlan, refresh: Optional[Sequence[RefreshInput]]) -> Tensor:
+def restore(plan: StepPlan, check: bool = False) -> Optional[Tensor]:
+    """The params of ``plan`` back to x_t from the backups, bit for bit; with ``check``, also
+    this rank's sum of squares of the gradients, read in the same sweep (``all_finite``'s
+    ``grads_sq_norm``)."""
+    total: Optional[Tensor] = None
+    for b in plan.buckets:
+        if b.params:
+            part = b.backend.restore(b, dense(plan.grads(b)) if check else None, plan.acc_dtype)
+            if part is not None:
+                total = part if total is None else total + part.to(total.device)
+    if check and total is None:
+        total = torch.zeros((), dtype=plan.acc_dtype, device=_reduction_device(plan))
+    return total
+
+
+def all_finite(plan: StepPlan, refresh: Optional[Sequence[RefreshInput]],
+               grads_sq_norm: Optional[Tensor] = None) -> Tensor:
     """A 0-dim bool device tensor: the step's gradients and refresh inputs are all finite.
 
     The backends' fused squared norm over each list, then ``isfinite``; a sum of
     squares that overflows (|g| beyond ~1e19 in fp32) counts as non-finite as well.
+    ``grads_sq_norm``: this rank's sum for the gradients, read already (``restore``).
     """
-    total = global_sq_norm(plan, plan.grads, reduce=False)
+    total = global_sq_norm(plan, plan.grads, reduce=False) if grads_sq_norm is None else grads_sq_norm
     n_lists = len(refresh[0].ys) if refresh else 0  # (a plan without buckets has an empty refresh)
     for s in range(n_lists):
         # an absent entry (None) is checked as the gradient, which is checked anyway
@@ -186,20 +204,23 @@ def finish_step(plan: StepPlan, x_t_of: Callable[[Bucket], List[Tensor]], groups
                 refresh: Optional[List[RefreshInput]], counters: Counters, state_of: Callable[[Tensor], dict], *,
                 inv_scale: Optional[Tensor] = None,
                 average: Optional[Callable[[StepPlan, Optional[List[RefreshInput]]], List[Tensor]]] = None,
-                check: bool = True) -> Optional[Tensor]:
+                check: bool = True, grads_sq_norm: Optional[Tensor] = None) -> Optional[Tensor]:
     """The step after its passes, in order: unscale -> average -> check -> update -> commit.
 
     ``inv_scale``: 1 / a GradScaler's scale, for Hessian-vector products taken by
     autograd from the scaled loss. ``average``: data-parallel averaging of the update's
     inputs (returns who takes part, per bucket). ``check``: the finite flag, returned
-    (a 0-dim bool device tensor; the update left a non-finite step's params and state alone).
+    (a 0-dim bool device tensor; the update left a non-finite step's params and state alone);
+    ``grads_sq_norm``: the gradients' part of it, read already by ``restore`` (not used with
+    ``average``, which changes them).
     """
     if refresh and refresh[0].mode == RefreshMode.AUTOGRAD and inv_scale is not None:
         hz = [y for r in refresh for ys in r.ys for y in ys if y is not None]
         if hz:
             torch._foreach_mul_(hz, inv_scale.to(hz[0].dtype))
     present = average(plan, refresh) if average is not None else None
-    ok = all_finite(plan, refresh) if check and plan.participants else None
+    early = grads_sq_norm if average is None else None
+    ok = all_finite(plan, refresh, early) if check and plan.participants else None
     attach_state(plan, state_of)  # creates missing state, once per plan
     update(plan, x_t_of, groups, power, refresh, counters, ok, present)
     return ok

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
+import operator
 import sys
+import weakref
 from collections import defaultdict, deque
 from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
@@ -22,7 +25,8 @@ from . import functional as F
 from ._defaults import ARGS_DOC, DEFAULTS, GROUP_KEYS, OPTIONS, SASSHA_ONLY, args_doc, validate_group, validate_options
 from .backends import Backend, Bucket, ProbeKeys, RefreshInput
 from ._state import ParamStateMixin, StateDictMixin
-from .distributed import BucketedAverager, average_step_inputs, copy_, local, participation, shard_group_of
+from .distributed import (BucketedAverager, average_step_inputs, copy_, is_distributed, local, participation,
+                          shard_group_of)
 from ._passes import NothingToStep, PassDriver
 from .hvp import cannot_differentiate_twice
 from .phases import BETWEEN_STEPS, MOVES, Phase
@@ -41,6 +45,8 @@ def _options(frame_locals: Dict[str, Any]) -> Dict[str, Any]:
 
 
 _COUNTERS = ("step", "bias_correction2")
+_GRAD = operator.attrgetter("grad")
+_VERSION = operator.attrgetter("_version")
 
 
 class HeldStorage:
@@ -182,6 +188,7 @@ class _StepVars:
         self.x_t_saved: Optional[StepPlan] = None  # M-SASSHA: a plan whose x_t the FD passes saved
         self.idle: List[Tensor] = []  # M-SASSHA: params with state that take no part in this step
         self.grads_seen: Optional[tuple] = None  # (grads, versions) after perturb_weights(zero_grad=False)
+        self.checked: Optional[tuple] = None  # SASSHA: the gradients' finite check, read by unperturb()'s restore
 
 
 class _RunVars:
@@ -305,6 +312,8 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
                 out[k] = _Shared(out[k])
         out["_run"] = run = copy.copy(self._run)
         run.shards = _Shared(run.shards)
+        out["_this_step"] = this_step = copy.copy(self._this_step)
+        this_step.checked = None  # (a copy reads its gradients' check again)
         out["state"] = {p: {k: v.clone() if k in _COUNTERS else v for k, v in s.items()}
                         for p, s in self.state.items()}
         return out
@@ -637,7 +646,8 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
             plan, x_t_of, F.GroupTable(self.param_groups, on_device=self.capturable), self._this_step.power_t,
             refresh, self._cache.counters, self._state_of,
             inv_scale=self._inv_scale(plan.participants[0].device) if refresh and plan.participants else None,
-            average=self._average if self._data_parallel() else None, check=self.nonfinite != "ignore")
+            average=self._average if self._data_parallel() else None, check=self.nonfinite != "ignore",
+            grads_sq_norm=self._early_check(plan))
         self._run.global_step += 1
         if refresh is not None:
             self._run.refreshes += 1
@@ -758,6 +768,17 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
         self._this_step.fd_displaced = False
         self._this_step.pending = None
         self._this_step.presence_mask = None
+        self._this_step.checked = None
+
+    def _early_check(self, plan: StepPlan) -> Optional[Tensor]:
+        """The gradients' sum of squares SASSHA's unperturb() read, if they are still those it read."""
+        checked, self._this_step.checked = self._this_step.checked, None
+        if checked is None or checked[0] is not plan:
+            return None
+        grads = list(map(_GRAD, plan.participants))
+        if not all(map(operator.is_, map(operator.call, checked[2]), grads)):
+            return None  # a gradient was replaced (or dropped)
+        return checked[1] if list(map(_VERSION, grads)) == checked[3] else None  # or changed in place
 
     @staticmethod
     def _restore(plan: StepPlan) -> None:
@@ -999,9 +1020,32 @@ class SASSHA(_SasshaBase):
         if self.defer_unperturb:
             self._move(Phase.DEFERRED)  # step() restores inside the fused update
             return
-        self._restore(self._this_step.perturbed)
+        self._this_step.checked = self._restore_and_check(self._this_step.perturbed)
         self._this_step.perturbed = None
         self._move(Phase.RESTORED)
+
+    def _restore_and_check(self, plan: StepPlan) -> Optional[tuple]:
+        """unperturb()'s restore. On a plain step (one process, no refresh, every gradient there)
+        it also reads the perturbed gradients' sum of squares in the same sweep: step()'s finite
+        check, which step() takes from here while the gradients are the same tensors at the same
+        versions (``_early_check``); a gradient replaced or changed in place is read again."""
+        grads = list(map(_GRAD, plan.participants))  # (C speed: host work flat in the number of tensors)
+        if (self.nonfinite == "ignore" or self.refresh_due or self._data_parallel()
+                or any(map(operator.is_, grads, itertools.repeat(None)))
+                or (self._run.shards is None and is_distributed(self.process_group))):
+            # (other processes: a collective on the gradients, e.g. a hand-written all_reduce, changes
+            # them without a version bump; refresh steps check their Hessian inputs at step())
+            with torch.no_grad():
+                self._restore(plan)
+            return None
+        try:
+            with torch.no_grad():
+                total = F.restore(plan, check=True)
+        except BaseException:  # (the backups still hold x_t: the step ends there)
+            self._abort_step()
+            raise
+        return plan, total, list(map(weakref.ref, grads)), list(map(_VERSION, grads))
+
 
     @contextlib.contextmanager
     def unperturbed(self) -> Iterator[None]:

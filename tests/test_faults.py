@@ -170,3 +170,52 @@ def test_cuda_memory_stays_flat_over_200_steps(cls):
     # the last 50 steps peak no higher than the 50 before them.
     assert torch.cuda.memory_allocated() <= base + 2**20
     assert torch.cuda.max_memory_allocated() <= peak + 2**20
+
+
+def _protocol_until_unperturb(opt, params, loss):
+    """The official protocol up to ``unperturb()``: the gradients are the perturbed ones."""
+    loss().backward()
+    opt.perturb_weights(zero_grad=True)
+    loss().backward()
+    opt.unperturb()
+
+
+@pytest.mark.parametrize("backend", every_backend())
+@pytest.mark.parametrize("change", ["none", "nan in place", "nan replaced", "nan before unperturb"])
+def test_the_finite_check_read_by_unperturb_follows_the_gradients(backend, change):
+    """unperturb() reads the perturbed gradients' squares as it restores (step()'s finite check,
+    one sweep less); a gradient changed after it is read again: a NaN put there still skips."""
+    params = [torch.nn.Parameter(torch.randn(n, device=device_for(backend))) for n in (7, 40)]
+    opt = SASSHA(params, lr=0.01, lazy_hessian=1000, backend=backend)  # one refresh (step 1), then plain steps
+    loss = lambda: _loss(params, 1.0)  # noqa: E731
+    for _ in range(2):
+        protocol_step(opt, loss, "official")
+    snap = _snapshot(opt, params)
+    if change == "nan before unperturb":
+        loss().backward()
+        opt.perturb_weights(zero_grad=True)
+        loss().backward()
+        params[1].grad[3] = float("nan")
+        opt.unperturb()
+    else:
+        _protocol_until_unperturb(opt, params, loss)
+    backend_of = opt._backend_for(params[0].device, params[0].dtype)
+    reads = []
+    original = backend_of.sq_norm
+    backend_of.sq_norm = lambda *a, **k: reads.append(1) or original(*a, **k)
+    try:
+        if change == "nan in place":
+            params[0].grad[2] = float("nan")
+        elif change == "nan replaced":
+            params[0].grad = torch.full_like(params[0].grad, float("nan"))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt.step()
+    finally:
+        del backend_of.sq_norm
+    skipped = any("skipped" in str(w.message) for w in caught)
+    assert reads == ([] if change in ("none", "nan before unperturb") else [1]), "the check was read again or not"
+    assert skipped == (change != "none")
+    if skipped:
+        _assert_unchanged(opt, params, snap)
+    opt.zero_grad()

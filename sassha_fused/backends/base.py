@@ -282,6 +282,13 @@ class Backend:
         """
         raise NotImplementedError
 
+    def restore(self, b: Bucket, check: Optional[Sequence[Tensor]], acc_dtype: torch.dtype) -> Optional[Tensor]:
+        """``x = backup`` (bit for bit); with ``check``, also ``sum ||v||^2`` over those tensors,
+        as ``sq_norm`` gives it (the step's finite check, read in the same sweep where a backend
+        fuses them)."""
+        torch._foreach_copy_(b.params, b.backups)
+        return None if check is None else self.sq_norm(b, check, False, acc_dtype)
+
     def perturb(self, b: Bucket, sources: Sequence[Tensor], sq_norm: Tensor, sign: float, adaptive: bool,
                 groups: "GroupTable") -> None:
         """``backup = x; x = x + sign * rho/(sqrt(sq_norm) + perturb_eps) * w * v``.
