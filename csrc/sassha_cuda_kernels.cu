@@ -424,11 +424,16 @@ __device__ __forceinline__ void update_compact(const TensorRec& r, const BlockRe
     const int64_t i = base + threadIdx.x * kVec;
     const bool active = i < range.end;
     const int64_t grp = i / kGroup;
-    // m and d: the new values (0 where no element is: the group maxima read them)
-    float m[kVec], d[kVec];
+    // 8-bit state, sqrt power, no refresh: the preconditioner sqrt(D) / c2 straight from the
+    // codes, (q * (1/255)) * (s / c2) (encoding.hessian_root, eager.preconditioner); D is not
+    // decoded. 8-bit refresh: the encoding's root R = sqrt(D_t) is the update's sqrt too.
+    constexpr bool kFromCodes = SB == 8 && MODE == RefreshMode::kNone && SQRT_POWER;
+    constexpr bool kRoot = SB == 8 && MODE != RefreshMode::kNone;
+    // m and d: the new values (0 where no element is: the group maxima read them); root: sqrt(d)
+    float m[kVec], d[kVec], root[kVec];
     if (!active) {
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) m[k] = d[k] = 0.f;
+      for (int k = 0; k < kVec; ++k) m[k] = d[k] = root[k] = 0.f;
     } else {
       // The Hutchinson sum first, with as little held through its divisions (calls on their
       // slow path) as possible: g is read again after it, x_t and the state later still.
@@ -474,15 +479,31 @@ __device__ __forceinline__ void update_compact(const TensorRec& r, const BlockRe
         for (int k = 0; k < kVec; ++k)  // a bfloat16 widened to float32 is its bits << 16
           xv[k] = join_master<MW == 24 ? 24 : 32>(static_cast<uint16_t>(float_bits(xv[k]) >> 16), c[k]);
       }
+      float pre[kVec];
       if (SB == 8) {
         int32_t qm[kVec], qd[kVec];
         load_bytes(static_cast<const int8_t*>(r.m), i, range.end, vec, qm);
         load_bytes(static_cast<const uint8_t*>(r.d), i, range.end, vec, qd);
         const float sm = r.m_scale[grp], sd = r.d_scale[grp];
+        if (kFromCodes) {
+          const float sc = sd / s.c2;  // s / c2, c2 in float32: once per run of kVec elements
 #pragma unroll
-        for (int k = 0; k < kVec; ++k) {
-          m[k] = decode_m(qm[k], sm);
-          d[k] = decode_d(qd[k], sd);
+          for (int k = 0; k < kVec; ++k) {
+            m[k] = decode_m(qm[k], sm);
+            pre[k] = hessian_root(qd[k], sc);
+          }
+        } else if (MODE == RefreshMode::kNone) {  // another power: D^p / c2 of the decoded D
+#pragma unroll
+          for (int k = 0; k < kVec; ++k) {
+            m[k] = decode_m(qm[k], sm);
+            pre[k] = hessian_power<float, SQRT_POWER>(decode_d(qd[k], sd), s.power) / s.c2;
+          }
+        } else {
+#pragma unroll
+          for (int k = 0; k < kVec; ++k) {
+            m[k] = decode_m(qm[k], sm);
+            d[k] = decode_d(qd[k], sd);
+          }
         }
       } else if (SB == 16) {
         load_vec(static_cast<const __nv_bfloat16*>(r.m), i, range.end, vec, m);
@@ -495,9 +516,19 @@ __device__ __forceinline__ void update_compact(const TensorRec& r, const BlockRe
 #pragma unroll
         for (int k = 0; k < kVec; ++k) d[k] = hessian_ema<float>(d[k], h[k], s);
       }
+      if (kRoot) {
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) root[k] = sqrtf(d[k]);  // correctly rounded (-prec-sqrt)
+      }
       float out[kVec];
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) out[k] = sassha_update<float, SQRT_POWER>(xv[k], m[k], d[k], g[k], s);
+      for (int k = 0; k < kVec; ++k) {
+        // D^p / c2 where it does not come from the codes (computed here, next to its use: a
+        // loop of its own kept every power's result live across the others' calls, and spilled)
+        if (!(SB == 8 && MODE == RefreshMode::kNone))
+          pre[k] = (kRoot && SQRT_POWER ? root[k] : hessian_power<float, SQRT_POWER>(d[k], s.power)) / s.c2;
+        out[k] = sassha_update_pre<float>(xv[k], m[k], pre[k], g[k], s);
+      }
       if (MW != 0) {
         int32_t bits[kVec], c[kVec];
 #pragma unroll
@@ -522,17 +553,18 @@ __device__ __forceinline__ void update_compact(const TensorRec& r, const BlockRe
     }
     if (SB == 8) {  // every lane: the shuffles take whole warps
       const float sm = group_max<true>(m, i, range.end);
+      const float mr = m_scale_reciprocal(sm);  // once per group
       int32_t q[kVec];
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) q[k] = encode_m(m[k], sm);
+      for (int k = 0; k < kVec; ++k) q[k] = encode_m(m[k], mr);
       if (active) {
         store_bytes(static_cast<int8_t*>(r.m), i, range.end, vec, q);
         if ((threadIdx.x & 3) == 0) r.m_scale[grp] = sm;  // the group's first run is active if any is
       }
       if (MODE != RefreshMode::kNone) {
-        const float sd = group_max<false>(d, i, range.end);
+        const float sd = group_max<false>(root, i, range.end);  // the scale of sqrt(D)
 #pragma unroll
-        for (int k = 0; k < kVec; ++k) q[k] = encode_d(d[k], sd);
+        for (int k = 0; k < kVec; ++k) q[k] = encode_d(d[k], root[k], sd);
         if (active) {
           store_bytes(static_cast<uint8_t*>(r.d), i, range.end, vec, q);
           if ((threadIdx.x & 3) == 0) r.d_scale[grp] = sd;

@@ -192,20 +192,38 @@ SASSHA_HD M hessian_ema(M d, M h, const UpdateScalars<M>& s) {
   return d * s.beta2 + std::fabs(h) * s.one_minus_beta2;
 }
 
-// m_t = beta1 m + (1 - beta1) g;  returns x_{t+1} and writes m_t to ``m``.
+// x_{t+1} = x_t (1 - lr wd) - lr / (1 - beta1^t) * m_t / (pre + eps), pre = D^p / c2,
+// m_t = beta1 m + (1 - beta1) g: returns x_{t+1} and writes m_t to ``m``.
+template <typename M>
+SASSHA_HD M sassha_update_pre(M x, M& m, M pre, M g, const UpdateScalars<M>& s) {
+  m = m * s.beta1 + g * s.one_minus_beta1;
+  const M denom = pre + s.eps;
+  return x * s.decay + s.neg_step * (m / denom);
+}
+
+// The same with the preconditioner from D:
 //   x_{t+1} = x_t (1 - lr wd) - lr / (1 - beta1^t) * m_t / (D^p / c2 + eps)
 template <typename M, bool SQRT_POWER>
 SASSHA_HD M sassha_update(M x, M& m, M d, M g, const UpdateScalars<M>& s) {
-  m = m * s.beta1 + g * s.one_minus_beta1;
-  const M denom = hessian_power<M, SQRT_POWER>(d, s.power) / s.c2 + s.eps;
-  return x * s.decay + s.neg_step * (m / denom);
+  return sassha_update_pre<M>(x, m, hessian_power<M, SQRT_POWER>(d, s.power) / s.c2, g, s);
 }
 
 
 // ---- compact state (sassha_fused/encoding.py) -------------------------------------------
 // state_bits 8: groups of kGroup consecutive elements (row-major, from each tensor's
-// element 0) share one float32 scale; m as int8 softsign codes, D as uint8 square-root
-// codes. state_bits 16: bfloat16 (the callers' own round-to-nearest-even conversion).
+// element 0) share one float32 scale; both as 8-bit codes on a grid of the scale.
+//  * m (int8): scale s = max |m| (a NaN wins); r = 1 / s once per group (0 when s is below
+//    float32's smallest normal, kTiny, where 1 / s could overflow: the group encodes as 0);
+//    square-root companding c = sqrt(|m| r), q = sign(m) min(floor((c + M_HALF) 127), 127).
+//    Decoded by products only: t = q * (1/127), m = (t |t|) s.
+//  * D (uint8) through its root R = sqrt(D): scale s = max R, c = R / s (0 when s is 0; one
+//    division per element, paid on refresh steps only, the only steps that encode D),
+//    q = min(floor((c + D_HALF) 255), 255), at least 1 where D > 0. Decoded: the root
+//    (q * (1/255)) s, D its square. With the default hessian_power 0.5 and no refresh in the
+//    step, the update's preconditioner sqrt(D) / c2 comes straight from the codes:
+//    hessian_root(q, s / c2) = (q * (1/255)) (s / c2), with s / c2 once per group (c2 in
+//    float32; eager.preconditioner), then + eps: one product per element, no decode of D.
+// state_bits 16: bfloat16 (the callers' own round-to-nearest-even conversion).
 // Every operation below is one IEEE operation rounded on its own, in the order of
 // encoding.py, and none adds to a product (so no compiler contracts one into a fused
 // multiply-add): given the same float32 values every backend writes the same codes.
@@ -218,6 +236,11 @@ constexpr float kDLevels = 255.0f;  // encoding.D_LEVELS
 // encoding.M_HALF / D_HALF (Python floats) as torch applies them to a float32 tensor
 constexpr float kMHalf = static_cast<float>(0.5 / 127.0);
 constexpr float kDHalf = static_cast<float>(0.5 / 255.0);
+// encoding.M_UNIT / D_UNIT: the decodes' factors, the float32 values nearest 1/127 and 1/255
+constexpr float kMUnit = static_cast<float>(1.0 / 127.0);
+constexpr float kDUnit = static_cast<float>(1.0 / 255.0);
+// encoding.TINY: float32's smallest normal, 2^-126
+constexpr float kTiny = 1.17549435082228750797e-38f;
 
 // Scales per tensor of n elements (encoding.n_groups).
 SASSHA_HD int64_t n_groups(int64_t n) { return (n + kGroup - 1) / kGroup; }
@@ -226,43 +249,67 @@ SASSHA_HD int64_t n_groups(int64_t n) { return (n + kGroup - 1) / kGroup; }
 // than ||: a select, no branch (the CPU loops vectorise).
 SASSHA_HD float nan_max(float a, float b) { return ((b > a) | (b != b)) ? b : a; }
 
-// floor(x) for 0 <= x < 2^31, as a truncation: the encodings' x lie in [0, 256), where
-// both are exact and equal. (A vectorised floor needs -fno-trapping-math from GCC; the
-// truncating conversion vectorises everywhere.)
-SASSHA_HD float floor_nonneg(float x) { return static_cast<float>(static_cast<int32_t>(x)); }
+// floor(x) for 0 <= x < 2^31, as a truncation to int32: the encodings' x lie in [0, 256),
+// where both are exact and equal. (A vectorised floor needs -fno-trapping-math from GCC; the
+// truncating conversion vectorises everywhere.) The codes are then clamped and selected as
+// int32, not as floats: GCC turns a float clamp followed by the conversion into branches
+// and leaves the loop scalar.
+SASSHA_HD int32_t floor_nonneg(float x) { return static_cast<int32_t>(x); }
+SASSHA_HD int32_t min_i32(int32_t a, int32_t b) { return a < b ? a : b; }
+SASSHA_HD int32_t max_i32(int32_t a, int32_t b) { return a > b ? a : b; }
 
-// m (float32) -> its int8 code in a group of scale s = max |m| (encoding.encode_momentum):
-// u = m / s (0 when s is 0), c = (u + u) / (1 + |u|),
-// q = sign(c) * min(floor((|c| + M_HALF) * 127), 127).
-SASSHA_HD int8_t encode_m(float m, float s) {
-  const float u = s > 0.f ? m / s : 0.f;
-  const float c = (u + u) / (1.f + std::fabs(u));
-  float q = floor_nonneg((std::fabs(c) + kMHalf) * kMLevels);
-  q = q > kMLevels ? kMLevels : q;
-  return static_cast<int8_t>(static_cast<int32_t>(c < 0.f ? -q : q));
+// A float32 product rounded on its own, for the decodes: nvcc contracts a product that is
+// then added to (hessian_root's preconditioner + eps) into a fused multiply-add unless
+// told not to. (GCC would too, but the CPU loops are built for targets without FMA.)
+SASSHA_HD float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
 }
-// The code's value relative to its scale: c / (2 - |c|), c = q / 127. decode_m = unit * s.
+
+// The factor r of a group of m whose scale is s = max |m| (encoding.encode_momentum): 1 / s,
+// or 0 when s is below kTiny (or NaN). Once per group.
+SASSHA_HD float m_scale_reciprocal(float s) { return s >= kTiny ? 1.f / s : 0.f; }
+
+// m (float32) -> its int8 code with the group's r = m_scale_reciprocal(s):
+// c = sqrt(|m| r), q = sign(m) min(floor((c + M_HALF) * 127), 127).
+SASSHA_HD int8_t encode_m(float m, float r) {
+  const float c = std::sqrt(std::fabs(m) * r);
+  const int32_t q = min_i32(floor_nonneg((c + kMHalf) * kMLevels), 127);
+  const int32_t neg = static_cast<int32_t>(0u - static_cast<uint32_t>(q));  // -q, no overflow for INT32_MIN
+  return static_cast<int8_t>(m < 0.f ? neg : q);
+}
+// The code's value relative to its scale: t |t|, t = q * (1/127). decode_m = unit * s.
 SASSHA_HD float decode_m_unit(int32_t q) {
-  const float c = static_cast<float>(q) / kMLevels;
-  return c / (2.f - std::fabs(c));
+  const float t = static_cast<float>(q) * kMUnit;
+  return t * std::fabs(t);
 }
-SASSHA_HD float decode_m(int32_t q, float s) { return decode_m_unit(q) * s; }
+SASSHA_HD float decode_m(int32_t q, float s) { return mul_rn(decode_m_unit(q), s); }
 
-// D (float32, >= 0) -> its uint8 code in a group of scale s = max D (encoding.encode_hessian):
-// c = sqrt(D / s) (0 when s is 0), q = min(floor((c + D_HALF) * 255), 255), at least 1 where D > 0.
-SASSHA_HD uint8_t encode_d(float d, float s) {
-  const float c = std::sqrt(s > 0.f ? d / s : 0.f);
-  float q = floor_nonneg((c + kDHalf) * kDLevels);
-  q = q > kDLevels ? kDLevels : q;
-  q = ((d > 0.f) & (q < 1.f)) ? 1.f : q;
-  return static_cast<uint8_t>(static_cast<int32_t>(q));
+// D (float32, >= 0) and its root R = sqrt(D) -> its uint8 code in a group of scale s = max R
+// (encoding.encode_hessian): c = R / s (0 when s is 0), q = min(floor((c + D_HALF) * 255), 255),
+// at least 1 where D > 0. The division is per element (D is encoded on refresh steps only).
+// It is taken whatever s is (by 1 when s is 0, then the 0 selected): a division only done
+// under a condition is one GCC does not vectorise (it could trap), and the loop stays scalar.
+SASSHA_HD uint8_t encode_d(float d, float root, float s) {
+  const float quotient = root / (s > 0.f ? s : 1.f);
+  const float c = s > 0.f ? quotient : 0.f;
+  const int32_t q = min_i32(floor_nonneg((c + kDHalf) * kDLevels), 255);
+  // at least 1 where D > 0, as a maximum: a select on (d > 0) & (q < 1) compiles to branches
+  return static_cast<uint8_t>(max_i32(q, static_cast<int32_t>(d > 0.f)));
 }
-// c * c, c = q / 255. decode_d = unit * s.
-SASSHA_HD float decode_d_unit(int32_t q) {
-  const float c = static_cast<float>(q) / kDLevels;
-  return c * c;
+// The root's value relative to its scale: q * (1/255). hessian_root = unit * s.
+SASSHA_HD float decode_d_unit(int32_t q) { return static_cast<float>(q) * kDUnit; }
+// sqrt(D) from its code and the group's scale (encoding.hessian_root): (q * (1/255)) s.
+// Called with s / c2 it is the preconditioner sqrt(D) / c2 of a step without refresh.
+SASSHA_HD float hessian_root(int32_t q, float s) { return mul_rn(decode_d_unit(q), s); }
+// D from its code and the group's scale (encoding.decode_hessian): the root squared.
+SASSHA_HD float decode_d(int32_t q, float s) {
+  const float root = hessian_root(q, s);
+  return mul_rn(root, root);
 }
-SASSHA_HD float decode_d(int32_t q, float s) { return decode_d_unit(q) * s; }
 
 // ---- master weights (master_weight_bits, bfloat16 params) --------------------------------
 SASSHA_HD uint32_t float_bits(float f) {

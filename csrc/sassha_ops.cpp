@@ -560,7 +560,8 @@ SASSHA_CPU_CLONES void chunk_update(T* x, const T* xt, const T* g, math_t<T>* m,
         const T* hw = hs + w;
         for (int64_t b = 0; b < len; ++b) h[b] += probe_sign<M>(bits, static_cast<uint32_t>(b)) * static_cast<M>(hw[b]);
       }
-      for (int64_t b = 0; b < len; ++b) h[b] = h[b] / static_cast<M>(n_samples);
+      // (a division by 1 is exact: skipped)
+      if (n_samples != 1) for (int64_t b = 0; b < len; ++b) h[b] = h[b] / static_cast<M>(n_samples);
     } else if (ys[0] != nullptr) {
       const T* yw = ys[0] + w;
       if (MODE == RefreshMode::kFdDirect) {
@@ -605,9 +606,15 @@ void update_chunk_dispatch(bool sqrt_power, T* x, const T* xt, const T* g, math_
 
 // ---- update with compact state (state_bits 16 / 8) or master weights -------------------
 // One pass per group of kGroup = 32 elements (one probe word; a chunk is a whole number
-// of groups, and groups start at the tensor's element 0): decode m and D (codes and the
+// of groups, and groups start at the tensor's element 0): decode the state (codes and the
 // group's scale), compute, take the group's maximum of the new values, encode, store.
-// The per-element encodings are sassha_math.h's, shared with the CUDA kernels.
+// The per-element encodings are sassha_math.h's, shared with the CUDA kernels. With 8-bit
+// state every per-element operation is a product, a sum or a conversion except the
+// update's own division m_t / (pre + eps) and the square root of m's companding; the
+// divisions by a group's scale are one reciprocal per group (m) or one division per
+// group (s / c2 of the preconditioner), and the D encoding's division per element is
+// paid on refresh steps only. Every loop over a group has a fixed trip count and no
+// branch per element (selects, integer min / max), so it vectorises.
 
 // The state's element types by state_bits (32: the math dtype).
 template <typename T, int SB>
@@ -650,7 +657,8 @@ SASSHA_ALWAYS_INLINE inline void word_h(const CompactArgs<T>& a, int64_t w, int6
       const T* hw = hs + w;
       for (int64_t b = 0; b < len; ++b) h[b] += probe_sign<M>(bits, static_cast<uint32_t>(b)) * static_cast<M>(hw[b]);
     }
-    for (int64_t b = 0; b < len; ++b) h[b] = h[b] / static_cast<M>(a.n_samples);
+    // (a division by 1 is exact: skipped)
+    if (a.n_samples != 1) for (int64_t b = 0; b < len; ++b) h[b] = h[b] / static_cast<M>(a.n_samples);
     return;
   }
   if (a.ys[0] != nullptr) {
@@ -671,20 +679,28 @@ SASSHA_ALWAYS_INLINE inline void word_h(const CompactArgs<T>& a, int64_t w, int6
 // The group's scale: max |v| (ABS) or max v over the 32 values (zero-padded past the
 // tensor's end, as encoding.py pads; a NaN makes it NaN, as torch's amax). A tree of
 // elementwise maxima and a separate NaN test: both vectorise (a NaN-propagating
-// running maximum compiles to a compare-and-branch per element).
+// running maximum compiles to a compare-and-branch per element). The loops stay loops
+// (unroll 1): fully unrolled, GCC turned the tree and the loops around it (the group's
+// encoding) into scalar pieces put together through general registers, which made
+// the 8-bit refresh update about 1.6x slower.
 template <bool ABS>
 SASSHA_ALWAYS_INLINE inline float group_max(const float* v) {
   static_assert(kGroup == 32, "the tree below halves 32 values");
   alignas(64) float t[16];
   int32_t nan = 0;
+#pragma GCC unroll 1
   for (int l = 0; l < kGroup; ++l) nan |= static_cast<int32_t>(v[l] != v[l]);
+#pragma GCC unroll 1
   for (int l = 0; l < 16; ++l) {
     const float a = ABS ? std::fabs(v[l]) : v[l];
     const float b = ABS ? std::fabs(v[l + 16]) : v[l + 16];
     t[l] = a > b ? a : b;
   }
+#pragma GCC unroll 1
   for (int l = 0; l < 8; ++l) t[l] = t[l] > t[l + 8] ? t[l] : t[l + 8];
+#pragma GCC unroll 1
   for (int l = 0; l < 4; ++l) t[l] = t[l] > t[l + 4] ? t[l] : t[l + 4];
+#pragma GCC unroll 1
   for (int l = 0; l < 2; ++l) t[l] = t[l] > t[l + 2] ? t[l] : t[l + 2];
   float s = t[0] > t[1] ? t[0] : t[1];
   s = s > 0.f ? s : 0.f;  // the padding's zeros (the values are >= 0 anyway)
@@ -693,7 +709,14 @@ SASSHA_ALWAYS_INLINE inline float group_max(const float* v) {
 
 // One group of the compact update: elements [w, w + len) of group grp. FULL: len is
 // kGroup (every group but a tensor's last), so every loop has a fixed trip count and
-// vectorises whole.
+// vectorises whole. With 8-bit state:
+//  * no refresh, sqrt power: the preconditioner sqrt(D) / c2 straight from the codes,
+//    (q * (1/255)) * (s / c2) with s / c2 once per group (encoding.hessian_root, as
+//    eager.preconditioner), in float32 whatever the math dtype; D is not decoded at all;
+//  * refresh: R = sqrt(D_t) of the float32 D_t is taken once: the encoding's root and,
+//    for float32 math with the sqrt power, the update's sqrt (the same correctly rounded
+//    sqrt of the same float);
+//  * m is decoded by products (t |t|) s and encoded with one reciprocal per group.
 template <typename T, bool REFRESH, bool SQRT_POWER, int SB, int MW, bool FULL>
 SASSHA_ALWAYS_INLINE inline void update_group(const CompactArgs<T>& a, const UpdateScalars<math_t<T>>& s, int64_t w,
                                               int64_t len_arg) {
@@ -701,6 +724,10 @@ SASSHA_ALWAYS_INLINE inline void update_group(const CompactArgs<T>& a, const Upd
   using MS = m_state_t<T, SB>;
   using DS = d_state_t<T, SB>;
   using C = correction_t<MW>;
+  // the preconditioner from the codes (no refresh, sqrt power, 8 bits)
+  constexpr bool kFromCodes = SB == 8 && !REFRESH && SQRT_POWER;
+  // the update's sqrt(D_t) is the encoding's root (refresh, sqrt power, 8 bits, float32 math)
+  constexpr bool kSharedRoot = SB == 8 && REFRESH && SQRT_POWER && std::is_same_v<M, float>;
   const int64_t len = FULL ? kGroup : len_arg;
   const int64_t grp = w / kGroup;
   const T* xw = a.xt + w;
@@ -709,36 +736,89 @@ SASSHA_ALWAYS_INLINE inline void update_group(const CompactArgs<T>& a, const Upd
   const DS* dw = static_cast<const DS*>(a.d) + w;
   const C* cw = static_cast<const C*>(a.correction) + w;
   alignas(64) M h[kGroup];
-  alignas(64) M m_new[kGroup];
-  alignas(64) M d_new[kGroup];
-  alignas(64) float v[kGroup];  // float32 of m_new / d_new, zero-padded: what the 8-bit encoding reads
+  alignas(64) M m_new[kGroup];     // m_t (16 bits)
+  alignas(64) M d_new[kGroup];     // D_t (refresh steps)
+  // what the 8-bit encodings read, zero-padded past a tensor's end: the float32 m_t, D_t and
+  // sqrt(D_t). Written where they are computed, by the same vector stores the encodings then
+  // read: a copy between arrays was done with 16-byte moves, read back by 32-byte loads that
+  // could not be forwarded from them (a stall of a quarter of the 8-bit update's time).
+  alignas(64) float mf[kGroup];
+  alignas(64) float v[kGroup];
+  alignas(64) float root[kGroup];
   alignas(64) T x_new[kGroup];
   alignas(64) C c_new[kGroup];
   alignas(64) MS m_out[kGroup];
   alignas(64) DS d_out[kGroup];
   if constexpr (REFRESH) word_h<T>(a, w, len, h);
-  float m_scale = 0.f, d_scale = 0.f;
+  float m_scale = 0.f, d_scale = 0.f, pre_scale = 0.f;
   if constexpr (SB == 8) {
     m_scale = a.m_scales[grp];
     d_scale = a.d_scales[grp];
+    // s / c2 in float32, c2 rounded to float32 (eager.preconditioner): once per group
+    if constexpr (kFromCodes) pre_scale = d_scale / static_cast<float>(s.c2);
+  }
+  MS* m_dst = static_cast<MS*>(a.m) + w;
+  DS* d_dst = static_cast<DS*>(a.d) + w;
+  // D_t first, in a loop of its own (refresh steps), and stored: with 8 bits encoded here,
+  // so the update below takes sqrt(D_t) from the array the encoding just read,
+  // and reads no D code after they are overwritten.
+  if constexpr (REFRESH) {
+    for (int64_t b = 0; b < len; ++b) {
+      M di;
+      if constexpr (SB == 8) {
+        di = static_cast<M>(decode_d(static_cast<int32_t>(dw[b]), d_scale));
+      } else {
+        di = static_cast<M>(dw[b]);
+      }
+      di = hessian_ema<M>(di, h[b], s);
+      d_new[b] = di;
+      if constexpr (SB == 8) {
+        v[b] = static_cast<float>(di);
+        root[b] = std::sqrt(v[b]);
+      }
+    }
+    if constexpr (SB == 8) {
+      if constexpr (!FULL) {
+        for (int64_t b = len; b < kGroup; ++b) v[b] = root[b] = 0.f;
+      }
+      const float ds = group_max<false>(root);
+      for (int64_t b = 0; b < kGroup; ++b) d_out[b] = encode_d(v[b], root[b], ds);
+      a.d_scales[grp] = ds;
+      std::memcpy(d_dst, d_out, len * sizeof(DS));
+    } else {
+      for (int64_t b = 0; b < len; ++b) d_out[b] = static_cast<DS>(d_new[b]);  // 16: bfloat16, nearest even
+      std::memcpy(d_dst, d_out, len * sizeof(DS));
+    }
   }
   for (int64_t b = 0; b < len; ++b) {
-    M mi, di;
+    M mi, pre;
     if constexpr (SB == 8) {
       mi = static_cast<M>(decode_m(static_cast<int32_t>(mw[b]), m_scale));
-      di = static_cast<M>(decode_d(static_cast<int32_t>(dw[b]), d_scale));
     } else {
       mi = static_cast<M>(mw[b]);
-      di = static_cast<M>(dw[b]);
     }
-    if constexpr (REFRESH) di = hessian_ema<M>(di, h[b], s);
+    if constexpr (kFromCodes) {
+      pre = static_cast<M>(hessian_root(static_cast<int32_t>(dw[b]), pre_scale));
+    } else if constexpr (kSharedRoot) {
+      pre = root[b] / s.c2;
+    } else {
+      M di;
+      if constexpr (REFRESH) {
+        di = d_new[b];
+      } else if constexpr (SB == 8) {
+        di = static_cast<M>(decode_d(static_cast<int32_t>(dw[b]), d_scale));
+      } else {
+        di = static_cast<M>(dw[b]);
+      }
+      pre = hessian_power<M, SQRT_POWER>(di, s.power) / s.c2;
+    }
     M x0;
     if constexpr (MW != 0) {
       x0 = join_master<MW>(xw[b].x, static_cast<int32_t>(cw[b]));
     } else {
       x0 = static_cast<M>(xw[b]);
     }
-    const M xn = sassha_update<M, SQRT_POWER>(x0, mi, di, static_cast<M>(gw[b]), s);
+    const M xn = sassha_update_pre<M>(x0, mi, pre, static_cast<M>(gw[b]), s);
     if constexpr (MW != 0) {
       uint16_t bits;
       int32_t rest;
@@ -748,8 +828,11 @@ SASSHA_ALWAYS_INLINE inline void update_group(const CompactArgs<T>& a, const Upd
     } else {
       x_new[b] = static_cast<T>(xn);
     }
-    m_new[b] = mi;
-    d_new[b] = di;
+    if constexpr (SB == 8) {
+      mf[b] = static_cast<float>(mi);
+    } else {
+      m_new[b] = mi;
+    }
   }
   if constexpr (std::is_same_v<T, float>) {
     store_tile(a.x + w, x_new, len);
@@ -757,29 +840,18 @@ SASSHA_ALWAYS_INLINE inline void update_group(const CompactArgs<T>& a, const Upd
     std::memcpy(a.x + w, x_new, len * sizeof(T));
   }
   if constexpr (MW != 0) std::memcpy(static_cast<C*>(a.correction) + w, c_new, len * sizeof(C));
-  MS* m_dst = static_cast<MS*>(a.m) + w;
-  DS* d_dst = static_cast<DS*>(a.d) + w;
   if constexpr (SB == 8) {
-    for (int64_t b = 0; b < kGroup; ++b) v[b] = (FULL || b < len) ? static_cast<float>(m_new[b]) : 0.f;
-    const float ms = group_max<true>(v);
-    for (int64_t b = 0; b < kGroup; ++b) m_out[b] = encode_m(v[b], ms);
-    a.m_scales[grp] = ms;
-    std::memcpy(m_dst, m_out, len * sizeof(MS));
-    if constexpr (REFRESH) {
-      for (int64_t b = 0; b < kGroup; ++b) v[b] = (FULL || b < len) ? static_cast<float>(d_new[b]) : 0.f;
-      const float ds = group_max<false>(v);
-      for (int64_t b = 0; b < kGroup; ++b) d_out[b] = encode_d(v[b], ds);
-      a.d_scales[grp] = ds;
-      std::memcpy(d_dst, d_out, len * sizeof(DS));
+    if constexpr (!FULL) {
+      for (int64_t b = len; b < kGroup; ++b) mf[b] = 0.f;
     }
+    const float ms = group_max<true>(mf);
+    const float mr = m_scale_reciprocal(ms);  // once per group
+    for (int64_t b = 0; b < kGroup; ++b) m_out[b] = encode_m(mf[b], mr);
+    a.m_scales[grp] = ms;
   } else {
     for (int64_t b = 0; b < len; ++b) m_out[b] = static_cast<MS>(m_new[b]);  // 16: bfloat16, nearest even
-    std::memcpy(m_dst, m_out, len * sizeof(MS));
-    if constexpr (REFRESH) {
-      for (int64_t b = 0; b < len; ++b) d_out[b] = static_cast<DS>(d_new[b]);
-      std::memcpy(d_dst, d_out, len * sizeof(DS));
-    }
   }
+  std::memcpy(m_dst, m_out, len * sizeof(MS));
 }
 
 template <typename T, bool REFRESH, bool SQRT_POWER, int SB, int MW>
