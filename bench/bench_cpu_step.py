@@ -43,7 +43,8 @@ from sassha_fused import SASSHA, available_backends  # noqa: E402
 # written (reads + writes of its passes; temporaries count).
 # SASSHA: norm reads g (4); perturb reads x, g, writes backup, x (16); the restore
 # of unperturb() reads backup, writes x (8; fused into the update with
-# defer_unperturb); the finite check reads g~ (4; none with nonfinite='ignore');
+# defer_unperturb); the finite check reads g~ (4; none with nonfinite='ignore'; in
+# one process unperturb() reads it in the restore's sweep, the C++ backend in one op);
 # the update reads x_t, g~, m, D, writes x, m (24). The eager and foreach backends
 # run the same phases in more passes; they are counted as the fused design.
 # Official-style: (1.0 * g) 8, its norm 4, e_w = g * scale 8, p += e_w 12,

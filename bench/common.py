@@ -286,7 +286,8 @@ def summarize(samples: List[float]) -> Dict[str, float]:
 PASS_ARRAYS = {
     "sq_norm": (1, 0),                    # read g
     "perturb": (4, 0),                    # read x, g; write backup, x
-    "restore": (2, 0),                    # read backup; write x (torch._foreach_copy_)
+    "restore": (2, 0),                    # read backup; write x (unperturb() where it does not check)
+    "restore + check": (3, 0),            # read backup, g~; write x (unperturb() reading the finite check)
     "probes": (1, 0),                     # write z (autograd HVPs only)
     "fd_move": (2, 0),                    # read x; write x (finite differences, refresh steps)
     "update": (3, 3),                     # read x_t, g~, m, D; write x, m
@@ -345,7 +346,8 @@ def pass_calls(backend_name: str, device: torch.device, numel: int, n_tensors: i
     return {
         "sq_norm": lambda: backend.sq_norm(b, pb.g1, False, torch.float32),
         "perturb": lambda: backend.perturb(b, pb.g1, sq, 1.0, False, groups),
-        "restore": lambda: torch._foreach_copy_(xs, b.backups),
+        "restore": lambda: backend.restore(b, None, torch.float32),
+        "restore + check": lambda: backend.restore(b, pb.g2, torch.float32),
         "probes": lambda: backend.probes(b, keys, 0),
         "fd_move": lambda: backend.fd_move(b, delta, keys, 0, 1.0, None, None),
         "update": lambda: backend.update(b, b.backups, pb.g2, table, 0.5, None),

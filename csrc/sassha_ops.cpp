@@ -288,6 +288,74 @@ SASSHA_CPU_CLONES void chunk_perturb(T* x, T* backup, const V* v, math_t<T> scal
   store_fence();
 }
 
+// ---- restore (unperturb) with the finite check's squared norm -----------------------
+// x = backup, bit for bit (streaming stores), and in the same sweep the sum of squares
+// of v (the perturbed gradients): step()'s finite check, read while the restore runs.
+// The lanes run as in chunk_sq_norm (tiles are whole lane blocks), so the partial
+// sums, and the total, are those sq_norm gives.
+template <typename A, typename T, typename V>
+SASSHA_CPU_CLONES double chunk_restore_sq_norm(T* x, const T* backup, const V* v, int64_t begin, int64_t end) {
+  static_assert(kTile % kLanes == 0, "a tile is whole lane blocks");
+  A acc[kLanes] = {};
+  const int64_t blocks_end = begin + (end - begin) / kLanes * kLanes;
+  const V* vp = v + begin;
+  for (int64_t t = begin; t < end; t += kTile) {
+    const int64_t n = std::min(kTile, end - t);
+    store_tile(x + t, backup + t, n);
+    for (const V* stop = v + std::min(t + n, blocks_end); vp < stop; vp += kLanes) {
+#pragma omp simd
+      for (int l = 0; l < kLanes; ++l) acc[l] += sq_norm_term<A, false>(static_cast<A>(vp[l]), A(0));
+    }
+  }
+  for (int64_t i = blocks_end; i < end; ++i) acc[0] += sq_norm_term<A, false>(static_cast<A>(v[i]), A(0));
+  store_fence();
+  double total = 0;
+  for (int l = 0; l < kLanes; ++l) total += static_cast<double>(acc[l]);
+  return total;
+}
+
+at::Tensor restore_sq_norm_cpu(at::TensorList params, at::TensorList backups, at::TensorList sources, bool acc_fp64) {
+  const size_t n = params.size();
+  check_same_length("restore_sq_norm", "params", n, "backups", backups.size());
+  check_same_length("restore_sq_norm", "params", n, "sources", sources.size());
+  TORCH_CHECK(n > 0, "sassha_fused::restore_sq_norm: empty lists; the caller returns zero itself");
+  const auto device = params[0].device();
+  for (size_t j = 0; j < n; ++j) {
+    check_param("restore_sq_norm", params[j], j, device);
+    check_companion("restore_sq_norm", "backups", backups[j], j, params[j], params[j].scalar_type());
+    const auto st = sources[j].scalar_type();
+    TORCH_CHECK(st == params[j].scalar_type() || st == math_dtype(params[j].scalar_type()),
+                "sassha_fused::restore_sq_norm: sources[", j, "] has dtype ", st,
+                " but must be its param's dtype or its math dtype");
+    check_companion("restore_sq_norm", "sources", sources[j], j, params[j], st);
+  }
+  const auto chunks = make_chunks(params);
+  std::vector<double> partial(chunks.size(), 0.0);
+  for_each_chunk(chunks, [&](const Chunk& c) {
+    const int64_t j = c.tensor;
+    dispatch_param_dtype(params[j].scalar_type(), [&](auto tag_x) {
+      using T = decltype(tag_x);
+      T* x = static_cast<T*>(params[j].data_ptr());
+      const T* b = static_cast<const T*>(backups[j].const_data_ptr());
+      dispatch_param_dtype(sources[j].scalar_type(), [&](auto tag_v) {
+        using V = decltype(tag_v);
+        const V* v = static_cast<const V*>(sources[j].const_data_ptr());
+        partial[&c - chunks.data()] = acc_fp64 ? chunk_restore_sq_norm<double>(x, b, v, c.begin, c.end)
+                                               : chunk_restore_sq_norm<float>(x, b, v, c.begin, c.end);
+      });
+    });
+  });
+  double total = 0;
+  for (double s : partial) total += s;
+  auto out = at::empty({}, params[0].options().dtype(acc_fp64 ? at::kDouble : at::kFloat));
+  if (acc_fp64) {
+    *out.mutable_data_ptr<double>() = total;
+  } else {
+    *out.mutable_data_ptr<float>() = static_cast<float>(total);
+  }
+  return out;
+}
+
 // Row g of the group table, checked.
 const double* group_row(const char* op, const at::Tensor& groups, int64_t g) {
   TORCH_CHECK(g >= 0 && g < groups.size(0), "sassha_fused::", op, ": group_index ", g,
@@ -1121,12 +1189,16 @@ TORCH_LIBRARY(sassha_fused, m) {
         "Tensor(c!)[] exp_hessian_diags, Tensor(d!)[] exp_avg_scales, Tensor(e!)[] exp_hessian_diag_scales, "
         "Tensor(f!)?[] master_corrections, int state_bits, Tensor scalars, float power, int refresh_mode, "
         "Tensor?[] ys, int[] param_index, int[] element_offset, int[] prefixes, Tensor? fd) -> ()");
+  // params[j] = backups[j] (bit for bit); returns the sum of ||sources[j]||^2 over all
+  // tensors, as sq_norm does (unperturb()'s restore with step()'s finite check).
+  m.def("restore_sq_norm(Tensor(a!)[] params, Tensor[] backups, Tensor[] sources, bool acc_fp64) -> Tensor");
   // Which sources this library was built from (see sassha_fused/_build.py).
   m.def("build_info() -> str", &sassha::build_info);
 }
 
 TORCH_LIBRARY_IMPL(sassha_fused, CPU, m) {
   m.impl("sq_norm", &sassha::sq_norm_cpu);
+  m.impl("restore_sq_norm", &sassha::restore_sq_norm_cpu);
   m.impl("perturb", &sassha::perturb_cpu);
   m.impl("probes", &sassha::probes_cpu);
   m.impl("fd_move", &sassha::fd_move_cpu);

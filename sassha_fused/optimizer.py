@@ -1030,22 +1030,20 @@ class SASSHA(_SasshaBase):
         check, which step() takes from here while the gradients are the same tensors at the same
         versions (``_early_check``); a gradient replaced or changed in place is read again."""
         grads = list(map(_GRAD, plan.participants))  # (C speed: host work flat in the number of tensors)
-        if (self.nonfinite == "ignore" or self.refresh_due or self._data_parallel()
-                or any(map(operator.is_, grads, itertools.repeat(None)))
-                or (self._run.shards is None and is_distributed(self.process_group))):
-            # (other processes: a collective on the gradients, e.g. a hand-written all_reduce, changes
-            # them without a version bump; refresh steps check their Hessian inputs at step())
-            with torch.no_grad():
-                self._restore(plan)
-            return None
+        # (other processes: a collective on the gradients, e.g. a hand-written all_reduce, changes them
+        # without a version bump; refresh steps check their Hessian inputs at step())
+        check = not (self.nonfinite == "ignore" or self.refresh_due or self._data_parallel()
+                     or any(map(operator.is_, grads, itertools.repeat(None)))
+                     or (self._run.shards is None and is_distributed(self.process_group)))
         try:
             with torch.no_grad():
-                total = F.restore(plan, check=True)
+                total = F.restore(plan, check=check)
         except BaseException:  # (the backups still hold x_t: the step ends there)
             self._abort_step()
             raise
+        if not check:
+            return None
         return plan, total, list(map(weakref.ref, grads)), list(map(_VERSION, grads))
-
 
     @contextlib.contextmanager
     def unperturbed(self) -> Iterator[None]:

@@ -180,6 +180,25 @@ def test_cpp_backend_really_runs(hvp):
 
 
 @requires_cpp
+@pytest.mark.parametrize("dtype,acc_fp64", [(torch.float32, False), (torch.bfloat16, False), (torch.float64, True)])
+def test_restore_reads_the_finite_check_in_the_same_sweep(dtype, acc_fp64):
+    """restore_sq_norm: params back to their backups bit for bit, and the sources' sum of squares
+    equal to sq_norm's (its lanes and chunks run the same way), across tile, lane and chunk edges."""
+    ops = torch.ops.sassha_fused
+    g = torch.Generator().manual_seed(3)
+    sizes = (1, 15, 17, 257, 1025, 70001)
+    params = [torch.randn(n, generator=g).to(dtype) for n in sizes]
+    backups = [torch.randn(n, generator=g).to(dtype) for n in sizes]
+    sources = [torch.randn(n, generator=g).to(dtype) * 1e3 for n in sizes]
+    want = ops.sq_norm(sources, params, False, acc_fp64)
+    got = ops.restore_sq_norm(params, backups, sources, acc_fp64)
+    assert all(torch.equal(p, b) for p, b in zip(params, backups))
+    assert got.dtype == want.dtype and torch.equal(got, want)
+    sources[-1][-1] = float("nan")
+    assert not torch.isfinite(ops.restore_sq_norm(params, backups, sources, acc_fp64))
+
+
+@requires_cpp
 def test_auto_picks_cpp_on_cpu():
     from sassha_fused.backends import resolve_backend
 

@@ -13,6 +13,7 @@ every backend:
 * in a backend (``FaultyBackend`` wraps the real one, given by ``backend=``, and raises on the
   first call of a phase, before delegating, so nothing of that call is written): ``sq_norm``,
   ``perturb``, ``probes`` (autograd refresh), ``fd_move`` / ``fd_fold`` (finite differences),
+  ``restore`` (SASSHA's ``unperturb()``, which reads the finite check on plain steps),
   ``update``; and the first ``sq_norm`` after ``perturb`` (SASSHA: while the params are
   perturbed) or after ``update`` (M-SASSHA: the momentum norm of the re-perturbation);
 * in the user's own code in the protocol: between ``perturb_weights()`` and ``unperturb()``,
@@ -70,7 +71,7 @@ class FaultyBackend(Backend):
     given) raises before it reaches the real backend; one fault per ``arm``.
     """
 
-    PHASES = ("sq_norm", "perturb", "probes", "fd_move", "fd_fold", "update")
+    PHASES = ("sq_norm", "perturb", "probes", "fd_move", "fd_fold", "restore", "update")
 
     def __init__(self, name: str) -> None:
         self.inner = get_backend(name)
@@ -139,7 +140,10 @@ def _table():
 
                 add("backend", "sq_norm")
                 add("backend", "perturb")
-                add("backend", "sq_norm", after="perturb" if cls is SASSHA else "update")
+                # SASSHA's protocol: unperturb() reads the finite check as it restores on plain steps,
+                # so the first sq_norm after perturb is the check of a refresh step
+                add("backend", "sq_norm", after="perturb" if cls is SASSHA else "update",
+                    refresh_only=cls is SASSHA and interface == "protocol")
                 add("backend", "fd_move" if fd else "probes", refresh_only=True)
                 if fd and interface == "protocol":
                     add("backend", "fd_fold", refresh_only=True)
@@ -156,6 +160,7 @@ def _table():
                     if fd:
                         add("user", "in-hvp-loop", refresh_only=True)
                     add("user", "after-unperturb")
+                    add("backend", "restore")  # unperturb()'s restore (with the finite check on plain steps)
                     # the restore fused into the update (defer_unperturb): still back to x_t
                     add("backend", "update", opts=(("defer_unperturb", True),))
                     add("user", "after-unperturb", opts=(("defer_unperturb", True),))

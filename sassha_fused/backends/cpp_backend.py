@@ -60,6 +60,11 @@ class CppBackend(Backend):
             return torch.zeros((), dtype=acc_dtype, device=b.device)
         return self._ops.sq_norm(sources, b.params, adaptive, acc_dtype == torch.float64)
 
+    def restore(self, b: Bucket, check: Optional[Sequence[Tensor]], acc_dtype: torch.dtype) -> Optional[Tensor]:
+        if check is None or not b.params:
+            return super().restore(b, check, acc_dtype)
+        return self._ops.restore_sq_norm(b.params, b.backups, check, acc_dtype == torch.float64)
+
     def perturb(self, b: Bucket, sources: Sequence[Tensor], sq_norm: Tensor, sign: float, adaptive: bool,
                 groups: GroupTable) -> None:
         self._ops.perturb(b.params, sources, b.backups, sq_norm, b.group_index, groups.tensor(b.device), sign, adaptive)
@@ -102,6 +107,7 @@ class CudaBackend(CppBackend):
     name = "cuda"
     device_type = "cuda"
     dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    restore = Backend.restore  # (a copy and the sq_norm kernel: the fused op is CPU-only)
 
 
 def load(name: str = "cpp", build: Optional[_build.ExtensionBuild] = None) -> Backend:
