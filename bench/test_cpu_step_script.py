@@ -11,6 +11,7 @@ import sys
 import pytest
 
 import bench_cpu_step
+import restore_check_ab
 
 
 def test_cpu_step_script_smoke(request, tmp_path, monkeypatch, capsys):
@@ -33,6 +34,17 @@ def test_cpu_step_script_smoke(request, tmp_path, monkeypatch, capsys):
     if bench_cpu_step.available_backends()["cpp"]:
         assert "sassha cpp" in results
         assert set(data["passes"]) == set(bench_cpu_step.PASS_BYTES) | {"AdamW(fused=True) step"}
+
+
+def test_restore_check_ab_smoke(request):
+    if not request.config.getoption("benchmark_disable", default=False):
+        pytest.skip("smoke test of the script; run the script itself for numbers")
+    from sassha_fused import available_backends
+
+    if not available_backends()["cpp"].available:
+        pytest.skip("the C++ backend is not available here")
+    out = restore_check_ab.measure(4000, 4, rounds=2, reps=1, flush_mib=1)
+    assert out["restore / step() ratio"] > 0 and out["AdamW(fused=True)"] > 0
 
 
 def test_pytest_benchmark_table():
