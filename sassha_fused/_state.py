@@ -27,6 +27,7 @@ from torch import Tensor
 from ._defaults import OPTIONS
 from .backends import Backend, math_dtype, resolve_backend
 from .distributed import is_distributed, is_sharded
+from . import encoding as _encoding
 from .encoding import decode_state, fsdp_state_bits, join_master, n_groups, scales_shape, state_format
 from .phases import BETWEEN_STEPS
 from .plans import StepPlan, new_state
@@ -37,7 +38,7 @@ __all__ = ["ParamStateMixin", "StateDictMixin", "EXTRA_KEY"]
 _is_sparse = operator.attrgetter("is_sparse")
 _is_not_none = functools.partial(operator.is_not, None)
 
-EXTRA_KEY = "sassha_fused"
+EXTRA_KEY = _encoding.EXTRA_KEY  # "sassha_fused"
 _STATE_DTYPES = {"step": torch.float32, "bias_correction2": torch.float64}
 _PARAM_SHAPED = ("exp_avg", "exp_hessian_diag", "unperturbed_param")
 #: the integer param-shaped entries (state_bits=8 codes, master corrections) and their dtypes
@@ -220,6 +221,7 @@ class StateDictMixin:
             "skipped_refresh": self._run.skips.skipped_refresh or 0,  # (0: none; steps count from 1)
             "last_refresh": self._run.last_refresh,
             "hvp_method": self._run.hvp_method,
+            "state_encoding": _encoding.ENCODING_VERSION,  # of 8-bit state (encoding.saved_encoding)
         }
         if is_schedule(self.hessian_power) and hasattr(self.hessian_power, "state_dict"):
             extra["hessian_power_schedule"] = self.hessian_power.state_dict()
@@ -389,6 +391,14 @@ class StateDictMixin:
                         f"{name}.load_state_dict: {where} has shape {tuple(value.shape)} but the parameter has "
                         f"shape {tuple(p.shape)}: the state dict comes from a model with other shapes (or the "
                         "parameters are in another order). Nothing was loaded.")
+        version = int(extra.get("state_encoding", 1)) if isinstance(extra, dict) else 1
+        if version != _encoding.ENCODING_VERSION and any(isinstance(s, dict) and "exp_avg_codes" in s
+                                                         for s in saved_state.values()):
+            raise ValueError(
+                f"{name}.load_state_dict: the state dict keeps 8-bit state in the encodings of version {version}"
+                f"{' (the first: softsign momentum codes)' if version == 1 else ''}, "
+                f"which this version ({_encoding.ENCODING_VERSION}) reads differently. Convert it first: "
+                "opt.load_state_dict(sassha_fused.encoding.convert_state_dict(sd, state_bits=8)). Nothing was loaded.")
         for gi_j, p, i in zip(places, self._all_params(), ids):
             saved_bits = state_format(saved_state.get(i, {}))
             bits = self._state_bits_of(p)

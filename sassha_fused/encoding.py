@@ -23,7 +23,7 @@ writes the same codes, bit for bit.
     :math:`m = (t\,|t|) \cdot s`: products only. Companding spends the codes where
     momentum entries are: most sit far below the group's largest, and the square root
     makes the grid's first step :math:`s / 127^2` instead of linear codes'
-    :math:`s / 127`, at the same step as linear codes at the top.
+    :math:`s / 127`, for a step of about :math:`2 s / 127` at the top (softsign's too).
   - :math:`D` (non-negative) through its square root :math:`R = \sqrt{D}`: scale
     :math:`s = \max_{group} R`, :math:`c = R / s` (0 when :math:`s` is 0), ``uint8``
     code :math:`q = \min(\lfloor (c + \tfrac{1}{510}) \cdot 255 \rfloor, 255)`, and
@@ -91,6 +91,8 @@ __all__ = [
     "decode_state",
     "encode_state",
     "convert_state_dict",
+    "ENCODING_VERSION",
+    "saved_encoding",
 ]
 
 GROUP = 32  # elements per scale
@@ -106,6 +108,11 @@ M_UNIT = float(torch.tensor(1.0 / M_LEVELS, dtype=torch.float32))
 D_UNIT = float(torch.tensor(1.0 / D_LEVELS, dtype=torch.float32))
 #: float32's smallest normal: a group of m whose largest |m| is below it encodes as 0
 TINY = 2.0 ** -126
+#: the version of the 8-bit encodings a state dict records (``state_encoding`` among its
+#: optimizer-wide values): 1, the first (softsign m codes; D's scale the group's largest D;
+#: a state dict without the entry), 2 these. ``convert_state_dict`` reads version 1.
+ENCODING_VERSION = 2
+EXTRA_KEY = "sassha_fused"  # where a state dict keeps its optimizer-wide values (optimizer.state_dict)
 _CORRECTION_DTYPE = {24: torch.int8, 32: torch.int16}
 
 
@@ -307,14 +314,39 @@ def encode_state(m: Tensor, d: Tensor, state_bits: int, math_dtype: torch.dtype)
     return {"exp_avg": m.to(dtype), "exp_hessian_diag": d.to(dtype)}
 
 
+def saved_encoding(state_dict: Dict[str, object]) -> int:
+    """The 8-bit encoding version a state dict was written with (``ENCODING_VERSION``; 1 when it
+    does not say: the first version recorded none)."""
+    extras = [state_dict.get(EXTRA_KEY)] + [g.get(EXTRA_KEY) for g in state_dict.get("param_groups", [])  # type: ignore
+                                            if isinstance(g, dict)]
+    for extra in extras:
+        if isinstance(extra, dict):
+            return int(extra.get("state_encoding", 1))
+    return 1
+
+
+def _decode_state_v1(state: Dict[str, Tensor], math_dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """(m, D) of 8-bit state written with version 1: m = c / (2 - |c|) s, c = q / 127; D = (q / 255)^2 s."""
+    c = _grouped(state["exp_avg_codes"]) / M_LEVELS
+    s = state["exp_avg_scales"].reshape(-1, 1).to(torch.float32)
+    m = _ungrouped(c / (2.0 - c.abs()) * s, state["exp_avg_codes"])
+    c = _grouped(state["exp_hessian_diag_codes"]) / D_LEVELS
+    s = state["exp_hessian_diag_scales"].reshape(-1, 1).to(torch.float32)
+    d = _ungrouped(c * c * s, state["exp_hessian_diag_codes"])
+    return m.to(math_dtype), d.to(math_dtype)
+
+
 def convert_state_dict(state_dict: Dict[str, object], state_bits: int) -> Dict[str, object]:
     """A copy of an optimizer ``state_dict()`` with ``m`` and ``D`` re-encoded for ``state_bits``.
 
     Load the result into an optimizer built with that ``state_bits``; converting to
-    fewer bits rounds the state as a step would. Whole (unsharded) tensors only.
+    fewer bits rounds the state as a step would. A state dict of the first 8-bit
+    encodings (version 1, ``saved_encoding``) is read as such and written in these.
+    Whole (unsharded) tensors only.
     """
     if state_bits not in STATE_BITS:
         raise ValueError(f"state_bits: expected one of {STATE_BITS}, got {state_bits!r}")
+    version = saved_encoding(state_dict)
     out = dict(state_dict)
     new_state = {}
     for key, entry in dict(state_dict["state"]).items():  # type: ignore[arg-type]
@@ -325,10 +357,20 @@ def convert_state_dict(state_dict: Dict[str, object], state_bits: int) -> Dict[s
                                  "state dict (torch.distributed.checkpoint's full_state_dict=True) instead")
             kept = entry["exp_avg"] if "exp_avg" in entry else None
             mdt = kept.dtype if kept is not None and kept.dtype == torch.float64 else torch.float32
-            m, d = decode_state(entry, mdt)
+            if "exp_avg_codes" in entry and version == 1:
+                m, d = _decode_state_v1(entry, mdt)
+            else:
+                m, d = decode_state(entry, mdt)
             for k in state_keys(8) + state_keys(32):
                 entry.pop(k, None)
             entry.update(encode_state(m, d, state_bits, mdt))
         new_state[key] = entry
     out["state"] = new_state
+    # the optimizer-wide values (and the copies in the param groups) record these encodings
+    if isinstance(out.get(EXTRA_KEY), dict):
+        out[EXTRA_KEY] = {**out[EXTRA_KEY], "state_encoding": ENCODING_VERSION}  # type: ignore[dict-item]
+    if isinstance(out.get("param_groups"), list):
+        out["param_groups"] = [{**g, EXTRA_KEY: {**g[EXTRA_KEY], "state_encoding": ENCODING_VERSION}}
+                               if isinstance(g, dict) and isinstance(g.get(EXTRA_KEY), dict) else g
+                               for g in out["param_groups"]]  # type: ignore[union-attr]
     return out

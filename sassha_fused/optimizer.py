@@ -776,7 +776,7 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
         if checked is None or checked[0] is not plan:
             return None
         grads = list(map(_GRAD, plan.participants))
-        if not all(map(operator.is_, map(operator.call, checked[2]), grads)):
+        if not all(map(operator.is_, map(weakref.ref.__call__, checked[2]), grads)):
             return None  # a gradient was replaced (or dropped)
         return checked[1] if list(map(_VERSION, grads)) == checked[3] else None  # or changed in place
 
@@ -1025,14 +1025,17 @@ class SASSHA(_SasshaBase):
         self._move(Phase.RESTORED)
 
     def _restore_and_check(self, plan: StepPlan) -> Optional[tuple]:
-        """unperturb()'s restore. On a plain step (one process, no refresh, every gradient there)
-        it also reads the perturbed gradients' sum of squares in the same sweep: step()'s finite
-        check, which step() takes from here while the gradients are the same tensors at the same
-        versions (``_early_check``); a gradient replaced or changed in place is read again."""
+        """unperturb()'s restore. On a plain step (no other process that could change the gradients,
+        no refresh, every gradient there, not capturable) it also reads the perturbed gradients' sum
+        of squares in the same sweep: step()'s finite check, which step() takes from here while the
+        gradients are the same tensors at the same versions (``_early_check``); a gradient replaced
+        or changed in place is read again. Writes the version counter does not see (through
+        ``.data``, or by kernels outside PyTorch's dispatcher) are not seen."""
         grads = list(map(_GRAD, plan.participants))  # (C speed: host work flat in the number of tensors)
-        # (other processes: a collective on the gradients, e.g. a hand-written all_reduce, changes them
-        # without a version bump; refresh steps check their Hessian inputs at step())
-        check = not (self.nonfinite == "ignore" or self.refresh_due or self._data_parallel()
+        # Not where another process can change the gradients (a hand-written all_reduce writes them
+        # without a version bump), not on refresh steps (they check their Hessian inputs at step()),
+        # not with capturable (a captured step() must read its gradients inside the graph).
+        check = not (self.nonfinite == "ignore" or self.refresh_due or self.capturable or self._data_parallel()
                      or any(map(operator.is_, grads, itertools.repeat(None)))
                      or (self._run.shards is None and is_distributed(self.process_group)))
         try:

@@ -27,8 +27,8 @@ import pytest
 import torch
 
 from conftest import requires_cpp, requires_cuda_backend
-from parity import (TOLERANCE, clone_params, coupled_loss, fd_bound, make_params, phase_groups, protocol_step,
-                    sync_run)
+from parity import (TOLERANCE, clone_params, code_step, coupled_loss, fd_bound, make_params, phase_groups,
+                    protocol_step, sync_run)
 from sassha_fused import SASSHA, encoding
 from sassha_fused.backends import Bucket, ProbeKeys, RefreshInput, RefreshMode, UpdateCol, get_backend
 
@@ -78,23 +78,25 @@ def _compare_step(ref, ref_opt, new, new_opt, dtype, step: int) -> None:
                 rtol, atol = _tol(torch.bfloat16 if rs[key].dtype == torch.bfloat16 else rs[key].dtype, fd)
                 _assert_within(s[key], rs[key], atol + rtol * rs[key].double().abs(), f"{where}: {key}")
         # 8-bit: codes within one step; scales within the float tolerance; decoded values within
-        # one code step plus that tolerance. m = (q/127)^2 s: a half step errs by at most
-        # (1/254)(2 + 1/254) s, a whole step by (2 + 1/254) s / 127; D = ((q/255) s)^2 with s the
-        # scale of sqrt(D): a step is at most (2 * 255 + 1) / 255^2 of the group's max D = s^2
+        # one code step (parity.code_step: neighbouring codes of m = (q/127)|q/127| s differ by at most
+        # (2*127 - 1)/127^2 s; of D = ((q/255) s)^2, s the scale of sqrt(D), by (2*255 - 1)/255^2 s^2)
+        # plus that tolerance
         if "exp_avg_codes" in rs:
             rtol, atol = _tol(torch.float32, fd)
-            for codes, scales, step, power in (("exp_avg_codes", "exp_avg_scales", (2 + 1 / 254) / 127, 1),
-                                               ("exp_hessian_diag_codes", "exp_hessian_diag_scales",
-                                                (2 * 255 + 1) / 255 ** 2, 2)):
+            for codes, scales in (("exp_avg_codes", "exp_avg_scales"),
+                                  ("exp_hessian_diag_codes", "exp_hessian_diag_scales")):
                 assert s[codes].dtype == rs[codes].dtype and s[codes].shape == rs[codes].shape, where
                 dq = (s[codes].int() - rs[codes].int()).abs()
                 assert int(dq.max()) <= 1, f"{where}: {codes} differ by {int(dq.max())} steps"
                 _assert_within(s[scales], rs[scales], atol + rtol * rs[scales].double().abs(), f"{where}: {scales}")
                 decode = encoding.decode_momentum if codes == "exp_avg_codes" else encoding.decode_hessian
                 a, b = decode(s[codes], s[scales]), decode(rs[codes], rs[scales])
-                group_scale = torch.maximum(s[scales], rs[scales]).double() ** power  # max |m| / max D
-                per_elem = group_scale.repeat_interleave(encoding.GROUP)[:a.numel()].view(a.shape)
-                bound = step * per_elem + atol + rtol * (b.double().abs() + per_elem)
+                # (the scales may differ by rtol; D is quadratic in its scale, so by 2 rtol relative)
+                scale = torch.maximum(s[scales], rs[scales])
+                power = 1 if codes == "exp_avg_codes" else 2
+                step = code_step(codes, scale).reshape(-1).repeat_interleave(encoding.GROUP)[:a.numel()].view(a.shape)
+                top = (scale.double() ** power).reshape(-1).repeat_interleave(encoding.GROUP)[:a.numel()].view(a.shape)
+                bound = step + atol + rtol * (power * b.double().abs() + top)
                 _assert_within(a, b, bound, f"{where}: decoded {codes}")
         # params and master weights: a master weight is compared joined (float32); the param,
         # its top half, within one bfloat16 step (a float32 last bit can cross its rounding)

@@ -14,7 +14,7 @@ import io
 import pytest
 import torch
 
-from parity import TOLERANCE, clone_params, coupled_loss, make_params, protocol_step
+from parity import TOLERANCE, clone_params, code_step, coupled_loss, make_params, protocol_step
 from sassha_fused import MSASSHA, SASSHA
 from sassha_fused.encoding import (
     GROUP,
@@ -310,6 +310,51 @@ def test_loading_another_encoding_is_refused_unless_converted():
     for i, p in enumerate(params):
         for key in ("exp_avg_codes", "exp_avg_scales", "exp_hessian_diag_codes", "exp_hessian_diag_scales"):
             assert torch.equal(back["state"][i][key], opt.state[p][key]), key
+
+
+def _encode_v1(m: torch.Tensor, d: torch.Tensor) -> dict:
+    """The first 8-bit encodings (version 1), as they were: softsign m codes, D = (q/255)^2 * max D."""
+    v = m.reshape(-1).float()
+    v = torch.cat([v, v.new_zeros((-v.numel()) % GROUP)]).view(-1, GROUP)
+    s = v.abs().amax(1)
+    u = torch.where(s[:, None] > 0, v / torch.where(s > 0, s, 1)[:, None], 0)
+    c = (u + u) / (1 + u.abs())
+    q = torch.where(c < 0, -1, 1) * torch.floor((c.abs() + 0.5 / 127) * 127).clamp(max=127)
+    w = d.reshape(-1).float()
+    w = torch.cat([w, w.new_zeros((-w.numel()) % GROUP)]).view(-1, GROUP)
+    t = w.amax(1)
+    r = torch.sqrt(torch.where(t[:, None] > 0, w / torch.where(t > 0, t, 1)[:, None], 0).double()).float()
+    qd = torch.floor((r + 0.5 / 255) * 255).clamp(max=255)
+    qd = torch.where((w > 0) & (qd < 1), 1, qd)
+    n = m.numel()
+    return {"exp_avg_codes": q.reshape(-1)[:n].to(torch.int8).view(m.shape), "exp_avg_scales": s,
+            "exp_hessian_diag_codes": qd.reshape(-1)[:n].to(torch.uint8).view(m.shape), "exp_hessian_diag_scales": t}
+
+
+def test_a_checkpoint_of_the_first_8bit_encodings_is_refused_and_converts():
+    """The encodings changed (version 2): a version-1 checkpoint would decode to other values (D about
+    1e-4 of itself), so loading one is refused with nothing changed; convert_state_dict reads it."""
+    params, opt = compact_run("foreach", 8, steps=3)
+    sd = opt.state_dict()
+    assert sd["sassha_fused"]["state_encoding"] == 2
+    floats = [opt.float_state(p) for p in params]
+    old = copy.deepcopy(sd)
+    for i, f in enumerate(floats):  # the same m and D, written as version 1 wrote them
+        old["state"][i].update(_encode_v1(f["exp_avg"], f["exp_hessian_diag"]))
+    for extra in [old["sassha_fused"]] + [g["sassha_fused"] for g in old["param_groups"]]:
+        extra.pop("state_encoding", None)  # version 1 recorded none (the dicts may be one shared dict)
+    other = SASSHA(clone_params(params), lr=0.01, lazy_hessian=2, backend="foreach", state_bits=8)
+    with pytest.raises(ValueError, match=r"version 1.*convert_state_dict"):
+        other.load_state_dict(old)
+    assert not other.state, "nothing was loaded"
+    other.load_state_dict(convert_state_dict(old, 8))
+    for p, q, f in zip(params, other.param_groups[0]["params"], floats):
+        got = other.float_state(q)
+        for key, unit in (("exp_avg", "exp_avg_codes"), ("exp_hessian_diag", "exp_hessian_diag_codes")):
+            # two roundings to a code grid (version 1's, then these): within two code steps of the group
+            step = code_step(unit, other.state[q][unit.replace("codes", "scales")]).reshape(-1)
+            bound = 2 * step.repeat_interleave(GROUP)[:p.numel()].view(p.shape) + 1e-6 * f[key].abs()
+            assert ((got[key].double() - f[key].double()).abs() <= bound).all(), key
 
 
 def test_master_correction_mismatch_is_refused():
