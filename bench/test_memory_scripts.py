@@ -29,7 +29,11 @@ def test_state_encodings_compares_the_candidates(tmp_path):
     dest = tmp_path / "enc.json"
     _run([os.path.join(HERE, "state_encodings.py"), "--steps", "50", "--out", str(dest)])
     rows = json.loads(dest.read_text())["rows"]
-    assert rows[0]["step_rel_error"] == 0.0 and len(rows) == 9
+    import state_encodings
+
+    # the float32 anchor, each candidate alone, and the two pairs of chosen and earlier encodings
+    expected = 1 + len(state_encodings.M_CANDIDATES) + len(state_encodings.D_CANDIDATES) + 2
+    assert rows[0]["step_rel_error"] == 0.0 and len(rows) == expected
 
 
 def test_state_bits_training_quick(tmp_path):

@@ -137,6 +137,14 @@ void check_companion(const char* op, const char* what, const at::Tensor& t, int6
               "] is not contiguous; pass contiguous tensors");
 }
 
+// sources[j] of a param: the param's dtype or its math dtype, and a companion of the param.
+void check_source(const char* op, const at::Tensor& v, int64_t j, const at::Tensor& p) {
+  const auto st = v.scalar_type();
+  TORCH_CHECK(st == p.scalar_type() || st == math_dtype(p.scalar_type()), "sassha_fused::", op, ": sources[", j,
+              "] has dtype ", st, " but must be its param's dtype or its math dtype");
+  check_companion(op, "sources", v, j, p, st);
+}
+
 // The heavy loops are compiled twice, for AVX2 and for the baseline x86-64, and
 // the loader picks one per machine (GCC function multi-versioning): the update's
 // sqrt and division are compute-bound at SSE2 width on two cores. Never
@@ -206,11 +214,7 @@ at::Tensor sq_norm_cpu(at::TensorList sources, at::TensorList params, bool adapt
   const auto device = params[0].device();
   for (size_t j = 0; j < params.size(); ++j) {
     check_param("sq_norm", params[j], j, device);
-    const auto st = sources[j].scalar_type();
-    TORCH_CHECK(st == params[j].scalar_type() || st == math_dtype(params[j].scalar_type()),
-                "sassha_fused::sq_norm: sources[", j, "] has dtype ", st,
-                " but must be its param's dtype or its math dtype");
-    check_companion("sq_norm", "sources", sources[j], j, params[j], st);
+    check_source("sq_norm", sources[j], j, params[j]);
   }
   const auto chunks = make_chunks(params);
   std::vector<double> partial(chunks.size(), 0.0);
@@ -323,11 +327,7 @@ at::Tensor restore_sq_norm_cpu(at::TensorList params, at::TensorList backups, at
   for (size_t j = 0; j < n; ++j) {
     check_param("restore_sq_norm", params[j], j, device);
     check_companion("restore_sq_norm", "backups", backups[j], j, params[j], params[j].scalar_type());
-    const auto st = sources[j].scalar_type();
-    TORCH_CHECK(st == params[j].scalar_type() || st == math_dtype(params[j].scalar_type()),
-                "sassha_fused::restore_sq_norm: sources[", j, "] has dtype ", st,
-                " but must be its param's dtype or its math dtype");
-    check_companion("restore_sq_norm", "sources", sources[j], j, params[j], st);
+    check_source("restore_sq_norm", sources[j], j, params[j]);
   }
   const auto chunks = make_chunks(params);
   std::vector<double> partial(chunks.size(), 0.0);
@@ -378,13 +378,9 @@ void perturb_cpu(at::TensorList params, at::TensorList sources, at::TensorList b
   if (n == 0) return;
   const auto device = params[0].device();
   for (size_t j = 0; j < n; ++j) {
-    const auto pt = params[j].scalar_type();
     check_param("perturb", params[j], j, device);
-    const auto st = sources[j].scalar_type();
-    TORCH_CHECK(st == pt || st == math_dtype(pt), "sassha_fused::perturb: sources[", j, "] has dtype ", st,
-                " but must be its param's dtype or its math dtype");
-    check_companion("perturb", "sources", sources[j], j, params[j], st);
-    check_companion("perturb", "backups", backups[j], j, params[j], pt);
+    check_source("perturb", sources[j], j, params[j]);
+    check_companion("perturb", "backups", backups[j], j, params[j], params[j].scalar_type());
   }
   TORCH_CHECK(sq_norm.numel() == 1 && (sq_norm.scalar_type() == at::kFloat || sq_norm.scalar_type() == at::kDouble),
               "sassha_fused::perturb: sq_norm must be a one-element float32/float64 tensor (from sq_norm)");

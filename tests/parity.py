@@ -298,6 +298,28 @@ def code_step(codes_key: str, scales: torch.Tensor) -> torch.Tensor:
     return (2 * 255 - 1) / 255 ** 2 * s * s
 
 
+def capture_after_warm_up(opt, ref, params, twin, step: Callable, first_loss: Callable):
+    """torch.cuda.graphs' recipe for a captured optimizer step: on a side stream, warm up both
+    optimizers (a refresh step through ``first_loss(params)``, which needs a loss to differentiate,
+    then two plain ``step(opt, params)`` steps, like the one captured); capture one ``step`` of
+    ``opt`` and take its eager counterpart on ``ref``. Returns the graph (CUDA only)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for o, ps in ((opt, params), (ref, twin)):
+            o.step(lambda ps=ps: first_loss(ps))
+            o.zero_grad(set_to_none=True)
+        for _ in range(2):
+            step(opt, params)
+            step(ref, twin)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(opt, params)
+    step(ref, twin)
+    return graph
+
+
 # ------------------------------------------------------------------ phase-level checks
 def phase_groups():
     """A group table of two groups with their own hyper-parameters."""

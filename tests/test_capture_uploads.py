@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from conftest import every_backend, requires_cuda, requires_triton
-from parity import make_params
+from parity import capture_after_warm_up, make_params
 from sassha_fused import SASSHA
 from sassha_fused.backends import triton_backend as tb
 from sassha_fused.backends.base import Bucket, GroupTable
@@ -227,20 +227,7 @@ def test_captured_step_with_gradients_made_in_the_graph(backend):
         o.step()
         o.zero_grad(set_to_none=True)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up: a refresh step with a loss, then plain steps
-        for o, ps in ((opt, params), (ref, twin)):
-            o.step(lambda ps=ps: loss_of(ps))
-            o.zero_grad(set_to_none=True)
-        for _ in range(2):
-            step(opt, params)
-            step(ref, twin)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step(opt, params)
-    step(ref, twin)
+    graph = capture_after_warm_up(opt, ref, params, twin, step, loss_of)
     for _ in range(3):
         for d in data:
             d.copy_(torch.randn_like(d))

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import device_for, every_backend, requires_cuda
-from parity import coupled_loss, make_params, protocol_step
+from parity import capture_after_warm_up, coupled_loss, make_params, protocol_step
 from sassha_fused import MSASSHA, SASSHA
 
 READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
@@ -95,22 +95,8 @@ def test_captured_step_replays_like_eager_steps(backend):
         o.unperturb()
         o.step()
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        # Warm-up, as torch.cuda.graphs asks. The first step refreshes the Hessian
-        # estimate, which needs a loss to differentiate: a real closure step. The
-        # later ones are plain steps, like the captured one.
-        for o, ps in ((opt, params), (ref, twin)):
-            o.step(lambda ps=ps: sum((p * p * p * p).sum() for p in ps))
-        for _ in range(2):
-            step(opt, params)
-            step(ref, twin)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step(opt, params)
-    step(ref, twin)  # the captured step's eager counterpart
+    # warm-up as torch.cuda.graphs asks, the capture, and the captured step's eager counterpart
+    graph = capture_after_warm_up(opt, ref, params, twin, step, lambda ps: sum((p * p * p * p).sum() for p in ps))
     opt._cache.plans.clear()  # the graph's tables must outlive the plan cache (eviction, add_param_group)
     torch.cuda.empty_cache()
     scratch = [torch.full_like(p, float("nan")) for p in params for _ in range(4)]  # reuse of freed blocks
