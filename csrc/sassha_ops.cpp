@@ -208,6 +208,20 @@ double chunk_sq_norm_dispatch(const at::Tensor& v, const at::Tensor& x, const Ch
   return out;
 }
 
+// The chunks' partial sums added in chunk order (independent of the thread count), as a
+// 0-dim float32 (float64 when acc_fp64) tensor on the params' device.
+at::Tensor chunk_total(const std::vector<double>& partial, const at::Tensor& like, bool acc_fp64) {
+  double total = 0;
+  for (double s : partial) total += s;
+  auto out = at::empty({}, like.options().dtype(acc_fp64 ? at::kDouble : at::kFloat));
+  if (acc_fp64) {
+    *out.mutable_data_ptr<double>() = total;
+  } else {
+    *out.mutable_data_ptr<float>() = static_cast<float>(total);
+  }
+  return out;
+}
+
 at::Tensor sq_norm_cpu(at::TensorList sources, at::TensorList params, bool adaptive, bool acc_fp64) {
   check_same_length("sq_norm", "sources", sources.size(), "params", params.size());
   TORCH_CHECK(!params.empty(), "sassha_fused::sq_norm: empty lists; the caller returns zero itself");
@@ -229,15 +243,7 @@ at::Tensor sq_norm_cpu(at::TensorList sources, at::TensorList params, bool adapt
     }
     partial[&c - chunks.data()] = s;
   });
-  double total = 0;
-  for (double s : partial) total += s;
-  auto out = at::empty({}, params[0].options().dtype(acc_fp64 ? at::kDouble : at::kFloat));
-  if (acc_fp64) {
-    *out.mutable_data_ptr<double>() = total;
-  } else {
-    *out.mutable_data_ptr<float>() = static_cast<float>(total);
-  }
-  return out;
+  return chunk_total(partial, params[0], acc_fp64);
 }
 
 
@@ -345,15 +351,7 @@ at::Tensor restore_sq_norm_cpu(at::TensorList params, at::TensorList backups, at
       });
     });
   });
-  double total = 0;
-  for (double s : partial) total += s;
-  auto out = at::empty({}, params[0].options().dtype(acc_fp64 ? at::kDouble : at::kFloat));
-  if (acc_fp64) {
-    *out.mutable_data_ptr<double>() = total;
-  } else {
-    *out.mutable_data_ptr<float>() = static_cast<float>(total);
-  }
-  return out;
+  return chunk_total(partial, params[0], acc_fp64);
 }
 
 // Row g of the group table, checked.
