@@ -32,6 +32,11 @@ def main() -> None:
     if int(os.environ.get("RANK", "0")) == 0:
         torch.save({"params": [p.detach() for p in model.parameters()], "distributed": opt.distributed,
                     "collectives": opt.last_step_collectives, "steps": opt.global_step}, out / f"result_{world}.pt")
+    if torch.distributed.is_initialized():
+        # leave together and tear gloo down before the interpreter exits: a process group left to
+        # the exit's destructors aborts now and then ("terminate called without an active exception")
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
