@@ -783,9 +783,7 @@ class _SasshaBase(PassDriver, ParamStateMixin, StateDictMixin, torch.optim.Optim
     @staticmethod
     def _restore(plan: StepPlan) -> None:
         """Params of ``plan`` back to x_t, bit for bit, from the buckets' backups."""
-        for b in plan.buckets:
-            if b.params:
-                torch._foreach_copy_(b.params, b.backups)
+        F.restore(plan)
 
     def _return_from_fd_point(self) -> None:
         """Parameters an ``hvp_passes()`` loop moved go back where the step had them."""
