@@ -3,7 +3,9 @@
 #
 #   ./run.sh demo          set up, then train on real data: SASSHA vs AdamW, every backend's speed
 #   ./run.sh test [args]   set up, then run the whole test suite (extra args go to pytest); it
-#                          runs every README/docs block and mkdocs build --strict (tests/test_docs.py)
+#                          runs every README/docs block and mkdocs build --strict (tests/test_docs.py);
+#                          without args it then compiles the kernels with the GPU machines' triton too
+#                          and runs the benchmarks in smoke mode
 #   ./run.sh bench [args]  set up, then run the benchmark suite (pytest-benchmark)
 #   ./run.sh setup         only set up
 #
@@ -20,6 +22,9 @@ cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
 VENV=${SASSHA_VENV:-.venv}
 VPY="$VENV/bin/python"
+# the triton of the lent GPU machines (torch 2.11 + cu130, triton 3.6); see setup()
+GPU_TRITON=3.6.0
+GPU_TRITON_DIR="$VENV/gpu-triton"
 
 setup() {
     if [ ! -x "$VPY" ]; then
@@ -28,7 +33,7 @@ setup() {
     fi
     # Redo the install only when what it depends on changed.
     local want stamp="$VENV/.sassha-setup"
-    want=$(cat setup.py requirements-dev.txt $(find csrc -type f 2>/dev/null | sort) | sha256sum | cut -d' ' -f1)
+    want=$( (cat setup.py requirements-dev.txt $(find csrc -type f 2>/dev/null | sort); echo "$GPU_TRITON") | sha256sum | cut -d' ' -f1)
     if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
         return
     fi
@@ -53,6 +58,12 @@ setup() {
     else
         echo "[setup] not installing timm: it needs torchvision, which is not importable here; the timm tests skip"
     fi
+    # The GPU machines run triton $GPU_TRITON, not the one above: the test command also
+    # compiles every kernel for sm_90 with it (tests/test_triton_compile.py: registers,
+    # spills, 16-byte accesses), from a folder of its own put first on PYTHONPATH.
+    echo "[setup] installing triton==$GPU_TRITON into $GPU_TRITON_DIR (the GPU machines' triton, for the sm_90 compile checks)"
+    rm -rf "$GPU_TRITON_DIR"
+    "$VPY" -m pip install -q --no-deps --target "$GPU_TRITON_DIR" "triton==$GPU_TRITON"
     echo "[setup] installing sassha_fused (builds the C++ extension; a failed build is recorded, not fatal)"
     "$VPY" -m pip install -q --no-deps --no-build-isolation -e . -c "$constraints"
     echo "$want" > "$stamp"
@@ -83,6 +94,13 @@ case "$cmd" in
         "$VPY" -m pytest tests -q -p no:cacheprovider "$@"
         rc=$?
         if [ $rc -eq 0 ] && [ $# -eq 0 ]; then
+            # The sm_90 compile checks again with the GPU machines' triton (the test
+            # fails if another triton answers).
+            PYTHONPATH="$GPU_TRITON_DIR${PYTHONPATH:+:$PYTHONPATH}" SASSHA_EXPECT_TRITON="$GPU_TRITON" \
+                "$VPY" -m pytest tests/test_triton_compile.py -q -p no:cacheprovider
+            rc=$?
+        fi
+        if [ $rc -eq 0 ] && [ $# -eq 0 ]; then
             # The benchmark suite in smoke mode (tiny sizes, each case once), so it cannot rot.
             "$VPY" -m pytest bench -q -p no:cacheprovider --benchmark-disable
             rc=$?
@@ -99,7 +117,7 @@ case "$cmd" in
         exec "$VPY" -m pytest bench -q -p no:cacheprovider "$@"
         ;;
     *)
-        sed -n '2,8p' "$0"
+        sed -n '2,10p' "$0"
         exit 2
         ;;
 esac

@@ -10,7 +10,9 @@ finds its arrays evicted from the caches as it would in training
 (``--flush-mib 0``: steps back to back, which lets the smaller working set of
 AdamW keep part of its arrays in the 32 MiB L3 from one step to the next).
 The implementations take turns in rounds; ratios are medians of per-round ratios.
-A second table times each C++ pass against one AdamW step, call by call.
+A second table times each C++ pass against one AdamW step, call by call; a third
+times each call of a whole C++ step (perturb_weights, unperturb, step) against one
+AdamW step, at full size and at 1600 params (the host work).
 
     .venv/bin/python bench/bench_cpu_step.py [--numel 10000000] [--tensors 100] [--rounds 10] [--reps 5] [--flush-mib 64]
 
@@ -52,6 +54,7 @@ from sassha_fused import SASSHA, available_backends  # noqa: E402
 # D ** p 8, / c2 8, + eps 8, p.addcdiv_ 16 (128).
 # AdamW: reads p, g, m, v, writes p, m, v (28).
 BYTES_OFFICIAL_STYLE = 128
+READ_REFERENCE = "torch sum of one fp32 tensor (read-only reference)"
 BYTES_ADAMW = 28
 
 
@@ -167,6 +170,8 @@ def pass_ratios(numel: int, n_tensors: int, calls: int) -> dict:
         p.grad = grad
     adamw = torch.optim.AdamW(adamw_params, lr=1e-4, fused=True)
     fns["AdamW(fused=True) step"] = adamw.step
+    # what a read-only pass can do here: torch's own sum over the same bytes as sq_norm reads
+    fns[READ_REFERENCE] = torch.randn(n_tensors * (numel // n_tensors)).sum
     times = {name: [] for name in fns}
     for fn in fns.values():
         fn()
@@ -180,10 +185,50 @@ def pass_ratios(numel: int, n_tensors: int, calls: int) -> dict:
         name: {
             "median_ms": statistics.median(ts) * 1e3,
             "time_over_adamw": statistics.median(a / r for a, r in zip(ts, ref)),
-            "byte_ratio": PASS_BYTES[name] / 28 if name in PASS_BYTES else 1.0,
+            "byte_ratio": PASS_BYTES[name] / 28 if name in PASS_BYTES else 4 / 28 if name == READ_REFERENCE else 1.0,
         }
         for name, ts in times.items()
     }
+
+
+def phase_ratios(numel: int, n_tensors: int, steps: int, flush_mib: int) -> dict:
+    """Each call of a whole non-refresh step (C++ backend, defaults) over one AdamW(fused=True) step.
+
+    The step runs through the official protocol as in the main table (the flush where
+    forward/backward would run) and each of its three calls is timed apart, one AdamW
+    step after each SASSHA step. At a tiny ``numel`` the times are the calls' host work.
+    """
+    between = CacheFlush(flush_mib) if flush_mib > 0 else (lambda: None)
+    params, g1, g2 = make_tensors(numel, n_tensors, 0)
+    opt = SASSHA(params, backend="cpp", lr=1e-4, lazy_hessian=10**6)
+    first_refresh_step(opt, params)
+    adamw_params, adamw_g, _ = make_tensors(numel, n_tensors, 1)
+    adamw = torch.optim.AdamW(adamw_params, lr=1e-4, fused=True)
+    times = {"perturb_weights()": [], "unperturb()": [], "step()": [], "AdamW(fused=True) step": []}
+
+    def timed(name, fn):
+        t0 = time.perf_counter()
+        fn()
+        times[name].append(time.perf_counter() - t0)
+
+    for i in range(steps + 3):
+        for p, g in zip(params, g1):
+            p.grad = g
+        between()
+        timed("perturb_weights()", lambda: opt.perturb_weights(zero_grad=True))
+        for p, g in zip(params, g2):
+            p.grad = g
+        between()
+        timed("unperturb()", opt.unperturb)
+        timed("step()", opt.step)
+        times["AdamW(fused=True) step"].append(adamw_step(adamw, adamw_params, adamw_g, between))
+        if i < 3:  # warm-up
+            for ts in times.values():
+                ts.clear()
+    ref = times["AdamW(fused=True) step"]
+    return {name: {"median_ms": statistics.median(ts) * 1e3,
+                   "time_over_adamw": statistics.median(a / r for a, r in zip(ts, ref))}
+            for name, ts in times.items()}
 
 
 def main() -> None:
@@ -199,6 +244,9 @@ def main() -> None:
                          "forward/backward passes of training (0: steps run back to back)")
     ap.add_argument("--pass-calls", type=int, default=40,
                     help="calls of each C++ pass in the per-pass comparison with AdamW (0: skip it)")
+    ap.add_argument("--phase-steps", type=int, default=40,
+                    help="whole C++ steps whose calls are timed apart, at --numel and at 1600 params "
+                         "(host work), against AdamW(fused=True) (0: skip it)")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     args = ap.parse_args()
 
@@ -293,10 +341,22 @@ def main() -> None:
         print("|---|---:|---:|---:|")
         for name, r in passes.items():
             print(f"| {name} | {r['median_ms']:.2f} | {r['time_over_adamw']:.2f} | {r['byte_ratio']:.2f} |")
+    phases = {}
+    if args.phase_steps and available_backends()["cpp"]:
+        sizes = {"full": args.numel, "host work (1600 params)": 1600}
+        phases = {label: phase_ratios(n, args.tensors, args.phase_steps, args.flush_mib if label == "full" else 0)
+                  for label, n in sizes.items()}
+        print(f"\nA whole C++ step, call by call, one AdamW(fused=True) step after each ({args.phase_steps} steps; "
+              f"at 1600 params in {args.tensors} tensors, back to back: the host work):\n")
+        print("| call | " + " | ".join(f"{label}: ms | / AdamW" for label in phases) + " |")
+        print("|---|" + "---:|---:|" * len(phases))
+        for name in phases["full"]:
+            print(f"| {name} | " + " | ".join(f"{ph[name]['median_ms']:.2f} | {ph[name]['time_over_adamw']:.2f}"
+                                             for ph in phases.values()) + " |")
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"cpu_step_{datetime.datetime.now():%Y%m%d-%H%M%S}.json")
     with open(path, "w") as f:
-        json.dump({"meta": meta, "results": results, "passes": passes}, f, indent=1)
+        json.dump({"meta": meta, "results": results, "passes": passes, "phases": phases}, f, indent=1)
     print(f"\nwritten to {path}")
 
 

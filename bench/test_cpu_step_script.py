@@ -19,7 +19,7 @@ def test_cpu_step_script_smoke(request, tmp_path, monkeypatch, capsys):
         pytest.skip("smoke test of the script; run the script itself for numbers")
     monkeypatch.setattr(sys, "argv", [
         "bench_cpu_step.py", "--numel", "4000", "--tensors", "4", "--rounds", "2", "--reps", "1",
-        "--warmup", "1", "--flush-mib", "1", "--pass-calls", "2", "--out", str(tmp_path),
+        "--warmup", "1", "--flush-mib", "1", "--pass-calls", "2", "--phase-steps", "2", "--out", str(tmp_path),
     ])
     bench_cpu_step.main()
     out = capsys.readouterr().out
@@ -33,7 +33,13 @@ def test_cpu_step_script_smoke(request, tmp_path, monkeypatch, capsys):
         assert r["this_over_adamw_fused"] > 0 and r["official_over_this"] > 0, name
     if bench_cpu_step.available_backends()["cpp"]:
         assert "sassha cpp" in results
-        assert set(data["passes"]) == set(bench_cpu_step.PASS_BYTES) | {"AdamW(fused=True) step"}
+        assert set(data["passes"]) == set(bench_cpu_step.PASS_BYTES) | {"AdamW(fused=True) step",
+                                                                         bench_cpu_step.READ_REFERENCE}
+        calls = {"perturb_weights()", "unperturb()", "step()", "AdamW(fused=True) step"}
+        assert set(data["phases"]) == {"full", "host work (1600 params)"}
+        for label, phase in data["phases"].items():
+            assert set(phase) == calls and all(r["median_ms"] > 0 for r in phase.values()), label
+        assert "| step() |" in out
 
 
 def test_restore_check_ab_smoke(request):

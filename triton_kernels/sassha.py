@@ -104,6 +104,8 @@ MODE_NONE = tl.constexpr(0)
 MODE_AUTOGRAD = tl.constexpr(1)
 MODE_FD_DIRECT = tl.constexpr(2)
 MODE_PRECOMPUTED = tl.constexpr(3)
+# parts of a tensor's masked last tile in update_kernel (each a whole number of 32-element rows)
+TAIL_PARTS = tl.constexpr(4)
 KEY1_SALT = tl.constexpr(0x9E3779B9)
 # Compact state (sassha_fused/encoding.py): groups of GROUP elements share a float32 scale
 # under state_bits=8; the codes' levels and the constants added before the scaling to the
@@ -661,28 +663,31 @@ def _update_tile(
     gmask = grp * GROUP < numel
     msp = _ptr(ms_ptrs, slot, tl.float32, ALIGNED)
     dsp = _ptr(ds_ptrs, slot, tl.float32, ALIGNED)
-    if STATE_BITS != 8:
-        m = _load_state(mp, msp, offs, grp, mask, gmask, False, STATE_BITS, EVEN)
+    # The order keeps few arrays live at once (registers: tests/test_triton_compile.py):
+    # D and its refresh first, then g~ and m, x_t last. An autograd refresh's h needs
+    # no g~, which is loaded after it; the other modes floor h by |g~| and load it first.
+    if MODE == 1:
+        g = 0.0  # not read by the autograd refresh
+    else:
+        g = _ld(gp, offs, mask, EVEN).to(tl.float32)
     if STATE_BITS == 8 and MODE == 0 and POWER_MODE == 0:
         # 8-bit state, sqrt power, no refresh: sqrt(D) / c2 straight from the codes (encoding.hessian_root
         # with the group scales over c2)
         pre = _hessian_root(_ld(dp, offs, mask, EVEN), tl.div_rn(_ld(dsp, grp, gmask, EVEN), c2))
     else:
         d = _load_state(dp, dsp, offs, grp, mask, gmask, True, STATE_BITS, EVEN)
-    g = _ld(gp, offs, mask, EVEN).to(tl.float32)
-    if STATE_BITS != 8:
-        m = _momentum(m, g, beta1, omb1)
-    if MODE != 0:
-        h = _hutchinson(y_ptrs, prefixes, pidx, slot, n, gp, g, word, bits, offs, mask, delta, X_DTYPE, MODE,
-                        N_SAMPLES, ALIGNED, BLOCK, EVEN)
-        if MODE != 1:  # finite differences resolve |h| only down to h_floor * |g~|
-            h = tl.maximum(tl.abs(h), h_floor * tl.abs(g))
-        d = _hessian_ema(d, h, beta2, omb2)
-        _store_state(dp, dsp, offs, grp, d, mask, gmask, True, STATE_BITS, EVEN)  # D: on refresh steps only
-    if not (STATE_BITS == 8 and MODE == 0 and POWER_MODE == 0):
+        if MODE != 0:
+            h = _hutchinson(y_ptrs, prefixes, pidx, slot, n, gp, g, word, bits, offs, mask, delta, X_DTYPE, MODE,
+                            N_SAMPLES, ALIGNED, BLOCK, EVEN)
+            if MODE != 1:  # finite differences resolve |h| only down to h_floor * |g~|
+                h = tl.maximum(tl.abs(h), h_floor * tl.abs(g))
+            d = _hessian_ema(d, h, beta2, omb2)
+            _store_state(dp, dsp, offs, grp, d, mask, gmask, True, STATE_BITS, EVEN)  # D: on refresh steps only
         pre = _preconditioner(d, c2, power, POWER_MODE)
-    if STATE_BITS == 8:  # 8-bit: m is decoded and encoded after D, fewer values live across the group maxima
-        m = _momentum(_load_state(mp, msp, offs, grp, mask, gmask, False, STATE_BITS, EVEN), g, beta1, omb1)
+    if MODE == 1:
+        g = _ld(gp, offs, mask, EVEN).to(tl.float32)
+    m = _momentum(_load_state(mp, msp, offs, grp, mask, gmask, False, STATE_BITS, EVEN), g, beta1, omb1)
+    if STATE_BITS == 8:  # 8-bit: m's codes are stored before x_t is read (fewer values live across the group maxima)
         _store_state(mp, msp, offs, grp, m, mask, gmask, False, STATE_BITS, EVEN)
     # x_t is read last: on refresh steps it is not held through the Hutchinson sum
     xt = _ld(_ptr(xt_ptrs, slot, X_DTYPE, ALIGNED), offs, mask, EVEN)
@@ -746,7 +751,8 @@ def update_kernel(
     # A [BLOCK/32, 32] tile: row r starts in probe word ((element_offset + start) >> 5) + r,
     # so on refresh steps the hashes are computed once per 32 elements; at STATE_BITS 8
     # row r is also a group of the encoding (groups start at the tensor's element 0).
-    offs, word, bits = _word_tile(start, tl.load(element_offset + slot), BLOCK)
+    first = tl.load(element_offset + slot)
+    offs, word, bits = _word_tile(start, first, BLOCK)
     mask = offs < numel
     if tl.load(sc + U_LIVE) != 0:
         neg_step = tl.load(sc + U_NEG_STEP)
@@ -770,10 +776,18 @@ def update_kernel(
                          c2, eps, power, dlt, h_floor, X_DTYPE, S_DTYPE, STATE_BITS, MASTER_BITS, MODE, N_SAMPLES,
                          POWER_MODE, ALIGNED, BLOCK, True)
         else:
-            _update_tile(x_ptrs, xt_ptrs, g_ptrs, m_ptrs, d_ptrs, ms_ptrs, ds_ptrs, c_ptrs, y_ptrs, prefixes, pidx,
-                         slot, n, start, numel, offs, word, bits, mask, neg_step, decay, beta1, omb1, beta2, omb2,
-                         c2, eps, power, dlt, h_floor, X_DTYPE, S_DTYPE, STATE_BITS, MASTER_BITS, MODE, N_SAMPLES,
-                         POWER_MODE, ALIGNED, BLOCK, False)
+            # A tensor's last tile moves element by element under a mask, each access with its
+            # own 64-bit address: it goes in TAIL_PARTS parts, a loop the compiler keeps, so that
+            # only a part's addresses are live at once. Whole, the refresh variants took up to
+            # 184 registers with triton 3.6 (the full tile's vector path: at most 76).
+            for part in range(TAIL_PARTS):
+                sub = start + part * (BLOCK // TAIL_PARTS)
+                if sub < numel:
+                    sub_offs, sub_word, sub_bits = _word_tile(sub, first, BLOCK // TAIL_PARTS)
+                    _update_tile(x_ptrs, xt_ptrs, g_ptrs, m_ptrs, d_ptrs, ms_ptrs, ds_ptrs, c_ptrs, y_ptrs, prefixes,
+                                 pidx, slot, n, sub, numel, sub_offs, sub_word, sub_bits, sub_offs < numel, neg_step,
+                                 decay, beta1, omb1, beta2, omb2, c2, eps, power, dlt, h_floor, X_DTYPE, S_DTYPE,
+                                 STATE_BITS, MASTER_BITS, MODE, N_SAMPLES, POWER_MODE, ALIGNED, BLOCK // TAIL_PARTS, False)
     else:
         if start + BLOCK <= numel:
             _restore_tile(x_ptrs, xt_ptrs, slot, offs, mask, X_DTYPE, ALIGNED, True)

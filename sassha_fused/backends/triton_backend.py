@@ -77,13 +77,19 @@ _INTERPRET_HINT = "Triton kernels need CUDA tensors; set TRITON_INTERPRET=1 to r
 # bandwidth-bound pass without spilling the update kernel's ~10 live arrays.
 # A launch that is not 16-byte aligned moves elements one by one, each with its
 # own 64-bit address: there 16 warps (4 elements per thread) keep the refresh
-# update under 128 registers. tests/test_triton_compile.py checks both from ptxas.
+# update under 128 registers. Every launch also caps its registers at 128
+# (``maxnreg``): at least two 256-thread programs per SM whatever the triton version
+# schedules (3.6, the GPU machines', once took 179 where 3.9 took 128; see
+# bench/NOTES-triton.md), and ptxas budgets up to the cap instead of spilling early.
+# tests/test_triton_compile.py checks, from ptxas, under both tritons: at most 128
+# registers, no spills, 16-byte accesses.
 BLOCK = 2048
 # a tile holds whole groups of state_bits=8 (GROUP = 32 elements, one scale each), and its
 # codes and scales start 16-byte aligned in an aligned tensor (BLOCK bytes, BLOCK / 8 bytes in)
 assert BLOCK % 32 == 0 and BLOCK % 16 == 0 and (BLOCK // 32 * 4) % 16 == 0
 NUM_WARPS = 8
 NUM_WARPS_UNALIGNED = 16
+MAX_REGISTERS = 128
 # The norm's partials are summed in rounds: each program of a round adds
 # REDUCE_BLOCK * REDUCE_ITERS consecutive partials in a fixed order, until one sum is
 # left (deterministic). 875M params (427k partials) take two rounds of 105 and 1
@@ -131,6 +137,10 @@ def _i32(key: int) -> int:
 def num_warps(aligned: bool) -> int:
     """Warps per program of a launch with this ALIGNED constexpr."""
     return NUM_WARPS if aligned else NUM_WARPS_UNALIGNED
+
+
+# a launch's compile options by its ALIGNED constexpr (a dict lookup per launch, no call)
+LAUNCH_OPTIONS = {aligned: {"num_warps": num_warps(aligned), "maxnreg": MAX_REGISTERS} for aligned in (True, False)}
 
 
 def reduce_programs(n: int) -> int:
@@ -428,7 +438,7 @@ class TritonBackend(Backend):
         lo = launch.lo
         with _on(g.device):
             kernel[(launch.n_programs,)](launch.blocks, *[c[lo:] for c in columns], *args, BLOCK=BLOCK,
-                                         num_warps=num_warps(meta["ALIGNED"]), **meta)
+                                         **LAUNCH_OPTIONS[meta["ALIGNED"]], **meta)
         self.launches += 1
 
     # ---------------------------------------------------------------- phases
@@ -456,7 +466,7 @@ class TritonBackend(Backend):
             programs = reduce_programs(n)
             out = torch.empty(() if programs == 1 else (programs,), dtype=torch.float32, device=partials.device)
             _kernels.sum_partials_kernel[(programs,)](partials, n, out, BLOCK=REDUCE_BLOCK, ITERS=REDUCE_ITERS,
-                                                      num_warps=4)
+                                                      num_warps=4, maxnreg=MAX_REGISTERS)
             self.launches += 1
             if programs == 1:
                 return out
@@ -559,7 +569,7 @@ class TritonBackend(Backend):
                         X_DTYPE=_tl_dtype(g.dtype), S_DTYPE=s_dtype, STATE_BITS=state_bits, MASTER_BITS=g.master,
                         MODE=mode,
                         N_SAMPLES=y.shape[0], POWER_MODE=power_mode, ALIGNED=aligned, BLOCK=BLOCK,
-                        num_warps=num_warps(aligned),
+                        **LAUNCH_OPTIONS[aligned],
                     )
                 self.launches += 1
 
