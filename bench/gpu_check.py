@@ -14,7 +14,8 @@ then), never dropped. The whole run stays inside ``--budget`` seconds (default 3
               sm_90 PTX/ptxas checks with the machine's triton (pytest, per-test
               timeout, in the stages' environment: the build stage's extension is reused)
     passes    copy bandwidth, and each fused pass's GB/s at >= 50M params, fp32 and bf16
-              (timed with CUDA events around each call)
+              (timed with CUDA events around each call); last, Triton's fp32 update
+              passes again without the register cap (maxnreg), for the cap's trade
     steps     the optimizer-side step against AdamW(fused=True): 10M and 100M params in
               100 tensors, and 1000 small tensors
     syncs     host synchronisations per step (torch.cuda.set_sync_debug_mode("error")) per
@@ -233,6 +234,34 @@ def stage_passes(rec: Recorder, dry: bool, out: str) -> None:
             del calls
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+    if status["triton"].available:  # last: the first rows a cut stage would lose
+        time_update_without_register_cap(rec, device, 4096 if dry else numel, bw, dry)
+
+
+def time_update_without_register_cap(rec: Recorder, device, numel: int, bw: float, dry: bool) -> None:
+    """Triton's fp32 update passes launched without ``maxnreg``, for the cap's trade.
+
+    Every launch caps registers at 128 (``triton_backend.LAUNCH_OPTIONS``); left to
+    itself ptxas takes fewer in some update variants (more programs per SM) and spills
+    a little in others (bench/NOTES-triton.md). Rows ``"<pass>, without maxnreg"``
+    stand beside the capped ones of the same stage.
+    """
+    import torch
+
+    from common import pass_bytes, pass_calls, summarize, time_it
+    from sassha_fused.backends import triton_backend as tb
+
+    capped = tb.LAUNCH_OPTIONS
+    tb.LAUNCH_OPTIONS = {a: {k: v for k, v in o.items() if k != "maxnreg"} for a, o in capped.items()}
+    try:
+        calls = pass_calls("triton", device, numel, 2 if dry else 100, torch.float32)
+        for name in ("update", "update+refresh (autograd)"):
+            s = summarize(time_it(calls[name], device, reps=3 if dry else 20, warmup=1 if dry else 3))
+            gbps = pass_bytes(name, torch.float32) * numel / (s["median_ms"] / 1e3) / 1e9
+            rec(item="pass", backend="triton", dtype="float32", numel=numel, pass_=f"{name}, without maxnreg",
+                median_ms=s["median_ms"], GBps=gbps, of_copy=gbps / bw)
+    finally:
+        tb.LAUNCH_OPTIONS = capped
 
 
 def stage_steps(rec: Recorder, dry: bool, out: str) -> None:

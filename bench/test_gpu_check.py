@@ -20,5 +20,10 @@ def test_gpu_check_dry_run_records_every_stage(tmp_path):
     assert {"extension", "pytest", "copy", "pass", "step", "syncs", "e2e"} <= items
     assert all("device" in r and "date" in r and "torch" in r for r in data["records"])
     assert not [r for r in data["records"] if r.get("item") == "e2e" and "error" in r]
+    from sassha_fused import available_backends
+
+    if available_backends()["triton"].available:  # the register cap's trade, timed on a GPU
+        rows = {r["pass_"] for r in data["records"] if r.get("item") == "pass" and r["backend"] == "triton"}
+        assert {"update, without maxnreg", "update+refresh (autograd), without maxnreg"} <= rows
     assert "## Passes" in (tmp_path / "gpu_check.md").read_text()
     assert len(os.listdir(tmp_path)) <= 8  # what the device tool brings back

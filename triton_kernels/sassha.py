@@ -746,6 +746,9 @@ def update_kernel(
     ALIGNED: tl.constexpr,  # every data pointer of the launch is 16-byte aligned
     BLOCK: tl.constexpr,  # elements per tile, a multiple of 32 (a tile holds whole groups)
 ):
+    # the parts of a last tile cover it, each in whole 32-element rows
+    tl.static_assert(BLOCK // TAIL_PARTS * TAIL_PARTS == BLOCK)
+    tl.static_assert(BLOCK // TAIL_PARTS % 32 == 0)
     slot, start, numel = _tile(blocks, numels, BLOCK)
     sc = scalars + slot * U_COUNT
     # A [BLOCK/32, 32] tile: row r starts in probe word ((element_offset + start) >> 5) + r,
@@ -779,7 +782,7 @@ def update_kernel(
             # A tensor's last tile moves element by element under a mask, each access with its
             # own 64-bit address: it goes in TAIL_PARTS parts, a loop the compiler keeps, so that
             # only a part's addresses are live at once. Whole, the refresh variants took up to
-            # 184 registers with triton 3.6 (the full tile's vector path: at most 76).
+            # 179 registers with triton 3.6 (the full tile's vector path: at most 76).
             for part in range(TAIL_PARTS):
                 sub = start + part * (BLOCK // TAIL_PARTS)
                 if sub < numel:

@@ -77,12 +77,12 @@ _INTERPRET_HINT = "Triton kernels need CUDA tensors; set TRITON_INTERPRET=1 to r
 # bandwidth-bound pass without spilling the update kernel's ~10 live arrays.
 # A launch that is not 16-byte aligned moves elements one by one, each with its
 # own 64-bit address: there 16 warps (4 elements per thread) keep the refresh
-# update under 128 registers. Every launch also caps its registers at 128
-# (``maxnreg``): at least two 256-thread programs per SM whatever the triton version
-# schedules (3.6, the GPU machines', once took 179 where 3.9 took 128; see
-# bench/NOTES-triton.md), and ptxas budgets up to the cap instead of spilling early.
-# tests/test_triton_compile.py checks, from ptxas, under both tritons: at most 128
-# registers, no spills, 16-byte accesses.
+# update under 128 registers. On CUDA every launch also caps its registers at 128
+# (``maxnreg``): at least 16 warps per SM whatever the triton version schedules (3.6,
+# the GPU machines', once took 179 where 3.9 took 128), and ptxas then spends up to
+# the cap rather than spilling for occupancy as it does in some update variants left
+# to itself (bench/NOTES-triton.md has both). tests/test_triton_compile.py checks, from
+# ptxas, under both tritons: at most 128 registers, no spills, 16-byte accesses.
 BLOCK = 2048
 # a tile holds whole groups of state_bits=8 (GROUP = 32 elements, one scale each), and its
 # codes and scales start 16-byte aligned in an aligned tensor (BLOCK bytes, BLOCK / 8 bytes in)
@@ -139,8 +139,10 @@ def num_warps(aligned: bool) -> int:
     return NUM_WARPS if aligned else NUM_WARPS_UNALIGNED
 
 
-# a launch's compile options by its ALIGNED constexpr (a dict lookup per launch, no call)
-LAUNCH_OPTIONS = {aligned: {"num_warps": num_warps(aligned), "maxnreg": MAX_REGISTERS} for aligned in (True, False)}
+# a launch's compile options by its ALIGNED constexpr (a dict lookup per launch, no call);
+# maxnreg is an option of triton's CUDA backend only (its AMD backend refuses it)
+REGISTER_CAP = {"maxnreg": MAX_REGISTERS} if torch.version.hip is None else {}
+LAUNCH_OPTIONS = {aligned: {"num_warps": num_warps(aligned), **REGISTER_CAP} for aligned in (True, False)}
 
 
 def reduce_programs(n: int) -> int:
@@ -466,7 +468,7 @@ class TritonBackend(Backend):
             programs = reduce_programs(n)
             out = torch.empty(() if programs == 1 else (programs,), dtype=torch.float32, device=partials.device)
             _kernels.sum_partials_kernel[(programs,)](partials, n, out, BLOCK=REDUCE_BLOCK, ITERS=REDUCE_ITERS,
-                                                      num_warps=4, maxnreg=MAX_REGISTERS)
+                                                      num_warps=4, **REGISTER_CAP)
             self.launches += 1
             if programs == 1:
                 return out
