@@ -201,10 +201,19 @@ def machine_code(rec: Recorder, build) -> None:
             reason="no CUDA kernels in this build" if build.ok else f"no extension: {build.error}")
 
 
+def record_pass(rec: Recorder, fn: Callable, device, dry: bool, bw: float, nbytes: int, numel: int, **fields) -> None:
+    """Time one pass (CUDA events on a GPU); record its GB/s over ``nbytes`` per element and its share of copy's."""
+    from common import summarize, time_it
+
+    ms = summarize(time_it(fn, device, reps=3 if dry else 20, warmup=1 if dry else 3))["median_ms"]
+    gbps = nbytes * numel / (ms / 1e3) / 1e9
+    rec(item="pass", **fields, numel=numel, median_ms=ms, GBps=gbps, of_copy=gbps / bw)
+
+
 def stage_passes(rec: Recorder, dry: bool, out: str) -> None:
     import torch
 
-    from common import copy_bandwidth_gbps, pass_bytes, pass_calls, summarize, time_it
+    from common import copy_bandwidth_gbps, pass_bytes, pass_calls
     from sassha_fused import available_backends
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -215,22 +224,18 @@ def stage_passes(rec: Recorder, dry: bool, out: str) -> None:
     backends = [b for b in (("triton", "cuda") if device.type == "cuda" else ("cpp", "foreach")) if status[b].available]
     for dtype in (torch.float32, torch.bfloat16):
         for backend in backends:
+            dt = str(dtype).replace("torch.", "")
             calls = pass_calls(backend, device, numel, 100, dtype)
             for name, fn in calls.items():
-                s = summarize(time_it(fn, device, reps=3 if dry else 20, warmup=1 if dry else 3))
-                gbps = pass_bytes(name, dtype) * numel / (s["median_ms"] / 1e3) / 1e9
-                rec(item="pass", backend=backend, dtype=str(dtype).replace("torch.", ""), numel=numel, pass_=name,
-                    median_ms=s["median_ms"], GBps=gbps, of_copy=gbps / bw)
+                record_pass(rec, fn, device, dry, bw, pass_bytes(name, dtype), numel, backend=backend, dtype=dt,
+                            pass_=name)
             del calls
             # the update with 8-bit state: fewer bytes, the same pass
             calls = pass_calls(backend, device, numel, 100, dtype, state_bits=8)
             for name, fn in calls.items():
-                if not name.startswith("update"):
-                    continue
-                s = summarize(time_it(fn, device, reps=3 if dry else 20, warmup=1 if dry else 3))
-                gbps = pass_bytes(name, dtype, 8) * numel / (s["median_ms"] / 1e3) / 1e9
-                rec(item="pass", backend=backend, dtype=str(dtype).replace("torch.", ""), numel=numel,
-                    pass_=f"{name}, state_bits=8", median_ms=s["median_ms"], GBps=gbps, of_copy=gbps / bw)
+                if name.startswith("update"):
+                    record_pass(rec, fn, device, dry, bw, pass_bytes(name, dtype, 8), numel, backend=backend,
+                                dtype=dt, pass_=f"{name}, state_bits=8")
             del calls
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -248,7 +253,7 @@ def time_update_without_register_cap(rec: Recorder, device, numel: int, bw: floa
     """
     import torch
 
-    from common import pass_bytes, pass_calls, summarize, time_it
+    from common import pass_bytes, pass_calls
     from sassha_fused.backends import triton_backend as tb
 
     capped = tb.LAUNCH_OPTIONS
@@ -256,10 +261,8 @@ def time_update_without_register_cap(rec: Recorder, device, numel: int, bw: floa
     try:
         calls = pass_calls("triton", device, numel, 2 if dry else 100, torch.float32)
         for name in ("update", "update+refresh (autograd)"):
-            s = summarize(time_it(calls[name], device, reps=3 if dry else 20, warmup=1 if dry else 3))
-            gbps = pass_bytes(name, torch.float32) * numel / (s["median_ms"] / 1e3) / 1e9
-            rec(item="pass", backend="triton", dtype="float32", numel=numel, pass_=f"{name}, without maxnreg",
-                median_ms=s["median_ms"], GBps=gbps, of_copy=gbps / bw)
+            record_pass(rec, calls[name], device, dry, bw, pass_bytes(name, torch.float32), numel, backend="triton",
+                        dtype="float32", pass_=f"{name}, without maxnreg")
     finally:
         tb.LAUNCH_OPTIONS = capped
 
